@@ -1,0 +1,108 @@
+"""Settings: read once from the environment at start-up, validated, immutable.
+
+A bad value stops the process with a message naming the variable; nothing is re-read per request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+from attest_service.errors import ConfigurationError
+from attest_service.trust import bundled_pinned_dir
+
+#: Upper bounds that keep a typo (an extra zero) from turning into an unsafe setting.
+MAX_CHALLENGE_TTL: Final = timedelta(hours=1)
+MAX_STORE_TIMEOUT_SECONDS: Final = 30.0
+MAX_RELOAD_SECONDS: Final = 30  # the contract promises pickup of pin changes within 30 seconds
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def default_nonce_store_url() -> str:
+    """``sqlite:///`` URL of the embedded store: ``$XDG_STATE_HOME/attest-service/nonces.sqlite3``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:///{Path(state) / 'attest-service' / 'nonces.sqlite3'}"
+
+
+def parse_api_keys(value: str) -> Mapping[str, bytes]:
+    """Parse ``client_id:sha256hex,...`` into client id -> SHA-256 digest of its key."""
+    keys: dict[str, bytes] = {}
+    for item in value.split(","):
+        entry = item.strip()
+        if not entry:
+            continue
+        client_id, sep, digest = entry.partition(":")
+        digest = digest.strip().lower()
+        if not sep or not _CLIENT_ID.fullmatch(client_id.strip()):
+            raise ConfigurationError(f"ATTEST_API_KEYS: {client_id[:40]!r} is not a client id (letters, digits, ._-)")
+        if not _SHA256_HEX.fullmatch(digest):
+            raise ConfigurationError(f"ATTEST_API_KEYS: the key of {client_id!r} is not a hex SHA-256 digest")
+        if client_id.strip() in keys:
+            raise ConfigurationError(f"ATTEST_API_KEYS: client {client_id!r} is listed twice")
+        keys[client_id.strip()] = bytes.fromhex(digest)
+    return MappingProxyType(keys)
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}: {raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name}: {value:g} is outside {low:g}..{high:g}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the service is configured with; see README "Configuration" for each variable."""
+
+    pinned_certs: Path
+    nonce_store_url: str
+    api_keys: Mapping[str, bytes]
+    policy_file: Path | None
+    challenge_ttl: timedelta
+    clock_skew: timedelta
+    store_timeout_seconds: float
+    rate_limit_per_minute: int
+    trust_reload_seconds: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the ``ATTEST_*`` variables; raise ConfigurationError naming the bad one."""
+        env = os.environ if env is None else env
+        pinned = Path(env.get("ATTEST_PINNED_CERTS") or bundled_pinned_dir())
+        store = env.get("ATTEST_NONCE_STORE") or default_nonce_store_url()
+        if not store.startswith(("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "sqlite:///")):
+            raise ConfigurationError("ATTEST_NONCE_STORE: expected redis://, rediss://, redis+sentinel://, "
+                                     "redis+cluster:// or sqlite:/// URL")
+        policy = env.get("ATTEST_POLICY_FILE")
+        level = (env.get("ATTEST_LOG_LEVEL") or "info").lower()
+        if level not in _LOG_LEVELS:
+            raise ConfigurationError(f"ATTEST_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}")
+        return cls(
+            pinned_certs=pinned,
+            nonce_store_url=store,
+            api_keys=parse_api_keys(env.get("ATTEST_API_KEYS", "")),
+            policy_file=Path(policy) if policy else None,
+            challenge_ttl=timedelta(seconds=_number(env, "ATTEST_CHALLENGE_TTL_SECONDS", 300, 10,
+                                                    MAX_CHALLENGE_TTL.total_seconds())),
+            clock_skew=timedelta(seconds=_number(env, "ATTEST_CLOCK_SKEW_SECONDS", 60, 0, 3600)),
+            store_timeout_seconds=_number(env, "ATTEST_STORE_TIMEOUT_SECONDS", 0.5, 0.05, MAX_STORE_TIMEOUT_SECONDS),
+            rate_limit_per_minute=int(_number(env, "ATTEST_RATE_LIMIT_PER_MINUTE", 600, 1, 1_000_000)),
+            trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
+            log_level=level,
+        )

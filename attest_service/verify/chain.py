@@ -1,0 +1,100 @@
+"""Step 6: a path from the signer through pinned intermediates to a root of the cloud (RFC 5280 6).
+
+Path building and validation are cryptography's ``x509.verification`` (the Rust implementation of
+RFC 5280 with the CA/B Forum profile). Two deliberate choices:
+
+- Only pinned intermediates are offered to the path builder; certificates carried in the document are
+  never candidates, so a forger cannot supply their own issuing CA.
+- Extended key usage is not required to contain clientAuth. The signer is a TLS *server* certificate
+  (2026 leaves carry serverAuth only) and the Microsoft TLS G2 intermediates restrict their EKU to
+  serverAuth; the client verifier's default EKU checks would refuse genuine documents. The leaf must
+  still carry serverAuth when it has an EKU at all (see ``_leaf_eku``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from cryptography import x509
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from attest_service.errors import CertificateExpired, UntrustedChain
+from attest_service.trust import CloudTrust
+
+#: Longest path accepted: leaf, up to three intermediates, root. The 2026 G2 chains use two
+#: (issuing CA, then the cross-signed Microsoft TLS RSA Root G2).
+MAX_INTERMEDIATES: Final = 3
+
+_SECOND: Final = timedelta(seconds=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidatedChain:
+    """A validated path, and the window of instants in which every certificate on it is valid."""
+
+    certificates: tuple[x509.Certificate, ...]
+    valid_from: datetime
+    valid_until: datetime
+
+    def covers(self, instant: datetime) -> bool:
+        """True when the same path is valid at ``instant`` (so a cached result may be reused)."""
+        return self.valid_from <= instant <= self.valid_until
+
+
+def _leaf_eku(_policy: verification.Policy, _cert: x509.Certificate,
+              eku: x509.ExtendedKeyUsage | None) -> None:
+    # An EKU that excludes TLS server use means the key was issued for something else (code signing,
+    # e-mail); refuse it even though the name matches.
+    if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        raise ValueError("signer certificate's extended key usage does not include serverAuth")
+
+
+_CA_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, None)
+_EE_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _leaf_eku)
+
+
+def _attempt(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> list[x509.Certificate]:
+    assert trust.store is not None  # noqa: S101 - checked by the caller; narrows the type
+    verifier = (
+        verification.PolicyBuilder()
+        .store(trust.store)
+        .time(instant)
+        .max_chain_depth(MAX_INTERMEDIATES)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    return verifier.verify(signer, list(trust.intermediate_certificates)).chain
+
+
+def validate_chain(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> ValidatedChain:
+    """Build and validate the path at ``instant``.
+
+    Raises UntrustedChain when no path exists at all, CertificateExpired when a path exists but some
+    certificate on it is outside its validity at ``instant``.
+    """
+    if trust.store is None:
+        raise UntrustedChain(f"cloud {trust.profile.name} has no pinned roots")
+    try:
+        chain = _attempt(signer, trust, instant)
+    except verification.VerificationError as exc:
+        # Distinguish "expired" from "untrusted": retry at instants inside the signer's own validity.
+        # If a path exists then, the failure now is one of time. Only failed verifications pay this.
+        start, end = signer.not_valid_before_utc, signer.not_valid_after_utc
+        for probe in (start + (end - start) / 2, start + _SECOND, end - _SECOND):
+            try:
+                _attempt(signer, trust, probe)
+            except verification.VerificationError:
+                continue
+            raise CertificateExpired(
+                f"a path to a pinned root exists, but not at {instant.isoformat()}: "
+                f"the signer is valid {start.isoformat()} to {end.isoformat()} ({exc})") from exc
+        raise UntrustedChain(f"no path from the signer through pinned intermediates to a {trust.profile.name} "
+                             f"root ({exc})") from exc
+    valid_from = max(cert.not_valid_before_utc for cert in chain)
+    valid_until = min(cert.not_valid_after_utc for cert in chain)
+    return ValidatedChain(certificates=tuple(chain), valid_from=valid_from, valid_until=valid_until)

@@ -1,0 +1,133 @@
+"""Steps 7-8: the signed content, read as IMDS writes it, and its validity window.
+
+IMDS documentation, "Attested data": the content is a JSON object with ``nonce``, ``plan``,
+``timeStamp.createdOn``/``expiresOn`` (format ``MM/DD/YY HH:MM:SS -0000``), ``vmId`` and, on newer API
+versions, ``licenseType``, ``subscriptionId`` and ``sku``. Classic documents carry only ``vmId`` besides
+nonce, plan and timeStamp; empty ``sku`` and ``plan`` fields are normal (custom images).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Final
+
+from attest_service.errors import MalformedDocument
+
+#: Signed content larger than this is refused before JSON parsing; IMDS's is about 300 bytes.
+MAX_CONTENT_BYTES: Final = 16 * 1024
+#: Deepest JSON nesting accepted; IMDS uses two levels (``plan``, ``timeStamp``).
+MAX_JSON_DEPTH: Final = 8
+
+_TIMESTAMP: Final = re.compile(r"(\d\d)/(\d\d)/(\d\d) (\d\d):(\d\d):(\d\d) -0000")
+
+JsonValue = str | Mapping[str, "JsonValue"] | tuple["JsonValue", ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claims:
+    """The signed content: every field exactly as signed, plus the fields the verifier interprets."""
+
+    fields: Mapping[str, JsonValue]
+    nonce: str
+    vm_id: str
+    created_on: datetime
+    expires_on: datetime
+
+    def get(self, *path: str) -> str | None:
+        """The string at ``path`` (``get("plan", "publisher")``), or None when absent."""
+        value: JsonValue | None = self.fields
+        for key in path:
+            if not isinstance(value, Mapping):
+                return None
+            value = value.get(key)
+        return value if isinstance(value, str) else None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise MalformedDocument(f"signed content: duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(token: str) -> object:
+    raise MalformedDocument(f"signed content: {token} is not JSON")
+
+
+def _freeze(value: object, depth: int) -> JsonValue:
+    if depth > MAX_JSON_DEPTH:
+        raise MalformedDocument("signed content: nested too deeply")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return MappingProxyType({key: _freeze(item, depth + 1) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(item, depth + 1) for item in value)
+    # IMDS encodes every primitive as a string; numbers, booleans and null mean a different producer.
+    raise MalformedDocument(f"signed content: {type(value).__name__} value where IMDS writes strings")
+
+
+def parse_timestamp(text: str, what: str) -> datetime:
+    """Parse IMDS's ``MM/DD/YY HH:MM:SS -0000`` (always UTC); anything else is malformed."""
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise MalformedDocument(f"{what}: {text[:40]!r} is not in IMDS's MM/DD/YY HH:MM:SS -0000 format")
+    month, day, year, hour, minute, second = (int(group) for group in match.groups())
+    try:
+        return datetime(2000 + year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError as exc:
+        raise MalformedDocument(f"{what}: {text!r} is not a real instant") from exc
+
+
+def _required_string(fields: Mapping[str, JsonValue], key: str, what: str) -> str:
+    value = fields.get(key)
+    if not isinstance(value, str):
+        raise MalformedDocument(f"signed content: {what} is missing or not a string")
+    return value
+
+
+def parse_claims(content: bytes) -> Claims:
+    """Parse the signed content; raise MalformedDocument for anything IMDS would not have produced."""
+    if len(content) > MAX_CONTENT_BYTES:
+        raise MalformedDocument(f"signed content larger than {MAX_CONTENT_BYTES} bytes")
+    try:
+        text = content.decode("utf-8")
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, MalformedDocument):
+            raise
+        raise MalformedDocument(f"signed content is not UTF-8 JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise MalformedDocument("signed content is not a JSON object")
+    fields = _freeze(raw, 0)
+    assert isinstance(fields, Mapping)  # noqa: S101 - a dict freezes to a mapping
+    stamp = fields.get("timeStamp")
+    if not isinstance(stamp, Mapping):
+        raise MalformedDocument("signed content: timeStamp is missing or not an object")
+    created_on = parse_timestamp(_required_string(stamp, "createdOn", "timeStamp.createdOn"), "createdOn")
+    expires_on = parse_timestamp(_required_string(stamp, "expiresOn", "timeStamp.expiresOn"), "expiresOn")
+    if expires_on < created_on:
+        raise MalformedDocument("signed content: expiresOn precedes createdOn")
+    return Claims(
+        fields=fields,
+        nonce=_required_string(fields, "nonce", "nonce"),
+        vm_id=_required_string(fields, "vmId", "vmId"),
+        created_on=created_on,
+        expires_on=expires_on,
+    )
+
+
+def thaw(value: JsonValue) -> object:
+    """Plain ``dict``/``list`` copy of frozen claims, for JSON serialisation."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value

@@ -1,0 +1,79 @@
+"""Step 1: from what a caller holds to the PKCS7 DER bytes.
+
+Accepted forms (IMDS documentation, "Attested data"): the response object
+``{"encoding": "pkcs7", "signature": "<base64>"}`` or the bare base64 ``signature`` string. Base64 is
+decoded strictly (RFC 4648 alphabet and padding; surrounding whitespace only).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Final
+
+from attest_service.errors import MalformedDocument, UnsupportedDocument
+
+#: Largest base64 signature accepted, in characters. Azure's are about 4 KiB (3 KiB of DER); the
+#: limit bounds the work a hostile caller can ask for while leaving room for longer chains.
+MAX_SIGNATURE_CHARS: Final = 64 * 1024
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise MalformedDocument(f"document: duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def decode_signature(signature: str) -> bytes:
+    """Decode the base64 ``signature`` strictly; raise MalformedDocument for anything else."""
+    text = signature.strip()
+    if not text:
+        raise MalformedDocument("signature: empty")
+    if len(text) > MAX_SIGNATURE_CHARS:
+        raise MalformedDocument(f"signature: longer than {MAX_SIGNATURE_CHARS} characters")
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise MalformedDocument(f"signature: not strict base64 ({exc})") from exc
+
+
+def decode_response(response: Mapping[str, object]) -> bytes:
+    """Decode an IMDS attested-document response object: ``encoding`` must be ``pkcs7``."""
+    encoding = response.get("encoding")
+    signature = response.get("signature")
+    if not isinstance(signature, str):
+        raise MalformedDocument("document: 'signature' is missing or not a string")
+    if encoding != "pkcs7":
+        if isinstance(encoding, str):
+            raise UnsupportedDocument(f"document: encoding {encoding[:32]!r} is not 'pkcs7'")
+        raise MalformedDocument("document: 'encoding' is missing or not a string")
+    return decode_signature(signature)
+
+
+def decode_document(data: bytes | str) -> bytes:
+    """Decode either accepted form (as read from a file or standard input) to DER."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_SIGNATURE_CHARS * 2:
+            raise MalformedDocument("document: too large")
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedDocument("document: not UTF-8 text") from exc
+    text = data.strip()
+    if text.startswith("{"):
+        if len(text) > MAX_SIGNATURE_CHARS * 2:
+            raise MalformedDocument("document: too large")
+        try:
+            response = json.loads(text, object_pairs_hook=_reject_duplicates)
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, MalformedDocument):
+                raise
+            raise MalformedDocument(f"document: not JSON ({exc})") from exc
+        if not isinstance(response, dict):
+            raise MalformedDocument("document: not a JSON object")
+        return decode_response(response)
+    return decode_signature(text)

@@ -1,0 +1,252 @@
+"""The verification core: bytes, a policy, trust material and an instant in; a frozen result out.
+
+Algorithm (each step is marked ``Step N`` in the code, and its module cites its source):
+
+1. Decode the caller's input to DER (document.py; IMDS "Attested data": base64 PKCS7).
+2. Parse ContentInfo/SignedData strictly as DER (pkcs7.py; RFC 5652 sections 3 and 5, X.690 10).
+3. Resolve the signer: the one certificate the SignerInfo's ``sid`` names (RFC 5652 5.3), never "the
+   first certificate".
+4. Verify the signature under that certificate's key, with signed attributes when present
+   (signature.py; RFC 5652 5.4-5.6).
+5. Check the signer's name against the cloud's metadata domain; with ``auto``, pick the cloud from it
+   (names.py; IMDS "Attested data", RFC 6125).
+6. Build and validate the path through pinned intermediates to a root of that cloud at the
+   instant (chain.py; RFC 5280 6). Certificates carried in the document are never path candidates.
+7. Parse the signed content (claims.py; IMDS "Attested data").
+8. Check the validity window ``createdOn``/``expiresOn`` against the instant, within the clock skew.
+9. Compare the signed nonce with the expected one, when the caller gives one.
+10. (The caller's step, not done here) claim the nonce in the nonce store, so that it is accepted
+    once; only after everything above succeeded, so that junk cannot burn nonces.
+
+Nothing here reads files, the network, the environment or the clock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
+
+from attest_service.clouds import AUTO, CLOUDS, CloudProfile
+from attest_service.errors import (
+    ConfigurationError,
+    DocumentExpired,
+    DocumentNotYetValid,
+    MalformedDocument,
+    NonceMismatch,
+    UnsupportedDocument,
+)
+from attest_service.trust import TrustStore, fingerprint
+from attest_service.verify.chain import ValidatedChain, validate_chain
+from attest_service.verify.claims import Claims, parse_claims, thaw
+from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
+from attest_service.verify.pkcs7 import OID_DATA, SignedData, parse_signed_data
+from attest_service.verify.signature import verify_signature
+
+#: Default tolerance between the verifier's clock and IMDS's, applied to createdOn and expiresOn.
+DEFAULT_CLOCK_SKEW: Final = timedelta(seconds=60)
+#: Largest clock skew a policy may allow; beyond it the validity window would mean little.
+MAX_CLOCK_SKEW: Final = timedelta(hours=1)
+#: Longest nonce IMDS accepts (IMDS documentation: "nonce ... up to 32 characters").
+MAX_NONCE_LENGTH: Final = 32
+#: Signer certificates (and their validated chains) remembered per Verifier. Azure signs with a
+#: handful of leaves at a time; the bound keeps hostile input from growing the cache.
+CACHE_ENTRIES: Final = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerificationPolicy:
+    """What a verification demands beyond authenticity: the cloud, the nonce, the clock tolerance."""
+
+    cloud: str = AUTO
+    expected_nonce: str | None = None
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW
+
+    def __post_init__(self) -> None:
+        if self.cloud != AUTO and self.cloud not in CLOUDS:
+            raise ConfigurationError(f"unknown cloud {self.cloud!r}")
+        if not timedelta(0) <= self.clock_skew <= MAX_CLOCK_SKEW:
+            raise ConfigurationError(f"clock skew must be between 0 and {MAX_CLOCK_SKEW}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signer:
+    """The certificate that signed the document and the path that made it trusted."""
+
+    subject: str
+    issuer: str
+    serial: str
+    sha256: str
+    not_before: datetime
+    not_after: datetime
+    dns_names: tuple[str, ...]
+    chain: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form used by the REST API and the CLI."""
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "serialNumber": self.serial,
+            "sha256": self.sha256,
+            "notBefore": self.not_before.isoformat(),
+            "notAfter": self.not_after.isoformat(),
+            "dnsNames": list(self.dns_names),
+            "chain": list(self.chain),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifiedDocument:
+    """A document that passed every step: its cloud, its claims exactly as signed, its signer."""
+
+    cloud: str
+    claims: Claims
+    signer: Signer
+    digest: str
+
+    def to_dict(self) -> dict[str, object]:
+        """The contract's success body: ``{"verified": true, "cloud", "claims", "signer"}``."""
+        return {"verified": True, "cloud": self.cloud, "claims": thaw(self.claims.fields),
+                "signer": self.signer.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    certificate: x509.Certificate
+    issuer_der: bytes
+    serial: int
+    subject_key_identifier: bytes | None
+
+
+def _load_candidate(der: bytes) -> _Candidate:
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        issuer_der = certificate.issuer.public_bytes()
+    except (ValueError, CryptographyDeprecationWarning) as exc:
+        # The warning is listed because, where warnings are errors, cryptography raises it for
+        # RFC 5280 violations it otherwise tolerates (such as a negative serial number).
+        raise MalformedDocument(f"certificate in the document is not a valid X.509 certificate ({exc})") from exc
+    if certificate.serial_number <= 0:
+        raise MalformedDocument("certificate in the document has a non-positive serial number (RFC 5280 4.1.2.2)")
+    try:
+        ski: bytes | None = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        ski = None
+    except ValueError as exc:
+        raise MalformedDocument(f"certificate in the document has invalid extensions ({exc})") from exc
+    return _Candidate(certificate, issuer_der, certificate.serial_number, ski)
+
+
+class Verifier:
+    """Verifies attested documents against one :class:`TrustStore`.
+
+    Holds no mutable state but a bounded cache of parsed signer certificates and of validated chains,
+    each used only at instants inside the validity window of every certificate on that chain, so a
+    cached answer is the answer a fresh validation would give. A trust reload builds a new Verifier.
+    """
+
+    def __init__(self, trust: TrustStore) -> None:
+        self.trust = trust
+        self._candidates: dict[bytes, _Candidate] = {}
+        self._chains: dict[tuple[bytes, str], ValidatedChain] = {}
+        self._lock = threading.Lock()
+
+    def _candidate(self, der: bytes) -> _Candidate:
+        found = self._candidates.get(der)
+        if found is None:
+            found = _load_candidate(der)
+            with self._lock:
+                if len(self._candidates) >= CACHE_ENTRIES:
+                    self._candidates.clear()
+                self._candidates[der] = found
+        return found
+
+    def _resolve_signer(self, signed: SignedData) -> tuple[bytes, x509.Certificate]:
+        sid = signed.signer
+        matches: dict[bytes, x509.Certificate] = {}
+        for der in signed.certificates:
+            candidate = self._candidate(der)
+            if sid.issuer_der is not None:
+                named = candidate.issuer_der == sid.issuer_der and candidate.serial == sid.serial
+            else:
+                named = candidate.subject_key_identifier == sid.subject_key_identifier
+            if named:
+                matches[der] = candidate.certificate
+        if not matches:
+            raise MalformedDocument("the document does not carry the certificate its SignerInfo names")
+        if len(matches) > 1:
+            raise MalformedDocument("more than one certificate matches the SignerInfo's signer identifier")
+        return next(iter(matches.items()))
+
+    def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> ValidatedChain:
+        key = (der, cloud.name)
+        cached = self._chains.get(key)
+        if cached is not None and cached.covers(now):
+            return cached
+        chain = validate_chain(signer, self.trust.for_cloud(cloud.name), now)
+        with self._lock:
+            if len(self._chains) >= CACHE_ENTRIES:
+                self._chains.clear()
+            self._chains[key] = chain
+        return chain
+
+    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Verify DER ``document`` (see :mod:`attest_service.verify.document` for decoding) at ``now``.
+
+        Returns a :class:`VerifiedDocument`; raises a :class:`~attest_service.errors.VerificationError`
+        subclass naming the first step that failed.
+        """
+        if now.tzinfo is None:
+            raise ConfigurationError("the verification instant must be timezone-aware")
+        # Step 2: strict DER SignedData.
+        signed = parse_signed_data(document)
+        if signed.content_type != OID_DATA:
+            raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
+        # Step 3: the signer is the certificate the SignerInfo names.
+        signer_der, signer = self._resolve_signer(signed)
+        # Step 4: the signature, under that certificate only.
+        digest = verify_signature(signed, signer)
+        # Step 5: the name decides (or must fit) the cloud.
+        cloud = cloud_for_signer(signer) if policy.cloud == AUTO else CLOUDS[policy.cloud]
+        matching_name(signer, cloud)
+        # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
+        chain = self._chain(signer_der, signer, cloud, now)
+        # Step 7: the signed content.
+        claims = parse_claims(signed.content)
+        # Step 8: the validity window, within the allowed skew.
+        if now > claims.expires_on + policy.clock_skew:
+            raise DocumentExpired(f"the document expired at {claims.expires_on.isoformat()}")
+        if claims.created_on > now + policy.clock_skew:
+            raise DocumentNotYetValid(f"the document is created at {claims.created_on.isoformat()}, "
+                                      f"after {now.isoformat()}")
+        # Step 9: the nonce the caller expects.
+        if policy.expected_nonce is not None and claims.nonce != policy.expected_nonce:
+            raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one")
+        return VerifiedDocument(cloud=cloud.name, claims=claims, signer=_describe(signer, chain), digest=digest)
+
+
+def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:
+    return Signer(
+        subject=signer.subject.rfc4514_string(),
+        issuer=signer.issuer.rfc4514_string(),
+        serial=format(signer.serial_number, "x"),
+        sha256=fingerprint(signer),
+        not_before=signer.not_valid_before_utc,
+        not_after=signer.not_valid_after_utc,
+        dns_names=signer_names(signer),
+        chain=tuple(cert.subject.rfc4514_string() for cert in chain.certificates),
+    )
+
+
+def verify_document(document: bytes, *, trust: TrustStore, policy: VerificationPolicy,
+                    now: datetime) -> VerifiedDocument:
+    """One-shot form of :meth:`Verifier.verify` for callers without a long-lived Verifier."""
+    return Verifier(trust).verify(document, policy=policy, now=now)
+
+
+__all__: Final = ["Signer", "VerificationPolicy", "VerifiedDocument", "Verifier", "verify_document"]
