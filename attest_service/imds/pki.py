@@ -343,6 +343,17 @@ def _sign_bytes(data: bytes, key: SigningKey, hash_name: str) -> tuple[bytes, di
     return signature, {"algorithm": _ECDSA_SIGNATURE_ALGORITHMS[hash_name]}
 
 
+def _certificate_set(ders: Sequence[bytes]) -> cms.CertificateSet:
+    """The ``certificates`` field holding ``ders`` in the given order.
+
+    DER orders a SET OF by encoding, and asn1crypto would sort it; attack tests need to choose which
+    certificate comes first (a verifier must follow the SignerInfo, not the order), and BER allows any
+    order, so the set is parsed from an encoding built here and asn1crypto keeps its bytes.
+    """
+    body = b"".join(ders)
+    return cms.CertificateSet.load(core.SetOf(contents=body).dump())
+
+
 def sign_attested(
     content: bytes,
     *,
@@ -393,9 +404,10 @@ def sign_attested(
     signer_info["signature_algorithm"] = cms.SignedDigestAlgorithm(signature_algorithm)
     signer_info["signature"] = signature
 
-    certificates = [signer_certificate] + [
-        asn1_x509.Certificate.load(extra.public_bytes(serialization.Encoding.DER)) for extra in extra_certificates
-    ]
+    certificates = _certificate_set(
+        [signer.certificate.public_bytes(serialization.Encoding.DER)]
+        + [extra.public_bytes(serialization.Encoding.DER) for extra in extra_certificates]
+    )
     signed_data = cms.SignedData(
         {
             "version": "v1",

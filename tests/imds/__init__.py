@@ -1,0 +1,1 @@
+"""Tests of the VM side: PKI and signer, IMDS emulator, attest client."""
