@@ -1,0 +1,131 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "attest-service.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name.
+We truncate at 63 chars because some Kubernetes name fields are limited to this (by the DNS naming spec).
+If release name contains chart name it will be used as a full name.
+*/}}
+{{- define "attest-service.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "attest-service.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels
+*/}}
+{{- define "attest-service.labels" -}}
+helm.sh/chart: {{ include "attest-service.chart" . }}
+{{ include "attest-service.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels
+*/}}
+{{- define "attest-service.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "attest-service.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "attest-service.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "attest-service.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: a digest, when given, pins the exact image and wins over the tag.
+*/}}
+{{- define "attest-service.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+True (non-empty) when the nonce store is Redis, from an inline URL or an existing Secret.
+Every other case is the embedded SQLite store, which only a single replica may use.
+*/}}
+{{- define "attest-service.redisEnabled" -}}
+{{- if or .Values.nonceStore.redisUrl .Values.nonceStore.existingSecret }}true{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret the chart creates for inline secret values (API key hashes, Redis URL).
+*/}}
+{{- define "attest-service.secretName" -}}
+{{- printf "%s-secrets" (include "attest-service.fullname" .) }}
+{{- end }}
+
+{{/*
+True (non-empty) when the chart must create its own Secret: some secret value is given inline.
+*/}}
+{{- define "attest-service.createSecret" -}}
+{{- if or (and .Values.apiKeys.keys (not .Values.apiKeys.existingSecret)) (and .Values.nonceStore.redisUrl (not .Values.nonceStore.existingSecret)) }}true{{- end }}
+{{- end }}
+
+{{/*
+True (non-empty) when pinned certificates come from values rather than from the image.
+*/}}
+{{- define "attest-service.pinsFromValues" -}}
+{{- range $cloud, $roles := .Values.pinnedCerts }}{{- range $role, $files := $roles }}{{- if $files }}true{{- end }}{{- end }}{{- end }}
+{{- end }}
+
+{{/*
+Refuse contradictory values that the JSON schema cannot express.
+*/}}
+{{- define "attest-service.validate" -}}
+{{- if and .Values.nonceStore.redisUrl .Values.nonceStore.existingSecret }}
+{{- fail "nonceStore: set either redisUrl or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+{{- fail "apiKeys: set either keys or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.policy.toml .Values.policy.existingConfigMap }}
+{{- fail "policy: set either toml or existingConfigMap, not both" }}
+{{- end }}
+{{- if and (not (include "attest-service.redisEnabled" .)) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
+{{- fail "more than one replica needs a shared nonce store: set nonceStore.redisUrl or nonceStore.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the `helm test` pod. They deliberately omit app.kubernetes.io/name, so the Service, the PDB and
+the NetworkPolicy, which select on the selector labels, never take the test pod for a server.
+*/}}
+{{- define "attest-service.testLabels" -}}
+helm.sh/chart: {{ include "attest-service.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
