@@ -1,0 +1,152 @@
+"""The ``imds-emulator`` and ``attest`` sub-commands of ``attest-service``.
+
+``attest`` exit codes: 0 verified; 1 refused by the service; 2 usage; 3 IMDS unreachable or failing
+(not on Azure); 4 the service unreachable or failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Final
+
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import ConfigurationError
+from attest_service.imds.client import (
+    DEFAULT_API_VERSION,
+    DEFAULT_IMDS_URL,
+    AttestationRefused,
+    AttestClient,
+    ClientError,
+)
+from attest_service.imds.emulator import FAULT_KINDS, parse_bind, settings_for, start_emulator
+
+if TYPE_CHECKING:
+    # argparse exposes no public name for the object add_subparsers() returns.
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+
+
+def _emit(payload: object) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM (from a test harness or a container runtime) ends the server like Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+def run_emulator(args: argparse.Namespace) -> int:
+    """``imds-emulator``: generate and pin a PKI, then serve until interrupted."""
+    try:
+        host, port = parse_bind(args.bind)
+        settings = settings_for(args.cloud, args.instance_file, args.fault)
+        server, signing = start_emulator(settings, pki_dir=args.pki_dir, host=host, port=port)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"attest-service imds-emulator: {exc.message}\n")
+        return EXIT_USAGE
+    # One JSON line tells a supervising script where to connect and what to pin.
+    _emit(
+        {
+            "event": "listening",
+            "url": server.url,
+            "cloud": settings.cloud.name,
+            "pinnedCerts": str(args.pki_dir),
+            "signer": signing.leaf.certificate.subject.rfc4514_string(),
+        }
+    )
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return EXIT_OK
+
+
+def run_attest(args: argparse.Namespace) -> int:
+    """``attest``: challenge, fetch from IMDS, submit; print the verdict; exit 0 only when verified."""
+    client = AttestClient(
+        service_url=args.service,
+        imds_url=args.imds_url,
+        api_key=args.api_key,
+        cloud=args.cloud,
+        api_version=args.api_version,
+    )
+    try:
+        verdict = client.attest()
+    except AttestationRefused as exc:
+        _emit(exc.verdict)
+        sys.stderr.write(f"attest-service attest: {exc.message}\n")
+        return exc.exit_code
+    except ClientError as exc:
+        _emit({"verified": False, "error": exc.to_dict()})
+        sys.stderr.write(f"attest-service attest: {exc.message}\n")
+        return exc.exit_code
+    _emit(verdict)
+    return EXIT_OK
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the ``imds-emulator`` and ``attest`` sub-commands."""
+    emulator = subparsers.add_parser(
+        "imds-emulator",
+        help="serve a local stand-in for Azure IMDS",
+        description="Serve /metadata/attested/document, /metadata/instance and /metadata/versions like "
+        "Azure IMDS, signing with a fresh Azure-shaped PKI pinned under --pki-dir.",
+    )
+    emulator.add_argument(
+        "--bind",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to listen on; ':PORT' listens on loopback, port 0 picks a free one",
+    )
+    emulator.add_argument(
+        "--pki-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="writes the root and issuing CA to DIR/<cloud>/roots and DIR/<cloud>/intermediates",
+    )
+    emulator.add_argument("--cloud", choices=list(CLOUDS), default="public", help="cloud to impersonate")
+    emulator.add_argument(
+        "--instance-file",
+        type=Path,
+        metavar="JSON",
+        help="instance metadata ({'compute': {...}, 'network': {...}}) to serve and sign",
+    )
+    emulator.add_argument("--fault", action="extend", nargs="+", default=[], metavar="KIND[:N]",
+                          help=f"inject a fault on the first N requests (N defaults to 1); KIND is one of "
+                          f"{', '.join(FAULT_KINDS)}")  # fmt: skip
+    emulator.set_defaults(handler=run_emulator)
+
+    attest = subparsers.add_parser(
+        "attest",
+        help="attest this VM to a verification service",
+        description="Ask the service for a challenge, fetch an attested document over it from IMDS, submit "
+        "it, and print the service's verdict. Exit 0 verified, 1 refused, 2 usage, 3 IMDS unavailable, "
+        "4 service unavailable.",
+    )
+    attest.add_argument("--service", required=True, metavar="URL", help="base URL of the verification service")
+    attest.add_argument(
+        "--imds-url",
+        default=DEFAULT_IMDS_URL,
+        metavar="URL",
+        help=f"IMDS base URL (default {DEFAULT_IMDS_URL}); never reached through a proxy",
+    )
+    attest.add_argument("--api-key", metavar="KEY", help="API key sent as 'Authorization: Bearer KEY'")
+    attest.add_argument(
+        "--cloud", choices=[*CLOUDS, AUTO], default=AUTO, help="cloud the service should verify against (default: auto)"
+    )
+    attest.add_argument(
+        "--api-version",
+        default=DEFAULT_API_VERSION,
+        metavar="V",
+        help=f"IMDS api-version (default {DEFAULT_API_VERSION})",
+    )
+    attest.set_defaults(handler=run_attest)
