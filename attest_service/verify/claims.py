@@ -61,6 +61,10 @@ def _refuse_constant(token: str) -> object:
     raise MalformedDocument(f"signed content: {token} is not JSON")
 
 
+# Built once (json.loads() with hooks would build a decoder per call).
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+
+
 def _freeze(value: object, depth: int) -> JsonValue:
     if depth > MAX_JSON_DEPTH:
         raise MalformedDocument("signed content: nested too deeply")
@@ -99,7 +103,7 @@ def parse_claims(content: bytes) -> Claims:
         raise MalformedDocument(f"signed content larger than {MAX_CONTENT_BYTES} bytes")
     try:
         text = content.decode("utf-8")
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        raw = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, MalformedDocument):
             raise

@@ -28,6 +28,11 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+# Built once: json.loads() with hooks constructs a new decoder on every call, which costs as much as
+# the parse of a whole IMDS response.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_reject_duplicates)
+
+
 def decode_signature(signature: str) -> bytes:
     """Decode the base64 ``signature`` strictly; raise MalformedDocument for anything else."""
     text = signature.strip()
@@ -68,7 +73,7 @@ def decode_document(data: bytes | str) -> bytes:
         if len(text) > MAX_SIGNATURE_CHARS * 2:
             raise MalformedDocument("document: too large")
         try:
-            response = json.loads(text, object_pairs_hook=_reject_duplicates)
+            response = _DECODER.decode(text)
         except (ValueError, RecursionError) as exc:
             if isinstance(exc, MalformedDocument):
                 raise

@@ -67,12 +67,31 @@ class SignedData:
 
 
 def _algorithm(element: Tlv, what: str) -> AlgorithmIdentifier:
+    known = _KNOWN_ALGORITHMS.get(element.header + element.contents)
+    if known is not None:
+        return known
     der.expect(element, CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what=what)
     parts = der.children(element, what)
     if not 1 <= len(parts) <= 2:
         raise MalformedDocument(f"{what}: malformed AlgorithmIdentifier")
     parameters = parts[1].encoded if len(parts) == 2 else None
     return AlgorithmIdentifier(oid=der.oid(parts[0], what), parameters=parameters)
+
+
+def _known_algorithm(dotted: str, *, null_parameters: bool) -> tuple[bytes, AlgorithmIdentifier]:
+    body = der.encode_oid(dotted)
+    parameters = bytes((TAG_NULL, 0)) if null_parameters else None
+    inner = bytes((6, len(body))) + body + (parameters or b"")
+    return bytes((0x30, len(inner))) + inner, AlgorithmIdentifier(oid=dotted, parameters=parameters)
+
+
+# The AlgorithmIdentifiers Azure documents use, matched by their exact DER so that the common case
+# skips two element decodes each; anything else takes the general path.
+_KNOWN_ALGORITHMS: Final[dict[bytes, AlgorithmIdentifier]] = dict(
+    _known_algorithm(dotted, null_parameters=null)
+    for dotted in ("1.2.840.113549.1.1.1", "1.2.840.113549.1.1.11", "2.16.840.1.101.3.4.2.1")
+    for null in (True, False)
+)
 
 
 def _signer_identifier(element: Tlv) -> SignerIdentifier:

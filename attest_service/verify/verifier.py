@@ -153,7 +153,7 @@ class Verifier:
     def __init__(self, trust: TrustStore) -> None:
         self.trust = trust
         self._candidates: dict[bytes, _Candidate] = {}
-        self._chains: dict[tuple[bytes, str], ValidatedChain] = {}
+        self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
         self._lock = threading.Lock()
 
     def _candidate(self, der: bytes) -> _Candidate:
@@ -183,17 +183,18 @@ class Verifier:
             raise MalformedDocument("more than one certificate matches the SignerInfo's signer identifier")
         return next(iter(matches.items()))
 
-    def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> ValidatedChain:
+    def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> Signer:
         key = (der, cloud.name)
         cached = self._chains.get(key)
-        if cached is not None and cached.covers(now):
-            return cached
+        if cached is not None and cached[0].covers(now):
+            return cached[1]
         chain = validate_chain(signer, self.trust.for_cloud(cloud.name), now)
+        described = _describe(signer, chain)
         with self._lock:
             if len(self._chains) >= CACHE_ENTRIES:
                 self._chains.clear()
-            self._chains[key] = chain
-        return chain
+            self._chains[key] = (chain, described)
+        return described
 
     def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         """Verify DER ``document`` (see :mod:`attest_service.verify.document` for decoding) at ``now``.
@@ -215,7 +216,7 @@ class Verifier:
         cloud = cloud_for_signer(signer) if policy.cloud == AUTO else CLOUDS[policy.cloud]
         matching_name(signer, cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
-        chain = self._chain(signer_der, signer, cloud, now)
+        described = self._chain(signer_der, signer, cloud, now)
         # Step 7: the signed content.
         claims = parse_claims(signed.content)
         # Step 8: the validity window, within the allowed skew.
@@ -227,7 +228,7 @@ class Verifier:
         # Step 9: the nonce the caller expects.
         if policy.expected_nonce is not None and claims.nonce != policy.expected_nonce:
             raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one")
-        return VerifiedDocument(cloud=cloud.name, claims=claims, signer=_describe(signer, chain), digest=digest)
+        return VerifiedDocument(cloud=cloud.name, claims=claims, signer=described, digest=digest)
 
 
 def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:
