@@ -114,13 +114,19 @@ def _register_verify(subparsers: Subparsers) -> None:
 
 
 def _registrars() -> list[Callable[[Subparsers], None]]:
-    registrars: list[Callable[[Subparsers], None]] = [_register_verify]
-    return registrars
+    # Imported here: each edge pulls in its own dependencies (Flask, gunicorn, redis), which the
+    # offline commands should not pay for at start-up.
+    from attest_service.imds import cli as imds_cli  # noqa: PLC0415
+
+    return [_register_verify, imds_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(prog="attest-service", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="attest-service",
+        description="Verify Azure Instance Metadata Service attested documents, once per nonce.",
+    )
     parser.add_argument("--version", action="version", version=f"attest-service {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
