@@ -1,0 +1,398 @@
+"""Nonce store in Redis: standalone, behind Sentinel, or a Redis Cluster.
+
+Each decision is one Lua script, which Redis runs atomically. The challenge and seen keys of one nonce share a
+hash tag (``attest:{<digest>}:ch`` and ``attest:{<digest>}:seen``), so they live in one cluster slot and one
+script may touch both. The tag is the SHA-256 of the nonce rather than the nonce itself: a nonce is chosen by
+whoever called IMDS, and braces in it would otherwise move the tag. Records expire with ``PXAT`` at absolute
+instants computed from the caller's clock.
+
+Any Redis failure (refused or reset connection, timeout, cluster down, a read-only replica during failover)
+becomes :class:`~attest_service.errors.StoreUnavailable`: nothing is accepted without an answer. Connections are
+made lazily and remade on the next call, so the store recovers by itself when Redis comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, TypeAlias, TypeVar
+from urllib.parse import unquote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
+from attest_service.nonces.store import (
+    DEFAULT_CHALLENGE_TTL_SECONDS,
+    Acceptance,
+    RateWindow,
+    check_nonce,
+    epoch_ms,
+    replayed,
+    seen_until_ms,
+)
+
+#: Prefix of every key this service writes.
+KEY_PREFIX: Final = "attest"
+DEFAULT_REDIS_PORT: Final = 6379
+DEFAULT_SENTINEL_PORT: Final = 26379
+#: URL schemes :func:`redis_store` understands.
+SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+
+RedisClient: TypeAlias = "redis.Redis[bytes] | RedisCluster[bytes]"
+_T = TypeVar("_T")
+
+# KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen-until (ms since epoch).
+# Values: challenge "<expires ms>|<client id>", seen "<1 if it was a challenge, else 0>|<client id>".
+# Returns {"replayed", <1|0>, <client id>} | {"challenge"} | {"foreign"} | {"unknown"} | {"seen"}.
+_ACCEPT_LUA: Final = """
+local seen = redis.call('GET', KEYS[2])
+if seen then
+  local sep = string.find(seen, '|', 1, true)
+  return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
+end
+local challenge = redis.call('GET', KEYS[1])
+if challenge then
+  local sep = string.find(challenge, '|', 1, true)
+  if string.sub(challenge, sep + 1) ~= ARGV[1] then
+    return {'foreign'}
+  end
+  local challenge_until = string.sub(challenge, 1, sep - 1)
+  local seen_until = ARGV[3]
+  if tonumber(challenge_until) > tonumber(seen_until) then
+    seen_until = challenge_until
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '1|' .. ARGV[1], 'PXAT', seen_until)
+  return {'challenge'}
+end
+if ARGV[2] == '1' then
+  return {'unknown'}
+end
+redis.call('SET', KEYS[2], '0|' .. ARGV[1], 'PXAT', ARGV[3])
+return {'seen'}
+"""
+
+# KEYS: previous window's counter, current window's counter.
+# ARGV: window length (ms), time elapsed in the current window (ms), limit, expiry of the current counter (ms).
+# The comparison is RateWindow.allows, multiplied through by the window length to stay in integers.
+# Returns {1 if counted else 0, previous count, current count before this request}.
+_RATE_LUA: Final = """
+local previous = tonumber(redis.call('GET', KEYS[1]) or '0')
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local window = tonumber(ARGV[1])
+if previous * (window - tonumber(ARGV[2])) + (current + 1) * window > tonumber(ARGV[3]) * window then
+  return {0, previous, current}
+end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+return {1, previous, current}
+"""
+
+
+def _tag(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def challenge_key(nonce: str) -> str:
+    """Key of the challenge record of ``nonce``."""
+    return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:ch"
+
+
+def seen_key(nonce: str) -> str:
+    """Key of the seen record of ``nonce`` (same hash tag, hence same cluster slot, as its challenge)."""
+    return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:seen"
+
+
+def rate_key(client_id: str, window_index: int) -> str:
+    """Key of one fixed rate window of ``client_id`` (all windows of a client share a slot)."""
+    return f"{KEY_PREFIX}:rate:{{{_tag(client_id)}}}:{window_index}"
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _LuaScript:
+    """A script run by its SHA-1 (``EVALSHA``), sent in full (``EVAL``) when the server does not know it yet.
+
+    Loading on demand, per node, also covers a cluster node or a failed-over master that has never seen it.
+    """
+
+    source: str
+
+    @property
+    def sha1(self) -> str:
+        """The digest Redis caches the script under."""
+        return hashlib.sha1(self.source.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+    def run(self, client: RedisClient, keys: Sequence[str], args: Sequence[str | int]) -> list[bytes | int]:
+        """Run with ``keys`` and ``args``; returns the script's array reply."""
+        try:
+            reply = client.execute_command("EVALSHA", self.sha1, len(keys), *keys, *args)
+        except NoScriptError:
+            reply = client.execute_command("EVAL", self.source, len(keys), *keys, *args)
+        if not isinstance(reply, list):
+            raise StoreUnavailable(f"unexpected reply from a nonce store script: {reply!r}")
+        return reply
+
+
+_ACCEPT_SCRIPT: Final = _LuaScript(_ACCEPT_LUA)
+_RATE_SCRIPT: Final = _LuaScript(_RATE_LUA)
+
+
+class RedisNonceStore:
+    """:class:`~attest_service.nonces.store.NonceStore` in Redis, shared by every replica using the same server.
+
+    ``connect`` makes the redis-py client; it is called on first use and again after a failure to create it
+    (a cluster client contacts the cluster when it is made), never at construction.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], RedisClient],
+        *,
+        description: str,
+        challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
+    ) -> None:
+        self._connect = connect
+        self._description = description
+        self._challenge_ttl_seconds = challenge_ttl_seconds
+        self._client: RedisClient | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisNonceStore({self._description!r})"
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    def _client_or_connect(self) -> RedisClient:
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the nonce store was closed")
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _call(self, operation: Callable[[RedisClient], _T]) -> _T:
+        """Run ``operation``; every redis-py failure becomes :class:`StoreUnavailable` (fail closed)."""
+        try:
+            return operation(self._client_or_connect())
+        except (RedisError, RedisClusterException) as exc:
+            raise StoreUnavailable(f"nonce store {self._description} unavailable: {type(exc).__name__}: {exc}") from exc
+
+    # --- NonceStore ----------------------------------------------------------------------------------
+
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+        """``SET attest:{tag}:ch "<expiry>|<client>" NX PXAT <expiry>``; an existing challenge refuses it."""
+        check_nonce(nonce, client_id)
+        expires_ms = epoch_ms(expires_at)
+        created = self._call(
+            lambda client: client.set(challenge_key(nonce), f"{expires_ms}|{client_id}", nx=True, pxat=expires_ms)
+        )
+        if not created:
+            raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge")
+
+    def accept(
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+    ) -> Acceptance:
+        """One Lua script decides and records (see the protocol for the rules)."""
+        check_nonce(nonce, client_id)
+        until_ms = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
+        keys = [challenge_key(nonce), seen_key(nonce)]
+        args = [client_id, "1" if require_challenge else "0", str(until_ms)]
+        reply = self._call(lambda client: _ACCEPT_SCRIPT.run(client, keys, args))
+        outcome = [_text(item) for item in reply]
+        match outcome:
+            case ["challenge"]:
+                return Acceptance(challenge=True)
+            case ["seen"]:
+                return Acceptance(challenge=False)
+            case ["replayed", was_challenge, seen_client_id]:
+                raise replayed(
+                    nonce, client_id=client_id, seen_client_id=seen_client_id, seen_challenge=was_challenge == "1"
+                )
+            case ["foreign"]:
+                raise NonceUnknown(f"nonce {nonce!r} was not issued to client {client_id!r}")
+            case ["unknown"]:
+                raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
+        raise StoreUnavailable(f"nonce store {self._description} gave an unexpected answer: {outcome!r}")
+
+    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime) -> None:
+        """One Lua script reads both windows and counts the request if it fits."""
+        if limit <= 0:
+            raise ValueError(f"rate limit must be positive, got {limit}")
+        window = RateWindow.at(now, window_seconds)
+        keys = [rate_key(client_id, window.index - 1), rate_key(client_id, window.index)]
+        args = [window.window_ms, window.elapsed_ms, limit, window.expires_ms]
+        counted, previous, current = (
+            int(item) for item in self._call(lambda client: _RATE_SCRIPT.run(client, keys, args))
+        )
+        if not counted:
+            raise window.refusal(previous=previous, current=current, limit=limit)
+
+    def ping(self) -> None:
+        """``PING`` (on a cluster: every primary)."""
+        self._call(lambda client: client.ping())
+
+    def close(self) -> None:
+        """Close the client's connections; later calls raise :class:`StoreUnavailable`."""
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+# --- URLs --------------------------------------------------------------------------------------------
+
+
+def _no_retry_on_timeout() -> Retry:
+    # One immediate retry on a broken connection (the server restarted since the pooled connection was made),
+    # none on timeouts: a hung server must cost one timeout, not several.
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+def _hosts(text: str, default_port: int) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (IPv6 in brackets) to a list of addresses."""
+    hosts = []
+    for item in text.split(","):
+        entry = item.strip()
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        else:
+            host, _, port_text = entry.rpartition(":") if ":" in entry else (entry, "", "")
+        if not host:
+            raise ValueError(f"missing host in {entry!r}")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ValueError(f"port of {entry!r} is not a number") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"port of {entry!r} is out of range")
+        hosts.append((host, port))
+    return hosts
+
+
+def _split_multi_host(url: str, scheme: str) -> tuple[str | None, str | None, str, str]:
+    """``scheme://[user][:password@]hosts[/path]`` to (username, password, hosts, path)."""
+    rest = url[len(scheme) + 3 :]
+    rest, _, query = rest.partition("?")
+    if query:
+        raise ValueError(f"query parameters are not supported in {scheme}:// URLs")
+    authority, _, path = rest.partition("/")
+    username = password = None
+    if "@" in authority:
+        userinfo, _, authority = authority.rpartition("@")
+        user_text, has_password, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if has_password else None
+    if not authority:
+        raise ValueError("no host given")
+    return username, password, authority, path
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, hosts = authority.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{path}"
+
+
+def redis_store(
+    url: str, *, timeout_seconds: float, challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS
+) -> RedisNonceStore:
+    """A :class:`RedisNonceStore` for one of the URL forms of ``ATTEST_NONCE_STORE``.
+
+    * ``redis://[[user]:password@]host[:port][/db]`` and ``rediss://...`` (TLS): redis-py's ``from_url``, with
+      its query options;
+    * ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]``: the master of
+      ``service_name`` as the sentinels report it (the password is the master's; the sentinels are not
+      authenticated);
+    * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes.
+
+    Socket connect and read timeouts are ``timeout_seconds``. Raises :class:`ValueError` for a malformed URL;
+    nothing is contacted until the first call.
+    """
+    scheme = url.partition("://")[0].lower()
+    connect: Callable[[], RedisClient]
+    if scheme in ("redis", "rediss"):
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=_no_retry_on_timeout(),
+        )
+        connect = lambda: client  # noqa: E731 - from_url does not connect, so one client serves for good
+    elif scheme == "redis+sentinel":
+        connect = _sentinel_connector(url, scheme, timeout_seconds)
+    elif scheme == "redis+cluster":
+        connect = _cluster_connector(url, scheme, timeout_seconds)
+    else:
+        raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds)
+
+
+def _sentinel_connector(url: str, scheme: str, timeout_seconds: float) -> Callable[[], RedisClient]:
+    username, password, authority, path = _split_multi_host(url, scheme)
+    sentinels = _hosts(authority, DEFAULT_SENTINEL_PORT)
+    service_name, _, db_text = path.strip("/").partition("/")
+    if not service_name:
+        raise ValueError("no service name given: redis+sentinel://host:port/service_name[/db]")
+    if not db_text.isdigit() and db_text:
+        raise ValueError(f"database {db_text!r} is not a number")
+    db = int(db_text or "0")
+    sentinel = Sentinel(
+        sentinels,
+        sentinel_kwargs={
+            "socket_timeout": timeout_seconds,
+            "socket_connect_timeout": timeout_seconds,
+            "retry": _no_retry_on_timeout(),
+        },
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=_no_retry_on_timeout(),
+    )
+    # master_for does not connect either: each new connection asks the sentinels where the master is, so a
+    # failover is followed without restarting the service.
+    client: redis.Redis[bytes] = sentinel.master_for(service_name, db=db, username=username, password=password)
+    return lambda: client
+
+
+def _cluster_connector(url: str, scheme: str, timeout_seconds: float) -> Callable[[], RedisClient]:
+    username, password, authority, path = _split_multi_host(url, scheme)
+    if path.strip("/"):
+        raise ValueError("a cluster has no databases: redis+cluster://host:port[,host:port...]")
+    nodes = [ClusterNode(host, port) for host, port in _hosts(authority, DEFAULT_REDIS_PORT)]
+
+    def connect() -> RedisClient:
+        # The cluster client reads the slot map when it is made, so it is made on first use; no retries at the
+        # cluster level either, so that a hung node costs one timeout.
+        return RedisCluster(
+            startup_nodes=nodes,
+            username=username,
+            password=password,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+        )
+
+    return connect

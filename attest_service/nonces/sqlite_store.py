@@ -1,0 +1,285 @@
+"""Nonce store in a SQLite file, shared by the worker processes of one machine.
+
+Safety across processes comes from SQLite itself: write-ahead logging so readers never block, a busy timeout
+so a writer waits for the lock instead of failing at once, and ``BEGIN IMMEDIATE`` so every decision takes the
+write lock before it reads (two processes can never both read "not seen" and both insert). The nonce is the
+primary key of the ``seen`` table, so even a logic error could not insert it twice.
+
+Each process opens its own connection: a connection inherited through ``fork()`` (gunicorn's pre-fork model)
+must not be used by the child, so the owning pid is checked on every call. Threads of one process share
+the connection under a lock. Expired rows are purged from time to time, on the caller's clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Final, TypeVar
+
+from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
+from attest_service.nonces.store import (
+    DEFAULT_CHALLENGE_TTL_SECONDS,
+    Acceptance,
+    RateWindow,
+    check_nonce,
+    epoch_ms,
+    replayed,
+    seen_until_ms,
+)
+
+#: Purge expired rows at most this often per process (milliseconds of the callers' clock).
+PURGE_INTERVAL_MS: Final = 60_000
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS challenges (
+    nonce      TEXT PRIMARY KEY,
+    client_id  TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges (expires_ms);
+CREATE TABLE IF NOT EXISTS seen (
+    nonce      TEXT PRIMARY KEY,
+    client_id  TEXT NOT NULL,
+    challenge  INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_ms);
+CREATE TABLE IF NOT EXISTS rate (
+    client_id    TEXT NOT NULL,
+    window_index INTEGER NOT NULL,
+    hits         INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    PRIMARY KEY (client_id, window_index)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rate_expiry ON rate (expires_ms);
+"""
+
+_T = TypeVar("_T")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` URL.
+
+    Raises :class:`ValueError` for other forms (``open_store`` reports it as a configuration error).
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError("expected sqlite:///relative/path or sqlite:////absolute/path")
+    rest = url[len(prefix) :]
+    if "?" in rest or "#" in rest:
+        raise ValueError("query strings and fragments are not supported in sqlite URLs")
+    if rest == ":memory:":
+        # Each process would get its own empty database: replays across workers would pass unnoticed.
+        raise ValueError("an in-memory database cannot be shared between workers; give a file path")
+    return Path(rest)
+
+
+class SQLiteNonceStore:
+    """:class:`~attest_service.nonces.store.NonceStore` in one SQLite file (one machine, many processes)."""
+
+    def __init__(
+        self, path: Path, *, timeout_seconds: float, challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS
+    ) -> None:
+        self.path = path
+        self._timeout_seconds = timeout_seconds
+        self._challenge_ttl_seconds = challenge_ttl_seconds
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._pid = 0
+        self._last_purge_ms = 0
+        self._closed = False
+        # A thread of the parent may hold the lock at the moment of fork(); the child starts with a fresh one.
+        # The hook holds the store weakly, so registering it does not keep stores alive.
+        os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
+
+    def __repr__(self) -> str:
+        return f"SQLiteNonceStore({str(self.path)!r})"
+
+    # --- connection --------------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        """This process's connection, opened (and the schema created) on first use after start or fork."""
+        if self._closed:
+            raise StoreUnavailable("the nonce store was closed")
+        pid = os.getpid()
+        if self._connection is not None and self._pid == pid:
+            return self._connection
+        # A connection inherited from the parent is abandoned, not closed: closing it could disturb the
+        # parent's locks on the file. The child opens its own.
+        self._connection = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self._timeout_seconds,
+            isolation_level=None,  # transactions are begun explicitly, with BEGIN IMMEDIATE
+            check_same_thread=False,  # shared by this process's threads, under self._lock
+        )
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {max(1, round(self._timeout_seconds * 1000))}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            # FULL syncs the log on every commit: an accepted nonce must survive a power cut, or a replay
+            # of the same document right after a reboot would pass.
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.executescript(_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection, self._pid = connection, pid
+        return connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; sqlite3 errors become :class:`StoreUnavailable`."""
+        with self._lock:
+            try:
+                connection = self._connect()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+                connection.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+
+    def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._transaction() as connection:
+            return operation(connection)
+
+    # --- NonceStore ----------------------------------------------------------------------------------
+
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+        """Insert the challenge; an existing row with the same nonce (even expired, until purged) refuses it."""
+        check_nonce(nonce, client_id)
+        expires_ms = epoch_ms(expires_at)
+
+        def insert(connection: sqlite3.Connection) -> None:
+            try:
+                connection.execute(
+                    "INSERT INTO challenges (nonce, client_id, expires_ms) VALUES (?, ?, ?)",
+                    (nonce, client_id, expires_ms),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge") from exc
+
+        self._run(insert)
+
+    def accept(
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+    ) -> Acceptance:
+        """Decide and record in one ``BEGIN IMMEDIATE`` transaction (see the protocol for the rules)."""
+        check_nonce(nonce, client_id)
+        now_ms = epoch_ms(now)
+        until_ms = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
+
+        def decide(connection: sqlite3.Connection) -> Acceptance:
+            seen = connection.execute(
+                "SELECT client_id, challenge FROM seen WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
+            ).fetchone()
+            if seen is not None:
+                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0], seen_challenge=bool(seen[1]))
+            challenge = connection.execute(
+                "SELECT client_id, expires_ms FROM challenges WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
+            ).fetchone()
+            if challenge is not None and challenge[0] != client_id:
+                raise NonceUnknown(f"nonce {nonce!r} was not issued to client {client_id!r}")
+            if challenge is None and require_challenge:
+                raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
+            record_until_ms = until_ms
+            if challenge is not None:
+                connection.execute("DELETE FROM challenges WHERE nonce = ?", (nonce,))
+                record_until_ms = max(until_ms, challenge[1])
+            # An expired record of the same nonce may still be waiting for the purge; it is replaced.
+            connection.execute("DELETE FROM seen WHERE nonce = ?", (nonce,))
+            connection.execute(
+                "INSERT INTO seen (nonce, client_id, challenge, expires_ms) VALUES (?, ?, ?, ?)",
+                (nonce, client_id, int(challenge is not None), record_until_ms),
+            )
+            return Acceptance(challenge=challenge is not None)
+
+        acceptance = self._run(decide)
+        self._maybe_purge(now)
+        return acceptance
+
+    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime) -> None:
+        """Count the request in this window's row unless the sliding-window estimate is already at ``limit``."""
+        if limit <= 0:
+            raise ValueError(f"rate limit must be positive, got {limit}")
+        window = RateWindow.at(now, window_seconds)
+
+        def count(connection: sqlite3.Connection) -> tuple[bool, int, int]:
+            rows = dict(
+                connection.execute(
+                    "SELECT window_index, hits FROM rate WHERE client_id = ? AND window_index IN (?, ?)",
+                    (client_id, window.index - 1, window.index),
+                ).fetchall()
+            )
+            previous, current = rows.get(window.index - 1, 0), rows.get(window.index, 0)
+            if not window.allows(previous=previous, current=current, limit=limit):
+                return False, previous, current
+            connection.execute(
+                "INSERT INTO rate (client_id, window_index, hits, expires_ms) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (client_id, window_index) DO UPDATE SET hits = hits + 1",
+                (client_id, window.index, window.expires_ms),
+            )
+            return True, previous, current
+
+        allowed, previous, current = self._run(count)
+        if not allowed:
+            raise window.refusal(previous=previous, current=current, limit=limit)
+
+    def ping(self) -> None:
+        """Open the database if needed and run a trivial read."""
+        with self._lock:
+            try:
+                self._connect().execute("SELECT 1 FROM seen LIMIT 1").fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close this process's connection."""
+        with self._lock:
+            self._closed = True
+            connection, self._connection = self._connection, None
+            if connection is not None and self._pid == os.getpid():
+                connection.close()
+
+    def purge(self, now: datetime) -> int:
+        """Delete every record expired at ``now``; returns how many rows went."""
+        now_ms = epoch_ms(now)
+
+        def delete(connection: sqlite3.Connection) -> int:
+            deleted = 0
+            for table in ("challenges", "seen", "rate"):
+                deleted += connection.execute(f"DELETE FROM {table} WHERE expires_ms <= ?", (now_ms,)).rowcount  # noqa: S608 - fixed table names
+            return deleted
+
+        self._last_purge_ms = now_ms
+        return self._run(delete)
+
+    def _maybe_purge(self, now: datetime) -> None:
+        # Purging is housekeeping: it runs after the decision committed, and its failure (a busy database)
+        # must not turn an acceptance that already happened into an error.
+        if epoch_ms(now) - self._last_purge_ms < PURGE_INTERVAL_MS:
+            return
+        try:
+            self.purge(now)
+        except StoreUnavailable:
+            self._last_purge_ms = epoch_ms(now)
+
+
+def _reset_after_fork(store_ref: weakref.ref[SQLiteNonceStore]) -> None:
+    store = store_ref()
+    if store is not None:
+        store._after_fork()
