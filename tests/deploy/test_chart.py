@@ -25,7 +25,7 @@ SERVICE_UID = 10001
 #: Every optional branch of the templates switched on, to validate what they render.
 EVERYTHING_ON: dict[str, Any] = {
     "replicaCount": 2,
-    "nonceStore": {"redisUrl": "redis+cluster://:secret@redis-0.redis:6379,redis-1.redis:6379/0"},
+    "nonceStore": {"redisUrl": "redis+cluster://:secret@redis-0.redis:6379,redis-1.redis:6379"},
     "apiKeys": {"keys": ["vendor-a:" + "ab" * 32, "vendor-b:" + "cd" * 32]},
     "policy": {"toml": '[clients.vendor-a]\nsubscriptions = ["00000000-0000-0000-0000-000000000000"]\n'},
     "image": {"digest": "sha256:" + "0" * 64},
