@@ -1,4 +1,4 @@
-"""Paths, limits and helpers shared by the deployment tests."""
+"""Paths, limits and small functions shared by the deployment tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixtures for the deployment tests: a real helm binary and helpers to render the chart."""
+"""Fixtures for the deployment tests: a real helm binary and a function rendering the chart."""
 
 from __future__ import annotations
 
