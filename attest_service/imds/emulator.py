@@ -63,6 +63,9 @@ RATE_WINDOW_SECONDS: Final = 1.0
 #: Longest nonce IMDS signs, in characters; the service's challenges fit in it.
 MAX_NONCE_CHARS: Final = 32
 
+#: How often the background server checks for a stop request, in seconds (bounds how long stop() takes).
+SHUTDOWN_POLL_SECONDS: Final = 0.05
+
 FaultKind = Literal["cached-nonce", "410", "500"]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = ("cached-nonce", "410", "500")
 
@@ -382,7 +385,12 @@ class RunningEmulator:
     def __init__(self, app: Flask, *, host: str, port: int) -> None:
         """Bind immediately (raising :class:`OSError` when the address is taken); serve on :meth:`start`."""
         self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="imds-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
+            name="imds-emulator",
+            daemon=True,
+        )
 
     @property
     def url(self) -> str:

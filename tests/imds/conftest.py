@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from attest_service.clouds import CloudProfile
 from attest_service.imds import pki
+from attest_service.imds.emulator import EmulatorPki, EmulatorSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +96,17 @@ def sample_content(nonce: str = "abc123") -> bytes:
         created_on=FIXED_NOW,
         expires_on=FIXED_NOW + pki.DOCUMENT_LIFETIME,
     )
+
+
+@pytest.fixture(scope="session")
+def emulator_signing() -> EmulatorPki:
+    """One emulator PKI for the session (key generation is the slow part of starting an emulator)."""
+    return EmulatorPki.generate(EmulatorSettings(), datetime.now(UTC))
+
+
+@pytest.fixture(scope="session")
+def emulator_pki_dir(tmp_path_factory: pytest.TempPathFactory, emulator_signing: EmulatorPki) -> Path:
+    """A pinned directory trusting ``emulator_signing`` for the public cloud."""
+    directory = tmp_path_factory.mktemp("pinned")
+    emulator_signing.write(directory, CloudProfile.public())
+    return directory
