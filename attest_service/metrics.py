@@ -1,0 +1,99 @@
+"""Prometheus metrics of the service, and their exposition.
+
+Under gunicorn every worker is a process: with ``PROMETHEUS_MULTIPROC_DIR`` set (``serve`` sets it) the
+client library keeps each value in a memory-mapped file of that directory and ``/metrics`` sums the files of
+all workers. Without it (tests, a single process) the default registry is served as is. Collectors registered
+by other modules on the default registry (the pinned-certificate expiry gauges) are exposed in both modes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+#: Environment variable that switches prometheus-client to multiprocess mode (read at its import).
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Latency buckets in seconds: a verification with a cached chain takes about a millisecond; the store
+#: timeout (0.5 s by default) bounds the slow end.
+LATENCY_BUCKETS_SECONDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+VERIFICATIONS: Final = Counter(
+    "attest_verifications",
+    "Answers of POST /v1/verify by result (verified, refused, error) and error code (none when verified).",
+    ["result", "code"],
+)
+VERIFICATION_SECONDS: Final = Histogram(
+    "attest_verification_duration_seconds",
+    "Time to answer POST /v1/verify, from parsed request to serialised answer.",
+    buckets=LATENCY_BUCKETS_SECONDS,
+)
+STORE_ERRORS: Final = Counter(
+    "attest_store_errors",
+    "Nonce store operations that failed (the request was answered 503 store_unavailable).",
+    ["operation"],
+)
+CHALLENGES_ISSUED: Final = Counter("attest_challenges_issued", "Challenges issued by POST /v1/challenges.")
+CHALLENGES_CONSUMED: Final = Counter(
+    "attest_challenges_consumed", "Service-issued challenges consumed by a successful verification."
+)
+CALLER_NONCES_ACCEPTED: Final = Counter(
+    "attest_caller_nonces_accepted", "Caller-chosen (not service-issued) nonces accepted by a successful verification."
+)
+HTTP_REQUESTS: Final = Counter(
+    "attest_http_requests", "HTTP requests answered, by route template and status code.", ["route", "status"]
+)
+
+
+def record_verification(code: str | None) -> None:
+    """Count one answer of ``/v1/verify``: ``code`` None when verified, else the error code."""
+    if code is None:
+        VERIFICATIONS.labels(result="verified", code="none").inc()
+    elif code in ("internal_error", "store_unavailable"):
+        VERIFICATIONS.labels(result="error", code=code).inc()
+    else:
+        VERIFICATIONS.labels(result="refused", code=code).inc()
+
+
+class _DefaultRegistryRemainder(Collector):
+    """The default registry's families that the multiprocess files do not already provide.
+
+    In multiprocess mode our own counters are also registered on the default registry, where they would
+    report this worker's share only; their names are dropped so each family appears once.
+    """
+
+    def __init__(self, exclude: frozenset[str]) -> None:
+        self._exclude = exclude
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name in self._exclude or any(sample.name in self._exclude for sample in family.samples):
+                continue
+            yield family
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text of every metric and its content type."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+    names = frozenset(
+        name for family in merged.collect() for name in (family.name, *(sample.name for sample in family.samples))
+    )
+    # Our own metrics are listed too: a family with no sample yet in any worker's file is still ours.
+    names |= frozenset(_OWN_FAMILIES)
+    merged.register(_DefaultRegistryRemainder(names))
+    return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+_OWN_FAMILIES: Final = ("attest_verifications", "attest_verification_duration_seconds", "attest_store_errors",
+                        "attest_challenges_issued", "attest_challenges_consumed", "attest_caller_nonces_accepted",
+                        "attest_http_requests")

@@ -1,0 +1,228 @@
+"""Who may call the service and which genuine documents each caller may have accepted.
+
+The policy file (``ATTEST_POLICY_FILE``, TOML) is read once at start-up into frozen values::
+
+    [clients.license-server]            # a client id of ATTEST_API_KEYS
+    clouds = ["public"]
+    subscriptions = ["8a205152-..."]
+    plans = [{publisher = "contoso", product = "widget", name = "gold"}]
+    skus = ["", "20_04-lts-gen2"]        # "" admits custom images, whose sku is empty
+    license_types = ["", "Windows_Server"]
+    require_challenge = true
+
+    [anonymous]                          # callers without a key; only when explicitly configured
+    require_challenge = true             # mandatory: anonymous callers must present a challenge
+    clouds = ["public"]
+
+An absent list means "no restriction on that field"; an empty list is a configuration error, never
+"allow everything". A client with a key but no section is unrestricted and may use its own nonces.
+Checks run after the document verified and before its nonce is claimed, so a denied document keeps
+its nonce.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+from attest_service.clouds import CLOUDS
+from attest_service.errors import ConfigurationError, PolicyDenied
+from attest_service.verify import VerifiedDocument
+
+#: The client id under which keyless callers are recorded in the nonce store. Configured client ids
+#: start with a letter or digit (see ``config.parse_api_keys``), so this one cannot collide with them.
+ANONYMOUS: Final = "-anonymous"
+#: Largest policy file read, in bytes: a policy is a few KiB; the bound protects start-up from a wrong path.
+MAX_POLICY_BYTES: Final = 1024 * 1024
+
+_PLAN_FIELDS: Final = ("publisher", "product", "name")
+_LIST_FIELDS: Final = ("clouds", "subscriptions", "plans", "skus", "license_types")
+_SECTION_KEYS: Final = frozenset({*_LIST_FIELDS, "require_challenge"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A Marketplace plan as IMDS signs it: ``plan.publisher``, ``plan.product``, ``plan.name``."""
+
+    publisher: str
+    product: str
+    name: str
+
+    def describe(self) -> str:
+        """``publisher/product/name``, for messages."""
+        return f"{self.publisher}/{self.product}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerPolicy:
+    """The allow-lists of one caller; ``None`` means the field is not restricted."""
+
+    client_id: str
+    clouds: frozenset[str] | None = None
+    subscriptions: frozenset[str] | None = None
+    plans: frozenset[Plan] | None = None
+    skus: frozenset[str] | None = None
+    license_types: frozenset[str] | None = None
+    require_challenge: bool = False
+
+    @classmethod
+    def unrestricted(cls, client_id: str) -> CallerPolicy:
+        """A caller without allow-lists that may present its own nonces."""
+        return cls(client_id=client_id)
+
+    @property
+    def label(self) -> str:
+        """How messages name this caller."""
+        return "anonymous callers" if self.client_id == ANONYMOUS else f"client {self.client_id}"
+
+    def check(self, document: VerifiedDocument) -> None:
+        """Raise :class:`PolicyDenied` naming the first rule ``document`` breaks; return if it passes all."""
+        claims = document.claims
+        if self.clouds is not None and document.cloud not in self.clouds:
+            self._deny(f"cloud {document.cloud}")
+        subscription = claims.get("subscriptionId")
+        if self.subscriptions is not None and subscription not in self.subscriptions:
+            # Classic documents carry no subscriptionId: a restricted caller cannot admit them.
+            self._deny("a document without subscriptionId" if subscription is None else f"subscription {subscription}")
+        if self.plans is not None:
+            plan = Plan(publisher=claims.get("plan", "publisher") or "", product=claims.get("plan", "product") or "",
+                        name=claims.get("plan", "name") or "")
+            if plan not in self.plans:
+                self._deny(f"plan {plan.describe()}")
+        sku = claims.get("sku")
+        if self.skus is not None and sku not in self.skus:
+            self._deny("a document without sku" if sku is None else f"sku {sku!r}")
+        license_type = claims.get("licenseType")
+        if self.license_types is not None and license_type not in self.license_types:
+            self._deny("a document without licenseType" if license_type is None
+                       else f"license type {license_type!r}")
+
+    def _deny(self, what: str) -> None:
+        raise PolicyDenied(f"{what} is not in the allow-list of {self.label}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessPolicy:
+    """Every caller's policy: the keyed clients and, when configured, anonymous callers."""
+
+    clients: Mapping[str, CallerPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    anonymous: CallerPolicy | None = None
+
+    @classmethod
+    def open(cls) -> AccessPolicy:
+        """No keys, no policy file: anyone may call, with their own nonces, without allow-lists."""
+        return cls(anonymous=CallerPolicy.unrestricted(ANONYMOUS))
+
+    def for_client(self, client_id: str) -> CallerPolicy:
+        """The policy of an authenticated client; unrestricted when the file has no section for it."""
+        return self.clients.get(client_id) or CallerPolicy.unrestricted(client_id)
+
+
+def _string_list(section: Mapping[str, object], key: str, where: str) -> frozenset[str] | None:
+    if key not in section:
+        return None
+    value = section[key]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigurationError(f"{where}.{key}: expected a list of strings")
+    if not value:
+        raise ConfigurationError(f"{where}.{key}: an empty allow-list admits nothing; remove the key to not restrict")
+    return frozenset(value)
+
+
+def _plans(section: Mapping[str, object], where: str) -> frozenset[Plan] | None:
+    if "plans" not in section:
+        return None
+    value = section["plans"]
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{where}.plans: expected a list of {{publisher, product, name}} tables")
+    if not value:
+        raise ConfigurationError(f"{where}.plans: an empty allow-list admits nothing; remove the key to not restrict")
+    plans = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != set(_PLAN_FIELDS) or not all(
+                isinstance(item[key], str) for key in _PLAN_FIELDS):
+            raise ConfigurationError(f"{where}.plans: each plan is a table of exactly publisher, product and name "
+                                     "(strings)")
+        plans.append(Plan(publisher=item["publisher"], product=item["product"], name=item["name"]))
+    return frozenset(plans)
+
+
+def _caller(client_id: str, section: object, where: str) -> CallerPolicy:
+    if not isinstance(section, dict):
+        raise ConfigurationError(f"{where}: expected a table")
+    unknown = set(section) - _SECTION_KEYS
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    require_challenge = section.get("require_challenge", False)
+    if not isinstance(require_challenge, bool):
+        raise ConfigurationError(f"{where}.require_challenge: expected true or false")
+    clouds = _string_list(section, "clouds", where)
+    if clouds is not None and not clouds <= set(CLOUDS):
+        raise ConfigurationError(f"{where}.clouds: unknown cloud(s) {', '.join(sorted(clouds - set(CLOUDS)))}")
+    return CallerPolicy(
+        client_id=client_id,
+        clouds=clouds,
+        subscriptions=_string_list(section, "subscriptions", where),
+        plans=_plans(section, where),
+        skus=_string_list(section, "skus", where),
+        license_types=_string_list(section, "license_types", where),
+        require_challenge=require_challenge,
+    )
+
+
+def parse_policy(text: str, *, api_clients: frozenset[str], origin: str = "policy") -> AccessPolicy:
+    """Parse policy TOML; ``api_clients`` are the client ids that have keys.
+
+    Raises :class:`ConfigurationError` for invalid TOML, unknown keys, empty allow-lists, a section for a
+    client without a key, anonymous callers allowed without challenges, or a policy that admits nobody.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{origin}: not valid TOML ({exc})") from exc
+    unknown = set(document) - {"clients", "anonymous"}
+    if unknown:
+        raise ConfigurationError(f"{origin}: unknown top-level keys {', '.join(sorted(unknown))}")
+    sections = document.get("clients", {})
+    if not isinstance(sections, dict):
+        raise ConfigurationError(f"{origin}: [clients] must be a table of client tables")
+    clients: dict[str, CallerPolicy] = {}
+    for client_id, section in sections.items():
+        if client_id not in api_clients:
+            raise ConfigurationError(f"{origin}: [clients.{client_id}] has no key in ATTEST_API_KEYS")
+        clients[client_id] = _caller(client_id, section, f"{origin}: clients.{client_id}")
+    anonymous = None
+    if "anonymous" in document:
+        anonymous = _caller(ANONYMOUS, document["anonymous"], f"{origin}: anonymous")
+        if not anonymous.require_challenge:
+            # Without a challenge, anyone could replay any VM's document the first time it is seen.
+            raise ConfigurationError(f"{origin}: [anonymous] must set require_challenge = true")
+    if anonymous is None and not api_clients:
+        raise ConfigurationError(f"{origin}: no [anonymous] section and no ATTEST_API_KEYS: nobody could call")
+    return AccessPolicy(clients=MappingProxyType(clients), anonymous=anonymous)
+
+
+def load_policy(path: Path | None, *, api_clients: frozenset[str]) -> AccessPolicy:
+    """The access policy of the service.
+
+    Without a file: open (anonymous, unrestricted) when no keys are configured, otherwise keyed clients only,
+    unrestricted. Raises :class:`ConfigurationError` for an unreadable or invalid file.
+    """
+    if path is None:
+        return AccessPolicy.open() if not api_clients else AccessPolicy()
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"ATTEST_POLICY_FILE: cannot read {path} ({exc.strerror})") from exc
+    if len(data) > MAX_POLICY_BYTES:
+        raise ConfigurationError(f"ATTEST_POLICY_FILE: {path} is larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"ATTEST_POLICY_FILE: {path} is not UTF-8") from exc
+    return parse_policy(text, api_clients=api_clients, origin=f"ATTEST_POLICY_FILE {path}")

@@ -1,0 +1,61 @@
+"""Gunicorn configuration of the service: ``attest-service serve``, ``make run`` and the container use it.
+
+Threaded workers (gthread): verification is short CPU work, and a few threads per process keep a worker
+busy while another thread waits on the nonce store. ``serve`` passes ``--bind`` and ``--workers``, which
+override the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client import multiprocess
+
+wsgi_app: Final = "attest_service.web:create_app()"
+bind: Final = ["127.0.0.1:8080"]
+workers: Final = 2
+worker_class: Final = "gthread"
+#: Threads per worker.
+threads: Final = 4
+#: Seconds a worker may be silent before the master restarts it.
+timeout: Final = 30
+#: Seconds a worker gets to finish its requests on shutdown or restart.
+graceful_timeout: Final = 20
+#: Seconds an idle keep-alive connection is held open (clients reuse connections for challenge + verify).
+keepalive: Final = 5
+#: Bytes of a request line: the API's paths are short; a long line is an attack or a mistake.
+limit_request_line: Final = 4096
+#: Header fields per request, and bytes per header field.
+limit_request_fields: Final = 64
+limit_request_field_size: Final = 8190
+
+# Access lines as JSON on standard output; errors on standard error (twelve-factor style, for containers).
+accesslog: Final = "-"
+errorlog: Final = "-"
+logger_class: Final = "attest_service.web.access_log.JsonAccessLogger"
+loglevel: Final = (os.environ.get("ATTEST_LOG_LEVEL") or "info").lower()
+
+# The workers' heartbeat files belong in memory: a disk-backed /tmp can stall them and get workers killed.
+worker_tmp_dir: Final = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, by design
+
+#: File names prometheus-client writes in PROMETHEUS_MULTIPROC_DIR.
+_METRIC_FILE: Final = re.compile(r"(counter|gauge_[a-z]+|gauge|histogram|summary)_\d+\.db")
+
+
+def on_starting(server: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
+    """Remove metric files of a previous run, so counters start from zero with the new master."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    for path in Path(directory).iterdir():
+        if _METRIC_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
+    """Tell prometheus-client that a worker is gone, so its live gauges stop being reported."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,242 @@
+"""The routes of the REST API.
+
+``POST /v1/verify`` is four steps: parse the request, call the verification core, claim the nonce, serialise.
+The nonce is claimed only after the document verified and passed the caller's policy, so neither junk nor a
+denied document can burn a nonce. Requests are checked in this order: size, key, rate, body.
+
+Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per remote
+address for anonymous callers) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store so
+that it holds across workers and replicas. One attestation costs two requests (challenge, verify).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+from flask import Blueprint, Response, jsonify, request
+
+from attest_service import metrics
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import (
+    AttestError,
+    MalformedRequest,
+    NonceMismatch,
+    NonceReplayed,
+    StoreUnavailable,
+)
+from attest_service.nonces import CACHED_DOCUMENT_HINT
+from attest_service.verify import VerificationPolicy, VerifiedDocument, decode_response, decode_signature
+from attest_service.verify.verifier import MAX_NONCE_LENGTH
+from attest_service.web.openapi import openapi_document
+from attest_service.web.service import Caller, Service, current_service
+
+#: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
+CHALLENGE_BYTES: Final = 18
+#: A challenge as :func:`secrets.token_urlsafe` writes it; safe in IMDS's ``nonce`` query parameter.
+CHALLENGE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{24}")
+#: Issuing retries on the (astronomically unlikely) collision with a live challenge.
+CHALLENGE_ATTEMPTS: Final = 3
+#: The rate-limit window, in seconds; the limit is per minute.
+RATE_WINDOW_SECONDS: Final = 60
+#: Keys a verify request may carry.
+VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
+
+api = Blueprint("api", __name__)
+
+
+def _iso(instant: datetime) -> str:
+    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise MalformedRequest(f"duplicate key {key[:40]!r} in the request body")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(token: str) -> object:
+    raise MalformedRequest(f"{token} is not JSON")
+
+
+def _json_body() -> dict[str, object]:
+    data = request.get_data(cache=False)
+    try:
+        body = json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, MalformedRequest):
+            raise
+        raise MalformedRequest("the request body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise MalformedRequest("the request body is not a JSON object")
+    return body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyRequest:
+    """A parsed ``POST /v1/verify`` body: the DER document, the expected nonce and the cloud."""
+
+    document: bytes
+    nonce: str | None
+    cloud: str
+
+
+def parse_verify_request(body: dict[str, object]) -> VerifyRequest:
+    """Check the body's shape; raise MalformedRequest, or MalformedDocument when the base64 is unusable."""
+    unknown = set(body) - VERIFY_KEYS
+    if unknown:
+        raise MalformedRequest(f"unknown field(s): {', '.join(sorted(name[:40] for name in unknown))}")
+    if ("document" in body) == ("signature" in body):
+        raise MalformedRequest("give exactly one of 'document' (the IMDS response object) and 'signature'")
+    nonce = body.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or not 1 <= len(nonce) <= MAX_NONCE_LENGTH):
+        raise MalformedRequest(f"'nonce' must be a string of 1 to {MAX_NONCE_LENGTH} characters")
+    cloud = body.get("cloud", AUTO)
+    if not isinstance(cloud, str) or (cloud != AUTO and cloud not in CLOUDS):
+        raise MalformedRequest(f"'cloud' must be one of {', '.join([*CLOUDS, AUTO])}")
+    if "document" in body:
+        document = body["document"]
+        if not isinstance(document, dict):
+            raise MalformedRequest("'document' must be the IMDS response object {\"encoding\", \"signature\"}")
+        der = decode_response(document)
+    else:
+        signature = body["signature"]
+        if not isinstance(signature, str):
+            raise MalformedRequest("'signature' must be a base64 string")
+        der = decode_signature(signature)
+    return VerifyRequest(document=der, nonce=nonce, cloud=cloud)
+
+
+def _rate_limit(service: Service, caller: Caller) -> None:
+    try:
+        service.store.hit_rate(caller.rate_key, limit=service.settings.rate_limit_per_minute,
+                               window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
+    except StoreUnavailable:
+        metrics.STORE_ERRORS.labels(operation="hit_rate").inc()
+        raise
+
+
+def _caller(service: Service) -> Caller:
+    caller = service.authenticate(request.headers.get("Authorization"), request.remote_addr)
+    _rate_limit(service, caller)
+    return caller
+
+
+def _verify(service: Service, parsed: VerifyRequest, now: datetime) -> VerifiedDocument:
+    policy = VerificationPolicy(cloud=parsed.cloud, expected_nonce=parsed.nonce,
+                                clock_skew=service.settings.clock_skew)
+    try:
+        return service.trust.verify(parsed.document, policy=policy, now=now)
+    except NonceMismatch as exc:
+        # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce can be read to
+        # tell a VM that IMDS handed back a cached document fetched for one of our earlier challenges.
+        unchecked = VerificationPolicy(cloud=parsed.cloud, clock_skew=service.settings.clock_skew)
+        signed = service.trust.verify(parsed.document, policy=unchecked, now=now).claims.nonce
+        if CHALLENGE_PATTERN.fullmatch(signed):
+            raise NonceMismatch(f"the signed nonce {signed!r} is not the expected one {parsed.nonce!r}: "
+                                f"it is an earlier challenge; {CACHED_DOCUMENT_HINT}") from exc
+        raise
+
+
+def _claim(service: Service, caller: Caller, verified: VerifiedDocument, now: datetime) -> bool:
+    claims = verified.claims
+    # A seen nonce is remembered while its document could still verify (expiry plus skew), and at least
+    # one challenge lifetime, so a challenge can never be accepted again while it could be reissued.
+    expires_at = max(claims.expires_on + service.settings.clock_skew, now + service.settings.challenge_ttl)
+    try:
+        acceptance = service.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
+                                          require_challenge=caller.policy.require_challenge, now=now)
+    except StoreUnavailable:
+        metrics.STORE_ERRORS.labels(operation="accept").inc()
+        raise
+    (metrics.CHALLENGES_CONSUMED if acceptance.challenge else metrics.CALLER_NONCES_ACCEPTED).inc()
+    return acceptance.challenge
+
+
+@api.post("/v1/verify")
+def verify() -> Response:
+    """Verify an attested document and accept its nonce once."""
+    started = time.perf_counter()
+    code: str | None = "internal_error"
+    try:
+        service = current_service()
+        caller = _caller(service)
+        # Step 1: parse the request.
+        parsed = parse_verify_request(_json_body())
+        # Step 2: the verification core, at the service's instant.
+        now = service.clock()
+        verified = _verify(service, parsed, now)
+        caller.policy.check(verified)
+        # Step 3: claim the nonce, only now that the document is genuine and admitted.
+        challenge = _claim(service, caller, verified, now)
+        # Step 4: serialise.
+        payload = verified.to_dict()
+        payload["nonce"] = {"value": verified.claims.nonce, "checked": parsed.nonce is not None,
+                            "challenge": challenge}
+        code = None
+        return jsonify(payload)
+    except AttestError as exc:
+        code = exc.code
+        raise
+    finally:
+        metrics.record_verification(code)
+        metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
+
+
+@api.post("/v1/challenges")
+def issue_challenge() -> tuple[Response, int]:
+    """Issue a single-use nonce for the caller to have IMDS sign."""
+    service = current_service()
+    caller = _caller(service)
+    expires_at = service.clock() + service.settings.challenge_ttl
+    for attempt in range(CHALLENGE_ATTEMPTS):
+        nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
+        try:
+            service.store.issue_challenge(nonce, client_id=caller.client_id, expires_at=expires_at)
+            break
+        except NonceReplayed:
+            if attempt + 1 == CHALLENGE_ATTEMPTS:
+                raise
+        except StoreUnavailable:
+            metrics.STORE_ERRORS.labels(operation="issue_challenge").inc()
+            raise
+    metrics.CHALLENGES_ISSUED.inc()
+    return jsonify({"nonce": nonce, "expiresAt": _iso(expires_at)}), 201
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: the nonce store answers; without it nothing can be accepted."""
+    try:
+        current_service().store.ping()
+    except StoreUnavailable as exc:
+        metrics.STORE_ERRORS.labels(operation="ping").inc()
+        return jsonify({"status": "unavailable", "error": exc.to_dict()}), 503
+    return jsonify({"status": "ready"}), 200
+
+
+@api.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Prometheus text exposition of every metric."""
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 description of this API."""
+    return jsonify(openapi_document())

@@ -1,0 +1,110 @@
+"""What the views work with: settings, the nonce store, the verifier, the access policy and the clock.
+
+Built once per process by :func:`attest_service.web.create_app` and kept in ``app.extensions``; every field
+is immutable or safe to share between the threads of a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+from flask import Flask, current_app
+
+from attest_service.config import Settings
+from attest_service.errors import Unauthorized
+from attest_service.nonces import NonceStore
+from attest_service.policy import ANONYMOUS, AccessPolicy, CallerPolicy
+from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier
+
+#: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
+MAX_BODY_BYTES: Final = 1024 * 1024
+#: Key of the service state in ``app.extensions``.
+EXTENSION: Final = "attest_service"
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    """The current instant, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+class DocumentVerifier(Protocol):
+    """The verification core as the views use it (a fixed :class:`Verifier` or a hot-reloading holder)."""
+
+    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Verify DER ``document`` at ``now``; raise a VerificationError subclass when it fails."""
+        ...
+
+
+class FixedTrust:
+    """A :class:`DocumentVerifier` over trust loaded once, for callers that do not reload pins."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self._verifier = verifier
+
+    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Delegate to the verification core."""
+        return self._verifier.verify(document, policy=policy, now=now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caller:
+    """Who sent the request: the client id the store records, the rate-limit key and the caller's policy."""
+
+    client_id: str
+    rate_key: str
+    policy: CallerPolicy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    """The per-process state of the REST service."""
+
+    settings: Settings
+    store: NonceStore
+    trust: DocumentVerifier
+    access: AccessPolicy
+    clock: Clock
+    api_keys: Mapping[str, bytes]
+
+    def authenticate(self, authorization: str | None, remote_addr: str | None) -> Caller:
+        """Identify the caller from the ``Authorization`` header.
+
+        A presented key must match; without one, the caller is anonymous when the policy admits anonymous
+        callers. Raises :class:`Unauthorized` otherwise. Every configured digest is compared in constant
+        time, without stopping at a match, so timing does not reveal which client a key is close to.
+        """
+        if authorization is None or not authorization.strip():
+            if self.access.anonymous is None:
+                raise Unauthorized("an API key is required: Authorization: Bearer <key>")
+            return Caller(client_id=ANONYMOUS, rate_key=f"{ANONYMOUS}@{remote_addr or 'unknown'}",
+                          policy=self.access.anonymous)
+        scheme, _, key = authorization.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise Unauthorized("expected Authorization: Bearer <key>")
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        matched: str | None = None
+        for client_id, expected in self.api_keys.items():
+            if hmac.compare_digest(digest, expected):
+                matched = client_id
+        if matched is None:
+            raise Unauthorized("the API key is not valid")
+        return Caller(client_id=matched, rate_key=matched, policy=self.access.for_client(matched))
+
+
+def install(app: Flask, service: Service) -> None:
+    """Attach ``service`` to ``app``."""
+    app.extensions[EXTENSION] = service
+
+
+def current_service() -> Service:
+    """The service of the application handling the current request."""
+    service: Service = current_app.extensions[EXTENSION]
+    return service
