@@ -6,10 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
-import yaml
 
 from .common import CHART_DIR, HA_VALUES, NAMESPACE, REPO_ROOT, HelmFailed, by_kind, one
 
@@ -433,11 +431,3 @@ def _inside_kubernetes_block(lines: list[str], index: int) -> bool:
         return False
     top = next(line for line in reversed(lines[:index]) if line.strip() and not line.startswith((" ", "#")))
     return top.strip() in KUBERNETES_BLOCKS or (top.strip() == "probes:" and indent > 2)
-
-
-def test_values_yaml_is_what_the_schema_accepts() -> None:
-    """The defaults themselves must satisfy the schema (helm checks this too; this names the culprit faster)."""
-    schema = yaml.safe_load((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
-    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
-    jsonschema.Draft7Validator(schema).validate(values)
-    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(HA_VALUES.read_text(encoding="utf-8")))
