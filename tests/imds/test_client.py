@@ -194,7 +194,6 @@ def test_retry_policy_is_validated() -> None:
 def _attest(*arguments: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["http_proxy"] = _closed_port_url()
     return subprocess.run(
         [sys.executable, "-m", "attest_service", "attest", *arguments],
         capture_output=True,
