@@ -266,44 +266,58 @@ def _no_retry_on_timeout() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
-def _hosts(text: str, default_port: int) -> list[tuple[str, int]]:
-    """``host:port,host:port`` (IPv6 in brackets) to a list of addresses."""
-    hosts = []
-    for item in text.split(","):
-        entry = item.strip()
-        if entry.startswith("["):
-            host, _, rest = entry[1:].partition("]")
-            port_text = rest.removeprefix(":")
-        else:
-            host, _, port_text = entry.rpartition(":") if ":" in entry else (entry, "", "")
-        if not host:
-            raise ValueError(f"missing host in {entry!r}")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise ValueError(f"port of {entry!r} is not a number") from None
-        if not 0 < port < 65536:
-            raise ValueError(f"port of {entry!r} is out of range")
-        hosts.append((host, port))
-    return hosts
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MultiHostURL:
+    """``scheme://[[user]:password@]host[:port][,host[:port]...][/path]``, the sentinel and cluster URL forms.
+
+    redis-py parses single-host URLs only; these forms list several nodes so that any one of them can be down.
+    """
+
+    scheme: str
+    username: str | None
+    password: str | None
+    hosts: tuple[tuple[str, int], ...]
+    path: str
+
+    @classmethod
+    def parse(cls, url: str, *, default_port: int) -> MultiHostURL:
+        """Split ``url``; raises :class:`ValueError` when a host, a port or the scheme separator is wrong."""
+        scheme, separator, rest = url.partition("://")
+        if not separator:
+            raise ValueError("expected scheme://host:port")
+        rest, _, query = rest.partition("?")
+        if query:
+            raise ValueError(f"query parameters are not supported in {scheme}:// URLs")
+        authority, _, path = rest.partition("/")
+        username = password = None
+        if "@" in authority:
+            userinfo, _, authority = authority.rpartition("@")
+            user_text, has_password, password_text = userinfo.partition(":")
+            username = unquote(user_text) or None
+            password = unquote(password_text) if has_password else None
+        if not authority:
+            raise ValueError("no host given")
+        hosts = tuple(_host_port(entry.strip(), default_port) for entry in authority.split(","))
+        return cls(scheme=scheme.lower(), username=username, password=password, hosts=hosts, path=path)
 
 
-def _split_multi_host(url: str, scheme: str) -> tuple[str | None, str | None, str, str]:
-    """``scheme://[user][:password@]hosts[/path]`` to (username, password, hosts, path)."""
-    rest = url[len(scheme) + 3 :]
-    rest, _, query = rest.partition("?")
-    if query:
-        raise ValueError(f"query parameters are not supported in {scheme}:// URLs")
-    authority, _, path = rest.partition("/")
-    username = password = None
-    if "@" in authority:
-        userinfo, _, authority = authority.rpartition("@")
-        user_text, has_password, password_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(password_text) if has_password else None
-    if not authority:
-        raise ValueError("no host given")
-    return username, password, authority, path
+def _host_port(entry: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif ":" in entry:
+        host, _, port_text = entry.rpartition(":")
+    else:
+        host, port_text = entry, ""
+    if not host:
+        raise ValueError(f"missing host in {entry!r}")
+    if port_text and not port_text.isdigit():
+        raise ValueError(f"port of {entry!r} is not a number")
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"port of {entry!r} is out of range")
+    return host, port
 
 
 def redact(url: str) -> str:
@@ -343,25 +357,24 @@ def redis_store(
         )
         connect = lambda: client  # noqa: E731 - from_url does not connect, so one client serves for good
     elif scheme == "redis+sentinel":
-        connect = _sentinel_connector(url, scheme, timeout_seconds)
+        connect = _sentinel_connector(url, timeout_seconds)
     elif scheme == "redis+cluster":
-        connect = _cluster_connector(url, scheme, timeout_seconds)
+        connect = _cluster_connector(url, timeout_seconds)
     else:
         raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds)
 
 
-def _sentinel_connector(url: str, scheme: str, timeout_seconds: float) -> Callable[[], RedisClient]:
-    username, password, authority, path = _split_multi_host(url, scheme)
-    sentinels = _hosts(authority, DEFAULT_SENTINEL_PORT)
-    service_name, _, db_text = path.strip("/").partition("/")
+def _sentinel_connector(url: str, timeout_seconds: float) -> Callable[[], RedisClient]:
+    parsed = MultiHostURL.parse(url, default_port=DEFAULT_SENTINEL_PORT)
+    service_name, _, db_text = parsed.path.strip("/").partition("/")
     if not service_name:
         raise ValueError("no service name given: redis+sentinel://host:port/service_name[/db]")
     if not db_text.isdigit() and db_text:
         raise ValueError(f"database {db_text!r} is not a number")
     db = int(db_text or "0")
     sentinel = Sentinel(
-        sentinels,
+        list(parsed.hosts),
         sentinel_kwargs={
             "socket_timeout": timeout_seconds,
             "socket_connect_timeout": timeout_seconds,
@@ -373,23 +386,25 @@ def _sentinel_connector(url: str, scheme: str, timeout_seconds: float) -> Callab
     )
     # master_for does not connect either: each new connection asks the sentinels where the master is, so a
     # failover is followed without restarting the service.
-    client: redis.Redis[bytes] = sentinel.master_for(service_name, db=db, username=username, password=password)
+    client: redis.Redis[bytes] = sentinel.master_for(
+        service_name, db=db, username=parsed.username, password=parsed.password
+    )
     return lambda: client
 
 
-def _cluster_connector(url: str, scheme: str, timeout_seconds: float) -> Callable[[], RedisClient]:
-    username, password, authority, path = _split_multi_host(url, scheme)
-    if path.strip("/"):
+def _cluster_connector(url: str, timeout_seconds: float) -> Callable[[], RedisClient]:
+    parsed = MultiHostURL.parse(url, default_port=DEFAULT_REDIS_PORT)
+    if parsed.path.strip("/"):
         raise ValueError("a cluster has no databases: redis+cluster://host:port[,host:port...]")
-    nodes = [ClusterNode(host, port) for host, port in _hosts(authority, DEFAULT_REDIS_PORT)]
+    nodes = [ClusterNode(host, port) for host, port in parsed.hosts]
 
     def connect() -> RedisClient:
         # The cluster client reads the slot map when it is made, so it is made on first use; no retries at the
         # cluster level either, so that a hung node costs one timeout.
         return RedisCluster(
             startup_nodes=nodes,
-            username=username,
-            password=password,
+            username=parsed.username,
+            password=parsed.password,
             retry=Retry(NoBackoff(), 0),
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,

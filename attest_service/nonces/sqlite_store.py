@@ -150,7 +150,7 @@ class SQLiteNonceStore:
                     connection.execute("ROLLBACK")
                     raise
                 connection.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: the directory could not be created
                 raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
 
     def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -244,7 +244,7 @@ class SQLiteNonceStore:
         with self._lock:
             try:
                 self._connect().execute("SELECT 1 FROM seen LIMIT 1").fetchall()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
