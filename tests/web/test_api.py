@@ -1,0 +1,270 @@
+"""Behaviour of the REST API over HTTP (Flask test client), with real SQLite and Redis stores.
+
+Every error code of the contract is reached here once, asserting status and code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import datetime, timedelta
+
+import pytest
+from flask.testing import FlaskClient
+
+from attest_service.imds import pki
+from attest_service.nonces import CACHED_DOCUMENT_HINT
+from tests.web.conftest import API_KEYS_ENV, NOW, SUBSCRIPTION, AppFactory, Clock, GeneratedPki, bearer
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["verified"] is False
+    assert set(body["error"]) == {"code", "message"}
+    return body["error"]["code"]
+
+
+def challenge(client: FlaskClient, **headers: str) -> str:
+    response = client.post("/v1/challenges", headers=headers)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.get_json()["nonce"]
+
+
+# --- success paths ---------------------------------------------------------------------------------
+
+
+def test_challenge_then_verify_then_replay(make_client: AppFactory, store_url: str, test_pki: GeneratedPki) -> None:
+    client = make_client(store_url=store_url)
+    response = client.post("/v1/challenges")
+    assert response.status_code == 201
+    body = response.get_json()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,32}", body["nonce"])
+    assert datetime.fromisoformat(body["expiresAt"]) == NOW + timedelta(seconds=300)
+
+    payload = {"document": test_pki.document(nonce=body["nonce"]), "nonce": body["nonce"]}
+    first = client.post("/v1/verify", json=payload)
+    assert first.status_code == 200, first.get_data(as_text=True)
+    verified = first.get_json()
+    assert verified["verified"] is True
+    assert verified["cloud"] == "public"
+    assert verified["claims"]["nonce"] == body["nonce"]
+    assert verified["claims"]["subscriptionId"] == SUBSCRIPTION
+    assert list(verified["claims"]) == ["licenseType", "nonce", "plan", "sku", "subscriptionId", "timeStamp", "vmId"]
+    assert verified["signer"]["subject"].startswith("CN=metadata.azure.com,")
+    assert verified["nonce"] == {"value": body["nonce"], "checked": True, "challenge": True}
+
+    assert error_of(client.post("/v1/verify", json=payload), 409) == "nonce_replayed"
+
+
+def test_bare_signature_with_caller_nonce(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce="my-own-nonce-1")})
+    assert response.status_code == 200
+    assert response.get_json()["nonce"] == {"value": "my-own-nonce-1", "checked": False, "challenge": False}
+    replay = client.post("/v1/verify", json={"signature": test_pki.signature(nonce="my-own-nonce-1")})
+    assert error_of(replay, 409) == "nonce_replayed"
+
+
+def test_explicit_cloud(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(), "cloud": "public"})
+    assert response.status_code == 200
+
+
+def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
+    assert client.get("/healthz", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"
+    generated = client.get("/healthz", headers={"X-Request-Id": "bad id {\"x\": 1}"}).headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+
+def test_health_ready_openapi_metrics(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    assert set(spec["paths"]) == {"/v1/challenges", "/v1/verify", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    client.post("/v1/verify", json={"signature": test_pki.signature()})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'attest_verifications_total{code="none",result="verified"}' in text
+
+
+# --- one test per error code -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    b"not json",
+    b"[1, 2]",
+    b'{"signature": "AAAA", "signature": "AAAA"}',
+    b'{"signature": 5}',
+    b'{"document": "a string"}',
+    b"{}",
+    b'{"signature": "AAAA", "document": {"encoding": "pkcs7", "signature": "AAAA"}}',
+    b'{"signature": "AAAA", "extra": 1}',
+    b'{"signature": "AAAA", "nonce": 7}',
+    b'{"signature": "AAAA", "nonce": "' + b"x" * 33 + b'"}',
+    b'{"signature": "AAAA", "cloud": "mars"}',
+    b'{"signature": "AAAA", "nonce": NaN}',
+])
+def test_malformed_request(client: FlaskClient, body: bytes) -> None:
+    response = client.post("/v1/verify", data=body, content_type="application/json")
+    assert error_of(response, 400) == "malformed_request"
+
+
+def test_unauthorized(make_client: AppFactory) -> None:
+    client = make_client(ATTEST_API_KEYS=API_KEYS_ENV)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"},
+                    {"Authorization": "Bearer "}):
+        response = client.post("/v1/challenges", headers=headers)
+        assert error_of(response, 401) == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert error_of(client.post("/v1/verify", json={"signature": "AAAA"}), 401) == "unauthorized"
+    assert client.post("/v1/challenges", headers=bearer("billing")).status_code == 201
+
+
+def test_policy_denied(make_client: AppFactory, test_pki: GeneratedPki) -> None:
+    policy = '[clients.license-server]\nsubscriptions = ["someone-else"]\n'
+    client = make_client(ATTEST_API_KEYS=API_KEYS_ENV, policy=policy)
+    payload = {"signature": test_pki.signature(nonce="denied-nonce")}
+    response = client.post("/v1/verify", json=payload, headers=bearer("license-server"))
+    assert error_of(response, 403) == "policy_denied"
+    assert f"subscription {SUBSCRIPTION} is not in the allow-list of client license-server" in (
+        response.get_json()["error"]["message"])
+    # The denied document did not burn its nonce: a client allowed to use it still can.
+    assert client.post("/v1/verify", json=payload, headers=bearer("billing")).status_code == 200
+
+
+def test_nonce_replayed(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    payload = {"signature": test_pki.signature(nonce="replayed-once")}
+    assert client.post("/v1/verify", json=payload).status_code == 200
+    assert error_of(client.post("/v1/verify", json=payload), 409) == "nonce_replayed"
+
+
+def test_challenge_replay_names_cached_document(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    nonce = challenge(client)
+    payload = {"signature": test_pki.signature(nonce=nonce)}
+    assert client.post("/v1/verify", json=payload).status_code == 200
+    response = client.post("/v1/verify", json=payload)
+    assert error_of(response, 409) == "nonce_replayed"
+    assert CACHED_DOCUMENT_HINT in response.get_json()["error"]["message"]
+
+
+def test_request_too_large(client: FlaskClient) -> None:
+    body = b'{"signature": "' + b"A" * (1024 * 1024) + b'"}'
+    response = client.post("/v1/verify", data=body, content_type="application/json")
+    assert error_of(response, 413) == "request_too_large"
+
+
+def test_malformed_document(client: FlaskClient) -> None:
+    response = client.post("/v1/verify", json={"signature": "!!not base64!!"})
+    assert error_of(response, 422) == "malformed_document"
+    response = client.post("/v1/verify", json={"signature": base64.b64encode(b"\x30\x03junk").decode()})
+    assert error_of(response, 422) == "malformed_document"
+
+
+def test_unsupported_document(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    document = {"encoding": "jws", "signature": test_pki.signature()}
+    assert error_of(client.post("/v1/verify", json={"document": document}), 422) == "unsupported_document"
+
+
+def test_signature_invalid(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    content = test_pki.content(nonce="tampered-nonce")
+    der = pki.sign_attested(content, signer=test_pki.leaf)
+    tampered = der.replace(b"tampered-nonce", b"tampered-nonca")
+    response = client.post("/v1/verify", json={"signature": base64.b64encode(tampered).decode()})
+    assert error_of(response, 422) == "signature_invalid"
+
+
+def test_untrusted_chain(client: FlaskClient, foreign_pki: tuple[pki.CertifiedKey, ...],
+                         test_pki: GeneratedPki) -> None:
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(signer=foreign_pki[2])})
+    assert error_of(response, 422) == "untrusted_chain"
+
+
+def test_certificate_expired(make_client: AppFactory, test_pki: GeneratedPki) -> None:
+    later = NOW + timedelta(days=400)  # the leaf is valid for 365 days
+    client = make_client(clock=Clock(later))
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(created_on=later)})
+    assert error_of(response, 422) == "certificate_expired"
+
+
+def test_subject_mismatch(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    signer = test_pki.leaf_named("metadata.azure.com.evil.example")
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(signer=signer)})
+    assert error_of(response, 422) == "subject_mismatch"
+
+
+def test_nonce_mismatch(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce="signed"), "nonce": "other"})
+    assert error_of(response, 422) == "nonce_mismatch"
+    # The document was not accepted: its nonce is still usable.
+    assert client.post("/v1/verify", json={"signature": test_pki.signature(nonce="signed")}).status_code == 200
+
+
+def test_nonce_mismatch_on_an_earlier_challenge_hints_at_cached_document(client: FlaskClient,
+                                                                          test_pki: GeneratedPki) -> None:
+    old, new = challenge(client), challenge(client)
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce=old), "nonce": new})
+    assert error_of(response, 422) == "nonce_mismatch"
+    assert CACHED_DOCUMENT_HINT in response.get_json()["error"]["message"]
+
+
+def test_nonce_unknown(make_client: AppFactory, test_pki: GeneratedPki) -> None:
+    policy = "[anonymous]\nrequire_challenge = true\n"
+    client = make_client(policy=policy)
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce="never-issued")})
+    assert error_of(response, 422) == "nonce_unknown"
+    nonce = challenge(client)
+    assert client.post("/v1/verify", json={"signature": test_pki.signature(nonce=nonce)}).status_code == 200
+
+
+def test_document_expired(make_client: AppFactory, test_pki: GeneratedPki) -> None:
+    client = make_client(clock=Clock(NOW + timedelta(hours=7)))
+    response = client.post("/v1/verify", json={"signature": test_pki.signature()})
+    assert error_of(response, 422) == "document_expired"
+
+
+def test_document_not_yet_valid(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    response = client.post("/v1/verify", json={"signature": test_pki.signature(created_on=NOW + timedelta(hours=1))})
+    assert error_of(response, 422) == "document_not_yet_valid"
+
+
+def test_rate_limited(make_client: AppFactory, store_url: str) -> None:
+    client = make_client(store_url=store_url, ATTEST_RATE_LIMIT_PER_MINUTE="3")
+    for _ in range(3):
+        assert client.post("/v1/challenges").status_code == 201
+    response = client.post("/v1/verify", json={"signature": "AAAA"})  # the two routes share one budget
+    assert error_of(response, 429) == "rate_limited"
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_store_unavailable_then_recovers(make_client: AppFactory, redis, test_pki: GeneratedPki) -> None:
+    if not redis.running:
+        redis.start()
+    client = make_client(store_url=redis.url, ATTEST_STORE_TIMEOUT_SECONDS="0.2")
+    payload = {"signature": test_pki.signature(nonce="while-redis-is-down")}
+    redis.stop()
+    try:
+        assert error_of(client.post("/v1/verify", json=payload), 503) == "store_unavailable"
+        assert error_of(client.post("/v1/challenges"), 503) == "store_unavailable"
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    finally:
+        redis.start()
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/v1/verify", json=payload).status_code == 200
+
+
+# --- protocol details ------------------------------------------------------------------------------
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    assert error_of(client.get("/nope"), 404) == "not_found"
+    response = client.get("/v1/verify")
+    assert error_of(response, 405) == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+def test_error_bodies_carry_no_traceback(client: FlaskClient) -> None:
+    response = client.post("/v1/verify", data=b"\xff\xfe", content_type="application/json")
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert json.loads(response.get_data())["error"]["code"] == "malformed_request"
