@@ -116,9 +116,11 @@ def _register_verify(subparsers: Subparsers) -> None:
 def _registrars() -> list[Callable[[Subparsers], None]]:
     # Imported here: each edge pulls in its own dependencies (Flask, gunicorn, redis), which the
     # offline commands should not pay for at start-up.
+    from attest_service import certs  # noqa: PLC0415
     from attest_service.imds import cli as imds_cli  # noqa: PLC0415
+    from attest_service.web import serve  # noqa: PLC0415
 
-    return [_register_verify, imds_cli.register]
+    return [serve.register, _register_verify, certs.register, imds_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
