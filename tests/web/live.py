@@ -13,33 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from attest_service.cli import build_parser
 from tests.support.redis_server import free_port
 
 #: Seconds the service may take until /healthz answers (workers import Flask and load the pins).
 STARTUP_TIMEOUT_SECONDS = 20.0
 #: Seconds gunicorn gets to stop after SIGTERM before it is killed.
 SHUTDOWN_TIMEOUT_SECONDS = 25.0
-
-#: The ``serve`` sub-command without the console script, for a checkout whose CLI does not list it yet.
-_SERVE_ONLY = (
-    "import argparse, sys\n"
-    "from attest_service.web.serve import register\n"
-    "parser = argparse.ArgumentParser(prog='attest-service')\n"
-    "register(parser.add_subparsers(dest='command', required=True))\n"
-    "args = parser.parse_args(sys.argv[1:])\n"
-    "sys.exit(args.handler(args))\n"
-)
-
-
-def serve_command() -> list[str]:
-    """``python -m attest_service`` when it has ``serve``, else the same sub-command run on its own."""
-    parser = build_parser()
-    commands = next(action for action in parser._subparsers._group_actions)  # type: ignore[union-attr]
-    if "serve" in commands.choices:  # type: ignore[operator]
-        return [sys.executable, "-m", "attest_service"]
-    return [sys.executable, "-c", _SERVE_ONLY]
-
 
 class LiveService:
     """The running service: its address and a way to send JSON requests."""
@@ -74,7 +53,7 @@ def live_service(env: dict[str, str], workdir: Path, *, workers: int = 4) -> Ite
     metrics_dir = workdir / f"metrics-{port}"
     metrics_dir.mkdir()
     full_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
-    argv = [*serve_command(), "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+    argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
     with log.open("wb") as output:
         process = subprocess.Popen(argv, env=full_env, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)

@@ -1,0 +1,53 @@
+"""Real Azure documents through the REST API, verified at their own instants with the bundled pins."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from attest_service.config import Settings
+from attest_service.web import create_app
+from tests.web.conftest import Clock, real_dir
+
+
+def _expected() -> list[dict[str, object]]:
+    path = real_dir() / "documents" / "expected.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+EXPECTED = _expected()
+pytestmark = pytest.mark.skipif(not EXPECTED, reason=f"real Azure documents not found in {real_dir()} "
+                                                     "(set ATTEST_AZURE_REAL_DIR)")
+
+
+def _client(tmp_path: Path, instant: datetime):
+    settings = Settings.from_env({"ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'nonces.sqlite3'}"})
+    return create_app(settings, clock=Clock(instant)).test_client()
+
+
+@pytest.mark.parametrize("entry", EXPECTED, ids=[str(entry["document"]) for entry in EXPECTED])
+def test_real_document_verifies_once(entry: dict[str, object], tmp_path: Path) -> None:
+    instant = datetime.fromisoformat(str(entry["verify_at"]).replace("Z", "+00:00"))
+    client = _client(tmp_path, instant)
+    document = json.loads((real_dir() / "documents" / str(entry["document"])).read_text())
+    response = client.post("/v1/verify", json={"document": document})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["cloud"] == entry["cloud"]
+    assert body["claims"] == entry["claims"]
+    assert client.post("/v1/verify", json={"signature": document["signature"]}).get_json()["error"]["code"] == (
+        "nonce_replayed")
+
+
+@pytest.mark.parametrize("name", ["tc-2019-12-13-azure-message-bad.json", "tc-2019-12-13-azure-signature-bad.json"])
+def test_tampered_real_document_is_refused(name: str, tmp_path: Path) -> None:
+    path = real_dir() / "negative" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    client = _client(tmp_path, datetime.fromisoformat("2019-12-13T00:34:40+00:00"))
+    response = client.post("/v1/verify", json={"document": json.loads(path.read_text())})
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] in {"malformed_document", "signature_invalid"}
