@@ -70,6 +70,7 @@ from attest_service.trust import (
 )
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
 from attest_service.verify.chain import _CA_POLICY, MAX_INTERMEDIATES
+from attest_service.verify.names import cloud_for_signer
 from attest_service.verify.pkcs7 import parse_signed_data
 
 if TYPE_CHECKING:
@@ -564,18 +565,22 @@ class Explanation:
     verified: bool
     step: str | None
     error: dict[str, str] | None
+    cloud: str | None = None
     signer_subject: str | None = None
     signer_issuer: str | None = None
     ca_issuers: tuple[str, ...] = ()
+    #: Whether the document's cloud pins a certificate named as the signer's issuer; ``issuer_pins`` lists
+    #: such pins in every cloud (a pin present for another cloud is a common cause).
+    issuer_pinned: bool = False
     issuer_pins: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """JSON form (``certs explain --json``)."""
-        return {"verified": self.verified, "step": self.step, "error": self.error,
+        return {"verified": self.verified, "step": self.step, "error": self.error, "cloud": self.cloud,
                 "signer": None if self.signer_subject is None else {
                     "subject": self.signer_subject, "issuer": self.signer_issuer,
                     "caIssuers": list(self.ca_issuers)},
-                "issuerPinned": bool(self.issuer_pins), "issuerPins": list(self.issuer_pins)}
+                "issuerPinned": self.issuer_pinned, "issuerPins": list(self.issuer_pins)}
 
 
 def explain_document(data: bytes, trust: TrustStore, *, cloud: str = AUTO, now: datetime) -> Explanation:
@@ -591,12 +596,15 @@ def explain_document(data: bytes, trust: TrustStore, *, cloud: str = AUTO, now: 
         if exc.code not in ("untrusted_chain", "certificate_expired"):
             return Explanation(verified=False, step=step, error=exc.to_dict())
         signer = signer_certificate(document)
-        pins = tuple(f"{pin.cloud}: {pin.source}" for pin in trust.all_pins()
-                     if pin.certificate.subject == signer.issuer)
-        return Explanation(verified=False, step=step, error=exc.to_dict(),
+        # The chain step runs after the name step, so the signer's name does select a cloud here.
+        target = cloud_for_signer(signer).name if cloud == AUTO else cloud
+        pins = [pin for pin in trust.all_pins() if pin.certificate.subject == signer.issuer]
+        return Explanation(verified=False, step=step, error=exc.to_dict(), cloud=target,
                            signer_subject=signer.subject.rfc4514_string(),
                            signer_issuer=signer.issuer.rfc4514_string(),
-                           ca_issuers=ca_issuers_urls(signer), issuer_pins=pins)
+                           ca_issuers=ca_issuers_urls(signer),
+                           issuer_pinned=any(pin.cloud == target for pin in pins),
+                           issuer_pins=tuple(f"{pin.cloud}: {pin.source}" for pin in pins))
     return Explanation(verified=True, step=None, error=None)
 
 
@@ -709,8 +717,9 @@ def run_explain(args: argparse.Namespace) -> int:
             _say(f"signer: {explanation.signer_subject}")
             _say(f"signer's issuer: {explanation.signer_issuer}")
             _say(f"issuer's AIA caIssuers: {', '.join(explanation.ca_issuers) or 'none'}")
-            pins = "; ".join(explanation.issuer_pins) or "none (pin it with certs add, after checking it)"
-            _say(f"pins with that subject: {pins}")
+            pinned = "yes" if explanation.issuer_pinned else "no (pin it with certs add, after checking it)"
+            _say(f"issuer pinned for {explanation.cloud}: {pinned}")
+            _say(f"pins with that subject, any cloud: {'; '.join(explanation.issuer_pins) or 'none'}")
     return EXIT_VERIFIED if explanation.verified else EXIT_REFUSED
 
 
