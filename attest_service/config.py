@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Final
 
 from attest_service.errors import ConfigurationError
+from attest_service.nonces import default_sqlite_url
 from attest_service.trust import bundled_pinned_dir
 
 #: Upper bounds that keep a typo (an extra zero) from turning into an unsafe setting.
@@ -25,12 +26,6 @@ MAX_RELOAD_SECONDS: Final = 30  # the contract promises pickup of pin changes wi
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-
-
-def default_nonce_store_url() -> str:
-    """``sqlite:///`` URL of the embedded store: ``$XDG_STATE_HOME/attest-service/nonces.sqlite3``."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return f"sqlite:///{Path(state) / 'attest-service' / 'nonces.sqlite3'}"
 
 
 def parse_api_keys(value: str) -> Mapping[str, bytes]:
@@ -85,7 +80,7 @@ class Settings:
         """Read and validate the ``ATTEST_*`` variables; raise ConfigurationError naming the bad one."""
         env = os.environ if env is None else env
         pinned = Path(env.get("ATTEST_PINNED_CERTS") or bundled_pinned_dir())
-        store = env.get("ATTEST_NONCE_STORE") or default_nonce_store_url()
+        store = env.get("ATTEST_NONCE_STORE") or default_sqlite_url()
         if not store.startswith(("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "sqlite:///")):
             raise ConfigurationError("ATTEST_NONCE_STORE: expected redis://, rediss://, redis+sentinel://, "
                                      "redis+cluster:// or sqlite:/// URL")
