@@ -47,7 +47,7 @@ DEFAULT_SENTINEL_PORT: Final = 26379
 #: URL schemes :func:`redis_store` understands.
 SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
 
-RedisClient: TypeAlias = "redis.Redis[bytes] | RedisCluster[bytes]"
+RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
 
 # KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen-until (ms since epoch).
@@ -386,7 +386,7 @@ def _sentinel_connector(url: str, timeout_seconds: float) -> Callable[[], RedisC
     )
     # master_for does not connect either: each new connection asks the sentinels where the master is, so a
     # failover is followed without restarting the service.
-    client: redis.Redis[bytes] = sentinel.master_for(
+    client: redis.Redis = sentinel.master_for(
         service_name, db=db, username=parsed.username, password=parsed.password
     )
     return lambda: client
