@@ -1,7 +1,7 @@
 """Step 6: a path from the signer through pinned intermediates to a root of the cloud (RFC 5280 6).
 
 Path building and validation are cryptography's ``x509.verification`` (the Rust implementation of
-RFC 5280 with the CA/B Forum profile). Two deliberate choices:
+RFC 5280 with the CA/B Forum profile). Three deliberate choices:
 
 - Only pinned intermediates are offered to the path builder; certificates carried in the document are
   never candidates, so a forger cannot supply their own issuing CA.
@@ -9,6 +9,8 @@ RFC 5280 with the CA/B Forum profile). Two deliberate choices:
   (2026 leaves carry serverAuth only) and the Microsoft TLS G2 intermediates restrict their EKU to
   serverAuth; the client verifier's default EKU checks would refuse genuine documents. The leaf must
   still carry serverAuth when it has an EKU at all (see ``_leaf_eku``).
+- The signer need not carry a subjectAltName: the name rule falls back to the CN when there is none,
+  and the name is checked in names.py, not by the path builder.
 """
 
 from __future__ import annotations
@@ -54,8 +56,14 @@ def _leaf_eku(_policy: verification.Policy, _cert: x509.Certificate,
 
 _CA_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
     x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, None)
-_EE_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _leaf_eku)
+# The Web PKI profile requires a SAN on every end entity; the name rule here (names.py, the contract's
+# "the CN only when there is no SAN") accepts a CN-only signer, so the SAN is optional for the path and
+# the name is judged by names.py alone.
+_EE_POLICY: Final = (
+    verification.ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _leaf_eku)
+    .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
+)
 
 
 def _attempt(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> list[x509.Certificate]:
