@@ -1,0 +1,1 @@
+"""Tests of the verification core: generated cases, real documents, properties."""
