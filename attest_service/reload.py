@@ -1,0 +1,355 @@
+"""Hot reload of the pinned trust, with the metrics an operator rotates pins by.
+
+A :class:`TrustHolder` owns the current :class:`~attest_service.verify.Verifier`. At most once per
+interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
+(the names, sizes, inodes and modification times of its files); when it changed, the directory is loaded
+in full and the new Verifier replaces the old one in a single assignment, so a request sees the old trust
+or the new trust, never a mixture. A directory that fails to load leaves the last good trust in place,
+logs the reason, counts ``attest_trust_reload_total{result="failure"}`` and raises the
+``attest_trust_reload_failing`` gauge until a later load succeeds.
+
+SIGHUP: :meth:`TrustHolder.request_reload` only sets a flag (safe in a signal handler); the next request
+reloads whether or not the fingerprint changed. The web application installs the handler in each gunicorn
+worker (``post_worker_init``), because gunicorn resets SIGHUP to its default (terminate) in workers::
+
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: holder.request_reload())
+
+Sending SIGHUP to the gunicorn *master* instead restarts the workers gracefully, which also reloads.
+
+Metrics (multiprocess-safe under gunicorn: counters and the ``livemax`` gauge live in
+``PROMETHEUS_MULTIPROC_DIR``; the per-pin expiry gauges come from a collector on the default registry
+that describes the trust of the process answering ``/metrics``):
+
+- ``attest_pinned_certificate_not_after_seconds{cloud,role,subject,sha256}``: each pin's expiry (Unix time).
+- ``attest_verifications_by_issuer_total{issuer}``: verified documents by the CN of the signer's issuer.
+- ``attest_unpinned_issuer_total{issuer}``: chains that failed at an issuer no pin names: the first sign
+  of an Azure rotation.
+- ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final
+
+from cryptography import x509
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from attest_service.certs import signer_certificate
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
+from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
+from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier
+from attest_service.verify.names import cloud_for_signer
+
+if TYPE_CHECKING:
+    from attest_service.aia import AiaFetcher
+
+LOG: Final = logging.getLogger(__name__)
+
+#: Files looked at per fingerprint; a pinned directory holds tens. Beyond this the directory is refused
+#: rather than walked for ever (a mount pointed at the wrong tree).
+MAX_DIRECTORY_ENTRIES: Final = 10_000
+#: Distinct ``issuer`` label values of ``attest_unpinned_issuer_total``; the issuer name of a refused
+#: document is chosen by whoever made it, so later names are counted under ``other``.
+MAX_UNPINNED_ISSUER_LABELS: Final = 32
+#: Longest issuer label, in characters.
+MAX_ISSUER_LABEL_CHARS: Final = 64
+
+RELOADS: Final = Counter("attest_trust_reload", "Loads of a changed pinned directory, by result (success, failure).",
+                         ["result"])
+RELOAD_FAILING: Final = Gauge("attest_trust_reload_failing",
+                              "1 while the pinned directory cannot be loaded and the last good trust is in use.",
+                              multiprocess_mode="livemax")
+VERIFICATIONS_BY_ISSUER: Final = Counter("attest_verifications_by_issuer",
+                                         "Verified documents by the common name of the signer's issuing CA.",
+                                         ["issuer"])
+UNPINNED_ISSUER: Final = Counter("attest_unpinned_issuer",
+                                 "Documents whose signer's issuing CA is not pinned (untrusted_chain): a rotation "
+                                 "warning.", ["issuer"])
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def directory_fingerprint(directory: Path) -> Fingerprint:
+    """Names, sizes, inodes and modification times of every file under ``directory`` (symlinks followed).
+
+    Cheap (one ``stat`` per file) and changed by every way of editing the directory: in-place writes,
+    ``os.replace``, and the symlink swap of a Kubernetes ConfigMap volume (recorded with its target).
+    Raises ConfigurationError when the directory cannot be read or is implausibly large.
+    """
+    entries: list[tuple[str, int, int, int]] = []
+    try:
+        for root, dirs, files in os.walk(directory, followlinks=False):
+            base = Path(root)
+            for name in (*dirs, *files):
+                path = base / name
+                relative = path.relative_to(directory).as_posix()
+                if path.is_symlink():
+                    entries.append((f"{relative} -> {path.readlink()}", 0, 0, 0))
+                if name in dirs:
+                    continue
+                info = path.stat()
+                if stat.S_ISREG(info.st_mode):
+                    entries.append((relative, info.st_size, info.st_ino, info.st_mtime_ns))
+            if len(entries) > MAX_DIRECTORY_ENTRIES:
+                raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
+    except OSError as exc:
+        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
+    if not entries and not directory.is_dir():
+        raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
+    return tuple(sorted(entries))
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    verifier: Verifier
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class _Augmented:
+    """A Verifier over the current trust plus CAs fetched through AIA, valid while ``base`` is current."""
+
+    base: Verifier
+    extra: MappingProxyType[tuple[str, str], PinnedCertificate]
+    verifier: Verifier
+
+
+def _load(directory: Path) -> TrustStore:
+    trust = load_trust(directory)
+    if not any(True for _ in trust.all_pins()):
+        # An empty mount (a ConfigMap that failed to project) would otherwise silently trust nothing.
+        raise ConfigurationError(f"{directory}: no pinned certificate at all")
+    return trust
+
+
+def _issuer_label(issuer: x509.Name | str) -> str:
+    """The CN of ``issuer`` (a Name or its RFC 4514 string), cut to the label length limit."""
+    if isinstance(issuer, str):
+        try:
+            name = x509.Name.from_rfc4514_string(issuer)
+        except ValueError:
+            return issuer[:MAX_ISSUER_LABEL_CHARS]
+    else:
+        name = issuer
+    return common_name(name)[:MAX_ISSUER_LABEL_CHARS]
+
+
+class TrustHolder:
+    """The current trust of a process, reloaded when the pinned directory changes.
+
+    ``verifier()`` and ``verify()`` are safe to call from many threads. The first load happens in the
+    constructor and raises ConfigurationError: a service must not start without its trust.
+    """
+
+    def __init__(self, directory: Path, *, interval_seconds: float, aia: AiaFetcher | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if interval_seconds <= 0:
+            raise ConfigurationError("the trust reload interval must be positive")
+        self.directory = directory
+        self._interval = interval_seconds
+        self._aia = aia
+        self._clock = clock
+        fingerprint_now = directory_fingerprint(directory)
+        self._loaded = _Loaded(Verifier(_load(directory)), fingerprint_now)
+        self._failing = False
+        self._failed: Fingerprint | None = None
+        self._next_check = clock() + interval_seconds
+        self._reload_requested = False
+        self._check_lock = threading.Lock()
+        self._augmented: _Augmented | None = None
+        self._augment_lock = threading.Lock()
+        self._unpinned_labels: set[str] = set()
+        RELOAD_FAILING.set(0)
+        _publish(self)
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Ask for a full reload on the next request (SIGHUP); only sets a flag, so signal-handler safe."""
+        self._reload_requested = True
+
+    @property
+    def trust(self) -> TrustStore:
+        """The trust currently in use."""
+        return self._loaded.verifier.trust
+
+    @property
+    def failing(self) -> bool:
+        """True while the directory's current content cannot be loaded."""
+        return self._failing
+
+    def verifier(self) -> Verifier:
+        """The current Verifier, after reloading if the interval passed and the directory changed."""
+        if self._reload_requested or self._clock() >= self._next_check:
+            self._maybe_reload()
+        return self._loaded.verifier
+
+    def _maybe_reload(self) -> None:
+        # Only one thread checks; the others go on with the current trust instead of queueing behind a load.
+        if not self._check_lock.acquire(blocking=False):
+            return
+        try:
+            forced = self._reload_requested
+            if not forced and self._clock() < self._next_check:
+                return
+            self._reload_requested = False
+            self._reload(forced=forced)
+            self._next_check = self._clock() + self._interval
+        finally:
+            self._check_lock.release()
+
+    def _reload(self, *, forced: bool) -> None:
+        try:
+            # The fingerprint is taken before the load: a change made during the load shows at the next check.
+            seen = directory_fingerprint(self.directory)
+        except ConfigurationError as exc:
+            self._fail(exc, None)
+            return
+        if not forced and seen == self._loaded.fingerprint:
+            if self.failing:
+                # The directory is back to the content in use (a broken edit was undone): nothing to load.
+                self._succeeded()
+            return
+        if not forced and self.failing and seen == self._failed:
+            return
+        try:
+            trust = _load(self.directory)
+        except ConfigurationError as exc:
+            self._fail(exc, seen)
+            return
+        self._loaded = _Loaded(Verifier(trust), seen)  # the one assignment that swaps the trust
+        self._succeeded()
+        LOG.info("pinned trust reloaded from %s: %d certificates", self.directory, sum(1 for _ in trust.all_pins()))
+
+    def _succeeded(self) -> None:
+        self._failing = False
+        self._failed = None
+        RELOADS.labels(result="success").inc()
+        RELOAD_FAILING.set(0)
+        _publish(self)
+
+    def _fail(self, exc: ConfigurationError, seen: Fingerprint | None) -> None:
+        # Logged once per broken content, not once per interval; counted on every attempt.
+        if not self.failing or seen != self._failed:
+            LOG.error("pinned directory %s is unusable, keeping the last good trust: %s", self.directory, exc.message)
+        self._failing = True
+        self._failed = seen
+        RELOADS.labels(result="failure").inc()
+        RELOAD_FAILING.set(1)
+
+    # --- verification ---------------------------------------------------------------------------
+
+    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Verify with the current trust; on an unpinned issuer, try the AIA fallback when enabled.
+
+        Raises what the core raises; the AIA path raises UntrustedChain when it cannot help.
+        """
+        verifier = self.verifier()
+        try:
+            result = verifier.verify(document, policy=policy, now=now)
+        except UntrustedChain:
+            unpinned = self._unpinned_signer(document, policy, verifier.trust)
+            if unpinned is None:
+                raise
+            signer, cloud_trust = unpinned
+            self._count_unpinned(signer.issuer)
+            if self._aia is None:
+                raise
+            result = self._verify_with_aia(verifier, document, signer, cloud_trust, policy=policy, now=now)
+        if len(result.signer.chain) > 1:
+            VERIFICATIONS_BY_ISSUER.labels(issuer=_issuer_label(result.signer.chain[1])).inc()
+        return result
+
+    def _unpinned_signer(self, document: bytes, policy: VerificationPolicy,
+                         trust: TrustStore) -> tuple[x509.Certificate, CloudTrust] | None:
+        """The signer and its cloud's trust when no pin of that cloud is named as the signer's issuer."""
+        try:
+            signer = signer_certificate(document)
+            cloud = cloud_for_signer(signer) if policy.cloud == AUTO else CLOUDS[policy.cloud]
+        except AttestError:
+            return None
+        cloud_trust = trust.for_cloud(cloud.name)
+        if any(pin.certificate.subject == signer.issuer for pin in (*cloud_trust.roots, *cloud_trust.intermediates)):
+            return None
+        return signer, cloud_trust
+
+    def _count_unpinned(self, issuer: x509.Name) -> None:
+        label = _issuer_label(issuer)
+        if label not in self._unpinned_labels:
+            if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
+                label = "other"
+            else:
+                self._unpinned_labels.add(label)
+        UNPINNED_ISSUER.labels(issuer=label).inc()
+
+    def _verify_with_aia(self, verifier: Verifier, document: bytes, signer: x509.Certificate,
+                         cloud_trust: CloudTrust, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        assert self._aia is not None  # noqa: S101 - checked by the caller; narrows the type
+        fetched = self._aia.issuer_for(signer, cloud_trust, now=now)
+        return self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
+            document, policy=policy, now=now)
+
+    def _augmented_verifier(self, base: Verifier, cloud: str, fetched: PinnedCertificate) -> Verifier:
+        key = (cloud, fetched.sha256)
+        with self._augment_lock:
+            current = self._augmented
+            if current is not None and current.base is base and key in current.extra:
+                return current.verifier
+            extra = dict(current.extra) if current is not None and current.base is base else {}
+            extra[key] = fetched
+            clouds = dict(base.trust.clouds)
+            for (name, _), pin in extra.items():
+                trust = base.trust.for_cloud(name)
+                if pin not in trust.intermediates:
+                    clouds[name] = CloudTrust(profile=trust.profile, roots=trust.roots,
+                                              intermediates=(*trust.intermediates, pin), problems=trust.problems)
+            augmented = TrustStore(clouds=MappingProxyType(clouds), directory=base.trust.directory)
+            self._augmented = _Augmented(base, MappingProxyType(extra), Verifier(augmented))
+            return self._augmented.verifier
+
+
+# --- the per-pin expiry gauges ----------------------------------------------------------------------
+
+_published: TrustHolder | None = None
+
+
+def _publish(holder: TrustHolder) -> None:
+    global _published  # noqa: PLW0603 - one trust per process is exposed; the newest holder is it
+    _published = holder
+
+
+class PinnedCertificateCollector(Collector):
+    """``attest_pinned_certificate_not_after_seconds`` for the trust of the newest TrustHolder.
+
+    A collector rather than a Gauge: an unpinned certificate must disappear from ``/metrics``, which
+    multiprocess Gauge files cannot express.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauge family (empty before any holder exists)."""
+        family = GaugeMetricFamily("attest_pinned_certificate_not_after_seconds",
+                                   "Expiry (Unix time) of each pinned certificate.",
+                                   labels=["cloud", "role", "subject", "sha256"])
+        holder = _published
+        if holder is not None:
+            for pin in holder.trust.all_pins():
+                family.add_metric([pin.cloud, pin.role, pin.subject_cn, pin.sha256], pin.not_after.timestamp())
+        yield family
+
+
+REGISTRY.register(PinnedCertificateCollector())
+
