@@ -1,0 +1,192 @@
+"""Real documents signed by Azure: accepted at their own instant with the bundled pins, refused otherwise.
+
+The documents live outside the repository (``$ATTEST_AZURE_REAL_DIR``, default ``../shared/azure-real``);
+``documents/expected.json`` gives each one's cloud, an instant inside its signer's validity, the issuing CA
+and the exact signed claims. The tests skip when the directory is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attest_service.errors import VerificationError
+from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust, manifest_entry
+from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify.claims import parse_claims
+from attest_service.verify.pkcs7 import parse_signed_data
+
+from .conftest import REPO_ROOT, real_dir
+
+EXPECTED_PATH = real_dir() / "documents" / "expected.json"
+EXPECTED: list[dict[str, Any]] = (
+    json.loads(EXPECTED_PATH.read_text(encoding="utf-8")) if EXPECTED_PATH.is_file() else []
+)
+NEGATIVE = real_dir() / "negative"
+
+
+#: One parameter per real document, or one skipped parameter saying why there are none.
+ENTRIES = [pytest.param(entry, id=str(entry["document"]).removesuffix(".json")) for entry in EXPECTED] or [
+    pytest.param(None, marks=pytest.mark.skip(reason=f"real Azure documents not found: {EXPECTED_PATH} is "
+                                                     "absent (set ATTEST_AZURE_REAL_DIR)"))]
+
+
+@pytest.fixture(scope="module")
+def bundled() -> TrustStore:
+    return load_trust(bundled_pinned_dir())
+
+
+@pytest.fixture(scope="module")
+def shared_verifier(bundled: TrustStore) -> Verifier:
+    return Verifier(bundled)
+
+
+def _document(real_documents: Path, entry: dict[str, Any]) -> bytes:
+    return decode_document((real_documents / entry["document"]).read_bytes())
+
+
+def _issuer_cn(rfc4514: str) -> str:
+    match = re.match(r"CN=((?:[^,\\]|\\.)*)", rfc4514)
+    assert match is not None, rfc4514
+    return match.group(1)
+
+
+def test_expected_list_is_present(real_documents: Path) -> None:
+    assert len(EXPECTED) >= 10
+    assert {entry["document"] for entry in EXPECTED} == {p.name for p in real_documents.glob("*.json")
+                                                         if p.name != "expected.json"}
+
+
+@pytest.mark.parametrize("cloud", ["auto", "public"])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_real_document_verifies_at_its_instant(entry: dict[str, Any], cloud: str, real_documents: Path,
+                                                 bundled: TrustStore, shared_verifier: Verifier) -> None:
+    instant = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
+    policy = VerificationPolicy(cloud=cloud)
+    # A fresh Verifier and a long-lived one (with whatever the other documents left in its cache) agree.
+    for verifier in (Verifier(bundled), shared_verifier):
+        result = verifier.verify(_document(real_documents, entry), policy=policy, now=instant)
+        body = result.to_dict()
+        assert body["cloud"] == entry["cloud"]
+        assert body["claims"] == entry["claims"]
+        assert _issuer_cn(result.signer.issuer) == entry["signer_issuer_cn"]
+        assert _issuer_cn(result.signer.chain[1]) == entry["signer_issuer_cn"]
+        assert len(result.signer.chain) >= 3
+        assert any(name == "metadata.azure.com" or name.endswith(".metadata.azure.com")
+                   for name in result.signer.dns_names)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_real_document_nonce_and_cloud_checks(entry: dict[str, Any], real_documents: Path,
+                                              shared_verifier: Verifier) -> None:
+    instant = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
+    document = _document(real_documents, entry)
+    nonce = entry["claims"]["nonce"]
+    assert shared_verifier.verify(document, policy=VerificationPolicy(expected_nonce=nonce), now=instant)
+    with pytest.raises(VerificationError) as caught:
+        shared_verifier.verify(document, policy=VerificationPolicy(expected_nonce=nonce + "0"), now=instant)
+    assert caught.value.code == "nonce_mismatch"
+    for other_cloud in ("usgov", "china", "germany"):
+        with pytest.raises(VerificationError) as caught:
+            shared_verifier.verify(document, policy=VerificationPolicy(cloud=other_cloud), now=instant)
+        assert caught.value.code == "subject_mismatch"
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_real_document_is_refused_now(entry: dict[str, Any], real_documents: Path, bundled: TrustStore) -> None:
+    with pytest.raises(VerificationError) as caught:
+        Verifier(bundled).verify(_document(real_documents, entry), policy=VerificationPolicy(),
+                                 now=datetime.now(UTC))
+    assert caught.value.code in {"certificate_expired", "document_expired"}
+
+
+def _negative(name: str) -> Path:
+    path = NEGATIVE / name
+    if not path.is_file():
+        pytest.skip(f"negative real document {path} not found (set ATTEST_AZURE_REAL_DIR)")
+    return path
+
+
+def _verify_at_creation(der: bytes, bundled: TrustStore, cloud: str = "auto") -> str:
+    created = parse_claims(parse_signed_data(der).content).created_on
+    with pytest.raises(VerificationError) as caught:
+        Verifier(bundled).verify(der, policy=VerificationPolicy(cloud=cloud), now=created)
+    return caught.value.code
+
+
+def test_tampered_message_is_refused(bundled: TrustStore) -> None:
+    data = _negative("tc-2019-12-13-azure-message-bad.json").read_bytes()
+    with pytest.raises(VerificationError) as caught:
+        Verifier(bundled).verify(decode_document(data), policy=VerificationPolicy(),
+                                 now=datetime(2019, 12, 13, 0, 34, 40, tzinfo=UTC))
+    assert caught.value.code in {"malformed_document", "signature_invalid"}
+
+
+def test_tampered_signature_is_refused(bundled: TrustStore) -> None:
+    der = decode_document(_negative("tc-2019-12-13-azure-signature-bad.json").read_bytes())
+    assert _verify_at_creation(der, bundled) == "signature_invalid"
+
+
+@pytest.mark.parametrize("cloud", ["auto", "public"])
+def test_wrong_subject_pkcs7_is_refused(cloud: str, bundled: TrustStore) -> None:
+    pem = _negative("tc-2020-11-15-azure-wrong-subject.pkcs7.pem").read_text(encoding="ascii")
+    body = re.search(r"-----BEGIN PKCS7-----(.+?)-----END PKCS7-----", pem, re.DOTALL)
+    assert body is not None
+    der = base64.b64decode("".join(body.group(1).split()), validate=True)
+    assert _verify_at_creation(der, bundled, cloud) in {"subject_mismatch", "untrusted_chain"}
+
+
+def test_verify_command_on_a_real_document(real_documents: Path) -> None:
+    entry = EXPECTED[-1]
+    completed = subprocess.run(
+        [sys.executable, "-m", "attest_service", "verify", "--at", entry["verify_at"],
+         str(real_documents / entry["document"])],
+        capture_output=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert completed.returncode == 0, completed.stdout
+    payload = json.loads(completed.stdout)
+    assert payload["claims"] == entry["claims"]
+    assert payload["cloud"] == entry["cloud"]
+
+
+# --- the bundled pins' manifest ------------------------------------------------------------------------
+
+
+def _manifest() -> list[dict[str, str]]:
+    path = bundled_pinned_dir() / "manifest.json"
+    assert path.is_file(), "pinned_certs/manifest.json is missing"
+    entries: list[dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))["certificates"]
+    return entries
+
+
+def test_manifest_matches_the_pinned_files(bundled: TrustStore) -> None:
+    manifest = _manifest()
+    recorded = {(e["cloud"], e["role"], e["sha256"]): e for e in manifest}
+    assert len(recorded) == len(manifest), "duplicate manifest entries"
+    loaded = {(pin.cloud, pin.role, pin.sha256): pin for pin in bundled.all_pins()}
+    assert set(recorded) == set(loaded)
+    for key, pin in loaded.items():
+        entry = recorded[key]
+        expected = manifest_entry(pin, entry["source"])
+        if pin.source == "certifi":
+            # Roots taken from certifi are recorded against the list file that names them.
+            expected["file"] = f"{pin.cloud}/roots/certifi.txt"
+        assert entry == expected
+        assert entry["source"].strip()
+    for cloud in bundled.clouds.values():
+        assert not cloud.problems, cloud.problems
+
+
+def test_every_pinned_file_is_in_the_manifest() -> None:
+    base = bundled_pinned_dir()
+    # Certificates and certifi lists; placeholder files that keep empty directories in version control aside.
+    files = {p.relative_to(base).as_posix() for p in base.rglob("*")
+             if p.is_file() and (p.suffix == ".pem" or p.name == "certifi.txt")}
+    assert files == {e["file"] for e in _manifest()}
