@@ -1,0 +1,211 @@
+"""The AIA fallback against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import REGISTRY
+
+from attest_service.aia import AiaFetcher, AiaPolicy, AllowRule, is_public_address
+from attest_service.errors import UntrustedChain
+from attest_service.reload import TrustHolder
+from attest_service.verify import VerificationPolicy
+
+from .conftest import Pki, make_ca, make_leaf, make_root, sign_document
+
+POLICY = VerificationPolicy()
+PREFIX = "/pkiops/certs/"
+
+
+@dataclass
+class CaServer:
+    """A loopback HTTP server answering fixed paths, counting requests per path."""
+
+    port: int = 0
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def server() -> Iterator[CaServer]:
+    state = CaServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.hits[self.path] += 1
+            status, headers, body = state.routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def _fetcher(server: CaServer, **kwargs: object) -> AiaFetcher:
+    rule = AllowRule(scheme="http", host="127.0.0.1", port=server.port, path_prefix=PREFIX)
+    options: dict[str, object] = {"allow_address": lambda address: address.is_loopback}
+    options.update(kwargs)
+    return AiaFetcher(AiaPolicy(allow={"public": (rule,)}), **options)  # type: ignore[arg-type]
+
+
+def _fetches(result: str) -> float:
+    return REGISTRY.get_sample_value("attest_aia_fetch_total", {"result": result}) or 0.0
+
+
+def _unpinned_document(pki_set: Pki, leaf_key, url: str, *, root=None) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+    """A document whose issuing CA is not pinned and is published at ``url``; returns (document, CA DER)."""
+    ca = make_ca("Ops Issuing CA 42", root or pki_set.root, pki_set.now)
+    leaf = make_leaf(ca, leaf_key, pki_set.now, ca_issuers=[url])
+    return sign_document(leaf, pki_set.now), ca.certificate.public_bytes(serialization.Encoding.DER)
+
+
+def test_allow_listed_issuer_is_fetched_validated_and_cached(server: CaServer, pinned: Path, pki_set: Pki,
+                                                            leaf_key) -> None:
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    server.routes[path] = (200, {"Content-Type": "application/pkix-cert"}, der)
+    fetched, cached = _fetches("fetched"), _fetches("cached")
+    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    result = holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert result.signer.issuer.startswith("CN=Ops Issuing CA 42")
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 1
+    assert (_fetches("fetched"), _fetches("cached")) == (fetched + 1, cached + 1)
+    # The fallback never writes to the pinned directory: pinning stays the operator's decision.
+    assert len(holder.trust.for_cloud("public").intermediates) == 1
+
+
+def test_without_the_fallback_the_document_is_refused(server: CaServer, pinned: Path, pki_set: Pki,
+                                                      leaf_key) -> None:
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    server.routes[path] = (200, {}, der)
+    with pytest.raises(UntrustedChain):
+        TrustHolder(pinned, interval_seconds=10).verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 0
+
+
+def test_url_outside_the_allow_list_is_not_fetched(server: CaServer, pinned: Path, pki_set: Pki, leaf_key) -> None:
+    path = "/elsewhere/ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    server.routes[path] = (200, {}, der)
+    before = _fetches("not_allowed")
+    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    with pytest.raises(UntrustedChain, match="not allowed"):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 0
+    assert _fetches("not_allowed") == before + 1
+
+
+def test_loopback_is_refused_by_the_default_address_check(server: CaServer, pinned: Path, pki_set: Pki,
+                                                          leaf_key) -> None:
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    server.routes[path] = (200, {}, der)
+    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, allow_address=is_public_address))
+    with pytest.raises(UntrustedChain, match="non-public address"):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 0
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.0.1", "::1",
+                                     "fe80::1", "224.0.0.1", "0.0.0.0", "100.64.0.1"])
+def test_default_address_check_refuses_internal_addresses(address: str) -> None:
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+def test_default_address_check_accepts_public_addresses() -> None:
+    assert is_public_address(ipaddress.ip_address("13.107.246.45"))
+
+
+@pytest.mark.parametrize("case", ["oversize", "oversize_undeclared", "redirect", "not_found", "garbage",
+                                  "wrong_ca", "untrusted_ca"])
+def test_bad_answers_are_refused_and_negatively_cached(server: CaServer, pinned: Path, pki_set: Pki, leaf_key,
+                                                      case: str) -> None:
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    root = make_root("Ops Rogue Root", pki_set.now) if case == "untrusted_ca" else None
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path), root=root)
+    expected = {"oversize": "too_large", "oversize_undeclared": "too_large", "redirect": "redirect",
+                "not_found": "http_error", "garbage": "invalid", "wrong_ca": "invalid", "untrusted_ca": "untrusted"}
+    if case == "oversize":
+        server.routes[path] = (200, {}, der + b"\0" * 17 * 1024)
+    elif case == "oversize_undeclared":
+        server.routes[path] = (200, {}, der)
+    elif case == "redirect":
+        server.routes[path] = (302, {"Location": server.url(PREFIX + "other.crt")}, b"")
+        server.routes[PREFIX + "other.crt"] = (200, {}, der)
+    elif case == "untrusted_ca":
+        server.routes[path] = (200, {}, der)
+    elif case == "garbage":
+        server.routes[path] = (200, {}, b"\x30\x03\x02\x01\x00")
+    elif case == "wrong_ca":
+        # Same name, different key: it did not issue the signer's certificate.
+        server.routes[path] = (200, {}, make_ca("Ops Issuing CA 42", pki_set.root, pki_set.now).certificate
+                               .public_bytes(serialization.Encoding.DER))
+    fetcher = _fetcher(server, max_bytes=len(der) - 1) if case == "oversize_undeclared" else _fetcher(server)
+    holder = TrustHolder(pinned, interval_seconds=10, aia=fetcher)
+    before, negative = _fetches(expected[case]), _fetches("negative_cached")
+    for _ in range(2):
+        with pytest.raises(UntrustedChain):
+            holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 1
+    assert server.hits[PREFIX + "other.crt"] == 0
+    assert _fetches(expected[case]) == before + 1
+    assert _fetches("negative_cached") == negative + 1
+
+
+def test_negative_cache_expires(server: CaServer, pinned: Path, pki_set: Pki, leaf_key) -> None:
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    moment = [0.0]
+    holder = TrustHolder(pinned, interval_seconds=10,
+                         aia=_fetcher(server, negative_ttl_seconds=60, clock=lambda: moment[0]))
+    with pytest.raises(UntrustedChain):
+        holder.verify(document, policy=POLICY, now=pki_set.now)  # 404: not published yet
+    server.routes[path] = (200, {}, der)
+    moment[0] = 30
+    with pytest.raises(UntrustedChain, match="failed recently"):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    moment[0] = 61
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert server.hits[path] == 2
+
+
+def test_azure_allow_list() -> None:
+    policy = AiaPolicy.azure()
+    assert policy.allowed("public", "http://www.microsoft.com/pkiops/certs/Microsoft%20Azure%20RSA%20TLS%20Issuing"
+                                    "%20CA%2007%20-%20xsign.crt")
+    assert policy.allowed("public", "http://cacerts.digicert.com/DigiCertGlobalRootG2.crt")
+    assert policy.allowed("usgov", "http://www.microsoft.com/pki/mscorp/Microsoft%20RSA%20TLS%20CA%2001.crt")
+    for url in ("http://www.microsoft.com.evil.example/pkiops/certs/x.crt", "ftp://www.microsoft.com/pkiops/certs/x",
+                "http://www.microsoft.com/pkiops/other/x.crt", "http://www.microsoft.com:8080/pkiops/certs/x.crt",
+                "http://user@www.microsoft.com/pkiops/certs/x.crt", "http://www.microsoft.com/pkiops/certs/../x",
+                "http://www.microsoft.com/pkiops/certs/x.crt?redirect=1", "http://169.254.169.254/pkiops/certs/x"):
+        assert not policy.allowed("public", url), url
+    assert not policy.allowed("germany", "http://www.microsoft.com/pkiops/certs/x.crt")
