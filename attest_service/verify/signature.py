@@ -9,7 +9,7 @@ from typing import Final
 
 from asn1crypto import cms
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -127,7 +127,12 @@ def verify_signature(signed: SignedData, signer: x509.Certificate) -> str:
     if signed.signed_attributes is not None:
         message = _signed_attributes_message(signed, digest)
     algorithm = _HASHES[digest]()
-    key = signer.public_key()
+    try:
+        key = signer.public_key()
+    except UnsupportedAlgorithm as exc:
+        raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({exc})") from exc
+    except ValueError as exc:
+        raise MalformedDocument(f"the signer's public key is not a valid key ({exc})") from exc
     try:
         if family == "rsa" and isinstance(key, rsa.RSAPublicKey):
             key.verify(signed.signature, message, padding.PKCS1v15(), algorithm)
