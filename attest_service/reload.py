@@ -174,6 +174,9 @@ class TrustHolder:
         self._augment_lock = threading.Lock()
         self._unpinned_labels: set[str] = set()
         RELOAD_FAILING.set(0)
+        for result in ("success", "failure"):
+            # Both series exist from the start, so that rate() and increase() alerts see a zero, not nothing.
+            RELOADS.labels(result=result)
         _publish(self)
 
     # --- reload ---------------------------------------------------------------------------------
