@@ -1,4 +1,4 @@
-"""The REST service: :func:`create_app` builds the Flask application (gunicorn calls ``create_app()``).
+"""Building the Flask application: settings, access policy, trust, store, routes and error handlers.
 
 Settings, the access policy and the pinned trust are read and validated here, once per process; a bad
 value raises :class:`~attest_service.errors.ConfigurationError` before any request is served.
@@ -18,15 +18,12 @@ from attest_service.config import Settings
 from attest_service.errors import RequestTooLarge
 from attest_service.nonces import NonceStore, open_store
 from attest_service.policy import load_policy
-from attest_service.trust import load_trust
-from attest_service.verify import Verifier
+from attest_service.reload import TrustHolder
 from attest_service.web.errors import register_error_handlers
 from attest_service.web.routes import api
 from attest_service.web.service import (
     MAX_BODY_BYTES,
     Clock,
-    DocumentVerifier,
-    FixedTrust,
     Service,
     install,
     system_clock,
@@ -38,9 +35,9 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def document_verifier(settings: Settings) -> DocumentVerifier:
-    """The verification core over the pinned directory of ``settings``."""
-    return FixedTrust(Verifier(load_trust(settings.pinned_certs)))
+def document_verifier(settings: Settings) -> TrustHolder:
+    """The verification core over the pinned directory of ``settings``, reloaded when the directory changes."""
+    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds)
 
 
 def _assign_request_id() -> None:
@@ -91,4 +88,3 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     return app
 
 
-__all__: Final = ["REQUEST_ID_HEADER", "create_app", "document_verifier"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,3 +60,12 @@ def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - guni
     """Tell prometheus-client that a worker is gone, so its live gauges stop being reported."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook signature
+    """SIGHUP to a worker reloads its pinned trust on the next request (gunicorn resets SIGHUP in workers)."""
+    app = getattr(worker, "wsgi", None)
+    holder = getattr(app, "extensions", {}).get("attest_service")
+    request_reload = getattr(getattr(holder, "trust", None), "request_reload", None)
+    if callable(request_reload):
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: request_reload())

@@ -19,7 +19,7 @@ from attest_service.config import Settings
 from attest_service.errors import Unauthorized
 from attest_service.nonces import NonceStore
 from attest_service.policy import ANONYMOUS, AccessPolicy, CallerPolicy
-from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier
+from attest_service.verify import VerificationPolicy, VerifiedDocument
 
 #: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
 MAX_BODY_BYTES: Final = 1024 * 1024
@@ -35,22 +35,11 @@ def system_clock() -> datetime:
 
 
 class DocumentVerifier(Protocol):
-    """The verification core as the views use it (a fixed :class:`Verifier` or a hot-reloading holder)."""
+    """The verification core as the views use it (the hot-reloading trust holder, or a plain Verifier)."""
 
     def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         """Verify DER ``document`` at ``now``; raise a VerificationError subclass when it fails."""
         ...
-
-
-class FixedTrust:
-    """A :class:`DocumentVerifier` over trust loaded once, for callers that do not reload pins."""
-
-    def __init__(self, verifier: Verifier) -> None:
-        self._verifier = verifier
-
-    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
-        """Delegate to the verification core."""
-        return self._verifier.verify(document, policy=policy, now=now)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

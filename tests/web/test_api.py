@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -268,3 +269,16 @@ def test_error_bodies_carry_no_traceback(client: FlaskClient) -> None:
     response = client.post("/v1/verify", data=b"\xff\xfe", content_type="application/json")
     assert "Traceback" not in response.get_data(as_text=True)
     assert json.loads(response.get_data())["error"]["code"] == "malformed_request"
+
+
+def test_pinned_directory_changes_apply_without_restart(make_client: AppFactory, test_pki: GeneratedPki,
+                                                        tmp_path) -> None:
+    pinned = tmp_path / "pinned"
+    pki.write_pinned_dir(pinned, "public", root=test_pki.root.certificate, intermediates=[])
+    client = make_client(ATTEST_PINNED_CERTS=str(pinned), ATTEST_TRUST_RELOAD_SECONDS="1")
+    payload = {"signature": test_pki.signature(nonce="after-pinning")}
+    assert error_of(client.post("/v1/verify", json=payload), 422) == "untrusted_chain"
+    pki.write_pinned_dir(pinned, "public", root=test_pki.root.certificate,
+                         intermediates=[test_pki.issuing.certificate])
+    time.sleep(1.1)  # the reload interval's minimum
+    assert client.post("/v1/verify", json=payload).status_code == 200

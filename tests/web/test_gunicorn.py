@@ -6,6 +6,9 @@ The service runs with the system clock, so the documents come from a PKI generat
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -86,6 +89,8 @@ def test_one_document_is_accepted_exactly_once(backend: str, live_pki: Generated
         metrics = text.decode()
         assert metric_value(metrics, 'attest_verifications_total{code="none",result="verified"}') == 1
         assert metric_value(metrics, 'attest_verifications_total{code="nonce_replayed",result="refused"}') == 31
+        # The default registry's collectors (pinned-certificate expiry) are exposed alongside.
+        assert "attest_pinned_certificate_not_after_seconds{" in metrics
 
     # The access log is JSON lines carrying the request id the service echoed.
     lines = [json.loads(line) for line in service.log.read_text().splitlines() if line.startswith("{")]
@@ -116,3 +121,18 @@ def test_redis_outage_fails_closed_and_recovers(live_pki: GeneratedPki, redis_fo
         assert service.json("POST", "/v1/verify", during)[0] == 409
         with_challenge = service.json("POST", "/v1/challenges")
         assert with_challenge[0] == 201
+
+
+@pytest.mark.parametrize(("variable", "value", "fragment"), [
+    ("ATTEST_API_KEYS", "client:not-hex", "ATTEST_API_KEYS"),
+    ("ATTEST_POLICY_FILE", "/nonexistent/policy.toml", "ATTEST_POLICY_FILE"),
+    ("ATTEST_NONCE_STORE", "memcached://x", "ATTEST_NONCE_STORE"),
+    ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/metrics", "PROMETHEUS_MULTIPROC_DIR"),
+])
+def test_serve_refuses_bad_settings_before_starting(variable: str, value: str, fragment: str) -> None:
+    env = {**os.environ, variable: value}
+    result = subprocess.run([sys.executable, "-m", "attest_service", "serve", "--bind", "127.0.0.1:1"],
+                            env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
