@@ -20,7 +20,7 @@ def signer_names(certificate: x509.Certificate) -> tuple[str, ...]:
     except x509.ExtensionNotFound:
         values = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         return tuple(str(attr.value) for attr in values)
-    except ValueError as exc:  # duplicate or undecodable extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:  # undecodable extensions
         raise MalformedDocument(f"signer certificate extensions: {exc}") from exc
     return tuple(san.value.get_values_for_type(x509.DNSName))
 

@@ -24,6 +24,7 @@ Nothing here reads files, the network, the environment or the clock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -137,9 +138,42 @@ def _load_candidate(der: bytes) -> _Candidate:
         ski: bytes | None = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
         ski = None
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # The extension errors are not ValueErrors; cryptography raises them on first access to the
+        # extensions of a certificate that repeats one (RFC 5280 4.2 forbids it) or uses an odd name form.
         raise MalformedDocument(f"certificate in the document has invalid extensions ({exc})") from exc
     return _Candidate(certificate, issuer_der, certificate.serial_number, ski)
+
+
+def resolve_signer(signed: SignedData,
+                   load: Callable[[bytes], _Candidate] = _load_candidate) -> tuple[bytes, x509.Certificate]:
+    """Step 3: the one certificate the SignerInfo's ``sid`` names (RFC 5652 5.3), and its DER.
+
+    Raises MalformedDocument when the document does not carry it, or carries two that match.
+    """
+    sid = signed.signer
+    matches: dict[bytes, x509.Certificate] = {}
+    for der in signed.certificates:
+        candidate = load(der)
+        if sid.issuer_der is not None:
+            named = candidate.issuer_der == sid.issuer_der and candidate.serial == sid.serial
+        else:
+            named = candidate.subject_key_identifier == sid.subject_key_identifier
+        if named:
+            matches[der] = candidate.certificate
+    if not matches:
+        raise MalformedDocument("the document does not carry the certificate its SignerInfo names")
+    if len(matches) > 1:
+        raise MalformedDocument("more than one certificate matches the SignerInfo's signer identifier")
+    return next(iter(matches.items()))
+
+
+def signer_certificate(document: bytes) -> x509.Certificate:
+    """The certificate DER ``document``'s SignerInfo names, without verifying anything else.
+
+    For diagnostics after the core refused a document (``certs explain``, the AIA fallback).
+    """
+    return resolve_signer(parse_signed_data(document))[1]
 
 
 class Verifier:
@@ -166,22 +200,6 @@ class Verifier:
                 self._candidates[der] = found
         return found
 
-    def _resolve_signer(self, signed: SignedData) -> tuple[bytes, x509.Certificate]:
-        sid = signed.signer
-        matches: dict[bytes, x509.Certificate] = {}
-        for der in signed.certificates:
-            candidate = self._candidate(der)
-            if sid.issuer_der is not None:
-                named = candidate.issuer_der == sid.issuer_der and candidate.serial == sid.serial
-            else:
-                named = candidate.subject_key_identifier == sid.subject_key_identifier
-            if named:
-                matches[der] = candidate.certificate
-        if not matches:
-            raise MalformedDocument("the document does not carry the certificate its SignerInfo names")
-        if len(matches) > 1:
-            raise MalformedDocument("more than one certificate matches the SignerInfo's signer identifier")
-        return next(iter(matches.items()))
 
     def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> Signer:
         key = (der, cloud.name)
@@ -209,7 +227,7 @@ class Verifier:
         if signed.content_type != OID_DATA:
             raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
         # Step 3: the signer is the certificate the SignerInfo names.
-        signer_der, signer = self._resolve_signer(signed)
+        signer_der, signer = resolve_signer(signed, self._candidate)
         # Step 4: the signature, under that certificate only.
         digest = verify_signature(signed, signer)
         # Step 5: the name decides (or must fit) the cloud.
