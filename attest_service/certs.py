@@ -52,7 +52,6 @@ from attest_service.errors import (
     AttestError,
     CertificateExpired,
     ConfigurationError,
-    MalformedDocument,
     UntrustedChain,
 )
 from attest_service.trust import (
@@ -69,9 +68,9 @@ from attest_service.trust import (
     manifest_entry,
 )
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
-from attest_service.verify.chain import _CA_POLICY, MAX_INTERMEDIATES
+from attest_service.verify.chain import CA_POLICY, MAX_INTERMEDIATES
 from attest_service.verify.names import cloud_for_signer
-from attest_service.verify.pkcs7 import parse_signed_data
+from attest_service.verify.verifier import signer_certificate
 
 if TYPE_CHECKING:
     from attest_service.cli import Subparsers
@@ -138,7 +137,7 @@ def ca_path(
         .store(trust.store)
         .time(instant)
         .max_chain_depth(MAX_INTERMEDIATES)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_CA_POLICY)
+        .extension_policies(ca_policy=CA_POLICY, ee_policy=CA_POLICY)
         .build_client_verifier()
     )
     candidates = [*trust.intermediate_certificates, *extra]
@@ -167,32 +166,6 @@ def ca_issuers_urls(certificate: x509.Certificate) -> tuple[str, ...]:
         if description.access_method == AuthorityInformationAccessOID.CA_ISSUERS
         and isinstance(description.access_location, x509.UniformResourceIdentifier)
     )
-
-
-def signer_certificate(document: bytes) -> x509.Certificate:
-    """The certificate the SignerInfo of DER ``document`` names (RFC 5652 5.3); MalformedDocument otherwise.
-
-    Used after the core refused a document, to describe (or fetch) the issuer it needed.
-    """
-    signed = parse_signed_data(document)
-    sid = signed.signer
-    for der in signed.certificates:
-        try:
-            certificate = x509.load_der_x509_certificate(der)
-            issuer_der = certificate.issuer.public_bytes()
-        except ValueError:
-            continue
-        if sid.issuer_der is not None:
-            if issuer_der == sid.issuer_der and certificate.serial_number == sid.serial:
-                return certificate
-            continue
-        try:
-            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        except (x509.ExtensionNotFound, ValueError):
-            continue
-        if ski == sid.subject_key_identifier:
-            return certificate
-    raise MalformedDocument("the document does not carry the certificate its SignerInfo names")
 
 
 # --- list -----------------------------------------------------------------------------------------

@@ -54,12 +54,14 @@ def _leaf_eku(_policy: verification.Policy, _cert: x509.Certificate,
         raise ValueError("signer certificate's extended key usage does not include serverAuth")
 
 
-_CA_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
+#: Extension policy for CA certificates on a path: the web PKI defaults, EKU not required (see above).
+CA_POLICY: Final = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
     x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, None)
 # The Web PKI profile requires a SAN on every end entity; the name rule here (names.py, the contract's
 # "the CN only when there is no SAN") accepts a CN-only signer, so the SAN is optional for the path and
 # the name is judged by names.py alone.
-_EE_POLICY: Final = (
+#: Extension policy for the signer: the web PKI defaults; an EKU, when present, must allow serverAuth.
+EE_POLICY: Final = (
     verification.ExtensionPolicy.webpki_defaults_ee()
     .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _leaf_eku)
     .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
@@ -73,7 +75,7 @@ def _attempt(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> 
         .store(trust.store)
         .time(instant)
         .max_chain_depth(MAX_INTERMEDIATES)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .extension_policies(ca_policy=CA_POLICY, ee_policy=EE_POLICY)
         .build_client_verifier()
     )
     return verifier.verify(signer, list(trust.intermediate_certificates)).chain
