@@ -60,6 +60,13 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "0").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigurationError(f"{name}: expected 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "yes")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything the service is configured with; see README "Configuration" for each variable."""
@@ -74,6 +81,7 @@ class Settings:
     rate_limit_per_minute: int
     trust_reload_seconds: float
     log_level: str
+    aia_fetch: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -100,4 +108,5 @@ class Settings:
             rate_limit_per_minute=int(_number(env, "ATTEST_RATE_LIMIT_PER_MINUTE", 600, 1, 1_000_000)),
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
+            aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
         )

@@ -14,6 +14,7 @@ from typing import Final
 from flask import Flask, Response, g, request
 
 from attest_service import metrics
+from attest_service.aia import AiaFetcher
 from attest_service.config import Settings
 from attest_service.errors import RequestTooLarge
 from attest_service.nonces import NonceStore, open_store
@@ -37,7 +38,9 @@ _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def document_verifier(settings: Settings) -> TrustHolder:
     """The verification core over the pinned directory of ``settings``, reloaded when the directory changes."""
-    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds)
+    # The AIA fallback is off unless the operator turns it on: it is the one path that reaches the network.
+    aia = AiaFetcher() if settings.aia_fetch else None
+    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=aia)
 
 
 def _assign_request_id() -> None:
