@@ -7,6 +7,7 @@ JSON line; here each line is built with :func:`json.dumps` from the atoms gunico
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +35,7 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 3),
             "user_agent": atoms.get("a"),
-            "pid": atoms.get("p"),
+            "pid": os.getpid(),
         }
         try:
             self.access_log.info(json.dumps(record, ensure_ascii=False))

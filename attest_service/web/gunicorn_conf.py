@@ -40,6 +40,9 @@ logger_class: Final = "attest_service.web.access_log.JsonAccessLogger"
 loglevel: Final = (os.environ.get("ATTEST_LOG_LEVEL") or "info").lower()
 
 # The workers' heartbeat files belong in memory: a disk-backed /tmp can stall them and get workers killed.
+# gunicorn 27 opens an administration socket under $HOME by default; the service needs none, and in the
+# container HOME is not writable.
+control_socket_disable: Final = True
 worker_tmp_dir: Final = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, by design
 
 #: File names prometheus-client writes in PROMETHEUS_MULTIPROC_DIR.
