@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/attest-service certs check --allow-retired --pinned-certs pinned_certs
 
 test: $(STAMP) redis-server-installed lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
