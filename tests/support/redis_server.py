@@ -47,6 +47,8 @@ STARTUP_TIMEOUT_SECONDS: Final = 10.0
 SHUTDOWN_TIMEOUT_SECONDS: Final = 5.0
 #: How long a fresh cluster may take to report ``cluster_state:ok`` on every node (seconds).
 CLUSTER_CONVERGE_TIMEOUT_SECONDS: Final = 15.0
+#: cluster-node-timeout of test clusters, in milliseconds: a stopped master is declared failed after about this.
+CLUSTER_NODE_TIMEOUT_MS: Final = 1000
 #: Attempts at finding a free port before giving up: another process may take the port we picked.
 PORT_ATTEMPTS: Final = 5
 #: Sentinel service name used by :func:`redis_sentinel`.
@@ -303,30 +305,41 @@ class SentinelServer(RedisServer):
             probe.close()
 
 
-def _cluster_node_args(*, cluster_port: int) -> list[str]:
+def _cluster_node_args(*, cluster_port: int, replicas: int = 0) -> list[str]:
     options = {
         "cluster-enabled": "yes",
         "cluster-config-file": "nodes.conf",
         "cluster-port": str(cluster_port),
-        "cluster-node-timeout": "1000",
+        "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
         # A test may stop one node; the others keep answering for the slots they hold.
         "cluster-require-full-coverage": "no",
     }
+    if replicas:
+        # A replica whose link to its primary was interrupted (a test froze it) may still be promoted:
+        # without this, a replica whose data is older than ten node timeouts refuses to fail over.
+        options["cluster-replica-validity-factor"] = "0"
     return [part for name, value in options.items() for part in (f"--{name}", value)]
 
 
-class RedisClusterNodes:
-    """Three cluster-enabled masters joined with ``redis-cli --cluster create`` (no replicas)."""
+def _text(reply: object) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    def __init__(self, workdir: Path, *, size: int = 3) -> None:
+
+class RedisClusterNodes:
+    """Cluster-enabled servers joined with ``redis-cli --cluster create``: ``size`` masters, no replicas by
+    default; with ``replicas=N``, N replicas per master (``size * (1 + N)`` nodes), for failover tests.
+    """
+
+    def __init__(self, workdir: Path, *, size: int = 3, replicas: int = 0) -> None:
         self.workdir = workdir
+        self.replicas = replicas
         self.nodes = [
             RedisServer(
                 workdir / f"node{index}",
                 port=free_port(),
-                extra_args=_cluster_node_args(cluster_port=free_port()),
+                extra_args=_cluster_node_args(cluster_port=free_port(), replicas=replicas),
             )
-            for index in range(size)
+            for index in range(size * (1 + replicas))
         ]
 
     @property
@@ -348,7 +361,7 @@ class RedisClusterNodes:
         cli = redis_cli_binary()
         if cli is None:
             raise RedisServerError("redis-cli is not installed")
-        argv = [cli, "--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "0"]
+        argv = [cli, "--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", str(self.replicas)]
         result = subprocess.run([*argv, "--cluster-yes"], capture_output=True, text=True, timeout=30, check=False)
         if result.returncode != 0:
             raise RedisServerError(f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}")
@@ -379,6 +392,114 @@ class RedisClusterNodes:
         for node in self.nodes:
             node.stop()
 
+    # --- topology (for failover tests) -------------------------------------------------------------
+
+    def node_at(self, address: str) -> RedisServer:
+        """The node listening on ``host:port`` (as CLUSTER NODES writes it, with or without ``@busport``)."""
+        host_port = address.partition("@")[0]
+        for node in self.nodes:
+            if node.address == host_port:
+                return node
+        raise RedisServerError(f"no node of this cluster listens on {host_port}")
+
+    def _ask(self, *command: str) -> object:
+        """Send ``command`` to the first running node that answers."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            probe = node.client()
+            try:
+                return probe.execute_command(*command)
+            except redis.RedisError:
+                continue
+            finally:
+                probe.close()
+        raise RedisServerError(f"no node answered {' '.join(command)}")
+
+    def keyslot(self, key: str) -> int:
+        """``CLUSTER KEYSLOT key``: the hash slot Redis puts ``key`` in."""
+        return int(_text(self._ask("CLUSTER", "KEYSLOT", key)))
+
+    def _cluster_nodes(self) -> list[list[str]]:
+        """CLUSTER NODES as rows of fields: id, address, flags, master id, ..., slot ranges from field 8."""
+        return [line.split() for line in _text(self._ask("CLUSTER", "NODES")).splitlines() if line.strip()]
+
+    @staticmethod
+    def _healthy(flags: str) -> bool:
+        return not set(flags.split(",")) & {"fail", "fail?", "handshake", "noaddr"}
+
+    def topology(self) -> dict[RedisServer, RedisServer | None]:
+        """Each healthy master mapped to its first healthy replica (``None`` without one), from CLUSTER NODES."""
+        rows = self._cluster_nodes()
+        masters = {row[0]: self.node_at(row[1]) for row in rows if "master" in row[2] and self._healthy(row[2])}
+        replica_of: dict[str, RedisServer] = {}
+        for row in rows:
+            if "slave" in row[2] and self._healthy(row[2]):
+                replica_of.setdefault(row[3], self.node_at(row[1]))
+        return {master: replica_of.get(node_id) for node_id, master in masters.items()}
+
+    def master_of_slot(self, slot: int) -> RedisServer:
+        """The healthy master serving ``slot`` now, from CLUSTER NODES."""
+        for row in self._cluster_nodes():
+            if "master" not in row[2] or not self._healthy(row[2]):
+                continue
+            for bounds in row[8:]:
+                if bounds.startswith("["):
+                    continue  # a slot being migrated; not in our tests' clusters
+                low, _, high = bounds.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return self.node_at(row[1])
+        raise RedisServerError(f"no healthy master serves slot {slot}")
+
+    def wait_replicas_online(self) -> None:
+        """Wait until every master reports its replicas connected and in sync (``state=online``)."""
+        deadline = time.monotonic() + CLUSTER_CONVERGE_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if all(self._replicas_online(master) for master in self.topology()):
+                return
+            time.sleep(_POLL_SECONDS * 5)
+        raise RedisServerError("replicas did not come online")
+
+    def _replicas_online(self, master: RedisServer) -> bool:
+        probe = master.client()
+        try:
+            info = probe.info("replication")
+        except redis.RedisError:
+            return False
+        finally:
+            probe.close()
+        online = [value for name, value in info.items()
+                  if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"]
+        return len(online) >= self.replicas
+
+    def wait_promoted(self, replica: RedisServer, *, timeout: float = CLUSTER_CONVERGE_TIMEOUT_SECONDS) -> float:
+        """Wait until every running node reports ``cluster_state:ok`` and lists ``replica`` as a master with slots.
+
+        Returns the seconds waited. Raises :class:`RedisServerError` with the replica's log tail on timeout.
+        """
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if all(self._sees_master(node, replica) for node in self.nodes if node.running):
+                return time.monotonic() - started
+            time.sleep(_POLL_SECONDS)
+        raise RedisServerError(f"replica {replica.address} was not promoted:\n{replica.log_tail()}")
+
+    @staticmethod
+    def _sees_master(node: RedisServer, master: RedisServer) -> bool:
+        """Whether ``node`` reports the cluster ok and ``master`` as a healthy master serving slots."""
+        probe = node.client()
+        try:
+            info = _text(probe.execute_command("CLUSTER", "INFO"))
+            rows = [line.split() for line in _text(probe.execute_command("CLUSTER", "NODES")).splitlines()]
+        except redis.RedisError:
+            return False
+        finally:
+            probe.close()
+        return "cluster_state:ok" in info and any(
+            row[1].partition("@")[0] == master.address and "master" in row[2]
+            and RedisClusterNodes._healthy(row[2]) and len(row) > 8
+            for row in rows if len(row) > 2)
+
     def __enter__(self) -> RedisClusterNodes:
         try:
             return self.start()
@@ -408,9 +529,11 @@ def redis_server(workdir: Path | None = None, *, extra_args: Sequence[str] = ())
 
 
 @contextlib.contextmanager
-def redis_cluster(workdir: Path | None = None) -> Iterator[RedisClusterNodes]:
-    """A running three-master cluster, stopped on exit."""
-    with _workdir(workdir, "redis-cluster-") as path, RedisClusterNodes(path) as cluster:
+def redis_cluster(workdir: Path | None = None, *, replicas: int = 0) -> Iterator[RedisClusterNodes]:
+    """A running three-master cluster (with ``replicas`` replicas per master, in sync), stopped on exit."""
+    with _workdir(workdir, "redis-cluster-") as path, RedisClusterNodes(path, replicas=replicas) as cluster:
+        if replicas:
+            cluster.wait_replicas_online()
         yield cluster
 
 

@@ -1,0 +1,1 @@
+"""Scale-out tests: several service instances sharing one Redis or one Redis Cluster."""
