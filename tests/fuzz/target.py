@@ -100,6 +100,7 @@ OPEN_CRASHES: Final[dict[str, str]] = {
     "chain-subject-unparsable": "ValueError@verify/chain.py:_attempt",
     "certificate-invalid-version": "InvalidVersion@verify/verifier.py:_load_candidate",
     "issuer-bitstring-attribute": "TypeError@verify/verifier.py:_load_candidate",
+    "chain-issuer-bitstring-attribute": "TypeError@verify/chain.py:_attempt",
     # Warnings are errors under pytest (and under -W error): these escape as exceptions there.
     "issuer-attribute-length-warning": "UserWarning@verify/verifier.py:_load_candidate",
     "extension-negative-serial-warning": "CryptographyDeprecationWarning@verify/verifier.py:_load_candidate",
