@@ -77,6 +77,10 @@ def digest_of(signed: SignedData) -> str:
     if not parameters_absent_or_null(signed.digest_algorithm):
         raise MalformedDocument("SignerInfo.digestAlgorithm: unexpected parameters")
     declared = {_digest_name(alg.oid, "digestAlgorithms") for alg in signed.digest_algorithms}
+    # The same rule as for the SignerInfo's field: otherwise these unsigned bytes could be varied freely
+    # and a verifier would accept many encodings of one document.
+    if not all(parameters_absent_or_null(alg) for alg in signed.digest_algorithms):
+        raise MalformedDocument("SignedData.digestAlgorithms: unexpected parameters")
     if name not in declared:
         raise MalformedDocument("SignerInfo.digestAlgorithm is not declared in SignedData.digestAlgorithms")
     return name
