@@ -128,6 +128,9 @@ def _load_candidate(der: bytes) -> _Candidate:
     try:
         certificate = x509.load_der_x509_certificate(der)
         issuer_der = certificate.issuer.public_bytes()
+        # cryptography decodes the subject lazily; decode it here so that a malformed one is refused
+        # now, not as a foreign ValueError from the name check.
+        certificate.subject.public_bytes()
     except (ValueError, CryptographyDeprecationWarning) as exc:
         # The warning is listed because, where warnings are errors, cryptography raises it for
         # RFC 5280 violations it otherwise tolerates (such as a negative serial number).
