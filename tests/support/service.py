@@ -116,6 +116,11 @@ class ServiceProcess:
         """``http://127.0.0.1:PORT``."""
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the gunicorn master while running (``serve`` replaces itself with gunicorn)."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def start(self) -> ServiceProcess:
         """Start the service and wait until ``/healthz`` answers 200; returns ``self``."""
         self._metrics_dir.mkdir(parents=True, exist_ok=True)
