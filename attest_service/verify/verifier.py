@@ -131,9 +131,10 @@ def _load_candidate(der: bytes) -> _Candidate:
         # cryptography decodes the subject lazily; decode it here so that a malformed one is refused
         # now, not as a foreign ValueError from the name check.
         certificate.subject.public_bytes()
-    except (ValueError, CryptographyDeprecationWarning) as exc:
+    except (ValueError, TypeError, CryptographyDeprecationWarning) as exc:
         # The warning is listed because, where warnings are errors, cryptography raises it for
-        # RFC 5280 violations it otherwise tolerates (such as a negative serial number).
+        # RFC 5280 violations it otherwise tolerates (such as a negative serial number). TypeError is
+        # what its Name decoder raises for an attribute value of a type the attribute cannot have.
         raise MalformedDocument(f"certificate in the document is not a valid X.509 certificate ({exc})") from exc
     if certificate.serial_number <= 0:
         raise MalformedDocument("certificate in the document has a non-positive serial number (RFC 5280 4.1.2.2)")
