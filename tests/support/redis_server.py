@@ -15,6 +15,10 @@ each as a context manager that always stops what it started::
         cluster.url                           # "redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3"
         cluster.nodes[0].stop()
 
+    with redis_cluster(replicas=1) as cluster:  # three masters, each with a replica in sync
+        primary, replica = next(iter(cluster.topology().items()))
+        primary.kill(); cluster.wait_promoted(replica)
+
     with redis_server() as master, redis_sentinel(master) as sentinel:
         sentinel.url                          # "redis+sentinel://127.0.0.1:SPORT/attest"
 
