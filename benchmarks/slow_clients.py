@@ -1,0 +1,70 @@
+"""Slow and hostile clients against ``attest-service serve``: does anyone else still get verified?
+
+For each worker variant (the shipped gunicorn configuration, and the same with gevent workers when
+gevent is installed), starts Redis and the service (2 workers) on loopback, then:
+
+1. probes with valid verifications alone (5/s, each on a new connection, 5 s deadline);
+2. opens 100 connections that send their body one byte a second, and probes again meanwhile;
+3. floods hostile bodies (over 1 MiB announced and chunked, JSON nested 100 000 deep, 60 000 keys,
+   random bytes) from 8 threads, printing the answers per kind and each worker's RSS before and after;
+4. probes once more.
+
+Run: ``python benchmarks/slow_clients.py [--variant shipped|gevent|all] [--slow 100] [--seconds 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.reliability.harness import DocumentFactory, running_service, service_env  # noqa: E402
+from tests.reliability.slow import WORKER_VARIANTS, gunicorn_argv, run_slow_clients  # noqa: E402
+from tests.support.redis_server import redis_server  # noqa: E402
+
+
+def run(variant: str, slow: int, seconds: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="attest-slow-") as tmp:
+        workdir = Path(tmp)
+        factory = DocumentFactory(workdir / "pinned")
+        with redis_server(workdir / "redis") as redis:
+            env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url)
+            with running_service(env, workdir, argv=gunicorn_argv(variant)) as service:
+                report = run_slow_clients(service.port, service.worker_pids(), factory, variant=variant,
+                                          slow_count=slow, attack_seconds=seconds)
+    print(f"== {variant}")
+    print(f"alone:                    {report.baseline}")
+    print(f"{slow} slow bodies (1 B/s): {report.under_attack}; slow connections dropped by the server: "
+          f"{report.slow_dropped}")
+    print("hostile bodies (answers):")
+    for key, count in sorted(report.hostile.items()):
+        print(f"    {key}: {count}")
+    for pid, before in report.rss_before.items():
+        after = report.rss_after.get(pid, 0)
+        print(f"worker {pid} RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after the flood "
+              f"({(after - before) / 1024:+.1f} MiB)")
+    print(f"after:                    {report.probe_after}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=[*WORKER_VARIANTS, "all"], default="all")
+    parser.add_argument("--slow", type=int, default=100, help="slow connections (default 100)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the slow attack (default 20)")
+    args = parser.parse_args()
+    variants = list(WORKER_VARIANTS) if args.variant == "all" else [args.variant]
+    for variant in variants:
+        if variant == "gevent" and importlib.util.find_spec("gevent") is None:
+            print("== gevent: not installed (pip install gevent), skipped")
+            continue
+        run(variant, args.slow, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
