@@ -82,6 +82,7 @@ class Settings:
     trust_reload_seconds: float
     log_level: str
     aia_fetch: bool = False
+    store_min_replicas: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,4 +110,5 @@ class Settings:
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
+            store_min_replicas=int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16)),
         )

@@ -56,11 +56,13 @@ def open_store(
     *,
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
+    min_replicas: int = 0,
 ) -> NonceStore:
     """The nonce store an ``ATTEST_NONCE_STORE`` URL names.
 
     ``timeout_seconds`` bounds each round trip (Redis connect and read timeouts; SQLite's wait for the write
-    lock). ``challenge_ttl_seconds`` is the minimum lifetime of a seen record. Nothing is contacted here;
+    lock). ``challenge_ttl_seconds`` is the minimum lifetime of a seen record. ``min_replicas`` (Redis only)
+    is how many replicas must confirm an acceptance before it counts. Nothing is contacted here;
     the first call (or :meth:`NonceStore.ping`) connects. Raises
     :class:`~attest_service.errors.ConfigurationError` for an unsupported or malformed URL.
     """
@@ -71,7 +73,8 @@ def open_store(
     scheme = url.partition("://")[0].lower()
     try:
         if scheme in REDIS_SCHEMES:
-            return redis_store(url, timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds)
+            return redis_store(url, timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds,
+                               min_replicas=min_replicas)
         if scheme == "sqlite":
             return SQLiteNonceStore(
                 sqlite_path(url), timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds

@@ -37,7 +37,7 @@ from attest_service.nonces.store import (
     check_nonce,
     epoch_ms,
     replayed,
-    seen_until_ms,
+    seen_ttl_ms,
 )
 
 #: Prefix of every key this service writes.
@@ -50,7 +50,8 @@ SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
 
-# KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen-until (ms since epoch).
+# KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
+# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead).
 # Values: challenge "<expires ms>|<client id>", seen "<1 if it was a challenge, else 0>|<client id>".
 # Returns {"replayed", <1|0>, <client id>} | {"challenge"} | {"foreign"} | {"unknown"} | {"seen"}.
 _ACCEPT_LUA: Final = """
@@ -65,19 +66,14 @@ if challenge then
   if string.sub(challenge, sep + 1) ~= ARGV[1] then
     return {'foreign'}
   end
-  local challenge_until = string.sub(challenge, 1, sep - 1)
-  local seen_until = ARGV[3]
-  if tonumber(challenge_until) > tonumber(seen_until) then
-    seen_until = challenge_until
-  end
   redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], '1|' .. ARGV[1], 'PXAT', seen_until)
+  redis.call('SET', KEYS[2], '1|' .. ARGV[1], 'PX', ARGV[3])
   return {'challenge'}
 end
 if ARGV[2] == '1' then
   return {'unknown'}
 end
-redis.call('SET', KEYS[2], '0|' .. ARGV[1], 'PXAT', ARGV[3])
+redis.call('SET', KEYS[2], '0|' .. ARGV[1], 'PX', ARGV[3])
 return {'seen'}
 """
 
@@ -163,8 +159,12 @@ class RedisNonceStore:
         *,
         description: str,
         challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
+        min_replicas: int = 0,
+        wait_timeout_ms: int = 0,
     ) -> None:
         self._connect = connect
+        self._min_replicas = min_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._description = description
         self._challenge_ttl_seconds = challenge_ttl_seconds
         self._client: RedisClient | None = None
@@ -211,12 +211,20 @@ class RedisNonceStore:
     ) -> Acceptance:
         """One Lua script decides and records (see the protocol for the rules)."""
         check_nonce(nonce, client_id)
-        until_ms = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
+        ttl_ms = seen_ttl_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
         keys = [challenge_key(nonce), seen_key(nonce)]
-        args = [client_id, "1" if require_challenge else "0", str(until_ms)]
-        reply = self._call(lambda client: _ACCEPT_SCRIPT.run(client, keys, args))
+        args = [client_id, "1" if require_challenge else "0", str(ttl_ms)]
+        if self._min_replicas:
+            reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
+        else:
+            reply, replicas = self._call(lambda client: _ACCEPT_SCRIPT.run(client, keys, args)), 0
         outcome = [_text(item) for item in reply]
         match outcome:
+            case ["challenge" | "seen"] if replicas < self._min_replicas:
+                # The record is on the primary only: a failover now would forget it and let the document in
+                # again. Fail closed; the record stays, so a retry of this document is refused as a replay.
+                raise StoreUnavailable(f"nonce store {self._description}: {replicas} of {self._min_replicas} "
+                                       f"replicas confirmed the record within {self._wait_timeout_ms} ms")
             case ["challenge"]:
                 return Acceptance(challenge=True)
             case ["seen"]:
@@ -231,6 +239,31 @@ class RedisNonceStore:
                 raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
         raise StoreUnavailable(f"nonce store {self._description} gave an unexpected answer: {outcome!r}")
 
+    def _run_replicated(self, client: RedisClient, keys: Sequence[str],
+                        args: Sequence[str | int]) -> tuple[list[bytes | int], int]:
+        """The accept script, then ``WAIT`` on the same connection (WAIT counts that connection's writes)."""
+        if isinstance(client, RedisCluster):
+            node_client = client.get_redis_connection(client.get_node_from_key(keys[0]))
+            try:
+                return self._pipeline_accept(node_client, keys, args)
+            except RedisError:
+                # Talking to one node directly bypasses the cluster client's own MOVED handling, so after a
+                # failover its slot map would stay stale: refresh it for the next request, fail this one.
+                client.nodes_manager.initialize()
+                raise
+        return self._pipeline_accept(client, keys, args)
+
+    def _pipeline_accept(self, client: redis.Redis, keys: Sequence[str],
+                         args: Sequence[str | int]) -> tuple[list[bytes | int], int]:
+        pipe = client.pipeline(transaction=False)
+        # EVAL rather than EVALSHA: a pipeline cannot fall back on NOSCRIPT mid-way, and the script is small.
+        pipe.execute_command("EVAL", _ACCEPT_SCRIPT.source, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", self._min_replicas, self._wait_timeout_ms)
+        reply, replicas = pipe.execute()
+        if not isinstance(reply, list) or not isinstance(replicas, int):
+            raise StoreUnavailable(f"unexpected reply from the nonce store: {reply!r}, {replicas!r}")
+        return reply, replicas
+
     def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime) -> None:
         """One Lua script reads both windows and counts the request if it fits."""
         if limit <= 0:
@@ -238,9 +271,11 @@ class RedisNonceStore:
         window = RateWindow.at(now, window_seconds)
         keys = [rate_key(client_id, window.index - 1), rate_key(client_id, window.index)]
         args = [window.window_ms, window.elapsed_ms, limit, window.expires_ms]
-        counted, previous, current = (
-            int(item) for item in self._call(lambda client: _RATE_SCRIPT.run(client, keys, args))
-        )
+        reply = self._call(lambda client: _RATE_SCRIPT.run(client, keys, args))
+        try:
+            counted, previous, current = (int(item) for item in reply)
+        except (ValueError, TypeError) as exc:
+            raise StoreUnavailable(f"unexpected reply from the nonce store's rate script: {reply!r}") from exc
         if not counted:
             raise window.refusal(previous=previous, current=current, limit=limit)
 
@@ -321,18 +356,27 @@ def _host_port(entry: str, default_port: int) -> tuple[str, int]:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and messages."""
+    """``url`` with any password replaced by ``***`` and its query dropped, for logs and messages.
+
+    redis-py also reads a password from the query (``?password=...``), so no query is ever shown.
+    """
     scheme, sep, rest = url.partition("://")
+    rest, question, _ = rest.partition("?")
+    query = "?***" if question else ""
     authority, slash, path = rest.partition("/")
     if "@" not in authority:
-        return url
+        return f"{scheme}{sep}{rest}{query}"
     userinfo, _, hosts = authority.rpartition("@")
     user = userinfo.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{hosts}{slash}{path}"
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{path}{query}"
 
 
 def redis_store(
-    url: str, *, timeout_seconds: float, challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS
+    url: str,
+    *,
+    timeout_seconds: float,
+    challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
+    min_replicas: int = 0,
 ) -> RedisNonceStore:
     """A :class:`RedisNonceStore` for one of the URL forms of ``ATTEST_NONCE_STORE``.
 
@@ -343,7 +387,9 @@ def redis_store(
       authenticated);
     * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes.
 
-    Socket connect and read timeouts are ``timeout_seconds``. Raises :class:`ValueError` for a malformed URL;
+    Socket connect and read timeouts are ``timeout_seconds``. With ``min_replicas`` > 0, an acceptance counts
+    only once that many replicas confirmed the record (``WAIT``, within 80 % of the timeout). Raises
+    :class:`ValueError` for a malformed URL;
     nothing is contacted until the first call.
     """
     scheme = url.partition("://")[0].lower()
@@ -362,7 +408,12 @@ def redis_store(
         connect = _cluster_connector(url, timeout_seconds)
     else:
         raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds)
+    if min_replicas < 0:
+        raise ValueError(f"min_replicas must not be negative, got {min_replicas}")
+    # WAIT must return before the socket read timeout gives up on it.
+    wait_timeout_ms = max(1, int(timeout_seconds * 1000 * 0.8))
+    return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds,
+                           min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
 
 
 def _sentinel_connector(url: str, timeout_seconds: float) -> Callable[[], RedisClient]:

@@ -99,9 +99,27 @@ def check_nonce(nonce: str, client_id: str) -> None:
         raise ValueError("empty client id given to the nonce store")
 
 
+#: Extra lifetime of a seen record past the last instant its document can be accepted. Replicas (and
+#: Redis itself) judge time by their own clocks; a record forgotten by one clock while another replica's
+#: clock still accepts the document would reopen it to replay. An hour covers any clock that NTP keeps,
+#: at the cost of ~200 bytes per nonce kept an hour longer.
+CLOCK_DISAGREEMENT_MARGIN_SECONDS: Final = 3600
+
+
 def seen_until_ms(*, expires_at: datetime, now: datetime, challenge_ttl_seconds: float) -> int:
-    """When a seen record may be forgotten: after the document expired and one challenge lifetime passed."""
-    return max(epoch_ms(expires_at), epoch_ms(now) + math.ceil(challenge_ttl_seconds * 1000))
+    """When a seen record may be forgotten: past expiry plus the clock margin, and a challenge lifetime on."""
+    return max(epoch_ms(expires_at) + CLOCK_DISAGREEMENT_MARGIN_SECONDS * 1000,
+               epoch_ms(now) + math.ceil(challenge_ttl_seconds * 1000))
+
+
+def seen_ttl_ms(*, expires_at: datetime, now: datetime, challenge_ttl_seconds: float) -> int:
+    """The seen record's lifetime relative to ``now``, always positive.
+
+    Relative, so that a store whose clock runs ahead of the caller's can never drop a record the moment
+    it is written.
+    """
+    until = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=challenge_ttl_seconds)
+    return until - epoch_ms(now)
 
 
 def replayed(nonce: str, *, client_id: str, seen_client_id: str, seen_challenge: bool) -> NonceReplayed:

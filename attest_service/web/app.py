@@ -75,7 +75,8 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     trust = document_verifier(settings)
     if store is None:
         store = open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds,
-                           challenge_ttl_seconds=settings.challenge_ttl.total_seconds())
+                           challenge_ttl_seconds=settings.challenge_ttl.total_seconds(),
+                           min_replicas=settings.store_min_replicas)
     logging.getLogger("attest_service").setLevel(settings.log_level.upper())
 
     app = Flask(__name__)

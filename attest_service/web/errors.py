@@ -14,7 +14,7 @@ from typing import Final
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from attest_service.errors import AttestError, MalformedRequest, RateLimited, RequestTooLarge
+from attest_service.errors import AttestError, MalformedRequest, RateLimited, RequestTooLarge, StoreUnavailable
 
 _LOG: Final = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ def error_response(error: AttestError) -> Response:
         # A configuration error or an unmapped code at request time is a bug; say nothing more to the caller.
         _LOG.error("unmapped error reached the API: %s: %s", error.code, error.message)
         response = jsonify(error_body("internal_error", "internal error"))
+    elif isinstance(error, StoreUnavailable):
+        # The detail names the store's address (and whatever the operator put in its URL): it is for the
+        # operator's log, not for callers.
+        _LOG.warning("nonce store unavailable: %s", error.message)
+        response = jsonify(error_body(error.code, "the nonce store is unavailable; nothing was accepted"))
     else:
         response = jsonify(error_body(error.code, error.message))
     response.status_code = status

@@ -10,6 +10,7 @@ import pytest
 
 from attest_service.errors import NonceReplayed, NonceUnknown, RateLimited, StoreUnavailable
 from attest_service.nonces import CACHED_DOCUMENT_HINT, Acceptance, NonceStore
+from attest_service.nonces.store import CLOCK_DISAGREEMENT_MARGIN_SECONDS
 
 from .conftest import StoreFactory, utcnow
 
@@ -133,9 +134,10 @@ def test_seen_record_is_forgotten_after_it_expires(make_store: StoreFactory, uni
     store = make_store(challenge_ttl_seconds=0.2)
     nonce, client = unique("nonce"), unique("client")
     now = utcnow()
-    store.accept(
-        nonce, client_id=client, expires_at=now + timedelta(milliseconds=200), require_challenge=False, now=now
-    )
+    # Records are kept for the clock-disagreement margin past the document's expiry: a document that expired
+    # that long ago (less 200 ms) leaves a record that lives 200 ms.
+    expired = now - timedelta(seconds=CLOCK_DISAGREEMENT_MARGIN_SECONDS) + timedelta(milliseconds=200)
+    store.accept(nonce, client_id=client, expires_at=expired, require_challenge=False, now=now)
     time.sleep(0.4)
     later = utcnow()
     assert store.accept(
@@ -195,3 +197,19 @@ def test_awkward_nonces_are_kept_apart(store: NonceStore, unique: Unique) -> Non
     client = unique("client")
     for nonce in ("{a}", "{a}}", "a|b", "é", " ", "x" * 1000):
         assert accept(store, unique(nonce), client) == Acceptance(challenge=False)
+
+
+def test_a_caller_clock_behind_the_store_cannot_reopen_a_replay(store: NonceStore, unique: Unique) -> None:
+    # A replica whose clock runs two days behind the store's: the document's expiry, by that clock, is already
+    # far in the store's past. The seen record must still outlive the replica's acceptance window.
+    nonce = unique("behind")
+    behind = utcnow() - timedelta(days=2)
+    for _ in range(2):
+        try:
+            store.accept(nonce, client_id="c1", expires_at=behind + timedelta(hours=6), require_challenge=False,
+                         now=behind)
+        except NonceReplayed:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the same nonce was accepted twice")

@@ -75,6 +75,9 @@ def test_redact() -> None:
     assert redact("redis://:secret@h:1/0") == "redis://:***@h:1/0"
     assert redact("redis+sentinel://u:secret@a:1,b:2/m") == "redis+sentinel://u:***@a:1,b:2/m"
     assert redact("redis://h:1/0") == "redis://h:1/0"
+    # redis-py also reads a password from the query: no query is ever shown.
+    assert redact("redis://h:1/0?password=secret") == "redis://h:1/0?***"
+    assert "secret" not in redact("rediss://u:secret@h:1/0?ssl_cert_reqs=none&password=secret")
 
 
 def test_sqlite_paths(tmp_path: Path) -> None:
