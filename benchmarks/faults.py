@@ -6,7 +6,8 @@ Starts a durable redis-server and ``attest-service serve`` (gunicorn, 2 workers,
 each phase, latency percentiles, the recovery time after each fault and every broken invariant; exits 1
 when an invariant broke.
 
-Run: ``python benchmarks/faults.py [--phase-seconds 20] [--freeze-seconds 10] [--rate R]`` (needs redis-server).
+Run: ``python benchmarks/faults.py [--phase-seconds 20] [--freeze-seconds 10] [--rate R] [--variant gevent]``
+(needs redis-server; the gevent variant needs gevent).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.reliability.faults import RECOVERY_BOUND_SECONDS, FaultSettings, run_faults  # noqa: E402
+from tests.reliability.harness import WORKER_VARIANTS  # noqa: E402
 
 
 def main() -> int:
@@ -27,10 +29,12 @@ def main() -> int:
     parser.add_argument("--phase-seconds", type=float, default=20.0, help="length of each phase (default 20)")
     parser.add_argument("--freeze-seconds", type=float, default=10.0, help="how long Redis is frozen (default 10)")
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half the measured capacity)")
+    parser.add_argument("--variant", choices=list(WORKER_VARIANTS), default="shipped",
+                        help="gunicorn workers: the shipped configuration, or it with gevent workers")
     parser.add_argument("--store-timeout", type=float, default=0.5, help="ATTEST_STORE_TIMEOUT_SECONDS (default 0.5)")
     args = parser.parse_args()
     settings = FaultSettings(phase_seconds=args.phase_seconds, freeze_seconds=args.freeze_seconds, rate=args.rate,
-                             store_timeout=args.store_timeout)
+                             store_timeout=args.store_timeout, variant=args.variant)
     with tempfile.TemporaryDirectory(prefix="attest-faults-") as tmp:
         report = run_faults(Path(tmp), settings)
     print()

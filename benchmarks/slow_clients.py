@@ -23,8 +23,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import DocumentFactory, running_service, service_env  # noqa: E402
-from tests.reliability.slow import WORKER_VARIANTS, gunicorn_argv, run_slow_clients  # noqa: E402
+from tests.reliability.harness import (  # noqa: E402
+    WORKER_VARIANTS,
+    DocumentFactory,
+    gunicorn_argv,
+    running_service,
+    service_env,
+)
+from tests.reliability.slow import run_slow_clients  # noqa: E402
 from tests.support.redis_server import redis_server  # noqa: E402
 
 

@@ -37,6 +37,7 @@ from tests.reliability.harness import (
     Violations,
     check_invariants,
     closed_loop_capacity,
+    gunicorn_argv,
     phase_table,
     replace_with_garbage,
     restore,
@@ -71,12 +72,14 @@ class FaultSettings:
     store_timeout: float = 0.5
     trust_reload_seconds: float = 2.0
     threads: int = 48
+    variant: str = "shipped"  # a key of WORKER_VARIANTS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FaultReport:
     """What a fault run measured."""
 
+    variant: str
     capacity: float | None
     rate: float
     shots: list[Shot]
@@ -112,7 +115,7 @@ def run_faults(workdir: Path, settings: FaultSettings, say: Callable[[str], None
     with redis_server(workdir / "redis", extra_args=DURABLE_REDIS_ARGS) as redis:
         env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url, store_timeout=settings.store_timeout,
                           trust_reload_seconds=settings.trust_reload_seconds)
-        with running_service(env, workdir, workers=2) as service:
+        with running_service(env, workdir, workers=2, argv=gunicorn_argv(settings.variant)) as service:
             capacity = None
             rate = settings.rate
             if rate is None:
@@ -192,6 +195,6 @@ def run_faults(workdir: Path, settings: FaultSettings, say: Callable[[str], None
     late = {name: _late(shots, fault_ends[name],
                         fault_starts[ordered[index + 1]] - FAULT_LEAD_SECONDS if index + 1 < len(ordered) else end)
             for index, name in enumerate(ordered)}
-    return FaultReport(capacity=capacity, rate=rate, shots=shots, fault_ends=fault_ends, recovery_seconds=recovery,
-                       violations=violations, late_after_recovery=late, killed_worker=killed,
-                       table=phase_table(shots, PHASES))
+    return FaultReport(variant=settings.variant, capacity=capacity, rate=rate, shots=shots, fault_ends=fault_ends,
+                       recovery_seconds=recovery, violations=violations, late_after_recovery=late,
+                       killed_worker=killed, table=phase_table(shots, PHASES))

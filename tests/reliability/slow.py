@@ -223,28 +223,6 @@ def workers_rss(pids: list[int]) -> dict[int, int]:
 
 # --- one experiment -----------------------------------------------------------------------------------
 
-#: Worker classes the experiment can run, as extra gunicorn arguments after the shipped configuration.
-WORKER_VARIANTS: Final[dict[str, list[str]]] = {
-    "shipped": [],
-    "gevent": ["--worker-class", "gevent", "--worker-connections", "1000"],
-}
-
-
-def gunicorn_argv(variant: str, workers: int = 2) -> list[str] | None:
-    """The command running the service with the shipped configuration plus a variant's overrides.
-
-    ``None`` for the shipped variant: :func:`tests.reliability.harness.running_service` then runs
-    ``attest-service serve`` itself.
-    """
-    extra = WORKER_VARIANTS[variant]
-    if not extra:
-        return None
-    import sys  # noqa: PLC0415 - only the override path needs the interpreter's path
-
-    return [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.web.gunicorn_conf",
-            "--bind", LOOPBACK + ":{port}", "--workers", str(workers), *extra, "attest_service.web:create_app()"]
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SlowReport:
     """What one slow-client experiment measured."""

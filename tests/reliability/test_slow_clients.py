@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import requires_redis
-from tests.reliability.harness import DocumentFactory, running_service, service_env
-from tests.reliability.slow import SlowReport, gunicorn_argv, run_slow_clients
+from tests.reliability.harness import DocumentFactory, gunicorn_argv, running_service, service_env
+from tests.reliability.slow import SlowReport, run_slow_clients
 from tests.support.redis_server import redis_server
 
 pytestmark = [pytest.mark.slow, requires_redis]
