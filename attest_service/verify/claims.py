@@ -23,7 +23,11 @@ MAX_CONTENT_BYTES: Final = 16 * 1024
 #: Deepest JSON nesting accepted; IMDS uses two levels (``plan``, ``timeStamp``).
 MAX_JSON_DEPTH: Final = 8
 
-_TIMESTAMP: Final = re.compile(r"(\d\d)/(\d\d)/(\d\d) (\d\d):(\d\d):(\d\d) -0000")
+# [0-9], not \d: \d also matches other scripts' digits, which int() would accept.
+_TIMESTAMP: Final = re.compile(r"([0-9]{2})/([0-9]{2})/([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) -0000")
+#: Longest signed nonce accepted. IMDS takes nonces of up to 32 characters; the bound keeps nonce-store
+#: keys small even for documents from a producer that allowed more.
+MAX_SIGNED_NONCE_CHARS: Final = 64
 
 JsonValue = str | Mapping[str, "JsonValue"] | tuple["JsonValue", ...]
 
@@ -97,6 +101,13 @@ def _required_string(fields: Mapping[str, JsonValue], key: str, what: str) -> st
     return value
 
 
+def _nonce(fields: Mapping[str, JsonValue]) -> str:
+    nonce = _required_string(fields, "nonce", "nonce")
+    if not 1 <= len(nonce) <= MAX_SIGNED_NONCE_CHARS:
+        raise MalformedDocument(f"signed content: nonce must have 1 to {MAX_SIGNED_NONCE_CHARS} characters")
+    return nonce
+
+
 def parse_claims(content: bytes) -> Claims:
     """Parse the signed content; raise MalformedDocument for anything IMDS would not have produced."""
     if len(content) > MAX_CONTENT_BYTES:
@@ -121,7 +132,7 @@ def parse_claims(content: bytes) -> Claims:
         raise MalformedDocument("signed content: expiresOn precedes createdOn")
     return Claims(
         fields=fields,
-        nonce=_required_string(fields, "nonce", "nonce"),
+        nonce=_nonce(fields),
         vm_id=_required_string(fields, "vmId", "vmId"),
         created_on=created_on,
         expires_on=expires_on,

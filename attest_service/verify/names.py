@@ -7,10 +7,16 @@ subject CN is consulted only when the certificate has no SAN at all (RFC 6125 6.
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from cryptography import x509
 
 from attest_service.clouds import CLOUDS, CloudProfile
 from attest_service.errors import MalformedDocument, SubjectMismatch
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def signer_names(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -26,9 +32,10 @@ def signer_names(certificate: x509.Certificate) -> tuple[str, ...]:
 
 
 def _is_ascii_hostname(name: str) -> bool:
-    # Internationalised look-alikes ("metadata.azure.com" with a Cyrillic letter a) must not match after
-    # case folding; DNS names in certificates are A-labels (RFC 5280 4.2.1.6), so non-ASCII is refused.
-    return name.isascii() and bool(name) and " " not in name
+    # Only plain letter-digit-hyphen labels (RFC 1123): internationalised look-alikes ("metadata.azure.com"
+    # with a Cyrillic letter a) are refused rather than case-folded, and so are wildcards ("*.metadata..."),
+    # which Azure's signers never carry and which would stand for hosts other than IMDS.
+    return _HOSTNAME.fullmatch(name) is not None
 
 
 def matching_name(certificate: x509.Certificate, cloud: CloudProfile) -> str:

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from attest_service.clouds import AUTO, CLOUDS, CloudProfile
 from attest_service.errors import (
@@ -131,12 +131,13 @@ def _load_candidate(der: bytes) -> _Candidate:
         # cryptography decodes the subject lazily; decode it here so that a malformed one is refused
         # now, not as a foreign ValueError from the name check.
         certificate.subject.public_bytes()
-    except (ValueError, TypeError, CryptographyDeprecationWarning) as exc:
+        serial = certificate.serial_number
+    except (ValueError, TypeError, x509.InvalidVersion, UserWarning) as exc:
         # The warning is listed because, where warnings are errors, cryptography raises it for
         # RFC 5280 violations it otherwise tolerates (such as a negative serial number). TypeError is
         # what its Name decoder raises for an attribute value of a type the attribute cannot have.
         raise MalformedDocument(f"certificate in the document is not a valid X.509 certificate ({exc})") from exc
-    if certificate.serial_number <= 0:
+    if serial <= 0:
         raise MalformedDocument("certificate in the document has a non-positive serial number (RFC 5280 4.1.2.2)")
     try:
         ski: bytes | None = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
@@ -146,7 +147,7 @@ def _load_candidate(der: bytes) -> _Candidate:
         # The extension errors are not ValueErrors; cryptography raises them on first access to the
         # extensions of a certificate that repeats one (RFC 5280 4.2 forbids it) or uses an odd name form.
         raise MalformedDocument(f"certificate in the document has invalid extensions ({exc})") from exc
-    return _Candidate(certificate, issuer_der, certificate.serial_number, ski)
+    return _Candidate(certificate, issuer_der, serial, ski)
 
 
 def resolve_signer(signed: SignedData,
@@ -178,6 +179,13 @@ def signer_certificate(document: bytes) -> x509.Certificate:
     For diagnostics after the core refused a document (``certs explain``, the AIA fallback).
     """
     return resolve_signer(parse_signed_data(document))[1]
+
+
+#: Exceptions of the libraries the core calls that mean "this input cannot be processed".
+_FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
+                          x509.InvalidVersion, UnsupportedAlgorithm,
+                          # Where warnings are errors, cryptography's parse warnings arrive as exceptions.
+                          UserWarning)
 
 
 class Verifier:
@@ -226,6 +234,16 @@ class Verifier:
         """
         if now.tzinfo is None:
             raise ConfigurationError("the verification instant must be timezone-aware")
+        try:
+            return self._verify(document, policy, now)
+        except _FOREIGN_ERRORS as exc:
+            # Every step wraps the foreign errors it knows of where they arise. cryptography decodes some
+            # certificate fields lazily, and a hostile certificate has more than once raised a type nobody
+            # expected from a field nobody thought could fail; the document is refused all the same, never
+            # answered with a crash.
+            raise MalformedDocument(f"the document could not be processed ({type(exc).__name__}: {exc})") from exc
+
+    def _verify(self, document: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
         signed = parse_signed_data(document)
         if signed.content_type != OID_DATA:

@@ -93,18 +93,7 @@ _SHA256_OID: Final = "2.16.840.1.101.3.4.2.1"
 #: Regression inputs (file stem under ``regressions/``) whose bug is not fixed yet, with the signature
 #: of their crash. Their tests are expected to fail (strictly: a fix makes them pass, and the entry must
 #: then go), and bounded fuzz runs count these signatures instead of stopping on them.
-OPEN_CRASHES: Final[dict[str, str]] = {
-    # cryptography parses a certificate lazily: each field it cannot read fails on first access, with
-    # whatever exception or warning that field's parser uses, outside the guard around loading.
-    "signer-subject-unparsable": "ValueError@verify/names.py:signer_names",
-    "chain-subject-unparsable": "ValueError@verify/chain.py:_attempt",
-    "certificate-invalid-version": "InvalidVersion@verify/verifier.py:_load_candidate",
-    "issuer-bitstring-attribute": "TypeError@verify/verifier.py:_load_candidate",
-    "chain-issuer-bitstring-attribute": "TypeError@verify/chain.py:_attempt",
-    # Warnings are errors under pytest (and under -W error): these escape as exceptions there.
-    "issuer-attribute-length-warning": "UserWarning@verify/verifier.py:_load_candidate",
-    "extension-negative-serial-warning": "CryptographyDeprecationWarning@verify/verifier.py:_load_candidate",
-}
+OPEN_CRASHES: Final[dict[str, str]] = {}
 
 #: Environment variable naming the directory of real Azure documents.
 AZURE_REAL_ENV: Final = "ATTEST_AZURE_REAL_DIR"
