@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
 from prometheus_client import Counter
 
 from attest_service.certs import ca_issuers_urls, ca_path, is_ca, is_self_signed
@@ -101,7 +102,15 @@ class AllowRule:
         return (parts.scheme == self.scheme and parts.hostname == self.host.lower()
                 and parts.username is None and parts.password is None and not parts.query and not parts.fragment
                 and (port or default_port) == (self.port or default_port)
-                and parts.path.startswith(self.path_prefix) and ".." not in parts.path)
+                and parts.path.startswith(self.path_prefix) and _plain_path(parts.path))
+
+
+def _plain_path(path: str) -> bool:
+    # Checked after percent-decoding, so that "%2e%2e" or "%2f" cannot smuggle a step out of the prefix.
+    # Real caIssuers URLs need escapes (Microsoft's contain "%20"), so escapes themselves are allowed.
+    decoded = unquote(path)
+    return "\\" not in decoded and decoded.count("/") == path.count("/") and not any(
+        segment in (".", "..") for segment in decoded.split("/"))
 
 
 def _web_rules(*hosts_and_prefixes: tuple[str, str]) -> tuple[AllowRule, ...]:
@@ -114,6 +123,11 @@ class AiaPolicy:
     """Where each cloud's issuing CAs may be fetched from; a cloud without rules never fetches."""
 
     allow: Mapping[str, tuple[AllowRule, ...]]
+    #: Organisations a fetched CA's subject must name, per cloud. Chaining to a cloud's roots is not enough:
+    #: DigiCert Global Root G2 also anchors DigiCert's own public issuing CAs, which are not Azure's.
+    organizations: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({
+        "public": ("Microsoft Corporation",), "usgov": ("Microsoft Corporation",),
+        "china": ("Microsoft Corporation", "DigiCert Inc")}))
 
     @classmethod
     def azure(cls) -> AiaPolicy:
@@ -313,9 +327,11 @@ class AiaFetcher:
             raise _Refused("invalid", f"{len(certificates)} certificates instead of one")
         return certificates[0]
 
-    @staticmethod
-    def _validate(ca: x509.Certificate, signer: x509.Certificate, trust: CloudTrust, now: datetime) -> None:
+    def _validate(self, ca: x509.Certificate, signer: x509.Certificate, trust: CloudTrust, now: datetime) -> None:
         name = common_name(ca.subject)
+        organizations = {str(attr.value) for attr in ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)}
+        if not organizations & set(self.policy.organizations.get(trust.profile.name, ())):
+            raise _Refused("invalid", f"{name} is not operated by an organisation this cloud's documents use")
         if ca.subject != signer.issuer:
             raise _Refused("invalid", f"{name} is not the signer's issuer {common_name(signer.issuer)}")
         if not is_ca(ca) or is_self_signed(ca):

@@ -206,6 +206,7 @@ def test_azure_allow_list() -> None:
     for url in ("http://www.microsoft.com.evil.example/pkiops/certs/x.crt", "ftp://www.microsoft.com/pkiops/certs/x",
                 "http://www.microsoft.com/pkiops/other/x.crt", "http://www.microsoft.com:8080/pkiops/certs/x.crt",
                 "http://user@www.microsoft.com/pkiops/certs/x.crt", "http://www.microsoft.com/pkiops/certs/../x",
+                "http://www.microsoft.com/pkiops/certs/%2e%2e/%2e%2e/en-us/x", "http://www.microsoft.com/pkiops/certs/a%2fb",
                 "http://www.microsoft.com/pkiops/certs/x.crt?redirect=1", "http://169.254.169.254/pkiops/certs/x"):
         assert not policy.allowed("public", url), url
     assert not policy.allowed("germany", "http://www.microsoft.com/pkiops/certs/x.crt")
