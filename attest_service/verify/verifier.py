@@ -200,6 +200,7 @@ class Verifier:
         self.trust = trust
         self._candidates: dict[bytes, _Candidate] = {}
         self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
+        self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
         self._lock = threading.Lock()
 
     def _candidate(self, der: bytes) -> _Candidate:
@@ -212,6 +213,20 @@ class Verifier:
                 self._candidates[der] = found
         return found
 
+
+    def _cloud(self, der: bytes, signer: x509.Certificate, requested: str) -> CloudProfile:
+        # The name rule depends on the certificate and the requested cloud only, so its (successful) outcome
+        # is remembered per signer; a refusal is recomputed each time and raised afresh.
+        key = (der, requested)
+        cloud = self._clouds.get(key)
+        if cloud is None:
+            cloud = cloud_for_signer(signer) if requested == AUTO else CLOUDS[requested]
+            matching_name(signer, cloud)
+            with self._lock:
+                if len(self._clouds) >= CACHE_ENTRIES:
+                    self._clouds.clear()
+                self._clouds[key] = cloud
+        return cloud
 
     def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> Signer:
         key = (der, cloud.name)
@@ -253,8 +268,7 @@ class Verifier:
         # Step 4: the signature, under that certificate only.
         digest = verify_signature(signed, signer)
         # Step 5: the name decides (or must fit) the cloud.
-        cloud = cloud_for_signer(signer) if policy.cloud == AUTO else CLOUDS[policy.cloud]
-        matching_name(signer, cloud)
+        cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
         described = self._chain(signer_der, signer, cloud, now)
         # Step 7: the signed content.
