@@ -181,12 +181,15 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
     settings = {
         "ATTEST_CHALLENGE_TTL_SECONDS", "ATTEST_CLOCK_SKEW_SECONDS", "ATTEST_STORE_TIMEOUT_SECONDS",
         "ATTEST_RATE_LIMIT_PER_MINUTE", "ATTEST_TRUST_RELOAD_SECONDS", "ATTEST_LOG_LEVEL", "ATTEST_PINNED_CERTS",
-        "ATTEST_NONCE_STORE",
+        "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH",
     }
     assert env_names(render()) == settings
     assert env_names(render(HA_VALUES)) == settings | {"ATTEST_API_KEYS"}
     everything = render(values=EVERYTHING_ON)
     assert env_names(everything) == settings | {"ATTEST_API_KEYS", "ATTEST_POLICY_FILE"}
+    # With Sentinel, an acceptance waits for the replica (a failover must not forget it); AIA stays off.
+    ha = one(render(HA_VALUES), "ConfigMap")["data"]
+    assert (ha["ATTEST_STORE_MIN_REPLICAS"], ha["ATTEST_AIA_FETCH"]) == ("1", "0")
 
 
 def test_sqlite_store_runs_one_pod_at_a_time(render: Render) -> None:
