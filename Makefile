@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test lint bench clean system-deps redis-server-installed
+.PHONY: run test lint bench fuzz soak clean system-deps redis-server-installed
 
 # Debian ships venv/ensurepip and redis-server as separate packages; install them only when missing.
 system-deps:
@@ -37,6 +37,14 @@ test: $(STAMP) redis-server-installed lint
 bench: $(STAMP) redis-server-installed
 	$(BIN)/python benchmarks/bench_verify.py
 	$(BIN)/python benchmarks/bench_http.py
+
+# Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes land in tests/fuzz/.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/fuzz_verify.py
+
+# 30 minutes at half capacity (DURATION=seconds to change it); prints latency, statuses and worker RSS.
+soak: $(STAMP) redis-server-installed
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
