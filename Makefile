@@ -38,7 +38,7 @@ bench: $(STAMP) redis-server-installed
 	$(BIN)/python benchmarks/bench_verify.py
 	$(BIN)/python benchmarks/bench_http.py
 
-# Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes land in tests/fuzz/.
+# Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes are written to fuzz-artifacts/.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_verify.py
 
