@@ -28,13 +28,14 @@ from attest_service.errors import (
     MalformedRequest,
     NonceMismatch,
     NonceReplayed,
+    RequestTooLarge,
     StoreUnavailable,
 )
 from attest_service.nonces import CACHED_DOCUMENT_HINT
 from attest_service.verify import VerificationPolicy, VerifiedDocument, decode_response, decode_signature
 from attest_service.verify.verifier import MAX_NONCE_LENGTH
 from attest_service.web.openapi import openapi_document
-from attest_service.web.service import Caller, Service, current_service
+from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
 
 #: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
 CHALLENGE_BYTES: Final = 18
@@ -68,7 +69,16 @@ def _refuse_constant(token: str) -> object:
 
 
 def _json_body() -> dict[str, object]:
-    data = request.get_data(cache=False)
+    if request.content_length is not None:
+        # Announced lengths over the limit were refused before the view; this reads exactly that many bytes.
+        data = request.get_data(cache=False)
+    else:
+        # A chunked body has no announced length, and werkzeug cuts its stream at MAX_CONTENT_LENGTH without
+        # an error: read one byte past the limit from the server's own stream, so that an oversized body is
+        # refused as too large rather than parsed, truncated, as broken JSON.
+        data = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+        if len(data) > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
     try:
         body = json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
