@@ -26,7 +26,6 @@ signature is still written to the artifacts directory as ``known-<sha1>``.
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
 import os
 import sys
@@ -98,7 +97,7 @@ def fuzz(options: argparse.Namespace, libfuzzer_args: list[str]) -> None:
     known = {name.strip() for name in options.known.split(",") if name.strip()}
     if "open" in known:
         known |= set(target.OPEN_CRASHES.values())
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
 
     def one_input(data: bytes) -> None:
         try:
@@ -111,9 +110,7 @@ def fuzz(options: argparse.Namespace, libfuzzer_args: list[str]) -> None:
                 name = f"known-{hashlib.sha1(data).hexdigest()}"
                 (options.artifacts / name).write_bytes(data)
                 print(f"fuzz: known crash {kind} ({exc}); input written to {options.artifacts / name}", flush=True)
-            seen[kind] = seen.get(kind, 0) + 1
-
-    atexit.register(lambda: seen and print(f"fuzz: known crashes counted: {seen}", flush=True))
+            seen.add(kind)
 
     atheris.Setup(
         [sys.argv[0], f"-max_total_time={options.seconds}", f"-timeout={INPUT_TIMEOUT_SECONDS}",
