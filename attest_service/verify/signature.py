@@ -97,7 +97,8 @@ def _signed_attributes_message(signed: SignedData, digest: str) -> bytes:
         seen: dict[str, list[object]] = {}
         for attribute in attributes:
             seen.setdefault(attribute["type"].native, []).append(attribute["values"].native)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # AttributeError: asn1crypto has no native form for some universal types (REAL) it still parses.
         raise MalformedDocument(f"signed attributes: not parseable ({exc})") from exc
     content_types = seen.get(_ATTR_CONTENT_TYPE, [])
     digests = seen.get(_ATTR_MESSAGE_DIGEST, [])

@@ -182,7 +182,7 @@ def signer_certificate(document: bytes) -> x509.Certificate:
 
 
 #: Exceptions of the libraries the core calls that mean "this input cannot be processed".
-_FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
+_FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
                           x509.InvalidVersion, UnsupportedAlgorithm,
                           # Where warnings are errors, cryptography's parse warnings arrive as exceptions.
                           UserWarning)
