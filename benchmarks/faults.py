@@ -6,8 +6,8 @@ Starts a durable redis-server and ``attest-service serve`` (gunicorn, 2 workers,
 each phase, latency percentiles, the recovery time after each fault and every broken invariant; exits 1
 when an invariant broke.
 
-Run: ``python benchmarks/faults.py [--phase-seconds 20] [--freeze-seconds 10] [--rate R] [--variant gevent]``
-(needs redis-server; the gevent variant needs gevent).
+Run: ``python benchmarks/faults.py [--phase-seconds 20] [--freeze-seconds 10] [--rate R] [--variant gthread]``
+(needs redis-server; the gthread variant runs the threaded workers shipped before, for comparison).
 """
 
 from __future__ import annotations

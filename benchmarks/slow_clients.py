@@ -9,13 +9,12 @@ gevent is installed), starts Redis and the service (2 workers) on loopback, then
    random bytes) from 8 threads, printing the answers per kind and each worker's RSS before and after;
 4. probes once more.
 
-Run: ``python benchmarks/slow_clients.py [--variant shipped|gevent|all] [--slow 100] [--seconds 20]``.
+Run: ``python benchmarks/slow_clients.py [--variant shipped|gthread|all] [--slow 100] [--seconds 20]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -65,9 +64,6 @@ def main() -> int:
     args = parser.parse_args()
     variants = list(WORKER_VARIANTS) if args.variant == "all" else [args.variant]
     for variant in variants:
-        if variant == "gevent" and importlib.util.find_spec("gevent") is None:
-            print("== gevent: not installed (pip install gevent), skipped")
-            continue
         run(variant, args.slow, args.seconds)
     return 0
 

@@ -1,8 +1,11 @@
 """Gunicorn configuration of the service: ``attest-service serve``, ``make run`` and the container use it.
 
-Threaded workers (gthread): verification is short CPU work, and a few threads per process keep a worker
-busy while another thread waits on the nonce store. ``serve`` passes ``--bind`` and ``--workers``, which
-override the defaults here.
+Cooperative workers (gevent): a connection waiting on a slow client or a hung nonce store costs a
+greenlet, not a thread. With threaded workers, 100 clients sending their bodies a byte a second held every
+thread and nobody else was served, and requests queued behind a frozen Redis well past the store timeout
+(docs/RELIABILITY.md has both measurements). Verification itself is about a millisecond of CPU, done one
+request at a time per worker; run one worker per core. ``serve`` passes ``--bind`` and ``--workers``,
+which override the defaults here.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from prometheus_client import multiprocess
 wsgi_app: Final = "attest_service.web:create_app()"
 bind: Final = ["127.0.0.1:8080"]
 workers: Final = 2
-worker_class: Final = "gthread"
-#: Threads per worker.
-threads: Final = 4
+worker_class: Final = "gevent"
+#: Connections one worker holds open at once (slow clients included); beyond it the kernel queues them.
+worker_connections: Final = 1000
 #: Seconds a worker may be silent before the master restarts it.
 timeout: Final = 30
 #: Seconds a worker gets to finish its requests on shutdown or restart.

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: Default listening address: loopback, so nothing is exposed until the operator says so.
 DEFAULT_BIND: Final = "127.0.0.1:8080"
-#: Default worker processes (each with the threads set in the config module).
+#: Default worker processes: one per core of a small machine (each serves many connections cooperatively).
 DEFAULT_WORKERS: Final = 2
 #: More workers than this is a typo: each one holds its own connections and verifier caches.
 MAX_WORKERS: Final = 256

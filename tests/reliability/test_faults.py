@@ -7,8 +7,6 @@ is the full-length version. The rate is half the capacity measured at the start 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from tests.reliability.conftest import requires_redis
@@ -22,11 +20,9 @@ def _settings(variant: str) -> FaultSettings:
                          variant=variant)
 
 
-@pytest.fixture(scope="module", params=["shipped", "gevent"])
-def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> FaultReport:
-    variant: str = request.param
-    if variant == "gevent" and importlib.util.find_spec("gevent") is None:
-        pytest.skip("gevent is not installed")
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> FaultReport:
+    variant = "shipped"
     result = run_faults(tmp_path_factory.mktemp(f"faults-{variant}"), _settings(variant), say=lambda _line: None)
     print(f"\n{variant}: rate {result.rate:.0f}/s (capacity {result.capacity or 0:.0f}/s)\n{result.table}")
     return result
@@ -59,11 +55,7 @@ def test_store_outage_is_refused_with_503(report: FaultReport) -> None:
     assert any(shot.status == 503 for shot in down)
 
 
-def test_every_503_comes_within_the_store_timeout(report: FaultReport, request: pytest.FixtureRequest) -> None:
-    if report.variant == "shipped":
-        request.node.add_marker(pytest.mark.xfail(
-            strict=True, reason="gthread: requests queue behind a frozen store; each holds one of 2x4 threads for "
-                                "the whole store timeout, so 16 requests/s are answered and the rest wait"))
+def test_every_503_comes_within_the_store_timeout(report: FaultReport) -> None:
     assert not report.violations.slow_503
 
 
