@@ -20,7 +20,8 @@ from attest_service.errors import MalformedDocument
 
 #: Signed content larger than this is refused before JSON parsing; IMDS's is about 300 bytes.
 MAX_CONTENT_BYTES: Final = 16 * 1024
-#: Deepest JSON nesting accepted; IMDS uses two levels (``plan``, ``timeStamp``).
+#: Deepest nesting of JSON arrays accepted (IMDS signs none). Objects nest as deep as the content size and
+#: the decoder's recursion limit allow; past that the decoder's RecursionError is a malformed document.
 MAX_JSON_DEPTH: Final = 8
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() would accept.
@@ -52,13 +53,15 @@ class Claims:
         return value if isinstance(value, str) else None
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
+def _no_duplicates(pairs: list[tuple[str, object]]) -> Mapping[str, JsonValue]:
+    # The decoder calls this for every object, innermost first, so freezing here (rather than walking the
+    # result again) makes the claims immutable in the same pass that refuses duplicate keys.
+    result: dict[str, JsonValue] = {}
     for key, value in pairs:
         if key in result:
             raise MalformedDocument(f"signed content: duplicate key {key!r}")
-        result[key] = value
-    return result
+        result[key] = value if isinstance(value, str | MappingProxyType) else _freeze(value, 0)
+    return MappingProxyType(result)
 
 
 def _refuse_constant(token: str) -> object:
@@ -74,8 +77,8 @@ def _freeze(value: object, depth: int) -> JsonValue:
         raise MalformedDocument("signed content: nested too deeply")
     if isinstance(value, str):
         return value
-    if isinstance(value, dict):
-        return MappingProxyType({key: _freeze(item, depth + 1) for key, item in value.items()})
+    if isinstance(value, MappingProxyType):
+        return value
     if isinstance(value, list):
         return tuple(_freeze(item, depth + 1) for item in value)
     # IMDS encodes every primitive as a string; numbers, booleans and null mean a different producer.
@@ -119,10 +122,9 @@ def parse_claims(content: bytes) -> Claims:
         if isinstance(exc, MalformedDocument):
             raise
         raise MalformedDocument(f"signed content is not UTF-8 JSON ({exc})") from exc
-    if not isinstance(raw, dict):
+    if not isinstance(raw, MappingProxyType):
         raise MalformedDocument("signed content is not a JSON object")
-    fields = _freeze(raw, 0)
-    assert isinstance(fields, Mapping)  # noqa: S101 - a dict freezes to a mapping
+    fields: Mapping[str, JsonValue] = raw
     stamp = fields.get("timeStamp")
     if not isinstance(stamp, Mapping):
         raise MalformedDocument("signed content: timeStamp is missing or not an object")

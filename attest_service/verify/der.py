@@ -11,6 +11,7 @@ signed attributes go through ``asn1crypto.cms``; the test suite checks this read
 
 from __future__ import annotations
 
+import functools
 from typing import Final, NamedTuple
 
 from attest_service.errors import MalformedDocument
@@ -51,7 +52,11 @@ class Tlv(NamedTuple):
 
     def is_(self, cls: int, tag: int, *, constructed: bool) -> bool:
         """True when the element has exactly this class, tag and form."""
-        return self.cls == cls and self.tag == tag and self.constructed == constructed
+        return self[0] == cls and self[2] == tag and self[1] == constructed
+
+
+# NamedTuple's generated __new__ is Python code; tuple.__new__ builds the same object in C.
+_new_tlv: Final = functools.partial(tuple.__new__, Tlv)
 
 
 def _parse_at(data: bytes, offset: int, what: str) -> tuple[Tlv, int]:  # noqa: PLR0912 - one branch per X.690 rule
@@ -97,7 +102,7 @@ def _parse_at(data: bytes, offset: int, what: str) -> tuple[Tlv, int]:  # noqa: 
         pos += count
     if pos + length > end:
         raise MalformedDocument(f"{what}: truncated contents")
-    return Tlv(first >> 6, bool(first & 0x20), tag, data[offset:pos], data[pos:pos + length]), pos + length
+    return _new_tlv((first >> 6, bool(first & 0x20), tag, data[offset:pos], data[pos:pos + length])), pos + length
 
 
 def read(data: bytes, what: str) -> Tlv:
