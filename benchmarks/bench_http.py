@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from attest_service.imds import pki  # noqa: E402
+from attest_service.web import gunicorn_conf  # noqa: E402
 from tests.support.redis_server import free_port, redis_server  # noqa: E402
 
 WORKERS = 2
@@ -253,7 +254,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=8000, help="distinct documents to generate")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     args = parser.parse_args()
-    print(f"cpus: {os.cpu_count()}, gunicorn workers: {WORKERS} (gthread), documents: {args.documents}")
+    print(f"cpus: {os.cpu_count()}, gunicorn workers: {WORKERS} ({gunicorn_conf.worker_class}), "
+          f"documents: {args.documents}")
 
     with tempfile.TemporaryDirectory(prefix="bench-http-") as name, redis_server(Path(name) / "redis") as redis:
         workdir = Path(name)
