@@ -8,29 +8,18 @@ decoded strictly (RFC 4648 alphabet and padding; surrounding whitespace only).
 from __future__ import annotations
 
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Final
 
 from attest_service.errors import MalformedDocument, UnsupportedDocument
+from attest_service.strictjson import strict_decoder
 
 #: Largest base64 signature accepted, in characters. Azure's are about 4 KiB (3 KiB of DER); the
 #: limit bounds the work a hostile caller can ask for while leaving room for longer chains.
 MAX_SIGNATURE_CHARS: Final = 64 * 1024
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise MalformedDocument(f"document: duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-# Built once: json.loads() with hooks constructs a new decoder on every call, which costs as much as
-# the parse of a whole IMDS response.
-_DECODER: Final = json.JSONDecoder(object_pairs_hook=_reject_duplicates)
+_DECODER: Final = strict_decoder(MalformedDocument, "document")
 
 
 def decode_signature(signature: str) -> bytes:

@@ -11,7 +11,6 @@ that it holds across workers and replicas. One attestation costs two requests (c
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -32,6 +31,7 @@ from attest_service.errors import (
     StoreUnavailable,
 )
 from attest_service.nonces import CACHED_DOCUMENT_HINT
+from attest_service.strictjson import strict_decoder
 from attest_service.verify import VerificationPolicy, VerifiedDocument, decode_response, decode_signature
 from attest_service.verify.verifier import MAX_NONCE_LENGTH
 from attest_service.web.openapi import openapi_document
@@ -55,17 +55,7 @@ def _iso(instant: datetime) -> str:
     return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise MalformedRequest(f"duplicate key {key[:40]!r} in the request body")
-        result[key] = value
-    return result
-
-
-def _refuse_constant(token: str) -> object:
-    raise MalformedRequest(f"{token} is not JSON")
+_BODY_DECODER: Final = strict_decoder(MalformedRequest, "request body")
 
 
 def _json_body() -> dict[str, object]:
@@ -80,7 +70,7 @@ def _json_body() -> dict[str, object]:
         if len(data) > MAX_BODY_BYTES:
             raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
     try:
-        body = json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=_refuse_constant)
+        body = _BODY_DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, MalformedRequest):
             raise
