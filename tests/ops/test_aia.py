@@ -210,3 +210,19 @@ def test_azure_allow_list() -> None:
                 "http://www.microsoft.com/pkiops/certs/x.crt?redirect=1", "http://169.254.169.254/pkiops/certs/x"):
         assert not policy.allowed("public", url), url
     assert not policy.allowed("germany", "http://www.microsoft.com/pkiops/certs/x.crt")
+
+
+def test_a_ca_of_another_organisation_is_refused_even_when_it_chains(server: CaServer, pinned: Path, pki_set: Pki,
+                                                                    leaf_key) -> None:
+    # The fetched CA chains to the cloud's root and issued the signer, but its subject names an organisation
+    # the cloud's documents do not use (as DigiCert's own public CAs would under DigiCert Global Root G2).
+    path = PREFIX + "ops-issuing-ca-42.crt"
+    document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
+    server.routes[path] = (200, {}, der)
+    rule = AllowRule(scheme="http", host="127.0.0.1", port=server.port, path_prefix=PREFIX)
+    policy = AiaPolicy(allow={"public": (rule,)}, organizations={"public": ("Contoso Ltd",)})
+    fetcher = AiaFetcher(policy, allow_address=lambda address: address.is_loopback)
+    before = _fetches("invalid")
+    with pytest.raises(UntrustedChain, match="organisation"):
+        TrustHolder(pinned, interval_seconds=10, aia=fetcher).verify(document, policy=POLICY, now=pki_set.now)
+    assert _fetches("invalid") == before + 1
