@@ -31,6 +31,7 @@ from typing import Final
 
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError, PolicyDenied
+from attest_service.files import read_bounded
 from attest_service.verify import VerifiedDocument
 
 #: The client id under which keyless callers are recorded in the nonce store. Configured client ids
@@ -214,13 +215,7 @@ def load_policy(path: Path | None, *, api_clients: frozenset[str]) -> AccessPoli
     """
     if path is None:
         return AccessPolicy.open() if not api_clients else AccessPolicy()
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise ConfigurationError(f"ATTEST_POLICY_FILE: cannot read {path} ({exc.strerror})") from exc
-    if len(data) > MAX_POLICY_BYTES:
-        raise ConfigurationError(f"ATTEST_POLICY_FILE: {path} is larger than {MAX_POLICY_BYTES} bytes")
+    data = read_bounded(path, MAX_POLICY_BYTES, what="ATTEST_POLICY_FILE")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -32,6 +32,7 @@ from cryptography.x509 import verification
 
 from attest_service.clouds import CLOUDS, CloudProfile
 from attest_service.errors import ConfigurationError
+from attest_service.files import read_bounded
 
 Role = Literal["root", "intermediate"]
 
@@ -158,14 +159,7 @@ def load_certificates(data: bytes, *, origin: str) -> list[x509.Certificate]:
 
 
 def _read_limited(path: Path) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_PEM_BYTES + 1)
-    except OSError as exc:
-        raise ConfigurationError(f"{path}: cannot read ({exc.strerror})") from exc
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigurationError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
-    return data
+    return read_bounded(path, MAX_PEM_BYTES, what="pinned certificates")
 
 
 def _certifi_index() -> dict[str, bytes]:
