@@ -158,13 +158,7 @@ def make_root(
     _check_validity(not_before, not_after)
     name = x509.Name([*_CA_NAME_PREFIX, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject=name, issuer=name, key=key, serial=serial, not_before=not_before, not_after=not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -200,13 +194,9 @@ def make_intermediate(
         else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     )
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([*_CA_NAME_PREFIX, x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(issuer.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject=x509.Name([*_CA_NAME_PREFIX, x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+                 issuer=issuer.certificate.subject, key=key, serial=serial, not_before=not_before,
+                 not_after=not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_authority_key_identifier(issuer), critical=False)
@@ -246,13 +236,9 @@ def make_leaf(
         decipher_only=False,
     )
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([*_LEAF_NAME_PREFIX, x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(issuer.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject=x509.Name([*_LEAF_NAME_PREFIX, x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+                 issuer=issuer.certificate.subject, key=key, serial=serial, not_before=not_before,
+                 not_after=not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(key_usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -265,6 +251,20 @@ def make_leaf(
     if eku:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
     return CertifiedKey(certificate=_sign_certificate(builder, issuer.private_key), private_key=key)
+
+
+def _builder(*, subject: x509.Name, issuer: x509.Name, key: SigningKey, serial: int, not_before: datetime,
+             not_after: datetime) -> x509.CertificateBuilder:
+    """The part every certificate here shares; callers add their extensions in Azure's order."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
 
 
 def _authority_key_identifier(issuer: CertifiedKey) -> x509.AuthorityKeyIdentifier:
