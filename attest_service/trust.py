@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal
@@ -140,8 +141,15 @@ class TrustStore:
 
 
 def bundled_pinned_dir() -> Path:
-    """The ``pinned_certs/`` directory shipped with the source tree."""
-    return Path(__file__).resolve().parent.parent / "pinned_certs"
+    """The pins shipped with the package: ``attest_service/pinned_certs`` inside an installed wheel.
+
+    pyproject.toml maps the repository's top-level ``pinned_certs/`` into the package, so a wheel (and a wheel
+    built from the sdist) carries the very files the repository holds. A source checkout or an editable install
+    has no copy inside the package; there the pins are the checkout's own top-level directory, beside it.
+    """
+    package = Path(str(resources.files("attest_service")))
+    installed = package / "pinned_certs"
+    return installed if installed.is_dir() else package.parent / "pinned_certs"
 
 
 def load_certificates(data: bytes, *, origin: str) -> list[x509.Certificate]:
