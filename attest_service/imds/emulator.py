@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from flask import Flask, Response, request
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -38,6 +38,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from attest_service.clouds import CloudProfile, cloud_by_name
 from attest_service.errors import ConfigurationError
 from attest_service.imds import pki
+from attest_service.imds.faults import FAULT_KINDS, Fault, FaultKind
 
 #: API versions IMDS accepts, oldest first (IMDS documentation, "Supported API versions").
 API_VERSIONS: Final = (
@@ -65,9 +66,6 @@ MAX_NONCE_CHARS: Final = 32
 
 #: How often the background server checks for a stop request, in seconds (bounds how long stop() takes).
 SHUTDOWN_POLL_SECONDS: Final = 0.05
-
-FaultKind = Literal["cached-nonce", "410", "500"]
-FAULT_KINDS: Final[tuple[FaultKind, ...]] = ("cached-nonce", "410", "500")
 
 #: The instance metadata served when no instance file is given: a Marketplace VM in eastus.
 DEFAULT_INSTANCE: Final[Mapping[str, object]] = {
@@ -102,28 +100,6 @@ DEFAULT_INSTANCE: Final[Mapping[str, object]] = {
         ]
     },
 }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Fault:
-    """One injected fault: ``kind`` answers the first ``count`` eligible requests."""
-
-    kind: FaultKind
-    count: int
-
-    @classmethod
-    def parse(cls, text: str) -> Fault:
-        """Parse ``KIND[:COUNT]`` (count defaults to 1); raise :class:`ConfigurationError` when unusable."""
-        kind, _, count_text = text.partition(":")
-        if kind not in FAULT_KINDS:
-            raise ConfigurationError(f"unknown fault {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
-        try:
-            count = int(count_text) if count_text else 1
-        except ValueError:
-            raise ConfigurationError(f"fault count {count_text!r} is not an integer") from None
-        if count < 1:
-            raise ConfigurationError(f"fault count must be at least 1, got {count}")
-        return cls(kind=kind, count=count)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

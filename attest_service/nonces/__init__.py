@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attest_service.errors import ConfigurationError
-from attest_service.nonces.redis_store import SCHEMES as REDIS_SCHEMES
-from attest_service.nonces.redis_store import RedisNonceStore, redact, redis_store
-from attest_service.nonces.sqlite_store import SQLiteNonceStore, sqlite_path
 from attest_service.nonces.store import (
     CACHED_DOCUMENT_HINT,
     DEFAULT_CHALLENGE_TTL_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
+    REDIS_SCHEMES,
     Acceptance,
     NonceStore,
+    redact,
 )
+
+if TYPE_CHECKING:
+    from attest_service.nonces.redis_store import RedisNonceStore
+    from attest_service.nonces.sqlite_store import SQLiteNonceStore
 
 __all__ = [
     "CACHED_DOCUMENT_HINT",
@@ -71,11 +75,17 @@ def open_store(
     if not challenge_ttl_seconds > 0:
         raise ConfigurationError(f"challenge lifetime must be positive, got {challenge_ttl_seconds} s")
     scheme = url.partition("://")[0].lower()
+    # Each backend is imported when its URL is opened: a process on the embedded store never loads redis,
+    # and the library can name the store protocol without either backend.
     try:
         if scheme in REDIS_SCHEMES:
+            from attest_service.nonces.redis_store import redis_store  # noqa: PLC0415
+
             return redis_store(url, timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds,
                                min_replicas=min_replicas)
         if scheme == "sqlite":
+            from attest_service.nonces.sqlite_store import SQLiteNonceStore, sqlite_path  # noqa: PLC0415
+
             return SQLiteNonceStore(
                 sqlite_path(url), timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds
             )
@@ -85,3 +95,16 @@ def open_store(
         f"ATTEST_NONCE_STORE {redact(url)!r} is invalid: expected sqlite:///path or one of "
         + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
     )
+
+
+def __getattr__(name: str) -> object:
+    # The backend classes are exported by name, loaded on first use (see open_store).
+    if name == "RedisNonceStore":
+        from attest_service.nonces.redis_store import RedisNonceStore  # noqa: PLC0415
+
+        return RedisNonceStore
+    if name == "SQLiteNonceStore":
+        from attest_service.nonces.sqlite_store import SQLiteNonceStore  # noqa: PLC0415
+
+        return SQLiteNonceStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

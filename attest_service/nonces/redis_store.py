@@ -32,10 +32,12 @@ from redis.sentinel import Sentinel
 from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
 from attest_service.nonces.store import (
     DEFAULT_CHALLENGE_TTL_SECONDS,
+    REDIS_SCHEMES,
     Acceptance,
     RateWindow,
     check_nonce,
     epoch_ms,
+    redact,
     replayed,
     seen_ttl_ms,
 )
@@ -45,7 +47,7 @@ KEY_PREFIX: Final = "attest"
 DEFAULT_REDIS_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 #: URL schemes :func:`redis_store` understands.
-SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+SCHEMES: Final = REDIS_SCHEMES
 
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
@@ -353,22 +355,6 @@ def _host_port(entry: str, default_port: int) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port of {entry!r} is out of range")
     return host, port
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` and its query dropped, for logs and messages.
-
-    redis-py also reads a password from the query (``?password=...``), so no query is ever shown.
-    """
-    scheme, sep, rest = url.partition("://")
-    rest, question, _ = rest.partition("?")
-    query = "?***" if question else ""
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return f"{scheme}{sep}{rest}{query}"
-    userinfo, _, hosts = authority.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{hosts}{slash}{path}{query}"
 
 
 def redis_store(

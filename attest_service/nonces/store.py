@@ -177,3 +177,24 @@ class RateWindow:
             return until_next + (self.window_ms if limit <= 1 else 0)
         needed_elapsed = self.window_ms - ((limit - 1) * self.window_ms) // current
         return until_next + max(needed_elapsed, 0)
+
+
+#: URL schemes of the Redis backend (:mod:`attest_service.nonces.redis_store`), known here so that a URL can be
+#: dispatched without importing redis.
+REDIS_SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` and its query dropped, for logs and messages.
+
+    redis-py also reads a password from the query (``?password=...``), so no query is ever shown.
+    """
+    scheme, sep, rest = url.partition("://")
+    rest, question, _ = rest.partition("?")
+    query = "?***" if question else ""
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return f"{scheme}{sep}{rest}{query}"
+    userinfo, _, hosts = authority.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{path}{query}"

@@ -1,21 +1,55 @@
-"""The pure verification core; see :mod:`attest_service.verify.verifier` for the algorithm."""
+"""The pure verification core; see :mod:`attest_service.verify.verifier` for the algorithm.
 
-from attest_service.verify.document import decode_document, decode_response, decode_signature
+Everything here is a function of its arguments: bytes, options, the trust model and an instant. The
+package imports nothing of attest-service but :mod:`attest_service.errors` and :mod:`attest_service.clouds`
+(a test walks the imports to keep it so); loading trust from files is :mod:`attest_service.trust`'s work.
+The names below are the core's interface to the rest of the package.
+"""
+
+from attest_service.verify.chain import CA_POLICY, MAX_INTERMEDIATES
+from attest_service.verify.document import (
+    MAX_SIGNATURE_CHARS,
+    decode_document,
+    decode_input,
+    decode_response,
+    decode_signature,
+)
+from attest_service.verify.names import cloud_for_signer
+from attest_service.verify.strictjson import strict_decoder
+from attest_service.verify.trust import CloudTrust, PinnedCertificate, Role, TrustStore, common_name, fingerprint
 from attest_service.verify.verifier import (
+    DEFAULT_CLOCK_SKEW,
+    MAX_NONCE_LENGTH,
     Signer,
     VerificationPolicy,
     VerifiedDocument,
     Verifier,
+    signer_certificate,
     verify_document,
 )
 
 __all__ = [
+    "CA_POLICY",
+    "DEFAULT_CLOCK_SKEW",
+    "MAX_INTERMEDIATES",
+    "MAX_NONCE_LENGTH",
+    "MAX_SIGNATURE_CHARS",
+    "CloudTrust",
+    "PinnedCertificate",
+    "Role",
     "Signer",
+    "TrustStore",
     "VerificationPolicy",
     "VerifiedDocument",
     "Verifier",
+    "cloud_for_signer",
+    "common_name",
     "decode_document",
+    "decode_input",
     "decode_response",
     "decode_signature",
+    "fingerprint",
+    "signer_certificate",
+    "strict_decoder",
     "verify_document",
 ]

@@ -24,7 +24,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from attest_service.errors import CertificateExpired, UntrustedChain
-from attest_service.trust import CloudTrust
+from attest_service.verify.trust import CloudTrust
 
 #: Longest path accepted: leaf, up to three intermediates, root. The 2026 G2 chains use two
 #: (issuing CA, then the cross-signed Microsoft TLS RSA Root G2).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -33,9 +33,29 @@ MAX_SIGNED_NONCE_CHARS: Final = 64
 JsonValue = str | Mapping[str, "JsonValue"] | tuple["JsonValue", ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Claims:
-    """The signed content: every field exactly as signed, plus the fields the verifier interprets."""
+class FrozenArray(tuple[JsonValue, ...]):
+    """A JSON array of the signed content, read-only; equal to the ``list`` ``json.loads`` makes of it."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return tuple.__eq__(self, tuple(other))
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Claims(Mapping[str, JsonValue]):
+    """The signed content as a read-only mapping, exactly as signed, plus the fields the verifier interprets.
+
+    It compares equal to the ``dict`` that ``json.loads`` makes of the content (nested objects are read-only
+    mappings, arrays :class:`FrozenArray`), and ``dict(claims)`` or :func:`thaw` gives a plain copy.
+    """
 
     fields: Mapping[str, JsonValue]
     nonce: str
@@ -43,8 +63,20 @@ class Claims:
     created_on: datetime
     expires_on: datetime
 
-    def get(self, *path: str) -> str | None:
-        """The string at ``path`` (``get("plan", "publisher")``), or None when absent."""
+    def __getitem__(self, key: str) -> JsonValue:
+        return self.fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __repr__(self) -> str:
+        return f"Claims({thaw(self.fields)!r})"
+
+    def value_at(self, *path: str) -> str | None:
+        """The string at ``path`` (``value_at("plan", "publisher")``), or None when absent or not a string."""
         value: JsonValue | None = self.fields
         for key in path:
             if not isinstance(value, Mapping):
@@ -80,7 +112,7 @@ def _freeze(value: object, depth: int) -> JsonValue:
     if isinstance(value, MappingProxyType):
         return value
     if isinstance(value, list):
-        return tuple(_freeze(item, depth + 1) for item in value)
+        return FrozenArray(_freeze(item, depth + 1) for item in value)
     # IMDS encodes every primitive as a string; numbers, booleans and null mean a different producer.
     raise MalformedDocument(f"signed content: {type(value).__name__} value where IMDS writes strings")
 

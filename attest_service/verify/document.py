@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from attest_service.errors import MalformedDocument, UnsupportedDocument
-from attest_service.strictjson import strict_decoder
+from attest_service.verify.strictjson import strict_decoder
 
 #: Largest base64 signature accepted, in characters. Azure's are about 4 KiB (3 KiB of DER); the
 #: limit bounds the work a hostile caller can ask for while leaving room for longer chains.
@@ -71,3 +71,15 @@ def decode_document(data: bytes | str) -> bytes:
             raise MalformedDocument("document: not a JSON object")
         return decode_response(response)
     return decode_signature(text)
+
+
+def decode_input(response: Mapping[str, object] | str | bytes) -> bytes:
+    """Decode what a caller holds to DER: the IMDS response as a mapping, as JSON text or bytes, or bare base64.
+
+    This is the library's one entry for documents; anything else (a list, a number, ``None``) is malformed.
+    """
+    if isinstance(response, Mapping):
+        return decode_response(response)
+    if isinstance(response, str | bytes):
+        return decode_document(response)
+    raise MalformedDocument(f"document: expected the IMDS response or its signature, not {type(response).__name__}")

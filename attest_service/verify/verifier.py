@@ -41,12 +41,12 @@ from attest_service.errors import (
     NonceMismatch,
     UnsupportedDocument,
 )
-from attest_service.trust import TrustStore, fingerprint
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
 from attest_service.verify.pkcs7 import OID_DATA, SignedData, parse_signed_data
 from attest_service.verify.signature import verify_signature
+from attest_service.verify.trust import TrustStore, fingerprint
 
 #: Default tolerance between the verifier's clock and IMDS's, applied to createdOn and expiresOn.
 DEFAULT_CLOCK_SKEW: Final = timedelta(seconds=60)
@@ -304,4 +304,5 @@ def verify_document(document: bytes, *, trust: TrustStore, policy: VerificationP
     return Verifier(trust).verify(document, policy=policy, now=now)
 
 
-__all__: Final = ["Signer", "VerificationPolicy", "VerifiedDocument", "Verifier", "verify_document"]
+__all__: Final = ["DEFAULT_CLOCK_SKEW", "MAX_NONCE_LENGTH", "Signer", "VerificationPolicy", "VerifiedDocument",
+                  "Verifier", "signer_certificate", "verify_document"]

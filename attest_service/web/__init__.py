@@ -1,8 +1,8 @@
 """The REST service: :func:`create_app` builds the Flask application (gunicorn calls ``create_app()``).
 
-The application's modules are imported when an application is built, not when this package is: the
-command line imports :mod:`attest_service.web.serve` in every process, and the metric objects must only
-be created in the processes that serve (prometheus-client writes a file per process and metric in
+The application's modules are imported when an application is built, not when this package is: gunicorn's
+master imports this package before it forks, and the metric objects must only be created in the processes
+that serve (prometheus-client writes a file per process and metric in
 ``PROMETHEUS_MULTIPROC_DIR`` as soon as one exists).
 """
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flask import Flask
 
-    from attest_service.config import Settings
     from attest_service.nonces import NonceStore
     from attest_service.web.service import Clock
+    from attest_service.web.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,

@@ -13,14 +13,13 @@ from typing import Final
 
 from flask import Flask, Response, g, request
 
-from attest_service import metrics
-from attest_service.aia import AiaFetcher
-from attest_service.config import Settings
-from attest_service.errors import RequestTooLarge
+from attest_service.access import load_policy
+from attest_service.attestation import Attestor
 from attest_service.nonces import NonceStore, open_store
-from attest_service.policy import load_policy
-from attest_service.reload import TrustHolder
-from attest_service.web.errors import register_error_handlers
+from attest_service.trust.aia import AiaFetcher
+from attest_service.trust.reload import TrustHolder
+from attest_service.web import metrics
+from attest_service.web.errors import RequestTooLarge, register_error_handlers
 from attest_service.web.routes import api
 from attest_service.web.service import (
     MAX_BODY_BYTES,
@@ -29,6 +28,7 @@ from attest_service.web.service import (
     install,
     system_clock,
 )
+from attest_service.web.settings import Settings
 
 #: Header carrying the request id, accepted from the caller (or a proxy) and echoed in every answer.
 REQUEST_ID_HEADER: Final = "X-Request-Id"
@@ -83,7 +83,9 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # Claims are returned exactly as signed, in their signed order.
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    install(app, Service(settings=settings, store=store, trust=trust, access=access,
+    attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
+                        events=metrics.MetricEvents())
+    install(app, Service(settings=settings, store=store, attestor=attestor, access=access,
                          clock=clock if clock is not None else system_clock, api_keys=settings.api_keys))
     register_error_handlers(app)
     app.before_request(_assign_request_id)

@@ -1,8 +1,9 @@
-"""The one mapping from errors to HTTP: status codes, headers and ``{"verified": false, "error": ...}`` bodies.
+"""The one mapping from errors to HTTP: the errors only HTTP has, headers and ``{"verified": false, ...}`` bodies.
 
-Domain code raises :class:`~attest_service.errors.AttestError` subclasses and never sees HTTP; werkzeug's own
-exceptions (unknown route, wrong method, oversized body) are translated here too, so every answer that is
-not a success has the same JSON shape.
+Domain code raises :class:`~attest_service.errors.AttestError` subclasses, each carrying its ``http_status``,
+and never sees HTTP. The errors of the request itself (not JSON, no key, too large) are defined here, beside
+werkzeug's own exceptions (unknown route, wrong method, oversized body), which are translated too, so every
+answer that is not a success has the same JSON shape.
 """
 
 from __future__ import annotations
@@ -14,37 +15,59 @@ from typing import Final
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from attest_service.errors import AttestError, MalformedRequest, RateLimited, RequestTooLarge, StoreUnavailable
+from attest_service.errors import AttestError, ConfigurationError, RateLimited, StoreUnavailable
 
 _LOG: Final = logging.getLogger(__name__)
 
-#: HTTP status of every error code the API can answer (the contract's table, plus the last-resort 500).
-STATUS_BY_CODE: Final = MappingProxyType({
-    "malformed_request": 400,
-    "unauthorized": 401,
-    "policy_denied": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "nonce_replayed": 409,
-    "request_too_large": 413,
-    "malformed_document": 422,
-    "unsupported_document": 422,
-    "signature_invalid": 422,
-    "untrusted_chain": 422,
-    "certificate_expired": 422,
-    "subject_mismatch": 422,
-    "nonce_mismatch": 422,
-    "nonce_unknown": 422,
-    "document_expired": 422,
-    "document_not_yet_valid": 422,
-    "verification_failed": 422,
-    "rate_limited": 429,
-    "internal_error": 500,
-    "store_unavailable": 503,
-})
 
-#: Codes for werkzeug's routing answers, which have no domain exception.
+class MalformedRequest(AttestError):
+    """The request body is not JSON, or a field is missing or of the wrong type."""
+
+    code = "malformed_request"
+    http_status = 400
+
+
+class Unauthorized(AttestError):
+    """An API key is required and was missing or wrong."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class RequestTooLarge(AttestError):
+    """The request body exceeds the size limit."""
+
+    code = "request_too_large"
+    http_status = 413
+
+
+#: Codes for werkzeug's routing answers, which have no exception of ours.
 _HTTP_CODES: Final = MappingProxyType({404: "not_found", 405: "method_not_allowed"})
+
+
+def _error_classes(root: type[AttestError] = AttestError) -> list[type[AttestError]]:
+    classes: list[type[AttestError]] = []
+    subclasses: list[type[AttestError]] = root.__subclasses__()
+    for subclass in subclasses:
+        classes.append(subclass)
+        classes.extend(_error_classes(subclass))
+    return classes
+
+
+def status_by_code() -> dict[str, int]:
+    """HTTP status of every error code the API can answer: each class's own, and werkzeug's routing codes.
+
+    Built from the classes (imported here, so the HTTP-only ones are included), so a new code cannot be
+    missing from the table. ``configuration_error`` is left out: at request time it is a bug, answered as 500.
+    """
+    classes: list[type[AttestError]] = [AttestError, *_error_classes()]
+    table = {cls.code: cls.http_status for cls in classes if not issubclass(cls, ConfigurationError)}
+    table.update({code: status for status, code in _HTTP_CODES.items()})
+    return dict(sorted(table.items(), key=lambda item: (item[1], item[0])))
+
+
+#: The table :func:`status_by_code` builds, once: the OpenAPI document lists it.
+STATUS_BY_CODE: Final = MappingProxyType(status_by_code())
 
 #: The challenge a 401 carries (RFC 6750 section 3).
 WWW_AUTHENTICATE: Final = 'Bearer realm="attest-service"'
@@ -57,9 +80,9 @@ def error_body(code: str, message: str) -> dict[str, object]:
 
 def error_response(error: AttestError) -> Response:
     """The HTTP answer for a domain error: its status, the JSON body and the headers the status calls for."""
-    status = STATUS_BY_CODE.get(error.code, 500)
+    status = error.http_status
     if status == 500:
-        # A configuration error or an unmapped code at request time is a bug; say nothing more to the caller.
+        # A configuration error (or the base class) at request time is a bug; say nothing more to the caller.
         _LOG.error("unmapped error reached the API: %s: %s", error.code, error.message)
         response = jsonify(error_body("internal_error", "internal error"))
     elif isinstance(error, StoreUnavailable):

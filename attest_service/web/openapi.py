@@ -11,7 +11,7 @@ from typing import Final
 
 from attest_service import __version__
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.verify.verifier import MAX_NONCE_LENGTH
+from attest_service.verify import MAX_NONCE_LENGTH
 from attest_service.web.errors import STATUS_BY_CODE
 
 _JSON: Final = "application/json"

@@ -11,8 +11,6 @@ that it holds across workers and replicas. One attestation costs two requests (c
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,29 +18,19 @@ from typing import Final
 
 from flask import Blueprint, Response, jsonify, request
 
-from attest_service import metrics
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.errors import (
-    AttestError,
-    MalformedRequest,
-    NonceMismatch,
-    NonceReplayed,
-    RequestTooLarge,
-    StoreUnavailable,
+from attest_service.errors import AttestError, StoreUnavailable
+from attest_service.verify import (
+    MAX_NONCE_LENGTH,
+    decode_response,
+    decode_signature,
 )
-from attest_service.nonces import CACHED_DOCUMENT_HINT
-from attest_service.strictjson import strict_decoder
-from attest_service.verify import VerificationPolicy, VerifiedDocument, decode_response, decode_signature
-from attest_service.verify.verifier import MAX_NONCE_LENGTH
+from attest_service.verify.strictjson import strict_decoder
+from attest_service.web import metrics
+from attest_service.web.errors import MalformedRequest, RequestTooLarge
 from attest_service.web.openapi import openapi_document
 from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
 
-#: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
-CHALLENGE_BYTES: Final = 18
-#: A challenge as :func:`secrets.token_urlsafe` writes it; safe in IMDS's ``nonce`` query parameter.
-CHALLENGE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{24}")
-#: Issuing retries on the (astronomically unlikely) collision with a live challenge.
-CHALLENGE_ATTEMPTS: Final = 3
 #: The rate-limit window, in seconds; the limit is per minute.
 RATE_WINDOW_SECONDS: Final = 60
 #: Keys a verify request may carry.
@@ -130,37 +118,6 @@ def _caller(service: Service) -> Caller:
     return caller
 
 
-def _verify(service: Service, parsed: VerifyRequest, now: datetime) -> VerifiedDocument:
-    policy = VerificationPolicy(cloud=parsed.cloud, expected_nonce=parsed.nonce,
-                                clock_skew=service.settings.clock_skew)
-    try:
-        return service.trust.verify(parsed.document, policy=policy, now=now)
-    except NonceMismatch as exc:
-        # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce can be read to
-        # tell a VM that IMDS handed back a cached document fetched for one of our earlier challenges.
-        unchecked = VerificationPolicy(cloud=parsed.cloud, clock_skew=service.settings.clock_skew)
-        signed = service.trust.verify(parsed.document, policy=unchecked, now=now).claims.nonce
-        if CHALLENGE_PATTERN.fullmatch(signed):
-            raise NonceMismatch(f"the signed nonce {signed!r} is not the expected one {parsed.nonce!r}: "
-                                f"it is an earlier challenge; {CACHED_DOCUMENT_HINT}") from exc
-        raise
-
-
-def _claim(service: Service, caller: Caller, verified: VerifiedDocument, now: datetime) -> bool:
-    claims = verified.claims
-    # A seen nonce is remembered while its document could still verify (expiry plus skew), and at least
-    # one challenge lifetime, so a challenge can never be accepted again while it could be reissued.
-    expires_at = max(claims.expires_on + service.settings.clock_skew, now + service.settings.challenge_ttl)
-    try:
-        acceptance = service.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
-                                          require_challenge=caller.policy.require_challenge, now=now)
-    except StoreUnavailable:
-        metrics.STORE_ERRORS.labels(operation="accept").inc()
-        raise
-    (metrics.CHALLENGES_CONSUMED if acceptance.challenge else metrics.CALLER_NONCES_ACCEPTED).inc()
-    return acceptance.challenge
-
-
 @api.post("/v1/verify")
 def verify() -> Response:
     """Verify an attested document and accept its nonce once."""
@@ -171,18 +128,13 @@ def verify() -> Response:
         caller = _caller(service)
         # Step 1: parse the request.
         parsed = parse_verify_request(_json_body())
-        # Step 2: the verification core, at the service's instant.
-        now = service.clock()
-        verified = _verify(service, parsed, now)
-        caller.policy.check(verified)
-        # Step 3: claim the nonce, only now that the document is genuine and admitted.
-        challenge = _claim(service, caller, verified, now)
+        # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
+        # only then claims the nonce (attestation.py), at the service's instant.
+        attested = service.attestor.attest_der(parsed.document, now=service.clock(), nonce=parsed.nonce,
+                                               cloud=parsed.cloud, caller=caller.policy)
         # Step 4: serialise.
-        payload = verified.to_dict()
-        payload["nonce"] = {"value": verified.claims.nonce, "checked": parsed.nonce is not None,
-                            "challenge": challenge}
         code = None
-        return jsonify(payload)
+        return jsonify(attested.to_dict())
     except AttestError as exc:
         code = exc.code
         raise
@@ -196,20 +148,8 @@ def issue_challenge() -> tuple[Response, int]:
     """Issue a single-use nonce for the caller to have IMDS sign."""
     service = current_service()
     caller = _caller(service)
-    expires_at = service.clock() + service.settings.challenge_ttl
-    for attempt in range(CHALLENGE_ATTEMPTS):
-        nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
-        try:
-            service.store.issue_challenge(nonce, client_id=caller.client_id, expires_at=expires_at)
-            break
-        except NonceReplayed:
-            if attempt + 1 == CHALLENGE_ATTEMPTS:
-                raise
-        except StoreUnavailable:
-            metrics.STORE_ERRORS.labels(operation="issue_challenge").inc()
-            raise
-    metrics.CHALLENGES_ISSUED.inc()
-    return jsonify({"nonce": nonce, "expiresAt": _iso(expires_at)}), 201
+    challenge = service.attestor.issue_challenge(client_id=caller.client_id, now=service.clock())
+    return jsonify({"nonce": challenge.nonce, "expiresAt": _iso(challenge.expires_at)}), 201
 
 
 @api.get("/healthz")

@@ -1,4 +1,4 @@
-"""What the views work with: settings, the nonce store, the verifier, the access policy and the clock.
+"""What the views work with: settings, the nonce store, the attestation step, the access policy and the clock.
 
 Built once per process by :func:`attest_service.web.create_app` and kept in ``app.extensions``; every field
 is immutable or safe to share between the threads of a worker.
@@ -11,15 +11,15 @@ import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Final
 
 from flask import Flask, current_app
 
-from attest_service.config import Settings
-from attest_service.errors import Unauthorized
+from attest_service.access import ANONYMOUS, AccessPolicy, CallerPolicy
+from attest_service.attestation import Attestor
 from attest_service.nonces import NonceStore
-from attest_service.policy import ANONYMOUS, AccessPolicy, CallerPolicy
-from attest_service.verify import VerificationPolicy, VerifiedDocument
+from attest_service.web.errors import Unauthorized
+from attest_service.web.settings import Settings
 
 #: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
 MAX_BODY_BYTES: Final = 1024 * 1024
@@ -32,14 +32,6 @@ Clock = Callable[[], datetime]
 def system_clock() -> datetime:
     """The current instant, timezone-aware (UTC)."""
     return datetime.now(UTC)
-
-
-class DocumentVerifier(Protocol):
-    """The verification core as the views use it (the hot-reloading trust holder, or a plain Verifier)."""
-
-    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
-        """Verify DER ``document`` at ``now``; raise a VerificationError subclass when it fails."""
-        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,7 +49,7 @@ class Service:
 
     settings: Settings
     store: NonceStore
-    trust: DocumentVerifier
+    attestor: Attestor
     access: AccessPolicy
     clock: Clock
     api_keys: Mapping[str, bytes]

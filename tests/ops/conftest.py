@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from attest_service import certs, cli
+from attest_service import cli
 from attest_service.imds import pki
 from attest_service.trust import MANIFEST, load_trust, manifest_entry
 
@@ -132,14 +132,9 @@ def pinned(tmp_path: Path, pki_set: Pki) -> Path:
 
 
 @pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def run_cli(capsys: pytest.CaptureFixture[str]
             ) -> Callable[..., tuple[int, str, str]]:
     """Run ``attest-service ARGS`` in process; returns (exit code, stdout, stderr)."""
-    registrars = cli._registrars
-    if certs.register not in registrars():
-        # Until the command table lists certs, add it the way cli.build_parser() adds every command.
-        monkeypatch.setattr(cli, "_registrars", lambda: [*registrars(), certs.register])
-
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
         try:

@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
 
-from attest_service.aia import AiaFetcher, AiaPolicy, AllowRule, is_public_address
 from attest_service.errors import UntrustedChain
-from attest_service.reload import TrustHolder
+from attest_service.trust.aia import AiaFetcher, AiaPolicy, AllowRule, is_public_address
+from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
 
 from .conftest import Pki, make_ca, make_leaf, make_root, sign_document

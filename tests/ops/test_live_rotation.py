@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from attest_service import certs
+from attest_service.trust import fingerprint
+from attest_service.trust.pins import add_pins
 from tests.web.live import LiveService, live_service
 
 from .conftest import Pki, make_ca, make_leaf, pem, sign_document
@@ -62,7 +63,7 @@ def test_new_pin_is_taken_under_load_without_restart(pinned: Path, pki_set: Pki,
             thread.start()
         try:
             time.sleep(0.5)
-            certs.add_pins(pinned, "public", pem(successor.certificate), origin="ca02.pem", now=datetime.now(UTC))
+            add_pins(pinned, "public", pem(successor.certificate), origin="ca02.pem", now=datetime.now(UTC))
             added = time.monotonic()
             while _status(service, new_leaf) != 200:
                 assert time.monotonic() - added < PICKUP_LIMIT_SECONDS, "new pin not taken in time"
@@ -79,6 +80,6 @@ def test_new_pin_is_taken_under_load_without_restart(pinned: Path, pki_set: Pki,
         status, _, body = service.request("GET", "/metrics")
         text = body.decode()
         assert status == 200
-        assert certs.fingerprint(successor.certificate) in text
+        assert fingerprint(successor.certificate) in text
         assert 'attest_trust_reload_total{result="success"}' in text
         assert 'attest_verifications_by_issuer_total{issuer="Ops Live Issuing CA 02"}' in text

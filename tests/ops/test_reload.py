@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from attest_service import certs
 from attest_service.errors import ConfigurationError, UntrustedChain
-from attest_service.reload import TrustHolder
+from attest_service.trust import fingerprint
+from attest_service.trust.pins import add_pins, remove_pin
+from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
 
 from .conftest import Pki, make_ca, make_leaf, pem, sign_document
@@ -36,7 +37,7 @@ def _sample(name: str, **labels: str) -> float:
 
 
 def _add(pinned: Path, certificate) -> None:  # type: ignore[no-untyped-def]
-    certs.add_pins(pinned, "public", pem(certificate), origin="test.pem", now=datetime.now(UTC))
+    add_pins(pinned, "public", pem(certificate), origin="test.pem", now=datetime.now(UTC))
 
 
 def test_new_pin_is_seen_after_the_interval_and_not_before(pinned: Path, pki_set: Pki, leaf_key) -> None:
@@ -75,7 +76,7 @@ def test_broken_directory_keeps_the_last_good_trust(pinned: Path, pki_set: Pki,
     failures = _sample("attest_trust_reload_total", result="failure")
     garbage = pinned / "public" / "intermediates" / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
-    with caplog.at_level(logging.ERROR, logger="attest_service.reload"):
+    with caplog.at_level(logging.ERROR, logger="attest_service.trust.reload"):
         for _ in range(3):
             clock.now += 1
             assert holder.verifier() is good
@@ -127,9 +128,9 @@ def test_pinned_expiry_gauges_follow_the_trust(pinned: Path, pki_set: Pki) -> No
     holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
     issuing = pki_set.issuing.certificate
     labels = {"cloud": "public", "role": "intermediate", "subject": "Ops Test Issuing CA 01",
-              "sha256": certs.fingerprint(issuing)}
+              "sha256": fingerprint(issuing)}
     assert _sample("attest_pinned_certificate_not_after_seconds", **labels) == issuing.not_valid_after_utc.timestamp()
-    certs.remove_pin(pinned, "public", certs.fingerprint(issuing))
+    remove_pin(pinned, "public", fingerprint(issuing))
     clock.now += 1
     holder.verifier()
     assert REGISTRY.get_sample_value("attest_pinned_certificate_not_after_seconds", labels) is None
@@ -170,7 +171,7 @@ def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_ke
             extra = make_ca(f"Ops Churn CA {index}", pki_set.root, pki_set.now)
             _add(pinned, extra.certificate)
             time.sleep(0.03)
-            certs.remove_pin(pinned, "public", certs.fingerprint(extra.certificate))
+            remove_pin(pinned, "public", fingerprint(extra.certificate))
             time.sleep(0.03)
     finally:
         stop.set()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
+from attest_service.access import ANONYMOUS, AccessPolicy, load_policy, parse_policy
 from attest_service.errors import ConfigurationError
-from attest_service.policy import ANONYMOUS, AccessPolicy, load_policy, parse_policy
 from tests.web.conftest import API_KEYS_ENV, SUBSCRIPTION, AppFactory, GeneratedPki, bearer
 
 CLIENTS = frozenset({"license-server", "billing"})

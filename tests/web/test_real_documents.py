@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from attest_service.config import Settings
 from attest_service.web import create_app
+from attest_service.web.settings import Settings
 from tests.web.conftest import Clock, real_dir
 
 

@@ -1,4 +1,4 @@
-"""The ``imds-emulator`` and ``attest`` sub-commands of ``attest-service``.
+"""The VM-side commands: ``imds-emulator`` (a local stand-in for IMDS) and ``attest`` (challenge, fetch, submit).
 
 ``attest`` exit codes: 0 verified; 1 refused by the service; 2 usage; 3 IMDS unreachable or failing
 (not on Azure); 4 the service unreachable or failing.
@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Final
 
+from attest_service.cli.common import EXIT_USAGE
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.imds.client import (
@@ -24,14 +25,12 @@ from attest_service.imds.client import (
     AttestClient,
     ClientError,
 )
-from attest_service.imds.emulator import FAULT_KINDS, parse_bind, settings_for, start_emulator
+from attest_service.imds.faults import FAULT_KINDS
 
 if TYPE_CHECKING:
-    # argparse exposes no public name for the object add_subparsers() returns.
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    from attest_service.cli.common import Subparsers
 
 EXIT_OK: Final = 0
-EXIT_USAGE: Final = 2
 
 
 def _emit(payload: object) -> None:
@@ -46,6 +45,9 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run_emulator(args: argparse.Namespace) -> int:
     """``imds-emulator``: generate and pin a PKI, then serve until interrupted."""
+    # The emulator is a Flask application: its stack loads for this command only.
+    from attest_service.imds.emulator import parse_bind, settings_for, start_emulator  # noqa: PLC0415
+
     try:
         host, port = parse_bind(args.bind)
         settings = settings_for(args.cloud, args.instance_file, args.fault)

@@ -85,19 +85,19 @@ class CallerPolicy:
         claims = document.claims
         if self.clouds is not None and document.cloud not in self.clouds:
             self._deny(f"cloud {document.cloud}")
-        subscription = claims.get("subscriptionId")
+        subscription = claims.value_at("subscriptionId")
         if self.subscriptions is not None and subscription not in self.subscriptions:
             # Classic documents carry no subscriptionId: a restricted caller cannot admit them.
             self._deny("a document without subscriptionId" if subscription is None else f"subscription {subscription}")
         if self.plans is not None:
-            plan = Plan(publisher=claims.get("plan", "publisher") or "", product=claims.get("plan", "product") or "",
-                        name=claims.get("plan", "name") or "")
+            plan = Plan(publisher=claims.value_at("plan", "publisher") or "",
+                        product=claims.value_at("plan", "product") or "", name=claims.value_at("plan", "name") or "")
             if plan not in self.plans:
                 self._deny(f"plan {plan.describe()}")
-        sku = claims.get("sku")
+        sku = claims.value_at("sku")
         if self.skus is not None and sku not in self.skus:
             self._deny("a document without sku" if sku is None else f"sku {sku!r}")
-        license_type = claims.get("licenseType")
+        license_type = claims.value_at("licenseType")
         if self.license_types is not None and license_type not in self.license_types:
             self._deny("a document without licenseType" if license_type is None
                        else f"license type {license_type!r}")

@@ -51,6 +51,22 @@ HTTP_REQUESTS: Final = Counter(
 )
 
 
+class MetricEvents:
+    """The attestation step's reports (:class:`~attest_service.attestation.AttestationEvents`) as metrics."""
+
+    def store_error(self, operation: str) -> None:
+        """Count a failed store operation."""
+        STORE_ERRORS.labels(operation=operation).inc()
+
+    def nonce_accepted(self, *, challenge: bool) -> None:
+        """Count an accepted nonce, challenge or caller-chosen."""
+        (CHALLENGES_CONSUMED if challenge else CALLER_NONCES_ACCEPTED).inc()
+
+    def challenge_issued(self) -> None:
+        """Count an issued challenge."""
+        CHALLENGES_ISSUED.inc()
+
+
 def record_verification(code: str | None) -> None:
     """Count one answer of ``/v1/verify``: ``code`` None when verified, else the error code."""
     if code is None:

@@ -16,7 +16,7 @@ from typing import Final
 
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import default_sqlite_url
-from attest_service.trust import bundled_pinned_dir
+from attest_service.trust import pinned_dir_from_env
 
 #: Upper bounds that keep a typo (an extra zero) from turning into an unsafe setting.
 MAX_CHALLENGE_TTL: Final = timedelta(hours=1)
@@ -88,7 +88,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate the ``ATTEST_*`` variables; raise ConfigurationError naming the bad one."""
         env = os.environ if env is None else env
-        pinned = Path(env.get("ATTEST_PINNED_CERTS") or bundled_pinned_dir())
+        pinned = pinned_dir_from_env(env)
         store = env.get("ATTEST_NONCE_STORE") or default_sqlite_url()
         if not store.startswith(("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "sqlite:///")):
             raise ConfigurationError("ATTEST_NONCE_STORE: expected redis://, rediss://, redis+sentinel://, "

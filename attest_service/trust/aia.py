@@ -44,9 +44,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 from prometheus_client import Counter
 
-from attest_service.certs import ca_issuers_urls, ca_path, is_ca, is_self_signed
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
 from attest_service.trust import CloudTrust, PinnedCertificate, common_name, load_certificates
+from attest_service.trust.certificates import ca_issuers_urls, ca_path, is_ca, is_self_signed
 
 LOG: Final = logging.getLogger(__name__)
 

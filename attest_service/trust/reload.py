@@ -50,12 +50,10 @@ from prometheus_client.registry import Collector
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
-from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier
-from attest_service.verify.names import cloud_for_signer
-from attest_service.verify.verifier import signer_certificate
+from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
-    from attest_service.aia import AiaFetcher
+    from attest_service.trust.aia import AiaFetcher
 
 LOG: Final = logging.getLogger(__name__)
 

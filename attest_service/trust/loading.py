@@ -18,24 +18,19 @@ import binascii
 import hashlib
 import re
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final
 
 import certifi
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509 import verification
 
-from attest_service.clouds import CLOUDS, CloudProfile
+from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
-
-Role = Literal["root", "intermediate"]
+from attest_service.verify.trust import CloudTrust, PinnedCertificate, Role, TrustStore
 
 #: File in ``<cloud>/roots/`` naming roots to take from certifi, one SHA-256 (hex) per line.
 CERTIFI_LIST: Final = "certifi.txt"
@@ -47,97 +42,14 @@ MAX_PEM_BYTES: Final = 256 * 1024
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL)
 
 
-def fingerprint(certificate: x509.Certificate) -> str:
-    """Lower-case hex SHA-256 of the certificate's DER encoding."""
-    return certificate.fingerprint(hashes.SHA256()).hex()
+#: The variable naming an operator's pinned directory (the contract's ``ATTEST_PINNED_CERTS``).
+PINNED_CERTS_ENV: Final = "ATTEST_PINNED_CERTS"
 
 
-def common_name(name: x509.Name) -> str:
-    """The first CN of ``name``, or its RFC 4514 string when it has none."""
-    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    if attrs:
-        value = attrs[0].value
-        return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return name.rfc4514_string()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PinnedCertificate:
-    """One pinned certificate with where it came from (``file`` path relative to the directory, or certifi)."""
-
-    cloud: str
-    role: Role
-    certificate: x509.Certificate
-    source: str
-    path: Path | None = None
-
-    @property
-    def sha256(self) -> str:
-        """Hex SHA-256 fingerprint."""
-        return fingerprint(self.certificate)
-
-    @property
-    def subject_cn(self) -> str:
-        """Common name of the subject, for listings and messages."""
-        return common_name(self.certificate.subject)
-
-    @property
-    def not_after(self) -> datetime:
-        """End of validity (aware, UTC)."""
-        return self.certificate.not_valid_after_utc
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CloudTrust:
-    """The roots and pinned intermediates of one cloud, ready for chain building."""
-
-    profile: CloudProfile
-    roots: tuple[PinnedCertificate, ...]
-    intermediates: tuple[PinnedCertificate, ...]
-    #: Problems found while loading (a certifi root that certifi no longer carries, ...): reported by
-    #: ``certs check``; they narrow trust, never widen it.
-    problems: tuple[str, ...] = ()
-    _store: verification.Store | None = field(default=None, init=False, repr=False, compare=False)
-    _intermediate_certs: tuple[x509.Certificate, ...] = field(default=(), init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # The verification Store is built once per load: building it per request would cost more than
-        # the whole rest of a verification. An empty Store is not allowed by cryptography, so a cloud
-        # without roots (germany by default) keeps None and every chain for it is untrusted.
-        store = verification.Store([pin.certificate for pin in self.roots]) if self.roots else None
-        object.__setattr__(self, "_store", store)
-        object.__setattr__(self, "_intermediate_certs", tuple(p.certificate for p in self.intermediates))
-
-    @property
-    def store(self) -> verification.Store | None:
-        """The root store for chain building, or None when the cloud has no roots."""
-        return self._store
-
-    @property
-    def intermediate_certificates(self) -> tuple[x509.Certificate, ...]:
-        """The pinned intermediates, the only ones a chain may pass through."""
-        return self._intermediate_certs
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TrustStore:
-    """Trust material for every cloud, loaded once and swapped whole on reload."""
-
-    clouds: Mapping[str, CloudTrust]
-    directory: Path | None = None
-
-    def for_cloud(self, name: str) -> CloudTrust:
-        """The trust of cloud ``name``; a cloud missing from the directory trusts nothing."""
-        trust = self.clouds.get(name)
-        if trust is None:
-            return CloudTrust(profile=CLOUDS[name], roots=(), intermediates=())
-        return trust
-
-    def all_pins(self) -> Iterable[PinnedCertificate]:
-        """Every pinned certificate of every cloud, roots first."""
-        for trust in self.clouds.values():
-            yield from trust.roots
-            yield from trust.intermediates
+def pinned_dir_from_env(env: Mapping[str, str]) -> Path:
+    """The pinned directory ``env`` names with ``ATTEST_PINNED_CERTS``, else the bundled pins."""
+    value = env.get(PINNED_CERTS_ENV)
+    return Path(value) if value else bundled_pinned_dir()
 
 
 def bundled_pinned_dir() -> Path:

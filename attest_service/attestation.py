@@ -1,0 +1,199 @@
+"""Step 10, the caller's step: verify a document, apply the caller's allow-lists, then claim its nonce once.
+
+The verification core (:mod:`attest_service.verify`) proves a document genuine; this module turns that into
+the product's guarantee, *each nonce is accepted once, ever*, without any web framework:
+
+1. verify the document with the core, at the caller's instant (steps 1 to 9);
+2. check the caller's allow-lists (:class:`~attest_service.access.CallerPolicy`): a genuine document
+   outside them is refused with ``policy_denied`` and keeps its nonce;
+3. claim the nonce in the nonce store (:class:`~attest_service.nonces.NonceStore`), atomically, only now
+   that everything above passed, so junk or a denied document can never burn a nonce;
+4. report what was accepted.
+
+The REST service's views (:mod:`attest_service.web.routes`) are this object behind HTTP; a license server
+written in Python embeds it directly (README, "Embedding"). It also issues the challenges it later consumes.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Protocol
+
+from attest_service.access import CallerPolicy
+from attest_service.clouds import AUTO
+from attest_service.errors import NonceMismatch, NonceReplayed, StoreUnavailable
+from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
+
+#: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
+CHALLENGE_BYTES: Final = 18
+#: A challenge as :func:`secrets.token_urlsafe` writes it; safe in IMDS's ``nonce`` query parameter.
+CHALLENGE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{24}")
+#: Issuing retries on the (astronomically unlikely) collision with a live challenge.
+CHALLENGE_ATTEMPTS: Final = 3
+#: The client id recorded for a caller that names none (an embedding application with one tenant).
+DEFAULT_CLIENT_ID: Final = "default"
+
+
+class DocumentVerifier(Protocol):
+    """The verification core as the attestation step uses it: a Verifier, or the service's reloading holder."""
+
+    def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Verify DER ``der`` at ``now``; raise a VerificationError subclass when it fails."""
+        ...
+
+
+class AttestationEvents(Protocol):
+    """What an :class:`Attestor` reports as it works; the REST service counts these as metrics."""
+
+    def store_error(self, operation: str) -> None:
+        """The store failed during ``operation`` (``accept``, ``issue_challenge``)."""
+        ...
+
+    def nonce_accepted(self, *, challenge: bool) -> None:
+        """A nonce was accepted; ``challenge`` tells whether it consumed a service-issued challenge."""
+        ...
+
+    def challenge_issued(self) -> None:
+        """A challenge was issued."""
+        ...
+
+
+class _NoEvents:
+    """The default observer: reports go nowhere."""
+
+    def store_error(self, operation: str) -> None:
+        """Ignore a store failure (it is raised to the caller all the same)."""
+
+    def nonce_accepted(self, *, challenge: bool) -> None:
+        """Ignore an acceptance."""
+
+    def challenge_issued(self) -> None:
+        """Ignore an issued challenge."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Challenge:
+    """A single-use nonce issued to one client, for IMDS to sign, live until ``expires_at``."""
+
+    nonce: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attested:
+    """A document that was verified, admitted by the caller's allow-lists, and whose nonce is now spent."""
+
+    document: VerifiedDocument
+    #: Whether the caller named the nonce it expected (and the core compared it).
+    nonce_checked: bool
+    #: Whether the nonce consumed a challenge this service issued (else it was a caller-chosen nonce).
+    challenge: bool
+
+    def to_dict(self) -> dict[str, object]:
+        """The REST service's success body: the verdict, plus what was accepted of the nonce."""
+        payload = self.document.to_dict()
+        payload["nonce"] = {"value": self.document.claims.nonce, "checked": self.nonce_checked,
+                            "challenge": self.challenge}
+        return payload
+
+
+class Attestor:
+    """Verify, admit and accept attested documents once each, against one nonce store.
+
+    Safe to share between threads (the verifier and the stores are). ``clock_skew`` is the tolerance the
+    core applies to the document's validity window; ``challenge_ttl`` is how long an issued challenge lives,
+    and the least time any accepted nonce is remembered.
+    """
+
+    def __init__(self, verifier: DocumentVerifier, store: NonceStore, *,
+                 clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+                 challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
+                 events: AttestationEvents | None = None) -> None:
+        self.verifier = verifier
+        self.store = store
+        self.clock_skew = clock_skew
+        self.challenge_ttl = challenge_ttl
+        self._events: AttestationEvents = events if events is not None else _NoEvents()
+
+    def issue_challenge(self, *, client_id: str = DEFAULT_CLIENT_ID, now: datetime) -> Challenge:
+        """Issue a fresh challenge to ``client_id``; raises StoreUnavailable when the store cannot record it."""
+        expires_at = now + self.challenge_ttl
+        for attempt in range(CHALLENGE_ATTEMPTS):
+            nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
+            try:
+                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at)
+                break
+            except NonceReplayed:
+                if attempt + 1 == CHALLENGE_ATTEMPTS:
+                    raise
+            except StoreUnavailable:
+                self._events.store_error("issue_challenge")
+                raise
+        self._events.challenge_issued()
+        return Challenge(nonce=nonce, expires_at=expires_at)
+
+    def attest(self, response: Mapping[str, object] | str | bytes, *, now: datetime, nonce: str | None = None,
+               cloud: str = AUTO, caller: CallerPolicy | None = None) -> Attested:
+        """Verify ``response`` (any form :func:`~attest_service.verify.decode_input` takes) and accept its nonce.
+
+        ``nonce`` is the nonce the caller expects (a challenge it was issued, or its own); ``caller`` holds
+        the caller's allow-lists and client id (default: one unrestricted client). Raises a
+        :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``, ``NonceReplayed``,
+        ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted.
+        """
+        return self.attest_der(decode_input(response), now=now, nonce=nonce, cloud=cloud, caller=caller)
+
+    def attest_der(self, der: bytes, *, now: datetime, nonce: str | None = None, cloud: str = AUTO,
+                   caller: CallerPolicy | None = None) -> Attested:
+        """:meth:`attest` for a document already decoded to DER."""
+        policy = caller if caller is not None else CallerPolicy.unrestricted(DEFAULT_CLIENT_ID)
+        # Steps 1 to 9: the verification core.
+        verified = self._verify(der, nonce=nonce, cloud=cloud, now=now)
+        # The caller's allow-lists, before the claim: a denied document keeps its nonce.
+        policy.check(verified)
+        # Step 10: claim the nonce, only now that the document is genuine and admitted.
+        challenge = self._claim(verified, policy, now)
+        return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge)
+
+    def _verify(self, der: bytes, *, nonce: str | None, cloud: str, now: datetime) -> VerifiedDocument:
+        policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=self.clock_skew)
+        try:
+            return self.verifier.verify(der, policy=policy, now=now)
+        except NonceMismatch as exc:
+            # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce can be read to
+            # tell a VM that IMDS handed back a cached document fetched for one of our earlier challenges.
+            unchecked = VerificationPolicy(cloud=cloud, clock_skew=self.clock_skew)
+            signed = self.verifier.verify(der, policy=unchecked, now=now).claims.nonce
+            if CHALLENGE_PATTERN.fullmatch(signed):
+                raise NonceMismatch(f"the signed nonce {signed!r} is not the expected one {nonce!r}: "
+                                    f"it is an earlier challenge; {CACHED_DOCUMENT_HINT}") from exc
+            raise
+
+    def _claim(self, verified: VerifiedDocument, caller: CallerPolicy, now: datetime) -> bool:
+        claims = verified.claims
+        # A seen nonce is remembered while its document could still verify (expiry plus skew), and at least
+        # one challenge lifetime, so a challenge can never be accepted again while it could be reissued.
+        expires_at = max(claims.expires_on + self.clock_skew, now + self.challenge_ttl)
+        try:
+            acceptance = self.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
+                                           require_challenge=caller.require_challenge, now=now)
+        except StoreUnavailable:
+            self._events.store_error("accept")
+            raise
+        self._events.nonce_accepted(challenge=acceptance.challenge)
+        return acceptance.challenge
+
+
+__all__ = [
+    "CHALLENGE_PATTERN",
+    "AttestationEvents",
+    "Attested",
+    "Attestor",
+    "Challenge",
+    "DocumentVerifier",
+]

@@ -1,0 +1,187 @@
+"""The ``certs`` command: list, check, add, remove and explain pins; it formats what `attest_service.trust` returns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from attest_service.cli.common import (
+    EXIT_REFUSED,
+    EXIT_VERIFIED,
+    UsageError,
+    add_pinned_certs_option,
+    load_trust_or_usage,
+    parse_instant,
+    pinned_dir,
+)
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import ConfigurationError
+from attest_service.trust import MAX_PEM_BYTES
+from attest_service.trust.explain import explain_document
+from attest_service.trust.pins import DEFAULT_WARN_DAYS, add_pins, check_pins, list_pins, remove_pin
+
+if TYPE_CHECKING:
+    from attest_service.cli.common import Subparsers
+
+#: Largest accepted document for ``explain``, in bytes (an IMDS response is about 8 KiB).
+MAX_DOCUMENT_BYTES: Final = 256 * 1024
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _complain(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def _now(args: argparse.Namespace) -> datetime:
+    at: datetime | None = getattr(args, "at", None)
+    return at if at is not None else datetime.now(UTC)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``certs list``: a table (or ``--json``) of every pin."""
+    reports = list_pins(load_trust_or_usage(args), now=_now(args))
+    if args.json:
+        _say(json.dumps({"certificates": [r.to_dict() for r in reports]}, indent=1))
+        return EXIT_VERIFIED
+    header = ("CLOUD", "ROLE", "SUBJECT", "ISSUER", "NOT AFTER", "DAYS", "STATUS", "CHAINS TO", "SHA-256", "SOURCE")
+    rows = [header, *((r.cloud, r.role, r.subject, r.issuer, r.not_after.date().isoformat(), str(r.days_left),
+                       r.status, r.chains_to or "-", r.sha256, r.source) for r in reports)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        _say("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return EXIT_VERIFIED
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``certs check``: exit 1 naming each problem, 0 when there is none."""
+    trust = load_trust_or_usage(args)
+    if args.warn_days < 0:
+        raise UsageError("--warn-days must not be negative")
+    report = check_pins(trust, now=_now(args), warn_days=args.warn_days, allow_retired=args.allow_retired)
+    if args.json:
+        _say(json.dumps({"ok": report.ok, "problems": [p.to_dict() for p in report.problems],
+                         "retired": [p.to_dict() for p in report.notes]}, indent=1))
+    else:
+        for note in report.notes:
+            _say(f"retired (allowed): {note.cloud}: {note.message}")
+        for problem in report.problems:
+            _say(str(problem))
+        count = sum(1 for _ in trust.all_pins())
+        _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired pins allowed")
+    return EXIT_VERIFIED if report.ok else EXIT_REFUSED
+
+
+def _read_file(name: str) -> bytes:
+    try:
+        with Path(name).open("rb") as handle:
+            data = handle.read(MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {name}: {exc.strerror}") from exc
+    if len(data) > MAX_PEM_BYTES:
+        raise ConfigurationError(f"{name} is larger than {MAX_PEM_BYTES} bytes")
+    return data
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """``certs add``: pin the CA(s) of FILE for ``--cloud``; exit 1 and change nothing when refused."""
+    directory = pinned_dir(args)
+    load_trust_or_usage(args)
+    try:
+        changes = add_pins(directory, args.cloud, _read_file(args.file), origin=Path(args.file).name,
+                           now=datetime.now(UTC), source=args.source)
+    except ConfigurationError as exc:
+        _complain(f"attest-service certs add: refused: {exc.message}")
+        return EXIT_REFUSED
+    for change in changes:
+        _say(f"{change.action}: {change.cloud}: {change.subject} sha256 {change.sha256} ({change.file})")
+    return EXIT_VERIFIED
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    """``certs remove``: unpin one intermediate; exit 1 when nothing matches."""
+    directory = pinned_dir(args)
+    load_trust_or_usage(args)
+    try:
+        change = remove_pin(directory, args.cloud, args.pin)
+    except ConfigurationError as exc:
+        _complain(f"attest-service certs remove: {exc.message}")
+        return EXIT_REFUSED
+    _say(f"removed: {change.cloud}: {change.subject} sha256 {change.sha256} ({change.file})")
+    return EXIT_VERIFIED
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """``certs explain``: which step a document fails; exit 0 when it verifies, 1 when it does not."""
+    trust = load_trust_or_usage(args)
+    try:
+        with Path(args.file).open("rb") as handle:
+            data = handle.read(MAX_DOCUMENT_BYTES)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
+    explanation = explain_document(data, trust, cloud=args.cloud, now=_now(args))
+    if args.json:
+        _say(json.dumps(explanation.to_dict(), indent=1))
+    elif explanation.verified:
+        _say("verifies: every step passed")
+    else:
+        assert explanation.error is not None  # noqa: S101 - set whenever verified is false
+        _say(f"fails at step {explanation.step}: {explanation.error['code']}: {explanation.error['message']}")
+        if explanation.signer_issuer is not None:
+            _say(f"signer: {explanation.signer_subject}")
+            _say(f"signer's issuer: {explanation.signer_issuer}")
+            _say(f"issuer's AIA caIssuers: {', '.join(explanation.ca_issuers) or 'none'}")
+            pinned = "yes" if explanation.issuer_pinned else "no (pin it with certs add, after checking it)"
+            _say(f"issuer pinned for {explanation.cloud}: {pinned}")
+            _say(f"pins with that subject, any cloud: {'; '.join(explanation.issuer_pins) or 'none'}")
+    return EXIT_VERIFIED if explanation.verified else EXIT_REFUSED
+
+
+def register(subparsers: Subparsers) -> None:
+    """Register ``certs`` and its sub-commands on the ``attest-service`` parser."""
+    certs = subparsers.add_parser("certs", help="list, check, add and remove pinned certificates",
+                                  description="Operate the pinned trust directory.")
+    actions = certs.add_subparsers(dest="certs_command", required=True)
+
+    listing = actions.add_parser("list", help="every pinned certificate")
+    listing.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    listing.add_argument("--at", type=parse_instant, metavar="TIME", help="instant for status (default: now)")
+    add_pinned_certs_option(listing)
+    listing.set_defaults(handler=run_list)
+
+    check = actions.add_parser("check", help="exit non-zero naming each problem of the pins")
+    check.add_argument("--warn-days", type=int, default=DEFAULT_WARN_DAYS, metavar="D",
+                       help=f"report pins expiring within D days (default {DEFAULT_WARN_DAYS})")
+    check.add_argument("--allow-retired", action="store_true",
+                       help="expired pins kept for verify --at are notes, not problems, if they still chain")
+    check.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    check.add_argument("--at", type=parse_instant, metavar="TIME", help="instant to check at (default: now)")
+    add_pinned_certs_option(check)
+    check.set_defaults(handler=run_check)
+
+    add = actions.add_parser("add", help="validate and pin an intermediate CA")
+    add.add_argument("--cloud", choices=list(CLOUDS), required=True)
+    add.add_argument("--source", help="provenance recorded in the manifest (default: file name and date)")
+    add_pinned_certs_option(add)
+    add.add_argument("file", metavar="FILE", help="PEM or DER certificate(s)")
+    add.set_defaults(handler=run_add)
+
+    remove = actions.add_parser("remove", help="unpin an intermediate")
+    remove.add_argument("--cloud", choices=list(CLOUDS), required=True)
+    add_pinned_certs_option(remove)
+    remove.add_argument("pin", metavar="SHA256_OR_FILENAME")
+    remove.set_defaults(handler=run_remove)
+
+    explain = actions.add_parser("explain", help="which verification step a document fails, and why")
+    explain.add_argument("--cloud", choices=[*CLOUDS, AUTO], default=AUTO)
+    explain.add_argument("--at", type=parse_instant, metavar="TIME", help="instant to verify at (default: now)")
+    explain.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    add_pinned_certs_option(explain)
+    explain.add_argument("file", metavar="FILE")
+    explain.set_defaults(handler=run_explain)

@@ -1,0 +1,75 @@
+"""The ``verify`` command: one document, offline, one JSON object on standard output (the contract's exit codes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from attest_service.cli.common import (
+    EXIT_REFUSED,
+    EXIT_VERIFIED,
+    UsageError,
+    add_pinned_certs_option,
+    load_trust_or_usage,
+    parse_instant,
+)
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import AttestError
+from attest_service.verify import MAX_SIGNATURE_CHARS, VerificationPolicy, Verifier, decode_document
+
+if TYPE_CHECKING:
+    from attest_service.cli.common import Subparsers
+
+
+def _emit(payload: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+
+
+def _read_input(source: str) -> bytes:
+    limit = MAX_SIGNATURE_CHARS * 2 + 1
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read(limit)
+        with Path(source).open("rb") as handle:
+            return handle.read(limit)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """``verify``: one document, offline; one JSON object on standard output."""
+    trust = load_trust_or_usage(args)
+    data = _read_input(args.file)
+    now = args.at if args.at is not None else datetime.now(UTC)
+    policy = VerificationPolicy(cloud=args.cloud, expected_nonce=args.nonce)
+    try:
+        result = Verifier(trust).verify(decode_document(data), policy=policy, now=now)
+    except AttestError as exc:
+        _emit({"verified": False, "error": exc.to_dict()})
+        return EXIT_REFUSED
+    payload = result.to_dict()
+    if args.nonce is None:
+        payload["nonceChecked"] = False
+    _emit(payload)
+    return EXIT_VERIFIED
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the ``verify`` sub-command."""
+    parser = subparsers.add_parser("verify", help="verify one attested document offline",
+                                   description="Verify one attested document; print one JSON object.")
+    parser.add_argument("--cloud", choices=[*CLOUDS, AUTO], default=AUTO,
+                        help="cloud whose trust and domain apply (default: auto, from the signer's name)")
+    parser.add_argument("--nonce", help="expected nonce; without it the nonce is reported, not checked")
+    parser.add_argument("--at", type=parse_instant, metavar="TIME",
+                        help="ISO 8601 instant to verify at (default: now)")
+    add_pinned_certs_option(parser)
+    parser.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                        help="IMDS response JSON or bare base64 signature (default: standard input)")
+    parser.set_defaults(handler=run_verify)
+
+

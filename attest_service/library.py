@@ -1,0 +1,70 @@
+"""The library's verifier: the verification core with the pinned trust loaded, for in-process use.
+
+``from attest_service import Verifier`` gives this class. It is the core's
+:class:`~attest_service.verify.Verifier` (same algorithm, same caches, safe to share between threads) with
+the two ways of getting trust a Python license server needs, and one call that takes the IMDS response in
+whatever form the caller holds it::
+
+    verifier = Verifier.bundled()
+    result = verifier.verify_response(response, cloud="auto", nonce=None, at=None)
+
+Every refusal raises :class:`~attest_service.errors.VerificationError` (its ``code`` is one of the
+contract's); arguments that are not usable (an unknown cloud, a naive ``at``, an unreadable directory)
+raise :class:`~attest_service.errors.ConfigurationError`. Both are :class:`~attest_service.errors.AttestError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from attest_service.clouds import AUTO
+from attest_service.errors import ConfigurationError
+from attest_service.trust.loading import bundled_pinned_dir, load_trust
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
+from attest_service.verify import Verifier as CoreVerifier
+
+
+class Verifier(CoreVerifier):
+    """Verifies IMDS attested documents against pinned trust; build it with :meth:`bundled` or :meth:`from_directory`.
+
+    ``Verifier(trust_store)`` also works, with a :class:`~attest_service.verify.TrustStore` built by hand.
+    """
+
+    @classmethod
+    def bundled(cls) -> Verifier:
+        """A verifier over the pins shipped inside the package (``attest_service/pinned_certs``)."""
+        return cls(load_trust(bundled_pinned_dir()))
+
+    @classmethod
+    def from_directory(cls, path: str | os.PathLike[str]) -> Verifier:
+        """A verifier over an operator's pinned directory (``<cloud>/roots``, ``<cloud>/intermediates``).
+
+        Raises ConfigurationError when the directory is missing or holds an unusable file.
+        """
+        return cls(load_trust(Path(path)))
+
+    def verify_response(self, response: Mapping[str, object] | str | bytes, *, cloud: str = AUTO,
+                        nonce: str | None = None, at: datetime | None = None) -> VerifiedDocument:
+        """Verify one IMDS response: a ``dict``, JSON text or bytes, or the bare base64 signature.
+
+        ``cloud`` is ``public``, ``usgov``, ``china``, ``germany`` or ``auto`` (the cloud whose domain the
+        signer's name falls under); ``nonce`` the expected nonce (None: reported, not checked); ``at`` a
+        timezone-aware instant (default: now). Returns the frozen result: ``.cloud``, ``.claims`` (a
+        read-only mapping equal to the signed JSON) and ``.signer``. This checks authenticity only: to accept
+        each nonce once, use :class:`~attest_service.attestation.Attestor`.
+        """
+        if not isinstance(cloud, str):
+            raise ConfigurationError(f"cloud must be a string, not {type(cloud).__name__}")
+        if nonce is not None and not isinstance(nonce, str):
+            raise ConfigurationError(f"nonce must be a string or None, not {type(nonce).__name__}")
+        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
+            raise ConfigurationError("at must be a timezone-aware datetime")
+        policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
+        der = decode_input(response)
+        return self.verify(der, policy=policy, now=at if at is not None else datetime.now(UTC))
+
+
+__all__ = ["Verifier"]

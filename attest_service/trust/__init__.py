@@ -1,0 +1,45 @@
+"""The pinned trust: loading it from a directory, operating on the pins, reloading it live, the AIA fallback.
+
+- :mod:`~attest_service.trust.loading`: read a pinned directory (and certifi's roots) into the core's
+  :class:`~attest_service.verify.TrustStore`; find the pins bundled with the package.
+- :mod:`~attest_service.trust.certificates`: x509 helpers shared by the operations below (CA tests, CA
+  path validation, AIA URLs).
+- :mod:`~attest_service.trust.pins`: list, check, add and remove pins (the ``certs`` command's library).
+- :mod:`~attest_service.trust.explain`: which step a document fails and what the trust lacks.
+- :mod:`~attest_service.trust.reload`: the running service's hot-reloading holder of the trust.
+- :mod:`~attest_service.trust.aia`: the optional fallback that fetches an unpinned issuer from an
+  allow-listed AIA URL.
+
+This package imports only the loading names below: the offline commands and the library never pull in the
+service's runtime (the reload holder and the AIA fallback export Prometheus metrics).
+"""
+
+from attest_service.trust.loading import (
+    CERTIFI_LIST,
+    MANIFEST,
+    MAX_PEM_BYTES,
+    PINNED_CERTS_ENV,
+    bundled_pinned_dir,
+    load_certificates,
+    load_trust,
+    manifest_entry,
+    pinned_dir_from_env,
+)
+from attest_service.verify import CloudTrust, PinnedCertificate, TrustStore, common_name, fingerprint
+
+__all__ = [
+    "CERTIFI_LIST",
+    "MANIFEST",
+    "MAX_PEM_BYTES",
+    "PINNED_CERTS_ENV",
+    "CloudTrust",
+    "PinnedCertificate",
+    "TrustStore",
+    "bundled_pinned_dir",
+    "common_name",
+    "fingerprint",
+    "load_certificates",
+    "load_trust",
+    "manifest_entry",
+    "pinned_dir_from_env",
+]
