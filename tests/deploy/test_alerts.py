@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .common import CHART_DIR, RELEASE, HelmFailed, by_kind, one
+from .common import CHART_DIR, HA_VALUES, RELEASE, HelmFailed, by_kind, one
 
 Render = Callable[..., list[dict[str, Any]]]
 
@@ -181,6 +181,14 @@ def test_prometheus_rule_shape(render: Render) -> None:
         assert alert["expr"]
         assert set(alert["annotations"]) == {"summary", "description"}
         assert alert["labels"]["severity"] in {"critical", "warning"}
+
+
+def test_ha_values_ship_the_alerts_to_the_prometheus_of_the_service_monitor(render: Render) -> None:
+    manifests = render(HA_VALUES)
+    rule = one(manifests, "PrometheusRule")
+    monitor = one(manifests, "ServiceMonitor")
+    assert rule["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
+    assert rule["spec"] == source_rules()
 
 
 def test_prometheus_rule_defaults_to_the_release_namespace(render: Render) -> None:

@@ -123,7 +123,7 @@ def test_default_and_ha_render_the_expected_objects(render: Render) -> None:
     ha = sorted(m["kind"] for m in render(HA_VALUES))
     assert ha == sorted([
         "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Pod", "PodDisruptionBudget",
-        "Service", "ServiceAccount", "ServiceMonitor",
+        "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
     ])
 
 
