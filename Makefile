@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test lint bench fuzz soak clean system-deps redis-server-installed
+.PHONY: run test lint bench fuzz soak clean system-deps redis-server-installed promtool-installed
 
 # Debian ships venv/ensurepip and redis-server as separate packages; install them only when missing.
 system-deps:
@@ -25,13 +25,18 @@ run: $(STAMP)
 redis-server-installed:
 	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server redis-tools; }
 
+# promtool (the alert rule tests) comes with Debian's prometheus package; its recommends (node exporter and
+# collectors) are not needed. Where systemd runs, the package also enables and starts a Prometheus server.
+promtool-installed:
+	@command -v promtool >/dev/null || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/attest-service certs check --allow-retired --pinned-certs pinned_certs
 
-test: $(STAMP) redis-server-installed lint
+test: $(STAMP) redis-server-installed promtool-installed lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) redis-server-installed

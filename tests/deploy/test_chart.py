@@ -16,7 +16,7 @@ Render = Callable[..., list[dict[str, Any]]]
 #: The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 #: Kinds from CRDs, for which kubernetes-validate has no schema; their shape is asserted below instead.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 #: UID/GID of the image's user (Dockerfile USER).
 SERVICE_UID = 10001
 
@@ -40,6 +40,8 @@ EVERYTHING_ON: dict[str, Any] = {
         "extraEgress": [{"to": [{"ipBlock": {"cidr": "10.30.0.0/16"}}], "ports": [{"port": 80, "protocol": "TCP"}]}],
     },
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "prometheusRule": {"enabled": True, "namespace": "monitoring", "labels": {"release": "prometheus"},
+                       "additionalAlertLabels": {"team": "licensing"}},
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "attest", "effect": "NoSchedule"}],
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -121,7 +123,7 @@ def test_default_and_ha_render_the_expected_objects(render: Render) -> None:
     ha = sorted(m["kind"] for m in render(HA_VALUES))
     assert ha == sorted([
         "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Pod", "PodDisruptionBudget",
-        "Service", "ServiceAccount", "ServiceMonitor",
+        "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
     ])
 
 

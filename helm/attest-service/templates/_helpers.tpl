@@ -129,3 +129,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: helm-test
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
+
+{{/*
+An alert expression of files/alerts.yaml with one threshold literal replaced by its value from
+prometheusRule.alerts: (list ALERT EXPR LITERAL REPLACEMENT). Fails when the literal is gone from the
+expression, so that the file and the values cannot drift apart silently.
+*/}}
+{{- define "attest-service.alertThreshold" -}}
+{{- $name := index . 0 }}
+{{- $expr := index . 1 }}
+{{- $literal := index . 2 }}
+{{- if not (contains $literal $expr) }}
+{{- fail (printf "files/alerts.yaml: the expression of %s no longer contains %q, which prometheusRule.alerts.%s sets" $name $literal $name) }}
+{{- end }}
+{{- replace $literal (index . 3) $expr }}
+{{- end }}
