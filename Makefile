@@ -45,7 +45,7 @@ bench: $(STAMP) redis-server-installed
 
 # Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes are written to fuzz-artifacts/.
 fuzz: $(STAMP)
-	$(BIN)/python tests/fuzz/fuzz_verify.py
+	$(BIN)/python tests/system/fuzz/fuzz_verify.py
 
 # 30 minutes at half capacity (DURATION=seconds to change it); prints latency, statuses and worker RSS.
 soak: $(STAMP) redis-server-installed

@@ -20,12 +20,12 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
 from attest_service.access import CallerPolicy
 from attest_service.clouds import AUTO
-from attest_service.errors import NonceMismatch, NonceReplayed, StoreUnavailable
+from attest_service.errors import ConfigurationError, NonceMismatch, NonceReplayed, StoreUnavailable
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
 from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
 
@@ -61,6 +61,14 @@ class AttestationEvents(Protocol):
     def challenge_issued(self) -> None:
         """A challenge was issued."""
         ...
+
+
+def _instant(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ConfigurationError("the attestation instant must be timezone-aware")
+    return now
 
 
 class _NoEvents:
@@ -120,9 +128,12 @@ class Attestor:
         self.challenge_ttl = challenge_ttl
         self._events: AttestationEvents = events if events is not None else _NoEvents()
 
-    def issue_challenge(self, *, client_id: str = DEFAULT_CLIENT_ID, now: datetime) -> Challenge:
-        """Issue a fresh challenge to ``client_id``; raises StoreUnavailable when the store cannot record it."""
-        expires_at = now + self.challenge_ttl
+    def issue_challenge(self, *, client_id: str = DEFAULT_CLIENT_ID, now: datetime | None = None) -> Challenge:
+        """Issue a fresh challenge to ``client_id``; raises StoreUnavailable when the store cannot record it.
+
+        ``now`` (default: the system clock) starts the challenge's lifetime.
+        """
+        expires_at = _instant(now) + self.challenge_ttl
         for attempt in range(CHALLENGE_ATTEMPTS):
             nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
             try:
@@ -137,20 +148,22 @@ class Attestor:
         self._events.challenge_issued()
         return Challenge(nonce=nonce, expires_at=expires_at)
 
-    def attest(self, response: Mapping[str, object] | str | bytes, *, now: datetime, nonce: str | None = None,
-               cloud: str = AUTO, caller: CallerPolicy | None = None) -> Attested:
+    def attest(self, response: Mapping[str, object] | str | bytes, *, nonce: str | None = None, cloud: str = AUTO,
+               caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:
         """Verify ``response`` (any form :func:`~attest_service.verify.decode_input` takes) and accept its nonce.
 
         ``nonce`` is the nonce the caller expects (a challenge it was issued, or its own); ``caller`` holds
-        the caller's allow-lists and client id (default: one unrestricted client). Raises a
+        the caller's allow-lists and client id (default: one unrestricted client); ``now`` is the instant of
+        the verification (default: the system clock). Raises a
         :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``, ``NonceReplayed``,
         ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted.
         """
-        return self.attest_der(decode_input(response), now=now, nonce=nonce, cloud=cloud, caller=caller)
+        return self.attest_der(decode_input(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
 
-    def attest_der(self, der: bytes, *, now: datetime, nonce: str | None = None, cloud: str = AUTO,
-                   caller: CallerPolicy | None = None) -> Attested:
+    def attest_der(self, der: bytes, *, nonce: str | None = None, cloud: str = AUTO,
+                   caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:
         """:meth:`attest` for a document already decoded to DER."""
+        now = _instant(now)
         policy = caller if caller is not None else CallerPolicy.unrestricted(DEFAULT_CLIENT_ID)
         # Steps 1 to 9: the verification core.
         verified = self._verify(der, nonce=nonce, cloud=cloud, now=now)

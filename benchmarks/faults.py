@@ -2,7 +2,7 @@
 
 Starts a durable redis-server and ``attest-service serve`` (gunicorn, 2 workers, Redis store, store timeout
 0.5 s) on loopback, measures capacity, then keeps a paced load at half of it through each fault (see
-``tests/reliability/faults.py`` for the phases and the invariants). Prints counts per status and code for
+``tests/system/reliability/faults.py`` for the phases and the invariants). Prints counts per status and code for
 each phase, latency percentiles, the recovery time after each fault and every broken invariant; exits 1
 when an invariant broke.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.faults import RECOVERY_BOUND_SECONDS, FaultSettings, run_faults  # noqa: E402
-from tests.reliability.harness import WORKER_VARIANTS  # noqa: E402
+from tests.system.reliability.faults import RECOVERY_BOUND_SECONDS, FaultSettings, run_faults  # noqa: E402
+from tests.system.reliability.harness import WORKER_VARIANTS  # noqa: E402
 
 
 def main() -> int:

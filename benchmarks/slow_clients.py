@@ -22,15 +22,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import (  # noqa: E402
+from tests.support.redis_server import redis_server  # noqa: E402
+from tests.system.reliability.harness import (  # noqa: E402
     WORKER_VARIANTS,
     DocumentFactory,
     gunicorn_argv,
     running_service,
     service_env,
 )
-from tests.reliability.slow import run_slow_clients  # noqa: E402
-from tests.support.redis_server import redis_server  # noqa: E402
+from tests.system.reliability.slow import run_slow_clients  # noqa: E402
 
 
 def run(variant: str, slow: int, seconds: float) -> None:

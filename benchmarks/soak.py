@@ -23,7 +23,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import (  # noqa: E402
+from tests.support.redis_server import redis_server  # noqa: E402
+from tests.system.reliability.harness import (  # noqa: E402
     DocumentFactory,
     Load,
     closed_loop_capacity,
@@ -32,7 +33,6 @@ from tests.reliability.harness import (  # noqa: E402
     running_service,
     service_env,
 )
-from tests.support.redis_server import redis_server  # noqa: E402
 
 DURATION_SECONDS = float(os.environ.get("DURATION", "1800"))
 INTERVAL_SECONDS = float(os.environ.get("INTERVAL", "60"))

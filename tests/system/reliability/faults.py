@@ -12,7 +12,7 @@ documents and non-JSON bodies runs at about half the measured capacity through t
 6. ``pins-garbage``    the pinned directory replaced by unusable files for longer than the reload period;
 7. ``pins-restored``   the good directory put back.
 
-Afterwards :func:`tests.reliability.harness.check_invariants` asks Redis whether every nonce answered 200
+Afterwards :func:`tests.system.reliability.harness.check_invariants` asks Redis whether every nonce answered 200
 is recorded, and checks that no nonce got 200 twice, that the only 5xx is 503 store_unavailable, and that
 every 503 came back within the store timeout plus a margin. The time from the end of each fault to the
 first 200 is reported as its recovery time.
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Final
 
 from attest_service.nonces.redis_store import seen_key
-from tests.reliability.harness import (
+from tests.support.redis_server import redis_server
+from tests.system.reliability.harness import (
     DURABLE_REDIS_ARGS,
     DocumentFactory,
     Load,
@@ -45,7 +46,6 @@ from tests.reliability.harness import (
     service_env,
     wait_for,
 )
-from tests.support.redis_server import redis_server
 
 PHASES: Final = ["warm-up", "baseline", "redis-restart", "redis-frozen", "after-freeze", "worker-kill",
                  "pins-garbage", "pins-restored"]

@@ -2,24 +2,24 @@
 
 Run from the repository root::
 
-    python tests/fuzz/fuzz_verify.py                   # FUZZ_SECONDS (default 300) seconds
-    python tests/fuzz/fuzz_verify.py --seconds 20      # a bounded run, as CI does
-    python tests/fuzz/fuzz_verify.py --replay FILE...  # replay saved inputs once each (no atheris needed)
+    python tests/system/fuzz/fuzz_verify.py                   # FUZZ_SECONDS (default 300) seconds
+    python tests/system/fuzz/fuzz_verify.py --seconds 20      # a bounded run, as CI does
+    python tests/system/fuzz/fuzz_verify.py --replay FILE...  # replay saved inputs once each (no atheris needed)
 
 The seed corpus is written at start into ``--corpus`` (default: ``$FUZZ_CORPUS`` or a temporary
 directory), from the deterministic fuzz PKI, the test-case generator's documents and the real Azure
-documents when they are present (see :mod:`tests.fuzz.target`). New inputs libFuzzer finds are added to
+documents when they are present (see :mod:`tests.system.fuzz.target`). New inputs libFuzzer finds are added to
 that directory, so a persistent ``--corpus`` makes later runs start where earlier ones stopped.
 
 A crash is any exception other than VerificationError. libFuzzer then writes the input to
 ``--artifacts`` (default ``$FUZZ_ARTIFACTS`` or ``fuzz-artifacts/``) as ``crash-<sha1>``, prints the
-traceback and exits non-zero. Turn each crash into a named file under ``tests/fuzz/regressions/``;
-``tests/fuzz/test_fuzz.py`` replays every file there.
+traceback and exits non-zero. Turn each crash into a named file under ``tests/system/fuzz/regressions/``;
+``tests/system/fuzz/test_fuzz.py`` replays every file there.
 
 While a crash is known and not yet fixed, ``--known SIG,...`` (or ``$FUZZ_KNOWN_CRASHES``) names crash
-signatures (``Type@module:function``, see :attr:`tests.fuzz.target.Crash.signature`) to count instead of
+signatures (``Type@module:function``, see :attr:`tests.system.fuzz.target.Crash.signature`) to count instead of
 stopping on, so a long run keeps looking for new ones; ``--known open`` means the signatures of the
-open regressions listed in :data:`tests.fuzz.target.OPEN_CRASHES`. The first input of each known
+open regressions listed in :data:`tests.system.fuzz.target.OPEN_CRASHES`. The first input of each known
 signature is still written to the artifacts directory as ``known-<sha1>``.
 """
 
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
     # Run as a script, the repository root (home of the ``tests`` package) is not on the path.
     sys.path.insert(0, str(REPO_ROOT))
@@ -68,7 +68,7 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def replay(paths: list[Path]) -> int:
     """Run saved inputs once each; print each outcome; return 1 if any crashed."""
-    from tests.fuzz.target import Crash, check_one  # noqa: PLC0415 - after sys.path is set
+    from tests.system.fuzz.target import Crash, check_one  # noqa: PLC0415 - after sys.path is set
 
     status = 0
     for path in paths:
@@ -85,7 +85,7 @@ def fuzz(options: argparse.Namespace, libfuzzer_args: list[str]) -> None:
     import atheris  # noqa: PLC0415 - only the fuzzing mode needs it
 
     with atheris.instrument_imports(include=["attest_service", "asn1crypto"]):
-        from tests.fuzz import target  # noqa: PLC0415 - imported under instrumentation on purpose
+        from tests.system.fuzz import target  # noqa: PLC0415 - imported under instrumentation on purpose
 
     corpus: Path = options.corpus or Path(tempfile.mkdtemp(prefix="attest-fuzz-corpus-"))
     seeds = target.write_seed_corpus(corpus)

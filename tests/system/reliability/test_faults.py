@@ -1,4 +1,4 @@
-"""Faults under load, bounded: every phase of :mod:`tests.reliability.faults`, then one test per invariant.
+"""Faults under load, bounded: every phase of :mod:`tests.system.reliability.faults`, then one test per invariant.
 
 Each worker variant (the shipped gunicorn configuration; the same with gevent workers when gevent is
 installed) gets one run of about 70 seconds (short phases, Redis frozen 3 s); ``python benchmarks/faults.py``
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.conftest import requires_redis
-from tests.reliability.faults import RECOVERY_BOUND_SECONDS, FaultReport, FaultSettings, run_faults
+from tests.system.reliability.conftest import requires_redis
+from tests.system.reliability.faults import RECOVERY_BOUND_SECONDS, FaultReport, FaultSettings, run_faults
 
 pytestmark = [pytest.mark.slow, requires_redis]
 

@@ -37,7 +37,7 @@ from typing import Final
 from attest_service.imds import pki
 from tests.support.redis_server import free_port
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 LOOPBACK: Final = "127.0.0.1"
 VERIFY_PATH: Final = "/v1/verify"
 

@@ -3,7 +3,7 @@
 The command counts are asserted (a change to them changes the capacity planning in docs/DEPLOYMENT.md);
 the memory figures are printed for that document (run with ``-s``)::
 
-    pytest -s tests/scaleout/test_store_footprint.py
+    pytest -s tests/system/scaleout/test_store_footprint.py
 """
 
 from __future__ import annotations

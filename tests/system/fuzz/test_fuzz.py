@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.target import OPEN_CRASHES, REGRESSIONS_DIR, REPO_ROOT, Crash, check_one, seed_inputs
+from tests.system.fuzz.target import OPEN_CRASHES, REGRESSIONS_DIR, REPO_ROOT, Crash, check_one, seed_inputs
 
 #: Length of the bounded fuzzing session inside the test suite, in seconds.
 CI_FUZZ_SECONDS = int(os.environ.get("FUZZ_CI_SECONDS", "20"))
@@ -74,6 +74,7 @@ def test_bounded_fuzz_run_finds_no_new_crash(tmp_path: Path) -> None:
         check=False,
     )
     crashes = sorted(path.name for path in (tmp_path / "artifacts").glob("crash-*"))
-    assert not crashes, f"new crash {crashes}; save it under tests/fuzz/regressions/:\n{completed.stderr[-4000:]}"
+    assert not crashes, (f"new crash {crashes}; save it under tests/system/fuzz/regressions/:\n"
+                         f"{completed.stderr[-4000:]}")
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Done" in completed.stderr or "stat::number_of_executed_units" in completed.stderr

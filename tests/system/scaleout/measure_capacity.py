@@ -6,7 +6,7 @@ time the gunicorn workers and redis-server spent from ``/proc``. CPU per verific
 with: unlike requests per second, it does not depend on what else the machine is running. Prints figures;
 asserts nothing. Linux only (``/proc``).
 
-Run: ``python -m tests.scaleout.measure_capacity [--workers N] [--documents N] [--duration S]``
+Run: ``python -m tests.system.scaleout.measure_capacity [--workers N] [--documents N] [--duration S]``
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from tests.scaleout import properties
 from tests.support.redis_server import redis_server
 from tests.support.service import DocumentFactory, ServiceProcess, running_service
+from tests.system.scaleout import properties
 
 CONNECTIONS: Final = 8
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")

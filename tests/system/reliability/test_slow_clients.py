@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import requires_redis
-from tests.reliability.harness import DocumentFactory, gunicorn_argv, running_service, service_env
-from tests.reliability.slow import SlowReport, run_slow_clients
 from tests.support.redis_server import redis_server
+from tests.system.reliability.conftest import requires_redis
+from tests.system.reliability.harness import DocumentFactory, gunicorn_argv, running_service, service_env
+from tests.system.reliability.slow import SlowReport, run_slow_clients
 
 pytestmark = [pytest.mark.slow, requires_redis]
 

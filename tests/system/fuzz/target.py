@@ -47,7 +47,7 @@ from attest_service.imds import pki
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 REGRESSIONS_DIR: Final = Path(__file__).resolve().parent / "regressions"
 TESTCASES_DIR: Final = REPO_ROOT / "tests" / "assets" / "testcases"
 

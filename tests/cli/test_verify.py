@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTCASES = REPO_ROOT / "tests" / "assets" / "testcases"
 PINNED = TESTCASES / "pinned"
 INDEX: dict[str, dict[str, Any]] = json.loads((TESTCASES / "index.json").read_text(encoding="utf-8"))["cases"]

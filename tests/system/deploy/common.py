@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CHART_DIR = REPO_ROOT / "helm" / "attest-service"
 HA_VALUES = REPO_ROOT / "helm" / "values-ha.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-from tests.reliability.harness import LOOPBACK, VERIFY_PATH, DocumentFactory, percentile, rss_kib
+from tests.system.reliability.harness import LOOPBACK, VERIFY_PATH, DocumentFactory, percentile, rss_kib
 
 #: Body length the slow clients announce, in bytes: under the 1 MiB limit, so the service must read it.
 SLOW_BODY_BYTES: Final = 100_000
