@@ -14,6 +14,7 @@ their handlers.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from attest_service import __version__
 from attest_service.cli import certs, imds, serve, verify
-from attest_service.cli.common import EXIT_USAGE, Handler, UsageError
+from attest_service.cli.common import EXIT_REFUSED, EXIT_USAGE, Handler, UsageError
 from attest_service.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -56,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # refused with a JSON verdict, and the warnings would only add noise to standard error.
             warnings.simplefilter("ignore")
             return handler(args)
+    except BrokenPipeError:
+        # The reader of standard output went away (``certs list | head``): stop quietly, as a filter does,
+        # and point standard output at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_REFUSED
     except UsageError as exc:
         sys.stderr.write(f"attest-service {args.command}: {exc}\n")
         return EXIT_USAGE

@@ -140,3 +140,17 @@ def test_usage_unreadable_file(tmp_path: Path) -> None:
 
 def test_usage_missing_pinned_directory(tmp_path: Path) -> None:
     usage_error("--pinned-certs", str(tmp_path / "absent"), str(BASE_FILE))
+
+
+@pytest.mark.parametrize("argv", [["certs", "list"], ["verify", "--at", "2025-06-01T12:01:00Z", "-"]],
+                         ids=lambda argv: argv[0])
+def test_a_closed_standard_output_ends_the_command_without_a_traceback(argv: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes its first byte
+    try:
+        result = subprocess.run([sys.executable, "-m", "attest_service", *argv], stdout=write_end,
+                                stderr=subprocess.PIPE, input=b"not a document", cwd=REPO_ROOT, timeout=60,
+                                check=False)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, b"")
