@@ -20,25 +20,25 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
-# The virtual environment is created without pip or setuptools, so it holds the service and its runtime
-# dependencies only; the base image's pip installs into it through --python.
-RUN python -m venv --without-pip /opt/attest-service
-
-# Dependencies first, from the pinned list alone, so this layer is reused while only the code changes.
-# --only-binary keeps compilers out of the build: every pinned dependency ships a manylinux wheel.
+# scripts/install-runtime.sh is the one recipe of this environment: the installed-artefact tests
+# (tests/system/install) build theirs with it too, so what they test is what this stage ships. Its first step
+# creates the virtual environment without pip or setuptools, so it holds the service and its runtime
+# dependencies only (the base image's pip installs into it through --python), and installs the pinned list
+# alone, from wheels only (no compiler runs), so this layer is reused while only the code changes.
+COPY scripts/install-runtime.sh ./scripts/
 COPY constraints.txt ./
-RUN python -m pip --python /opt/attest-service/bin/python install --no-cache-dir --only-binary=:all: \
-        --requirement constraints.txt
+RUN bash scripts/install-runtime.sh dependencies /opt/attest-service constraints.txt
 
+# The project is built into a wheel (setuptools lives in pip's isolated build environment, in this stage
+# only); the wheel carries pinned_certs/ as the package's bundled pins. The script's second step installs it
+# without dependencies and without an index, runs "pip check" (a dependency declared in pyproject.toml but
+# missing from constraints.txt, or pinned at a version it does not accept, fails the build) and loads
+# gunicorn's worker class, which needs what pip check cannot see: the requirements of gunicorn's extra.
 COPY pyproject.toml README.md ./
 COPY attest_service/ ./attest_service/
-# The project is built into a wheel (setuptools lives in pip's isolated build environment, in this stage
-# only) and installed without dependencies; "pip check" then fails the build when a dependency declared
-# in pyproject.toml is missing from constraints.txt or pinned at a version it does not accept.
+COPY pinned_certs/ ./pinned_certs/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && python -m pip --python /opt/attest-service/bin/python install --no-cache-dir --no-index --no-deps \
-        --find-links /wheels attest-service \
- && python -m pip --python /opt/attest-service/bin/python check
+ && bash scripts/install-runtime.sh project /opt/attest-service /wheels
 
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -13,10 +13,11 @@ APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 system-deps:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv; }
 
-$(STAMP): pyproject.toml | system-deps
+# The runtime dependencies at the versions constraints.txt pins, as in the image: what the tests run is what ships.
+$(STAMP): pyproject.toml constraints.txt | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	$(BIN)/python -m pip install -q --constraint constraints.txt -e '.[test,lint]'
 	touch $@
 
 run: $(STAMP)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from attest_service.clouds import CloudProfile
 from attest_service.imds import pki
 from attest_service.imds.emulator import EmulatorPki, EmulatorSettings
+from tests.support.azure_real import real_documents
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,18 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXED_NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 
 
-def real_documents_dir() -> Path:
-    """Directory of real Azure documents: ATTEST_AZURE_REAL_DIR, else ../shared/azure-real/documents."""
-    base = Path(os.environ.get("ATTEST_AZURE_REAL_DIR", REPO_ROOT.parent / "shared" / "azure-real"))
-    return base / "documents"
-
-
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    directory = real_documents_dir()
-    if not (directory / "expected.json").is_file():
-        pytest.skip(f"real Azure documents not available at {directory} (set ATTEST_AZURE_REAL_DIR)")
-    return directory
+    """The directory of real Azure documents (skips, or under CI fails, when it is missing)."""
+    return real_documents()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from attest_service.imds import pki
+from tests.support.azure_real import azure_certs_dir, require
 
 from .conftest import FIXED_NOW, build_chain, sample_content
 
@@ -261,10 +262,9 @@ def test_leaf_has_the_shape_of_a_real_one(real_dir: Path, rsa_chain: Chain) -> N
     assert ours.subject.rfc4514_string() == real.subject.rfc4514_string()
 
 
-def test_issuing_ca_has_the_shape_of_a_real_one(real_dir: Path, rsa_chain: Chain) -> None:
-    real_path = real_dir.parent.parent / "azure-certs" / "intermediates" / "microsoft-azure-rsa-tls-issuing-ca-04.pem"
-    if not real_path.is_file():
-        pytest.skip(f"real issuing CA not available at {real_path}")
+def test_issuing_ca_has_the_shape_of_a_real_one(rsa_chain: Chain) -> None:
+    real_path = require(azure_certs_dir() / "intermediates" / "microsoft-azure-rsa-tls-issuing-ca-04.pem",
+                        "real issuing CA")
     real = x509.load_pem_x509_certificate(real_path.read_bytes())
     ours = rsa_chain[1].certificate
     for cert in (ours, real):

@@ -11,6 +11,10 @@ to the environment, waits until ``/healthz`` answers and stops the whole process
 
 The service runs on the system clock, so :class:`DocumentFactory` generates its PKI around the current time
 and signs documents created a few seconds ago.
+
+By default the child runs the source tree's package (``python -m attest_service`` with the repository on
+``PYTHONPATH``). ``command=[".../bin/attest-service"]`` runs an installed console script instead, in
+``workdir``, with neither ``PYTHONPATH`` nor the caller's ``ATTEST_*`` variables: only what ``env`` sets.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,13 +106,16 @@ class DocumentFactory:
 class ServiceProcess:
     """``attest-service serve --bind 127.0.0.1:PORT --workers N`` in its own process group."""
 
-    def __init__(self, env: Mapping[str, str], workdir: Path, *, workers: int = 2) -> None:
+    def __init__(self, env: Mapping[str, str], workdir: Path, *, workers: int = 2,
+                 command: Sequence[str] | None = None) -> None:
         self.host = LOOPBACK
         self.port = free_port()
         self.workers = workers
         self.log = workdir / f"serve-{self.port}.log"
         self._metrics_dir = workdir / f"metrics-{self.port}"
         self._env = dict(env)
+        self._command = list(command) if command is not None else None
+        self._workdir = workdir
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -125,14 +132,21 @@ class ServiceProcess:
         """Start the service and wait until ``/healthz`` answers 200; returns ``self``."""
         self._metrics_dir.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if key not in _PROXY_VARIABLES}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if self._command is None:
+            program = [sys.executable, "-m", "attest_service"]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+            cwd = None
+        else:
+            # An installed program: nothing of the source tree importable, no setting but the caller's.
+            program = self._command
+            env = {key: value for key, value in env.items() if key != "PYTHONPATH" and not key.startswith("ATTEST_")}
+            cwd = self._workdir
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
         env.update(self._env)
-        argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"{self.host}:{self.port}",
-                "--workers", str(self.workers)]
+        argv = [*program, "serve", "--bind", f"{self.host}:{self.port}", "--workers", str(self.workers)]
         with self.log.open("ab") as output:
             # A session of its own: on a stuck shutdown the master and its workers are killed as one group.
-            self._process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output,
+            self._process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
                                              stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_healthy()
@@ -205,7 +219,8 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def running_service(env: Mapping[str, str], workdir: Path, *, workers: int = 2) -> Iterator[ServiceProcess]:
-    """A started :class:`ServiceProcess`, stopped (with its workers) on exit."""
-    with ServiceProcess(env, workdir, workers=workers) as service:
+def running_service(env: Mapping[str, str], workdir: Path, *, workers: int = 2,
+                    command: Sequence[str] | None = None) -> Iterator[ServiceProcess]:
+    """A started :class:`ServiceProcess` (``command``: see the module's docstring), stopped on exit."""
+    with ServiceProcess(env, workdir, workers=workers, command=command) as service:
         yield service

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,11 +22,6 @@ from attest_service.trust import MANIFEST, load_trust, manifest_entry
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "pinned_certs"
 DAY = timedelta(days=1)
-
-
-def real_dir() -> Path:
-    """Real Azure material: ATTEST_AZURE_REAL_DIR, else ../shared/azure-real next to the repository."""
-    return Path(os.environ.get("ATTEST_AZURE_REAL_DIR", REPO_ROOT.parent / "shared" / "azure-real"))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from attest_service.imds import pki
 from attest_service.trust import MANIFEST, fingerprint, load_trust
+from tests.support.azure_real import real_documents
 
 from .conftest import (
     BUNDLED,
@@ -23,7 +24,6 @@ from .conftest import (
     make_leaf,
     make_root,
     pem,
-    real_dir,
     response_json,
     sign_document,
     tree_digest,
@@ -284,9 +284,7 @@ def test_explain_reports_non_chain_steps(run_cli, pinned: Path, pki_set: Pki, tm
 
 
 def test_explain_real_document_with_its_issuer_unpinned(run_cli, tmp_path: Path) -> None:
-    documents = real_dir() / "documents"
-    if not (documents / "expected.json").is_file():
-        pytest.skip(f"real Azure documents not available at {documents} (set ATTEST_AZURE_REAL_DIR)")
+    documents = real_documents()
     expected = next(e for e in json.loads((documents / "expected.json").read_text())
                     if e["signer_issuer_cn"] == "Microsoft Azure RSA TLS Issuing CA 07")
     document = documents / expected["document"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from attest_service.trust import TrustStore, load_trust
 from attest_service.verify import VerificationPolicy
+from tests.support import azure_real
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS = REPO_ROOT / "tests" / "assets"
@@ -39,11 +39,6 @@ def case_instant(case: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(case["at"])
 
 
-def real_dir() -> Path:
-    """Real Azure material: ATTEST_AZURE_REAL_DIR, else ../shared/azure-real next to the repository."""
-    return Path(os.environ.get("ATTEST_AZURE_REAL_DIR", REPO_ROOT.parent / "shared" / "azure-real"))
-
-
 @pytest.fixture(scope="session")
 def test_trust() -> TrustStore:
     """The trust directory the generated cases chain to."""
@@ -52,8 +47,5 @@ def test_trust() -> TrustStore:
 
 @pytest.fixture(scope="session")
 def real_documents() -> Path:
-    """The real documents directory; skips when it is not available."""
-    directory = real_dir() / "documents"
-    if not (directory / "expected.json").is_file():
-        pytest.skip(f"real Azure documents not found at {directory} (set ATTEST_AZURE_REAL_DIR)")
-    return directory
+    """The real documents directory; skips when it is not available (under CI, fails)."""
+    return azure_real.real_documents()

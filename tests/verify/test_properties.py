@@ -24,8 +24,9 @@ from attest_service.errors import VerificationError
 from attest_service.trust import bundled_pinned_dir, load_trust
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
 from attest_service.verify.pkcs7 import SignedData, parse_signed_data
+from tests.support.azure_real import azure_real_dir
 
-from .conftest import TESTCASES, case_input, case_instant, load_index, real_dir
+from .conftest import TESTCASES, case_input, case_instant, load_index
 
 #: Examples per property; together the properties stay well under 30 seconds. Raise it through the
 #: environment for a deeper run (``ATTEST_PROPERTY_EXAMPLES=20000``).
@@ -57,7 +58,7 @@ def _fixtures() -> list[Fixture]:
             continue
         seen.add(der)
         fixtures.append(Fixture(name, der, test_verifier, case_instant(case), case["claims"], case["signer_sha256"]))
-    expected = real_dir() / "documents" / "expected.json"
+    expected = azure_real_dir() / "documents" / "expected.json"
     if expected.is_file():
         real_verifier = Verifier(load_trust(bundled_pinned_dir()))
         for entry in json.loads(expected.read_text(encoding="utf-8")):

@@ -2,7 +2,8 @@
 
 The documents live outside the repository (``$ATTEST_AZURE_REAL_DIR``, default ``../shared/azure-real``);
 ``documents/expected.json`` gives each one's cloud, an instant inside its signer's validity, the issuing CA
-and the exact signed claims. The tests skip when the directory is absent.
+and the exact signed claims. The tests skip when the directory is absent, and fail so under CI
+(tests/support/azure_real.py).
 """
 
 from __future__ import annotations
@@ -23,20 +24,16 @@ from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust, man
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
 from attest_service.verify.claims import parse_claims
 from attest_service.verify.pkcs7 import parse_signed_data
+from tests.support.azure_real import azure_real_dir, entry_params, expected_entries, require
 
-from .conftest import REPO_ROOT, real_dir
+from .conftest import REPO_ROOT
 
-EXPECTED_PATH = real_dir() / "documents" / "expected.json"
-EXPECTED: list[dict[str, Any]] = (
-    json.loads(EXPECTED_PATH.read_text(encoding="utf-8")) if EXPECTED_PATH.is_file() else []
-)
-NEGATIVE = real_dir() / "negative"
+EXPECTED: list[dict[str, Any]] = expected_entries()
+NEGATIVE = azure_real_dir() / "negative"
 
 
-#: One parameter per real document, or one skipped parameter saying why there are none.
-ENTRIES = [pytest.param(entry, id=str(entry["document"]).removesuffix(".json")) for entry in EXPECTED] or [
-    pytest.param(None, marks=pytest.mark.skip(reason=f"real Azure documents not found: {EXPECTED_PATH} is "
-                                                     "absent (set ATTEST_AZURE_REAL_DIR)"))]
+#: One parameter per real document, or a placeholder that the ``real_documents`` fixture skips (CI: fails).
+ENTRIES = entry_params(EXPECTED)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +106,7 @@ def test_real_document_is_refused_now(entry: dict[str, Any], real_documents: Pat
 
 
 def _negative(name: str) -> Path:
-    path = NEGATIVE / name
-    if not path.is_file():
-        pytest.skip(f"negative real document {path} not found (set ATTEST_AZURE_REAL_DIR)")
-    return path
+    return require(NEGATIVE / name, "negative real document")
 
 
 def _verify_at_creation(der: bytes, bundled: TrustStore, cloud: str = "auto") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,11 +33,6 @@ API_KEYS_ENV = ",".join(f"{client}:{hashlib.sha256(key.encode()).hexdigest()}" f
 SUBSCRIPTION = "8a205152-0000-4000-8000-000000000001"
 
 _serials = itertools.count(1000)
-
-
-def real_dir() -> Path:
-    """The real Azure documents: ATTEST_AZURE_REAL_DIR, else ../shared/azure-real next to the repository."""
-    return Path(os.environ.get("ATTEST_AZURE_REAL_DIR", REPO_ROOT.parent / "shared" / "azure-real"))
 
 
 def bearer(client: str) -> dict[str, str]:

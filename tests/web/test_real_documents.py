@@ -10,17 +10,14 @@ import pytest
 
 from attest_service.web import create_app
 from attest_service.web.settings import Settings
-from tests.web.conftest import Clock, real_dir
+from tests.support.azure_real import azure_real_dir, entry_params, real_documents, require
+from tests.web.conftest import Clock
 
 
-def _expected() -> list[dict[str, object]]:
-    path = real_dir() / "documents" / "expected.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-EXPECTED = _expected()
-pytestmark = pytest.mark.skipif(not EXPECTED, reason=f"real Azure documents not found in {real_dir()} "
-                                                     "(set ATTEST_AZURE_REAL_DIR)")
+@pytest.fixture(scope="module")
+def documents() -> Path:
+    """The real documents (skips when they are absent, fails under CI)."""
+    return real_documents()
 
 
 def _client(tmp_path: Path, instant: datetime):
@@ -28,11 +25,11 @@ def _client(tmp_path: Path, instant: datetime):
     return create_app(settings, clock=Clock(instant)).test_client()
 
 
-@pytest.mark.parametrize("entry", EXPECTED, ids=[str(entry["document"]) for entry in EXPECTED])
-def test_real_document_verifies_once(entry: dict[str, object], tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", entry_params())
+def test_real_document_verifies_once(entry: dict[str, object], documents: Path, tmp_path: Path) -> None:
     instant = datetime.fromisoformat(str(entry["verify_at"]).replace("Z", "+00:00"))
     client = _client(tmp_path, instant)
-    document = json.loads((real_dir() / "documents" / str(entry["document"])).read_text())
+    document = json.loads((documents / str(entry["document"])).read_text())
     response = client.post("/v1/verify", json={"document": document})
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
@@ -44,9 +41,7 @@ def test_real_document_verifies_once(entry: dict[str, object], tmp_path: Path) -
 
 @pytest.mark.parametrize("name", ["tc-2019-12-13-azure-message-bad.json", "tc-2019-12-13-azure-signature-bad.json"])
 def test_tampered_real_document_is_refused(name: str, tmp_path: Path) -> None:
-    path = real_dir() / "negative" / name
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+    path = require(azure_real_dir() / "negative" / name, "negative real document")
     client = _client(tmp_path, datetime.fromisoformat("2019-12-13T00:34:40+00:00"))
     response = client.post("/v1/verify", json={"document": json.loads(path.read_text())})
     assert response.status_code == 422

@@ -19,6 +19,8 @@ from packaging.utils import canonicalize_name
 
 from .common import CHART_DIR, DOCKERFILE, REPO_ROOT
 
+INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-runtime.sh"
+
 #: What the image runs: the service team's tests of this command cover the image.
 IMAGE_COMMAND = ["attest-service", "serve", "--bind", "0.0.0.0:8080"]
 #: hadolint checks a ~100-line file in well under a second; this only stops a hung process.
@@ -166,15 +168,32 @@ def test_no_build_tools_in_the_final_stage(stages: list[Stage], runtime: Stage) 
     # From the builder, only the finished virtual environment crosses over.
     copies_from_builder = [i.arguments for i in runtime.all("COPY") if i.arguments.startswith("--from=")]
     assert copies_from_builder == ["--from=builder /opt/attest-service /opt/attest-service"]
-    # The builder creates that environment without pip or setuptools of its own.
-    assert any("venv --without-pip /opt/attest-service" in i.arguments for i in stages[0].all("RUN"))
+    # The builder creates that environment without pip or setuptools of its own (the install script's first step).
+    assert '-m venv --without-pip "$venv"' in INSTALL_SCRIPT.read_text(encoding="utf-8")
 
 
-def test_dependencies_come_from_constraints_as_wheels(stages: list[Stage]) -> None:
-    runs = " ".join(i.arguments for i in stages[0].all("RUN"))
-    assert "--requirement constraints.txt" in runs
-    assert "--only-binary=:all:" in runs
-    assert "check" in runs.split("pip --python /opt/attest-service/bin/python")[-1]
+def test_builder_makes_the_environment_with_the_install_script(stages: list[Stage]) -> None:
+    # The same script makes the installed-artefact tests' environment (tests/install), so the two cannot drift:
+    # first the pinned dependencies, then the wheel built from the copied sources, nothing else installs.
+    builder = stages[0]
+    runs = [i.arguments for i in builder.all("RUN")]
+    script = f"bash {INSTALL_SCRIPT.relative_to(REPO_ROOT)}"
+    build_wheel = "python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ."
+    assert runs == [f"{script} dependencies /opt/attest-service constraints.txt",
+                    f"{build_wheel} && {script} project /opt/attest-service /wheels"]
+    copies = [i.arguments for i in builder.all("COPY")]
+    assert copies.index("constraints.txt ./") < copies.index("pyproject.toml README.md ./"), (
+        "the dependency layer must not depend on the code")
+    # The wheel carries the pins as package data, so the sources it is built from include them.
+    assert "pinned_certs/ ./pinned_certs/" in copies
+
+
+def test_install_script_pins_wheels_only_and_checks() -> None:
+    text = INSTALL_SCRIPT.read_text(encoding="utf-8")
+    assert 'install --no-cache-dir --only-binary=:all: --requirement "$source"' in text
+    assert 'install --no-cache-dir --no-index --no-deps "${wheels[0]}"' in text
+    assert "pip_into check" in text
+    assert "load_class(gunicorn_conf.worker_class)" in text
 
 
 def test_command_is_the_serve_command(runtime: Stage) -> None:

@@ -29,7 +29,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import traceback
@@ -46,6 +45,7 @@ from attest_service.errors import VerificationError
 from attest_service.imds import pki
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust
 from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from tests.support.azure_real import azure_real_dir
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 REGRESSIONS_DIR: Final = Path(__file__).resolve().parent / "regressions"
@@ -94,10 +94,6 @@ _SHA256_OID: Final = "2.16.840.1.101.3.4.2.1"
 #: of their crash. Their tests are expected to fail (strictly: a fix makes them pass, and the entry must
 #: then go), and bounded fuzz runs count these signatures instead of stopping on them.
 OPEN_CRASHES: Final[dict[str, str]] = {}
-
-#: Environment variable naming the directory of real Azure documents.
-AZURE_REAL_ENV: Final = "ATTEST_AZURE_REAL_DIR"
-
 
 class Crash(AssertionError):
     """An input made the document path raise something other than a VerificationError."""
@@ -218,12 +214,6 @@ def selector(*, instant: int = 0, cloud: str = "auto", nonce: bool = False, der:
 
 
 # --- seed corpus ------------------------------------------------------------------------------------
-
-
-def azure_real_dir() -> Path:
-    """The directory of real Azure documents: ``$ATTEST_AZURE_REAL_DIR`` or ``../shared/azure-real``."""
-    configured = os.environ.get(AZURE_REAL_ENV)
-    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "azure-real"
 
 
 def _fuzz_documents() -> Iterator[tuple[str, bytes, int]]:
