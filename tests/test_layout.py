@@ -174,8 +174,8 @@ def _error_classes(root: type[errors.AttestError]) -> list[type[errors.AttestErr
 
 def _contract_codes() -> dict[str, int]:
     # The contract lives in shared/ beside the checkout, like the real documents: required under CI.
-    require(azure_real_dir().parent / "CONTRACT.md", "the external contract")
-    rows = re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", (azure_real_dir().parent / "CONTRACT.md").read_text(encoding="utf-8"), re.MULTILINE)
+    contract = require(azure_real_dir().parent / "CONTRACT.md", "the external contract")
+    rows = re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", contract.read_text(encoding="utf-8"), re.MULTILINE)
     assert len(rows) >= 17
     return {code: int(status) for code, status in rows}
 
