@@ -68,7 +68,8 @@ def test_generated_seeds_reach_the_end_of_the_document_path() -> None:
 def test_bounded_fuzz_run_finds_no_new_crash(tmp_path: Path) -> None:
     pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "fuzz" / "fuzz_verify.py"), "--seconds", str(CI_FUZZ_SECONDS),
+        [sys.executable, str(REPO_ROOT / "tests" / "system" / "fuzz" / "fuzz_verify.py"),
+         "--seconds", str(CI_FUZZ_SECONDS),
          "--corpus", str(tmp_path / "corpus"), "--artifacts", str(tmp_path / "artifacts"), "--known", "open"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=CI_FUZZ_SECONDS + CI_FUZZ_MARGIN_SECONDS,
         check=False,
