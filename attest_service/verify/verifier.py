@@ -173,12 +173,12 @@ def resolve_signer(signed: SignedData,
     return next(iter(matches.items()))
 
 
-def signer_certificate(document: bytes) -> x509.Certificate:
-    """The certificate DER ``document``'s SignerInfo names, without verifying anything else.
+def signer_certificate(der: bytes) -> x509.Certificate:
+    """The certificate the SignerInfo of DER document ``der`` names, without verifying anything else.
 
     For diagnostics after the core refused a document (``certs explain``, the AIA fallback).
     """
-    return resolve_signer(parse_signed_data(document))[1]
+    return resolve_signer(parse_signed_data(der))[1]
 
 
 #: Exceptions of the libraries the core calls that mean "this input cannot be processed".
@@ -241,8 +241,8 @@ class Verifier:
             self._chains[key] = (chain, described)
         return described
 
-    def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
-        """Verify DER ``document`` (see :mod:`attest_service.verify.document` for decoding) at ``now``.
+    def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+        """Verify the DER document ``der`` (:mod:`attest_service.verify.document` decodes what callers hold) at ``now``.
 
         Returns a :class:`VerifiedDocument`; raises a :class:`~attest_service.errors.VerificationError`
         subclass naming the first step that failed.
@@ -250,7 +250,7 @@ class Verifier:
         if now.tzinfo is None:
             raise ConfigurationError("the verification instant must be timezone-aware")
         try:
-            return self._verify(document, policy, now)
+            return self._verify(der, policy, now)
         except _FOREIGN_ERRORS as exc:
             # Every step wraps the foreign errors it knows of where they arise. cryptography decodes some
             # certificate fields lazily, and a hostile certificate has more than once raised a type nobody
@@ -258,9 +258,9 @@ class Verifier:
             # answered with a crash.
             raise MalformedDocument(f"the document could not be processed ({type(exc).__name__}: {exc})") from exc
 
-    def _verify(self, document: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
+    def _verify(self, der: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
-        signed = parse_signed_data(document)
+        signed = parse_signed_data(der)
         if signed.content_type != OID_DATA:
             raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
         # Step 3: the signer is the certificate the SignerInfo names.
@@ -298,10 +298,10 @@ def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:
     )
 
 
-def verify_document(document: bytes, *, trust: TrustStore, policy: VerificationPolicy,
+def verify_document(der: bytes, *, trust: TrustStore, policy: VerificationPolicy,
                     now: datetime) -> VerifiedDocument:
     """One-shot form of :meth:`Verifier.verify` for callers without a long-lived Verifier."""
-    return Verifier(trust).verify(document, policy=policy, now=now)
+    return Verifier(trust).verify(der, policy=policy, now=now)
 
 
 __all__: Final = ["DEFAULT_CLOCK_SKEW", "MAX_NONCE_LENGTH", "Signer", "VerificationPolicy", "VerifiedDocument",
