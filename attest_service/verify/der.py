@@ -105,6 +105,62 @@ def _parse_at(data: bytes, offset: int, what: str) -> tuple[Tlv, int]:  # noqa: 
     return _new_tlv((first >> 6, bool(first & 0x20), tag, data[offset:pos], data[pos:pos + length])), pos + length
 
 
+#: One element located inside a buffer without copying it: its identifier, where its header starts, where its
+#: contents start and where it ends. The identifier is the first identifier octet (class, constructed bit, tag
+#: number) for tag numbers below 31, which are all the structures read here use; a high tag number is given
+#: as ``HIGH_TAG`` so that it never equals an expected identifier.
+Span = tuple[int, int, int, int]
+#: Identifier of a span whose tag number is 31 or more (see :data:`Span`).
+HIGH_TAG: Final = -1
+
+
+def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
+    """Decode the headers of the elements filling ``data[start:stop]``, each strictly, copying nothing.
+
+    The same X.690 rules as :func:`children` (definite, minimal lengths, minimal tag numbers, no element
+    running past ``stop``): the verifier's hot path walks a document with this, and reads out only the
+    bytes it keeps.
+    """
+    items: list[Span] = []
+    offset = start
+    while offset < stop:
+        if stop - offset < 2:
+            raise MalformedDocument(f"{what}: truncated")
+        first = data[offset]
+        if first & 0x1F == 0x1F:
+            # A high tag number (rare, never expected): the general decoder checks it and finds its end.
+            element, size = _parse_at(data[offset:stop], 0, what)
+            items.append((HIGH_TAG, offset, offset + len(element.header), offset + size))
+            offset += size
+            continue
+        pos = offset + 1
+        length = data[pos]
+        pos += 1
+        if length & 0x80:
+            if length == 0x80:
+                raise MalformedDocument(f"{what}: indefinite length is not DER")
+            count = length & 0x7F
+            if count > MAX_LENGTH_OCTETS or pos + count > stop:
+                raise MalformedDocument(f"{what}: length field too long")
+            if data[pos] == 0:
+                raise MalformedDocument(f"{what}: non-minimal length encoding is not DER")
+            length = int.from_bytes(data[pos:pos + count], "big")
+            if length < 0x80:
+                raise MalformedDocument(f"{what}: non-minimal length encoding is not DER")
+            pos += count
+        end = pos + length
+        if end > stop:
+            raise MalformedDocument(f"{what}: truncated contents")
+        items.append((first, offset, pos, end))
+        offset = end
+    return items
+
+
+def identifier(cls: int, tag: int, *, constructed: bool) -> int:
+    """The identifier octet of a low tag number (below 31), as :func:`spans` reports it."""
+    return (cls << 6) | (0x20 if constructed else 0) | tag
+
+
 def read(data: bytes, what: str) -> Tlv:
     """Decode exactly one DER element filling ``data``; raise MalformedDocument otherwise."""
     element, end = _parse_at(data, 0, what)
@@ -136,7 +192,11 @@ def expect(element: Tlv, cls: int, tag: int, *, constructed: bool, what: str) ->
 def oid(element: Tlv, what: str) -> str:
     """Decode an OBJECT IDENTIFIER to dotted form (X.690 8.19), refusing non-minimal sub-identifiers."""
     expect(element, CLASS_UNIVERSAL, TAG_OID, constructed=False, what=what)
-    body = element.contents
+    return oid_contents(element.contents, what)
+
+
+def oid_contents(body: bytes, what: str) -> str:
+    """Decode the contents octets of an OBJECT IDENTIFIER (see :func:`oid`)."""
     known = _KNOWN_OIDS.get(body)
     if known is not None:
         return known
@@ -175,7 +235,11 @@ def encode_oid(dotted: str) -> bytes:
 def integer(element: Tlv, what: str) -> int:
     """Decode an INTEGER (X.690 8.3), refusing empty and non-minimal encodings."""
     expect(element, CLASS_UNIVERSAL, TAG_INTEGER, constructed=False, what=what)
-    body = element.contents
+    return integer_contents(element.contents, what)
+
+
+def integer_contents(body: bytes, what: str) -> int:
+    """Decode the contents octets of an INTEGER (see :func:`integer`)."""
     if not body:
         raise MalformedDocument(f"{what}: empty integer")
     if len(body) > 1 and ((body[0] == 0 and not body[1] & 0x80) or (body[0] == 0xFF and body[1] & 0x80)):

@@ -20,15 +20,28 @@ from attest_service.verify import der
 from attest_service.verify.der import (
     CLASS_CONTEXT,
     CLASS_UNIVERSAL,
+    TAG_INTEGER,
     TAG_NULL,
     TAG_OCTET_STRING,
+    TAG_OID,
     TAG_SEQUENCE,
     TAG_SET,
-    Tlv,
+    Span,
 )
 
 OID_SIGNED_DATA: Final = "1.2.840.113549.1.7.2"
 OID_DATA: Final = "1.2.840.113549.1.7.1"
+
+# The identifier octets of the elements read (der.spans reports elements by this octet).
+_SEQUENCE: Final = der.identifier(CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True)
+_SET: Final = der.identifier(CLASS_UNIVERSAL, TAG_SET, constructed=True)
+_OID: Final = der.identifier(CLASS_UNIVERSAL, TAG_OID, constructed=False)
+_INTEGER: Final = der.identifier(CLASS_UNIVERSAL, TAG_INTEGER, constructed=False)
+_OCTET_STRING: Final = der.identifier(CLASS_UNIVERSAL, TAG_OCTET_STRING, constructed=False)
+_OCTET_STRING_CONSTRUCTED: Final = der.identifier(CLASS_UNIVERSAL, TAG_OCTET_STRING, constructed=True)
+_CONTEXT_0: Final = der.identifier(CLASS_CONTEXT, 0, constructed=True)
+_CONTEXT_1: Final = der.identifier(CLASS_CONTEXT, 1, constructed=True)
+_CONTEXT_0_PRIMITIVE: Final = der.identifier(CLASS_CONTEXT, 0, constructed=False)
 
 #: Certificates a document may carry. Azure's carry one (the signer); a few more are tolerated, a flood is not.
 MAX_CERTIFICATES: Final = 8
@@ -66,16 +79,38 @@ class SignedData:
     signature: bytes
 
 
-def _algorithm(element: Tlv, what: str) -> AlgorithmIdentifier:
-    known = _KNOWN_ALGORITHMS.get(element.header + element.contents)
+def _algorithm(data: bytes, span: Span, what: str) -> AlgorithmIdentifier:
+    identifier, header, start, stop = span
+    known = _KNOWN_ALGORITHMS.get(data[header:stop])
     if known is not None:
         return known
-    der.expect(element, CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what=what)
-    parts = der.children(element, what)
+    if identifier != _SEQUENCE:
+        raise MalformedDocument(f"{what}: unexpected element")
+    parts = der.spans(data, start, stop, what)
     if not 1 <= len(parts) <= 2:
         raise MalformedDocument(f"{what}: malformed AlgorithmIdentifier")
-    parameters = parts[1].encoded if len(parts) == 2 else None
-    return AlgorithmIdentifier(oid=der.oid(parts[0], what), parameters=parameters)
+    parameters = data[parts[1][1]:parts[1][3]] if len(parts) == 2 else None
+    return AlgorithmIdentifier(oid=_oid(data, parts[0], what), parameters=parameters)
+
+
+def _oid(data: bytes, span: Span, what: str) -> str:
+    if span[0] != _OID:
+        raise MalformedDocument(f"{what}: unexpected element")
+    return der.oid_contents(data[span[2]:span[3]], what)
+
+
+def _integer(data: bytes, span: Span, what: str) -> int:
+    if span[0] != _INTEGER:
+        raise MalformedDocument(f"{what}: unexpected element")
+    return der.integer_contents(data[span[2]:span[3]], what)
+
+
+def _only(parts: list[Span], identifier: int, what: str) -> Span:
+    if len(parts) != 1:
+        raise MalformedDocument(f"{what}: expected exactly one element, found {len(parts)}")
+    if parts[0][0] != identifier:
+        raise MalformedDocument(f"{what}: unexpected element")
+    return parts[0]
 
 
 def _known_algorithm(dotted: str, *, null_parameters: bool) -> tuple[bytes, AlgorithmIdentifier]:
@@ -94,70 +129,80 @@ _KNOWN_ALGORITHMS: Final[dict[bytes, AlgorithmIdentifier]] = dict(
 )
 
 
-def _signer_identifier(element: Tlv) -> SignerIdentifier:
+def _signer_identifier(data: bytes, span: Span) -> SignerIdentifier:
     what = "SignerInfo.sid"
-    if element.is_(CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True):
-        parts = der.children(element, what)
+    identifier, _, start, stop = span
+    if identifier == _SEQUENCE:
+        parts = der.spans(data, start, stop, what)
         if len(parts) != 2:
             raise MalformedDocument(f"{what}: malformed IssuerAndSerialNumber")
-        issuer = der.expect(parts[0], CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what=what)
-        return SignerIdentifier(issuer_der=issuer.encoded, serial=der.integer(parts[1], what))
-    if element.is_(CLASS_CONTEXT, 0, constructed=False):
-        if not element.contents:
+        if parts[0][0] != _SEQUENCE:
+            raise MalformedDocument(f"{what}: unexpected element")
+        return SignerIdentifier(issuer_der=data[parts[0][1]:parts[0][3]], serial=_integer(data, parts[1], what))
+    if identifier == _CONTEXT_0_PRIMITIVE:
+        if start == stop:
             raise MalformedDocument(f"{what}: empty subjectKeyIdentifier")
-        return SignerIdentifier(subject_key_identifier=element.contents)
+        return SignerIdentifier(subject_key_identifier=data[start:stop])
     raise MalformedDocument(f"{what}: neither IssuerAndSerialNumber nor SubjectKeyIdentifier")
 
 
-def _encapsulated_content(element: Tlv) -> tuple[str, bytes]:
+def _encapsulated_content(data: bytes, span: Span) -> tuple[str, bytes]:
     what = "encapContentInfo"
-    der.expect(element, CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what=what)
-    parts = der.children(element, what)
+    if span[0] != _SEQUENCE:
+        raise MalformedDocument(f"{what}: unexpected element")
+    parts = der.spans(data, span[2], span[3], what)
     if not parts or len(parts) > 2:
         raise MalformedDocument(f"{what}: malformed")
-    content_type = der.oid(parts[0], f"{what}.eContentType")
+    content_type = _oid(data, parts[0], f"{what}.eContentType")
     if len(parts) == 1:
         raise UnsupportedDocument("detached content: the document does not carry what it signs")
-    wrapper = der.expect(parts[1], CLASS_CONTEXT, 0, constructed=True, what=f"{what}.eContent")
-    inner = der.children(wrapper, f"{what}.eContent")
+    wrapper = parts[1]
+    if wrapper[0] != _CONTEXT_0:
+        raise MalformedDocument(f"{what}.eContent: unexpected element")
+    inner = der.spans(data, wrapper[2], wrapper[3], f"{what}.eContent")
     if len(inner) != 1:
         raise MalformedDocument(f"{what}.eContent: expected one OCTET STRING")
     octets = inner[0]
-    if octets.is_(CLASS_UNIVERSAL, TAG_OCTET_STRING, constructed=True):
+    if octets[0] == _OCTET_STRING_CONSTRUCTED:
         # DER (X.690 10.2) forbids the constructed form that BER allows for OCTET STRING.
         raise MalformedDocument(f"{what}.eContent: constructed OCTET STRING is not DER")
-    der.expect(octets, CLASS_UNIVERSAL, TAG_OCTET_STRING, constructed=False, what=f"{what}.eContent")
-    return content_type, octets.contents
+    if octets[0] != _OCTET_STRING:
+        raise MalformedDocument(f"{what}.eContent: unexpected element")
+    return content_type, data[octets[2]:octets[3]]
 
 
-def _signer_info(element: Tlv) -> tuple[SignerIdentifier, AlgorithmIdentifier, bytes | None,
-                                        AlgorithmIdentifier, bytes]:
+def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmIdentifier, bytes | None,
+                                                    AlgorithmIdentifier, bytes]:
     what = "SignerInfo"
-    der.expect(element, CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what=what)
-    parts = der.children(element, what)
+    if span[0] != _SEQUENCE:
+        raise MalformedDocument(f"{what}: unexpected element")
+    parts = der.spans(data, span[2], span[3], what)
     if len(parts) < 5:
         raise MalformedDocument(f"{what}: too few fields")
-    version = der.integer(parts[0], f"{what}.version")
+    version = _integer(data, parts[0], f"{what}.version")
     if version not in (1, 3):
         raise MalformedDocument(f"{what}: version {version} is not 1 or 3")
-    signer = _signer_identifier(parts[1])
+    signer = _signer_identifier(data, parts[1])
     # RFC 5652 5.3: version 1 goes with issuerAndSerialNumber, version 3 with subjectKeyIdentifier.
     if (version == 1) != (signer.issuer_der is not None):
         raise MalformedDocument(f"{what}: version {version} does not match its signer identifier")
-    digest_algorithm = _algorithm(parts[2], f"{what}.digestAlgorithm")
+    digest_algorithm = _algorithm(data, parts[2], f"{what}.digestAlgorithm")
     index = 3
     signed_attributes = None
-    if parts[index].is_(CLASS_CONTEXT, 0, constructed=True):
-        signed_attributes = parts[index].encoded
+    if parts[index][0] == _CONTEXT_0:
+        signed_attributes = data[parts[index][1]:parts[index][3]]
         index += 1
     if len(parts) < index + 2:
         raise MalformedDocument(f"{what}: too few fields")
-    signature_algorithm = _algorithm(parts[index], f"{what}.signatureAlgorithm")
-    signature = der.expect(parts[index + 1], CLASS_UNIVERSAL, TAG_OCTET_STRING, constructed=False,
-                           what=f"{what}.signature").contents
+    signature_algorithm = _algorithm(data, parts[index], f"{what}.signatureAlgorithm")
+    signature_span = parts[index + 1]
+    if signature_span[0] != _OCTET_STRING:
+        raise MalformedDocument(f"{what}.signature: unexpected element")
+    signature = data[signature_span[2]:signature_span[3]]
     index += 2
     if index < len(parts):
-        der.expect(parts[index], CLASS_CONTEXT, 1, constructed=True, what=f"{what}.unsignedAttrs")
+        if parts[index][0] != _CONTEXT_1:
+            raise MalformedDocument(f"{what}.unsignedAttrs: unexpected element")
         index += 1
     if index != len(parts):
         raise MalformedDocument(f"{what}: unexpected trailing fields")
@@ -165,49 +210,51 @@ def _signer_info(element: Tlv) -> tuple[SignerIdentifier, AlgorithmIdentifier, b
 
 
 def parse_signed_data(data: bytes) -> SignedData:
-    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument."""
-    content_info = der.read(data, "ContentInfo")
-    der.expect(content_info, CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what="ContentInfo")
-    parts = der.children(content_info, "ContentInfo")
+    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument.
+
+    The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
+    fields it returns: it runs once per request, and the document is most of the request.
+    """
+    top = _only(der.spans(data, 0, len(data), "ContentInfo"), _SEQUENCE, "ContentInfo")
+    parts = der.spans(data, top[2], top[3], "ContentInfo")
     if len(parts) != 2:
         raise MalformedDocument("ContentInfo: expected contentType and content")
-    if der.oid(parts[0], "ContentInfo.contentType") != OID_SIGNED_DATA:
+    if _oid(data, parts[0], "ContentInfo.contentType") != OID_SIGNED_DATA:
         raise UnsupportedDocument("ContentInfo: not PKCS7 SignedData")
-    wrapper = der.expect(parts[1], CLASS_CONTEXT, 0, constructed=True, what="ContentInfo.content")
-    inner = der.children(wrapper, "ContentInfo.content")
-    if len(inner) != 1:
-        raise MalformedDocument("ContentInfo.content: expected one SignedData")
-    signed_data = der.expect(inner[0], CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True, what="SignedData")
-    fields = der.children(signed_data, "SignedData")
+    if parts[1][0] != _CONTEXT_0:
+        raise MalformedDocument("ContentInfo.content: unexpected element")
+    signed_data = _only(der.spans(data, parts[1][2], parts[1][3], "ContentInfo.content"), _SEQUENCE, "SignedData")
+    fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
     if len(fields) < 4:
         raise MalformedDocument("SignedData: too few fields")
-    version = der.integer(fields[0], "SignedData.version")
+    version = _integer(data, fields[0], "SignedData.version")
     if not 1 <= version <= 5:
         raise MalformedDocument(f"SignedData: version {version} is out of range")
-    digest_set = der.expect(fields[1], CLASS_UNIVERSAL, TAG_SET, constructed=True, what="digestAlgorithms")
-    digest_algorithms = tuple(_algorithm(item, "digestAlgorithms")
-                              for item in der.children(digest_set, "digestAlgorithms"))
-    content_type, content = _encapsulated_content(fields[2])
+    if fields[1][0] != _SET:
+        raise MalformedDocument("digestAlgorithms: unexpected element")
+    digest_algorithms = tuple(_algorithm(data, item, "digestAlgorithms")
+                              for item in der.spans(data, fields[1][2], fields[1][3], "digestAlgorithms"))
+    content_type, content = _encapsulated_content(data, fields[2])
     index = 3
     certificates: tuple[bytes, ...] = ()
-    if fields[index].is_(CLASS_CONTEXT, 0, constructed=True):
-        items = der.children(fields[index], "certificates")
+    if fields[index][0] == _CONTEXT_0:
+        items = der.spans(data, fields[index][2], fields[index][3], "certificates")
         if len(items) > MAX_CERTIFICATES:
             raise MalformedDocument(f"certificates: more than {MAX_CERTIFICATES}")
         # Only X.509 certificates (plain SEQUENCEs) can name the signer; other CertificateChoices are
         # carried along but never considered.
-        certificates = tuple(item.encoded for item in items
-                             if item.is_(CLASS_UNIVERSAL, TAG_SEQUENCE, constructed=True))
+        certificates = tuple(data[item[1]:item[3]] for item in items if item[0] == _SEQUENCE)
         index += 1
-    if index < len(fields) and fields[index].is_(CLASS_CONTEXT, 1, constructed=True):
+    if index < len(fields) and fields[index][0] == _CONTEXT_1:
         index += 1  # CRLs are not used: revocation is out of scope for IMDS documents.
     if index != len(fields) - 1:
         raise MalformedDocument("SignedData: unexpected fields")
-    signer_set = der.expect(fields[index], CLASS_UNIVERSAL, TAG_SET, constructed=True, what="signerInfos")
-    signer_infos = der.children(signer_set, "signerInfos")
+    if fields[index][0] != _SET:
+        raise MalformedDocument("signerInfos: unexpected element")
+    signer_infos = der.spans(data, fields[index][2], fields[index][3], "signerInfos")
     if len(signer_infos) != 1:
         raise UnsupportedDocument(f"expected exactly one SignerInfo, found {len(signer_infos)}")
-    signer, digest_algorithm, signed_attributes, signature_algorithm, signature = _signer_info(signer_infos[0])
+    signer, digest_algorithm, signed_attributes, signature_algorithm, signature = _signer_info(data, signer_infos[0])
     return SignedData(
         digest_algorithms=digest_algorithms,
         content_type=content_type,
