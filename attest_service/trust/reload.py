@@ -29,6 +29,7 @@ that describes the trust of the process answering ``/metrics``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -65,6 +66,8 @@ MAX_DIRECTORY_ENTRIES: Final = 10_000
 MAX_UNPINNED_ISSUER_LABELS: Final = 32
 #: Longest issuer label, in characters.
 MAX_ISSUER_LABEL_CHARS: Final = 64
+#: CAs fetched through AIA kept beside one trust; beyond it the set starts afresh (the fetcher still caches).
+MAX_FETCHED_CAS: Final = 64
 
 RELOADS: Final = Counter("attest_trust_reload", "Loads of a changed pinned directory, by result (success, failure).",
                          ["result"])
@@ -311,13 +314,19 @@ class TrustHolder:
             if current is not None and current.base is base and key in current.extra:
                 return current.verifier
             extra = dict(current.extra) if current is not None and current.base is base else {}
+            if len(extra) >= MAX_FETCHED_CAS:
+                extra = {}
             extra[key] = fetched
-            clouds = dict(base.trust.clouds)
+            # Every fetched CA of a cloud joins that cloud's pins (each is built on the trust in use, not on
+            # the previous CA's cloud, which dropped all but the last one).
+            added: dict[str, list[PinnedCertificate]] = {}
             for (name, _), pin in extra.items():
+                added.setdefault(name, []).append(pin)
+            clouds = dict(base.trust.clouds)
+            for name, pins in added.items():
                 trust = base.trust.for_cloud(name)
-                if pin not in trust.intermediates:
-                    clouds[name] = CloudTrust(profile=trust.profile, roots=trust.roots,
-                                              intermediates=(*trust.intermediates, pin), problems=trust.problems)
+                clouds[name] = dataclasses.replace(trust, intermediates=(
+                    *trust.intermediates, *(pin for pin in pins if pin not in trust.intermediates)))
             augmented = TrustStore(clouds=MappingProxyType(clouds), directory=base.trust.directory)
             self._augmented = _Augmented(base, MappingProxyType(extra), Verifier(augmented))
             return self._augmented.verifier
