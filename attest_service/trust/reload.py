@@ -23,7 +23,11 @@ that describes the trust of the process answering ``/metrics``):
 - ``attest_pinned_certificate_not_after_seconds{cloud,role,subject,sha256}``: each pin's expiry (Unix time).
 - ``attest_verifications_by_issuer_total{issuer}``: verified documents by the CN of the signer's issuer.
 - ``attest_unpinned_issuer_total{issuer}``: chains that failed at an issuer no pin names: the first sign
-  of an Azure rotation.
+  of an Azure rotation. Counted after the signature and name checks (steps 4 and 5), and logged once per
+  issuer and :data:`UNPINNED_LOG_SECONDS` with the signer's caIssuers URL. The issuer's name is the
+  sender's choice, so only a plausible issuer gets a label of its own (its organisation is one the
+  cloud's issuing CAs name and the signer names an allow-listed caIssuers URL); others count under
+  ``unrecognised``, and plausible ones beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS` under ``other``.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
 """
 
@@ -51,6 +55,8 @@ from prometheus_client.registry import Collector
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
+from attest_service.trust.certificates import ca_issuers_urls
+from attest_service.trust.issuers import AiaPolicy
 from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
@@ -66,6 +72,10 @@ MAX_DIRECTORY_ENTRIES: Final = 10_000
 MAX_UNPINNED_ISSUER_LABELS: Final = 32
 #: Longest issuer label, in characters.
 MAX_ISSUER_LABEL_CHARS: Final = 64
+#: The label of unpinned issuers that do not look like the cloud's (see the module docstring).
+UNRECOGNISED_ISSUER: Final = "unrecognised"
+#: Seconds between two log lines about the same unpinned issuer label.
+UNPINNED_LOG_SECONDS: Final = 300.0
 #: CAs fetched through AIA kept beside one trust; beyond it the set starts afresh (the fetcher still caches).
 MAX_FETCHED_CAS: Final = 64
 
@@ -134,7 +144,15 @@ def _load(directory: Path) -> TrustStore:
     if not any(True for _ in trust.all_pins()):
         # An empty mount (a ConfigMap that failed to project) would otherwise silently trust nothing.
         raise ConfigurationError(f"{directory}: no pinned certificate at all")
+    _log_problems(trust)
     return trust
+
+
+def _log_problems(trust: TrustStore) -> None:
+    """Warn about what a load passed over: each narrows the trust without failing the load."""
+    for cloud in trust.clouds.values():
+        for message in (*cloud.problems, *cloud.ignored):
+            LOG.warning("pinned directory %s: %s", trust.directory, message)
 
 
 def _issuer_label(issuer: x509.Name | str) -> str:
@@ -174,6 +192,8 @@ class TrustHolder:
         self._augmented: _Augmented | None = None
         self._augment_lock = threading.Lock()
         self._unpinned_labels: set[str] = set()
+        self._unpinned_logged: dict[str, float] = {}
+        self._label_policy = aia.policy if aia is not None else AiaPolicy.azure()
         RELOAD_FAILING.set(0)
         for result in ("success", "failure"):
             # Both series exist from the start, so that rate() and increase() alerts see a zero, not nothing.
@@ -270,7 +290,7 @@ class TrustHolder:
             if unpinned is None:
                 raise
             signer, cloud_trust = unpinned
-            self._count_unpinned(signer.issuer)
+            self._count_unpinned(signer, cloud_trust.profile.name)
             if self._aia is None:
                 raise
             result = self._verify_with_aia(verifier, document, signer, cloud_trust, policy=policy, now=now)
@@ -291,14 +311,27 @@ class TrustHolder:
             return None
         return signer, cloud_trust
 
-    def _count_unpinned(self, issuer: x509.Name) -> None:
-        label = _issuer_label(issuer)
-        if label not in self._unpinned_labels:
-            if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
-                label = "other"
-            else:
-                self._unpinned_labels.add(label)
+    def _count_unpinned(self, signer: x509.Certificate, cloud: str) -> None:
+        urls = ca_issuers_urls(signer)
+        if not self._label_policy.plausible_issuer(cloud, signer.issuer, urls):
+            label = UNRECOGNISED_ISSUER
+        else:
+            label = _issuer_label(signer.issuer)
+            if label not in self._unpinned_labels:
+                if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
+                    label = "other"
+                else:
+                    self._unpinned_labels.add(label)
         UNPINNED_ISSUER.labels(issuer=label).inc()
+        # One line per label and interval: the labels are bounded, so forged names cannot flood the log.
+        moment = self._clock()
+        if moment < self._unpinned_logged.get(label, float("-inf")):
+            return
+        self._unpinned_logged[label] = moment + UNPINNED_LOG_SECONDS
+        LOG.warning("unpinned issuing CA %r (caIssuers %s) signed a %s document (counted as issuer=%r); "
+                    "pin it: attest-service certs add --cloud %s --from-document DOCUMENT",
+                    signer.issuer.rfc4514_string()[:200], ", ".join(url[:200] for url in urls[:2]) or "none",
+                    cloud, label, cloud)
 
     def _verify_with_aia(self, verifier: Verifier, document: bytes, signer: x509.Certificate,
                          cloud_trust: CloudTrust, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
