@@ -346,6 +346,8 @@ class TrustHolder:
             current = self._augmented
             if current is not None and current.base is base and key in current.extra:
                 return current.verifier
+            # After a reload the set starts afresh: each fetched CA comes back from the fetcher's cache with its
+            # next document, re-checked against the new pins (a removed pin or root then stops it), not fetched.
             extra = dict(current.extra) if current is not None and current.base is base else {}
             if len(extra) >= MAX_FETCHED_CAS:
                 extra = {}
