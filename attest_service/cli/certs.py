@@ -22,7 +22,17 @@ from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.trust import MAX_PEM_BYTES
 from attest_service.trust.explain import explain_document
-from attest_service.trust.pins import DEFAULT_WARN_DAYS, add_pins, check_pins, list_pins, remove_pin
+from attest_service.trust.pins import (
+    DEFAULT_WARN_DAYS,
+    PinChange,
+    add_fingerprint_pin,
+    add_from_document,
+    add_pins,
+    check_pins,
+    list_fingerprint_pins,
+    list_pins,
+    remove_pin,
+)
 
 if TYPE_CHECKING:
     from attest_service.cli.common import Subparsers
@@ -46,13 +56,20 @@ def _now(args: argparse.Namespace) -> datetime:
 
 def run_list(args: argparse.Namespace) -> int:
     """``certs list``: a table (or ``--json``) of every pin."""
-    reports = list_pins(load_trust_or_usage(args), now=_now(args))
+    trust = load_trust_or_usage(args)
+    reports = list_pins(trust, now=_now(args))
+    fingerprints = list_fingerprint_pins(trust)
     if args.json:
-        _say(json.dumps({"certificates": [r.to_dict() for r in reports]}, indent=1))
+        _say(json.dumps({"certificates": [r.to_dict() for r in reports],
+                         "fingerprintPins": [f.to_dict() for f in fingerprints]}, indent=1))
         return EXIT_VERIFIED
     header = ("CLOUD", "ROLE", "SUBJECT", "ISSUER", "NOT AFTER", "DAYS", "STATUS", "CHAINS TO", "SHA-256", "SOURCE")
     rows = [header, *((r.cloud, r.role, r.subject, r.issuer, r.not_after.date().isoformat(), str(r.days_left),
                        r.status, r.chains_to or "-", r.sha256, r.source) for r in reports)]
+    # Pinned by fingerprint only: nothing but the digest is known until the certificate is fetched.
+    rows += [(f.cloud, "intermediate", f.name, "-", "-", "-", f.status, "-",
+              f.digest if f.algorithm == "sha256" else f"sha1:{f.digest}", f"{f.source} {f.url or '(any allowed URL)'}")
+             for f in fingerprints]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     for row in rows:
         _say("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -67,40 +84,79 @@ def run_check(args: argparse.Namespace) -> int:
     report = check_pins(trust, now=_now(args), warn_days=args.warn_days, allow_retired=args.allow_retired)
     if args.json:
         _say(json.dumps({"ok": report.ok, "problems": [p.to_dict() for p in report.problems],
-                         "retired": [p.to_dict() for p in report.notes]}, indent=1))
+                         "retired": [p.to_dict() for p in report.notes],
+                         "awaitingFetch": [p.to_dict() for p in report.awaiting]}, indent=1))
     else:
         for note in report.notes:
             _say(f"retired (allowed): {note.cloud}: {note.message}")
+        for waiting in report.awaiting:
+            _say(f"awaiting fetch: {waiting.cloud}: {waiting.message}")
         for problem in report.problems:
             _say(str(problem))
         count = sum(1 for _ in trust.all_pins())
-        _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired pins allowed")
+        _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired pins allowed, "
+             f"{len(report.awaiting)} fingerprint pins awaiting fetch")
     return EXIT_VERIFIED if report.ok else EXIT_REFUSED
 
 
-def _read_file(name: str) -> bytes:
+def _read_file(name: str, *, limit: int = MAX_PEM_BYTES) -> bytes:
     try:
         with Path(name).open("rb") as handle:
-            data = handle.read(MAX_PEM_BYTES + 1)
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {name}: {exc.strerror}") from exc
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigurationError(f"{name} is larger than {MAX_PEM_BYTES} bytes")
+    if len(data) > limit:
+        raise ConfigurationError(f"{name} is larger than {limit} bytes")
     return data
 
 
+def _check_add_arguments(args: argparse.Namespace) -> None:
+    sources = [name for name, value in (("FILE", args.file), ("--fingerprint", args.fingerprint),
+                                        ("--from-document", args.from_document)) if value is not None]
+    if len(sources) != 1:
+        raise UsageError("give exactly one of FILE, --fingerprint or --from-document"
+                         + (f" (got {', '.join(sources)})" if sources else ""))
+    if args.issuer is not None and args.from_document is None:
+        raise UsageError("--issuer goes with --from-document")
+    if (args.url is not None or args.name is not None) and args.fingerprint is None:
+        raise UsageError("--url and --name go with --fingerprint")
+
+
+def _say_changes(changes: tuple[PinChange, ...] | list[PinChange]) -> None:
+    for change in changes:
+        _say(f"{change.action}: {change.cloud}: {change.subject} sha256 {change.sha256} ({change.file})")
+
+
 def run_add(args: argparse.Namespace) -> int:
-    """``certs add``: pin the CA(s) of FILE for ``--cloud``; exit 1 and change nothing when refused."""
+    """``certs add``: pin the CA(s) of FILE, a fingerprint, or a document's issuer for ``--cloud``.
+
+    Exit 1 and change nothing when refused.
+    """
+    _check_add_arguments(args)
     directory = pinned_dir(args)
     load_trust_or_usage(args)
+    now = datetime.now(UTC)
     try:
-        changes = add_pins(directory, args.cloud, _read_file(args.file), origin=Path(args.file).name,
-                           now=datetime.now(UTC), source=args.source)
+        if args.fingerprint is not None:
+            change = add_fingerprint_pin(directory, args.cloud, args.fingerprint, url=args.url,
+                                         name=args.name or "", now=now, source=args.source)
+            _say(f"{change.action}: {change.cloud}: fingerprint pin {change.subject} {change.sha256} "
+                 f"({change.file}; fetched from {args.url or 'any allowed caIssuers URL'})")
+            return EXIT_VERIFIED
+        if args.from_document is not None:
+            document = _read_file(args.from_document, limit=MAX_DOCUMENT_BYTES)
+            issuer = None if args.issuer is None else _read_file(args.issuer)
+            pinned = add_from_document(directory, args.cloud, document, now=now, issuer=issuer,
+                                       issuer_origin=Path(args.issuer).name if args.issuer else "issuer file",
+                                       source=args.source)
+            _say(f"issuer of the document's signer: {pinned.issuer}, from {pinned.origin}")
+            _say_changes(pinned.changes)
+            return EXIT_VERIFIED
+        _say_changes(add_pins(directory, args.cloud, _read_file(args.file), origin=Path(args.file).name, now=now,
+                              source=args.source))
     except ConfigurationError as exc:
         _complain(f"attest-service certs add: refused: {exc.message}")
         return EXIT_REFUSED
-    for change in changes:
-        _say(f"{change.action}: {change.cloud}: {change.subject} sha256 {change.sha256} ({change.file})")
     return EXIT_VERIFIED
 
 
@@ -109,7 +165,7 @@ def run_remove(args: argparse.Namespace) -> int:
     directory = pinned_dir(args)
     load_trust_or_usage(args)
     try:
-        change = remove_pin(directory, args.cloud, args.pin)
+        change = remove_pin(directory, args.cloud, args.pin, now=datetime.now(UTC))
     except ConfigurationError as exc:
         _complain(f"attest-service certs remove: {exc.message}")
         return EXIT_REFUSED
@@ -165,11 +221,22 @@ def register(subparsers: Subparsers) -> None:
     add_pinned_certs_option(check)
     check.set_defaults(handler=run_check)
 
-    add = actions.add_parser("add", help="validate and pin an intermediate CA")
+    add = actions.add_parser("add", help="validate and pin an intermediate CA",
+                             description="Pin the CA(s) of FILE; or an intermediate by fingerprint (--fingerprint); "
+                                         "or the issuer of a document's signer (--from-document).")
     add.add_argument("--cloud", choices=list(CLOUDS), required=True)
-    add.add_argument("--source", help="provenance recorded in the manifest (default: file name and date)")
+    add.add_argument("--source", help="provenance recorded in the manifest (default: what was added and the date)")
     add_pinned_certs_option(add)
-    add.add_argument("file", metavar="FILE", help="PEM or DER certificate(s)")
+    add.add_argument("file", metavar="FILE", nargs="?", help="PEM or DER certificate(s)")
+    add.add_argument("--fingerprint", metavar="HEX",
+                     help="pin by SHA-256 (or SHA-1) fingerprint; the AIA fallback fetches exactly that certificate")
+    add.add_argument("--url", help="with --fingerprint: the allow-listed URL to fetch it from (default: any "
+                                   "allow-listed caIssuers URL the signer names)")
+    add.add_argument("--name", help="with --fingerprint: the CA's name, for listings")
+    add.add_argument("--from-document", metavar="DOC",
+                     help="pin the issuer of this document's signer (IMDS response, base64 or DER), fetched from "
+                          "its caIssuers URL under the AIA fallback's rules, or taken from --issuer")
+    add.add_argument("--issuer", metavar="FILE", help="with --from-document: the issuer's certificate(s)")
     add.set_defaults(handler=run_add)
 
     remove = actions.add_parser("remove", help="unpin an intermediate")

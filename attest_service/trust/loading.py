@@ -2,12 +2,17 @@
 
 Layout of a pinned directory (``ATTEST_PINNED_CERTS``, default the bundled ``pinned_certs/``)::
 
-    <cloud>/roots/*.pem            roots shipped as files (those certifi no longer carries)
-    <cloud>/roots/certifi.txt      SHA-256 fingerprints of roots to take from certifi's bundle
-    <cloud>/intermediates/*.pem    pinned issuing CAs; the only intermediates a chain may use
-    manifest.json                  provenance of every file (checked by the test suite and ``certs check``)
+    <cloud>/roots/*.pem                     roots shipped as files (those certifi no longer carries)
+    <cloud>/roots/certifi.txt               SHA-256 fingerprints of roots to take from certifi's bundle
+    <cloud>/intermediates/*.pem             pinned issuing CAs; the only intermediates a chain may use
+    <cloud>/intermediates/fingerprints.txt  issuing CAs pinned by fingerprint, with the URL to fetch them from
+    <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never fetched again
+    manifest.json                           provenance of every pin (checked by the tests and ``certs check``)
 
 Certificates carried inside a document are never added here: a chain runs through these pins only.
+Any other file under ``roots/`` or ``intermediates/`` (a pin saved as ``.crt``, say) is not loaded and is
+named in :attr:`CloudTrust.ignored`, so that ``certs check`` and the reload's log report it. Hidden files
+(a ConfigMap volume's ``..data``, an editor's temporary file, ``.keep``) are passed over in silence.
 This module does the file I/O; the verification core receives the loaded :class:`TrustStore`.
 """
 
@@ -30,16 +35,25 @@ from cryptography import x509
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
-from attest_service.verify.trust import CloudTrust, PinnedCertificate, Role, TrustStore
+from attest_service.verify.trust import CloudTrust, DigestAlgorithm, FingerprintPin, PinnedCertificate, Role, TrustStore
 
 #: File in ``<cloud>/roots/`` naming roots to take from certifi, one SHA-256 (hex) per line.
 CERTIFI_LIST: Final = "certifi.txt"
+#: File in ``<cloud>/intermediates/`` pinning issuing CAs by fingerprint: ``DIGEST  URL|-  # name`` per line.
+FINGERPRINT_LIST: Final = "fingerprints.txt"
+#: File in ``<cloud>/intermediates/`` listing the fingerprints ``certs remove`` unpinned, one per line.
+REMOVED_LIST: Final = "removed.txt"
 #: Provenance manifest at the top of a pinned directory.
 MANIFEST: Final = "manifest.json"
 #: Refuse to read larger files: a pinned PEM is a few KiB, and the directory may be operator-mounted.
 MAX_PEM_BYTES: Final = 256 * 1024
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL)
+#: Hex digest lengths of the fingerprints a list may hold.
+_DIGEST_ALGORITHMS: Final[dict[int, DigestAlgorithm]] = {64: "sha256", 40: "sha1"}
+#: The files each role's directory may hold besides ``*.pem``.
+_LISTS: Final[dict[Role, frozenset[str]]] = {"root": frozenset({CERTIFI_LIST}),
+                                            "intermediate": frozenset({FINGERPRINT_LIST, REMOVED_LIST})}
 
 
 #: The variable naming an operator's pinned directory (the contract's ``ATTEST_PINNED_CERTS``).
@@ -111,15 +125,73 @@ def _read_certifi_list(path: Path) -> list[str]:
     return wanted
 
 
-def _load_dir(directory: Path, cloud: str, role: Role, base: Path) -> list[PinnedCertificate]:
+def normalise_digest(text: str) -> tuple[DigestAlgorithm, str] | None:
+    """``(algorithm, lower-case hex)`` for a SHA-256 or SHA-1 hex digest (colons allowed), else None."""
+    digest = text.strip().lower().replace(":", "")
+    algorithm = _DIGEST_ALGORITHMS.get(len(digest))
+    if algorithm is None or not re.fullmatch(r"[0-9a-f]+", digest):
+        return None
+    return algorithm, digest
+
+
+def _list_lines(path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, text before '#', comment)`` of every non-empty line of a list file."""
+    lines = []
+    for number, raw in enumerate(_read_limited(path).decode("utf-8", "replace").splitlines(), start=1):
+        text, _, comment = raw.partition("#")
+        if text.strip():
+            lines.append((number, text.strip(), comment.strip()))
+    return lines
+
+
+def _read_fingerprint_list(path: Path, cloud: str, base: Path) -> list[FingerprintPin]:
+    pins = []
+    relative = path.relative_to(base).as_posix()
+    for number, text, comment in _list_lines(path):
+        fields = text.split()
+        parsed = normalise_digest(fields[0])
+        if parsed is None or len(fields) > 2:
+            raise ConfigurationError(f"{path}:{number}: expected 'SHA256-or-SHA1-HEX  URL-or--  # name', "
+                                     f"got {text[:120]!r}")
+        url = fields[1] if len(fields) == 2 and fields[1] != "-" else None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"{path}:{number}: {url[:120]!r} is not an http or https URL")
+        algorithm, digest = parsed
+        pins.append(FingerprintPin(cloud=cloud, algorithm=algorithm, digest=digest, url=url,
+                                   name=comment or digest, source=f"fingerprint:{relative}:{number}"))
+    return pins
+
+
+def _read_removed_list(path: Path) -> frozenset[str]:
+    removed = set()
+    for number, text, _ in _list_lines(path):
+        parsed = normalise_digest(text.split()[0])
+        if parsed is None:
+            raise ConfigurationError(f"{path}:{number}: {text[:120]!r} is not a SHA-256 or SHA-1 fingerprint")
+        removed.add(parsed[1])
+    return frozenset(removed)
+
+
+def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
+              ignored: list[str]) -> list[PinnedCertificate]:
     pins: list[PinnedCertificate] = []
     if not directory.is_dir():
         return pins
-    for path in sorted(directory.glob("*.pem")):
-        for certificate in load_certificates(_read_limited(path), origin=str(path)):
-            relative = path.relative_to(base).as_posix()
-            pins.append(PinnedCertificate(cloud=cloud, role=role, certificate=certificate,
-                                          source=f"file:{relative}", path=path))
+    for path in sorted(directory.iterdir()):
+        relative = path.relative_to(base).as_posix()
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            ignored.append(f"{relative}: a directory; only files directly in {directory.name}/ are read")
+            continue
+        if path.name in _LISTS[role]:
+            continue
+        if path.suffix != ".pem":
+            ignored.append(f"{relative}: not loaded: only *.pem files are pins (rename it to .pem if it is one)")
+            continue
+        pins.extend(PinnedCertificate(cloud=cloud, role=role, certificate=certificate, source=f"file:{relative}",
+                                      path=path)
+                    for certificate in load_certificates(_read_limited(path), origin=str(path)))
     return pins
 
 
@@ -131,7 +203,8 @@ def load_trust(directory: Path) -> TrustStore:
     clouds: dict[str, CloudTrust] = {}
     for name, profile in CLOUDS.items():
         cloud_dir = directory / name
-        roots = _load_dir(cloud_dir / "roots", name, "root", directory)
+        ignored: list[str] = []
+        roots = _load_dir(cloud_dir / "roots", name, "root", directory, ignored)
         problems: list[str] = []
         certifi_list = cloud_dir / "roots" / CERTIFI_LIST
         if certifi_list.is_file():
@@ -149,9 +222,15 @@ def load_trust(directory: Path) -> TrustStore:
                     certificate = x509.load_der_x509_certificate(der)
                 roots.append(PinnedCertificate(cloud=name, role="root", certificate=certificate,
                                                source="certifi"))
-        intermediates = _load_dir(cloud_dir / "intermediates", name, "intermediate", directory)
+        intermediates = _load_dir(cloud_dir / "intermediates", name, "intermediate", directory, ignored)
+        fingerprint_list = cloud_dir / "intermediates" / FINGERPRINT_LIST
+        fingerprint_pins = (_read_fingerprint_list(fingerprint_list, name, directory)
+                            if fingerprint_list.is_file() else [])
+        removed_list = cloud_dir / "intermediates" / REMOVED_LIST
+        removed = _read_removed_list(removed_list) if removed_list.is_file() else frozenset()
         clouds[name] = CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
-                                  problems=tuple(problems))
+                                  problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
+                                  removed=removed, ignored=tuple(ignored))
     return TrustStore(clouds=MappingProxyType(clouds), directory=directory)
 
 

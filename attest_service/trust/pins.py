@@ -3,35 +3,69 @@
 The ``certs`` command (:mod:`attest_service.cli.certs`) only formats what these return, so the same checks
 serve the CLI, the tests and a CI gate:
 
-- :func:`list_pins`: every pinned certificate with its status and the root each intermediate chains to.
+- :func:`list_pins`: every pinned certificate with its status and the root each intermediate chains to;
+  :func:`list_fingerprint_pins`: the intermediates pinned by fingerprint only (awaiting a fetch).
 - :func:`check_pins`: the problems an operator must act on (expired, expiring, unchained, not a CA,
-  duplicate, certifi root missing, manifest out of sync). Expired pins are *retired*: they are kept on
+  duplicate, certifi root missing, a file that is not loaded, a removed CA still pinned, a fingerprint pin
+  the fallback cannot fetch, manifest out of sync). Expired pins are *retired*: they are kept on
   purpose so old documents can be verified at their own instant (``verify --at``), so ``allow_retired``
   turns them into notes, as long as each still chains to a root inside its own validity.
-- :func:`add_pins` / :func:`remove_pin`: change one cloud's intermediates atomically (temporary file and
-  ``os.replace``) and keep ``manifest.json`` in step; a refused change leaves the directory untouched.
+- :func:`add_pins` / :func:`add_fingerprint_pin` / :func:`add_from_document` / :func:`remove_pin`: change one
+  cloud's intermediates atomically (temporary file and ``os.replace``) and keep ``manifest.json`` in step; a
+  refused change leaves the directory untouched. :func:`remove_pin` records the removed fingerprint in
+  ``intermediates/removed.txt``, which the AIA fallback honours, so that a removed CA stays distrusted
+  even where the fallback could fetch it again; adding the CA back takes it off that list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from attest_service.errors import AttestError, ConfigurationError
-from attest_service.trust.certificates import anchor_instant, ca_path, is_ca, is_self_signed
-from attest_service.trust.loading import CERTIFI_LIST, MANIFEST, load_certificates, load_trust, manifest_entry
-from attest_service.verify import CloudTrust, PinnedCertificate, TrustStore, common_name, fingerprint
+from attest_service.errors import AttestError, ConfigurationError, DocumentExpired, DocumentNotYetValid
+from attest_service.trust.certificates import anchor_instant, ca_issuers_urls, ca_path, is_ca, is_self_signed
+from attest_service.trust.issuers import (
+    AiaPolicy,
+    CertificateFetcher,
+    FetchRefused,
+    accept_issuing_ca,
+    check_issued,
+)
+from attest_service.trust.loading import (
+    CERTIFI_LIST,
+    FINGERPRINT_LIST,
+    MANIFEST,
+    REMOVED_LIST,
+    load_certificates,
+    load_trust,
+    manifest_entry,
+    normalise_digest,
+)
+from attest_service.verify import (
+    CloudTrust,
+    FingerprintPin,
+    PinnedCertificate,
+    TrustStore,
+    VerificationPolicy,
+    Verifier,
+    common_name,
+    decode_document,
+    digests,
+    fingerprint,
+    signer_certificate,
+)
 
 #: Default of ``check --warn-days``: a month leaves time to stage a successor pin (the contract's default).
 DEFAULT_WARN_DAYS: Final = 30
@@ -39,7 +73,9 @@ DEFAULT_WARN_DAYS: Final = 30
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 Status = Literal["active", "expiring", "retired", "not_yet_valid"]
-ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest"]
+ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest",
+                      "not_loaded", "removed_pinned", "fingerprint", "awaiting_fetch"]
+FingerprintStatus = Literal["awaiting_fetch", "pinned"]
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -103,6 +139,41 @@ def list_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WARN
     return reports
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FingerprintReport:
+    """One intermediate pinned by fingerprint, as ``certs list`` shows it.
+
+    ``awaiting_fetch``: its bytes are not in the directory; the AIA fallback (when on) fetches it from
+    ``url`` and accepts exactly this certificate, and ``certs add --from-document`` pins it as a file.
+    ``pinned``: a pinned file has this fingerprint, so the line is redundant (and harmless).
+    """
+
+    cloud: str
+    name: str
+    algorithm: str
+    digest: str
+    url: str | None
+    status: FingerprintStatus
+    source: str
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON form (``certs list --json``, under ``fingerprintPins``)."""
+        return {"cloud": self.cloud, "name": self.name, "algorithm": self.algorithm, "digest": self.digest,
+                "url": self.url, "status": self.status, "source": self.source}
+
+
+def list_fingerprint_pins(trust: TrustStore) -> list[FingerprintReport]:
+    """Every fingerprint pin of every cloud, with whether a pinned file already has its fingerprint."""
+    reports: list[FingerprintReport] = []
+    for cloud_trust in trust.clouds.values():
+        pinned = set().union(*(digests(pin.certificate) for pin in cloud_trust.intermediates))
+        reports.extend(FingerprintReport(cloud=pin.cloud, name=pin.name, algorithm=pin.algorithm, digest=pin.digest,
+                                         url=pin.url, status="pinned" if pin.digest in pinned else "awaiting_fetch",
+                                         source=pin.source)
+                       for pin in cloud_trust.fingerprint_pins)
+    return reports
+
+
 # --- check ----------------------------------------------------------------------------------------
 
 
@@ -127,10 +198,15 @@ class Problem:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckReport:
-    """What ``certs check`` found: ``problems`` fail the check, ``notes`` (retired pins allowed) do not."""
+    """What ``certs check`` found: ``problems`` fail the check, the other two do not.
+
+    ``notes`` are retired pins allowed; ``awaiting`` are fingerprint pins whose certificate is not in the
+    directory yet.
+    """
 
     problems: tuple[Problem, ...]
     notes: tuple[Problem, ...] = field(default=())
+    awaiting: tuple[Problem, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -180,11 +256,11 @@ def _manifest_key(entry: dict[str, str]) -> tuple[str, str, str, str]:
     return (entry.get("cloud", ""), entry.get("role", ""), entry.get("file", ""), entry.get("sha256", ""))
 
 
-def read_manifest(directory: Path) -> list[dict[str, str]] | None:
-    """The entries of ``manifest.json``, or None when the directory has none.
+#: Key of ``manifest.json`` listing the fingerprint pins (cloud, file, algorithm, digest, url, name, source).
+FINGERPRINTS_KEY: Final = "fingerprints"
 
-    Raises ConfigurationError when the file exists but is not a manifest.
-    """
+
+def _read_manifest_document(directory: Path) -> dict[str, list[dict[str, str]]] | None:
     path = directory / MANIFEST
     if not path.is_file():
         return None
@@ -192,11 +268,41 @@ def read_manifest(directory: Path) -> list[dict[str, str]] | None:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"{path}: unreadable manifest ({exc})") from exc
-    entries = document.get("certificates") if isinstance(document, dict) else None
-    if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and all(isinstance(v, str) for v in e.values()) for e in entries):
-        raise ConfigurationError(f"{path}: expected {{\"certificates\": [{{...}}, ...]}} with string fields")
-    return entries
+    if not isinstance(document, dict):
+        raise ConfigurationError(f"{path}: expected a JSON object")
+    lists: dict[str, list[dict[str, str]]] = {}
+    for key in ("certificates", FINGERPRINTS_KEY):
+        entries = document.get(key, [] if key == FINGERPRINTS_KEY else None)
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and all(isinstance(v, str) for v in e.values()) for e in entries):
+            raise ConfigurationError(f"{path}: expected {{\"{key}\": [{{...}}, ...]}} with string fields")
+        lists[key] = entries
+    return lists
+
+
+def read_manifest(directory: Path) -> list[dict[str, str]] | None:
+    """The certificate entries of ``manifest.json``, or None when the directory has none.
+
+    Raises ConfigurationError when the file exists but is not a manifest.
+    """
+    document = _read_manifest_document(directory)
+    return None if document is None else document["certificates"]
+
+
+def read_fingerprint_manifest(directory: Path) -> list[dict[str, str]] | None:
+    """The fingerprint pin entries of ``manifest.json`` (``fingerprints``), or None without a manifest."""
+    document = _read_manifest_document(directory)
+    return None if document is None else document[FINGERPRINTS_KEY]
+
+
+def fingerprint_manifest_entry(pin: FingerprintPin, source: str) -> dict[str, str]:
+    """The manifest record of one fingerprint pin: where its fingerprint and URL were taken from."""
+    return {"cloud": pin.cloud, "file": f"{pin.cloud}/intermediates/{FINGERPRINT_LIST}", "algorithm": pin.algorithm,
+            "digest": pin.digest, "url": pin.url or "-", "name": pin.name, "source": source}
+
+
+def _fingerprint_key(entry: dict[str, str]) -> tuple[str, str, str]:
+    return (entry.get("cloud", ""), entry.get("digest", ""), entry.get("url", ""))
 
 
 def _pin_file(pin: PinnedCertificate) -> str:
@@ -227,7 +333,49 @@ def _manifest_problems(trust: TrustStore) -> list[Problem]:
     for cloud, role, file, sha256 in sorted(recorded - present):
         found.append(Problem(kind="manifest", cloud=cloud, subject=file, sha256=sha256,
                              message=f"{MANIFEST} lists {role} {file} (sha256 {sha256}), which is not pinned"))
+    fingerprints = {_fingerprint_key(e) for e in read_fingerprint_manifest(trust.directory) or []}
+    listed: set[tuple[str, str, str]] = set()
+    for cloud_trust in trust.clouds.values():
+        for fingerprint_pin in cloud_trust.fingerprint_pins:
+            fingerprint_key = (fingerprint_pin.cloud, fingerprint_pin.digest, fingerprint_pin.url or "-")
+            listed.add(fingerprint_key)
+            if fingerprint_key not in fingerprints:
+                found.append(Problem(kind="manifest", cloud=fingerprint_pin.cloud, subject=fingerprint_pin.name,
+                                     sha256=fingerprint_pin.digest,
+                                     message=f"fingerprint pin {fingerprint_pin.name} ({fingerprint_pin.source}, "
+                                             f"{fingerprint_pin.algorithm} {fingerprint_pin.digest}) is not in "
+                                             f"{MANIFEST}"))
+    for cloud, digest, url in sorted(fingerprints - listed):
+        found.append(Problem(kind="manifest", cloud=cloud, subject=FINGERPRINT_LIST, sha256=digest,
+                             message=f"{MANIFEST} lists fingerprint pin {digest} ({url}), which is not in "
+                                     f"{cloud}/intermediates/{FINGERPRINT_LIST}"))
     return found
+
+
+def _fingerprint_problems(trust: CloudTrust, policy: AiaPolicy) -> tuple[list[Problem], list[Problem]]:
+    """``(problems, awaiting)`` of the cloud's fingerprint pins."""
+    problems: list[Problem] = []
+    awaiting: list[Problem] = []
+    pinned = set().union(*(digests(pin.certificate) for pin in trust.intermediates))
+    for pin in trust.fingerprint_pins:
+        name = f"fingerprint pin {pin.name} ({pin.source}, {pin.algorithm} {pin.digest})"
+
+        def problem(kind: ProblemKind, message: str, into: list[Problem], pin: FingerprintPin = pin) -> None:
+            into.append(Problem(kind=kind, cloud=pin.cloud, subject=pin.name, sha256=pin.digest, message=message))
+
+        if pin.url is not None and not policy.allowed(pin.cloud, pin.url):
+            problem("fingerprint", f"{name}: {pin.url} is not on the {pin.cloud} AIA allow-list, so it is never "
+                                   "fetched", problems)
+        elif pin.cloud not in policy.allow:
+            problem("fingerprint", f"{name}: {pin.cloud} has no AIA allow-list, so it is never fetched", problems)
+        if pin.digest in trust.removed:
+            problem("removed_pinned", f"{name} is also listed in {REMOVED_LIST}, which wins: it is never accepted",
+                    problems)
+        elif pin.digest not in pinned:
+            where = pin.url or "any allow-listed caIssuers URL"
+            problem("awaiting_fetch", f"{name}: not in the directory yet; the AIA fallback takes it from {where}, "
+                                      "or pin it with certs add --from-document", awaiting)
+    return problems, awaiting
 
 
 def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WARN_DAYS,
@@ -235,17 +383,31 @@ def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WAR
     """Every problem of the pinned trust at ``now``; see the module docstring for ``allow_retired``."""
     warn = timedelta(days=warn_days)
     problems: list[Problem] = []
+    awaiting: list[Problem] = []
+    policy = AiaPolicy.azure()
     for cloud_trust in trust.clouds.values():
+        cloud = cloud_trust.profile.name
         for pin in (*cloud_trust.roots, *cloud_trust.intermediates):
             problems.extend(_pin_problems(pin, cloud_trust, now, warn))
+            if pin.role == "intermediate" and digests(pin.certificate) & cloud_trust.removed:
+                problems.append(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
+                                        message=f"intermediate {pin.subject_cn} ({pin.source}) is pinned and also "
+                                                f"listed in {cloud}/intermediates/{REMOVED_LIST}: pin it with "
+                                                "certs add (which takes it off the list) or remove the file"))
         problems.extend(_duplicates(cloud_trust))
-        problems.extend(Problem(kind="certifi_missing", cloud=cloud_trust.profile.name, subject=CERTIFI_LIST,
+        problems.extend(Problem(kind="certifi_missing", cloud=cloud, subject=CERTIFI_LIST,
                                 sha256="-", message=message) for message in cloud_trust.problems)
+        problems.extend(Problem(kind="not_loaded", cloud=cloud, subject=message.partition(":")[0], sha256="-",
+                                message=message) for message in cloud_trust.ignored)
+        fingerprint_problems, fingerprint_awaiting = _fingerprint_problems(cloud_trust, policy)
+        problems.extend(fingerprint_problems)
+        awaiting.extend(fingerprint_awaiting)
     problems.extend(_manifest_problems(trust))
     if not allow_retired:
-        return CheckReport(problems=tuple(problems))
+        return CheckReport(problems=tuple(problems), awaiting=tuple(awaiting))
     retired = tuple(p for p in problems if p.kind == "expired")
-    return CheckReport(problems=tuple(p for p in problems if p.kind != "expired"), notes=retired)
+    return CheckReport(problems=tuple(p for p in problems if p.kind != "expired"), notes=retired,
+                       awaiting=tuple(awaiting))
 
 
 # --- add and remove -------------------------------------------------------------------------------
@@ -294,17 +456,69 @@ def pin_filename(certificate: x509.Certificate) -> str:
 
 
 def _write_manifest(trust: TrustStore, directory: Path, *, add: Iterable[dict[str, str]] = (),
-                    drop: Iterable[tuple[str, str, str, str]] = ()) -> None:
-    entries = read_manifest(directory)
-    if entries is None:
+                    drop: Iterable[tuple[str, str, str, str]] = (),
+                    add_fingerprints: Iterable[dict[str, str]] = (),
+                    drop_fingerprints: Iterable[tuple[str, str, str]] = ()) -> None:
+    document = _read_manifest_document(directory)
+    if document is None:
         # First change to a directory without a manifest: record what is already there, saying honestly
         # that its origin is unknown, so that the manifest describes every pin from now on.
-        entries = [manifest_entry(pin, "unrecorded (pinned before the manifest existed)")
-                   | {"file": _pin_file(pin)} for pin in trust.all_pins()]
+        unrecorded = "unrecorded (pinned before the manifest existed)"
+        document = {"certificates": [manifest_entry(pin, unrecorded) | {"file": _pin_file(pin)}
+                                     for pin in trust.all_pins()],
+                    FINGERPRINTS_KEY: [fingerprint_manifest_entry(pin, unrecorded) for cloud in trust.clouds.values()
+                                       for pin in cloud.fingerprint_pins]}
     dropped = set(drop)
-    kept = [e for e in entries if _manifest_key(e) not in dropped]
-    document = {"certificates": [*kept, *add]}
-    _atomic_write(directory / MANIFEST, (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode())
+    dropped_fingerprints = set(drop_fingerprints)
+    updated: dict[str, object] = {
+        "certificates": [*(e for e in document["certificates"] if _manifest_key(e) not in dropped), *add]}
+    fingerprints = [*(e for e in document[FINGERPRINTS_KEY] if _fingerprint_key(e) not in dropped_fingerprints),
+                    *add_fingerprints]
+    if fingerprints:
+        updated[FINGERPRINTS_KEY] = fingerprints
+    _atomic_write(directory / MANIFEST, (json.dumps(updated, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def _rewrite_list(path: Path, *, keep: Callable[[str], bool] = lambda _digest: True,
+                  append: Sequence[str] = (), header: str = "") -> None:
+    """Rewrite a fingerprint list file without the lines whose digest ``keep`` rejects, plus ``append``.
+
+    Comments and blank lines stay as they are; a file left with no entry and no comment is deleted.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else ([header] if header else [])
+    kept = []
+    for line in lines:
+        text = line.partition("#")[0].strip()
+        parsed = normalise_digest(text.split()[0]) if text else None
+        if parsed is None or keep(parsed[1]):
+            kept.append(line)
+    kept.extend(append)
+    if any(line.partition("#")[0].strip() for line in kept):
+        _atomic_write(path, ("\n".join(kept) + "\n").encode())
+    elif path.is_file():
+        path.unlink()
+
+
+_REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: the AIA fallback never takes them from "
+                          "a URL again. certs add takes a CA off this list.")
+
+
+def _forget_removed(directory: Path, cloud: str, found: Iterable[str]) -> None:
+    """Take ``found`` digests off the cloud's removed list (an operator pins the CA again)."""
+    wanted = set(found)
+    path = directory / cloud / "intermediates" / REMOVED_LIST
+    if path.is_file() and wanted & load_trust(directory).for_cloud(cloud).removed:
+        _rewrite_list(path, keep=lambda digest: digest not in wanted)
+
+
+def _record_removed(directory: Path, cloud: str, entries: Sequence[tuple[str, str]], now: datetime) -> None:
+    """Add ``(digest, description)`` entries to the cloud's removed list."""
+    path = directory / cloud / "intermediates" / REMOVED_LIST
+    already = load_trust(directory).for_cloud(cloud).removed
+    lines = [f"{digest}  # {description}, removed on {now.date().isoformat()}"
+             for digest, description in entries if digest not in already]
+    if lines:
+        _rewrite_list(path, append=lines, header=_REMOVED_HEADER)
 
 
 def _refuse_candidate(certificate: x509.Certificate, cloud_trust: CloudTrust, others: Sequence[x509.Certificate],
@@ -356,34 +570,163 @@ def add_pins(directory: Path, cloud: str, data: bytes, *, origin: str, now: date
     for change, certificate in zip(changes, certificates, strict=True):
         if change.action == "added":
             _atomic_write(directory / change.file, certificate.public_bytes(serialization.Encoding.PEM))
+    # An operator pinning a CA again means it: it comes off the removed list the AIA fallback honours.
+    _forget_removed(directory, cloud, set().union(*(digests(c) for c in certificates)))
     if entries:
         _write_manifest(trust, directory, add=entries)
     return changes
 
 
-def remove_pin(directory: Path, cloud: str, which: str) -> PinChange:
-    """Unpin the intermediate of ``cloud`` named by SHA-256 (hex) or file name; ConfigurationError if none matches.
+_FINGERPRINT_HEADER: Final = ("# Issuing CAs pinned by fingerprint: SHA256-or-SHA1-HEX  URL-or--  # name. The AIA "
+                              "fallback fetches such a CA from its URL and accepts exactly these bytes.")
+#: Longest name recorded for a fingerprint pin, in characters.
+MAX_FINGERPRINT_NAME_CHARS: Final = 200
 
-    A file holding several certificates is rewritten without the one named by fingerprint; naming the
-    file removes all of it.
+
+def add_fingerprint_pin(directory: Path, cloud: str, digest: str, *, url: str | None, name: str, now: datetime,
+                        source: str | None = None, policy: AiaPolicy | None = None) -> PinChange:
+    """Pin an intermediate of ``cloud`` by its SHA-256 (or SHA-1) ``digest``, to be fetched from ``url``.
+
+    ``url`` None means any caIssuers URL on the cloud's allow-list. Raises ConfigurationError (nothing
+    written) for a malformed digest, or a URL the cloud's AIA allow-list does not hold (it would never be
+    fetched). A digest already pinned (as a file or a fingerprint) is reported and left as it is.
     """
     trust = load_trust(directory)
-    wanted = which.strip().lower().replace(":", "")
-    by_digest = bool(_SHA256_HEX.fullmatch(wanted))
-    matches = [pin for pin in trust.for_cloud(cloud).intermediates
-               if (pin.sha256 == wanted if by_digest else
-                   pin.path is not None and which.strip() in (pin.path.name, _pin_file(pin)))]
-    if not matches:
-        kind = "SHA-256" if by_digest else "file name"
-        raise ConfigurationError(f"no pinned {cloud} intermediate has {kind} {which!r}")
-    path = matches[0].path
-    assert path is not None  # noqa: S101 - intermediates are always files
-    siblings = [pin for pin in trust.for_cloud(cloud).intermediates if pin.path == path and pin not in matches]
-    if siblings:
-        _atomic_write(path, b"".join(p.certificate.public_bytes(serialization.Encoding.PEM) for p in siblings))
+    cloud_trust = trust.for_cloud(cloud)
+    parsed = normalise_digest(digest)
+    if parsed is None:
+        raise ConfigurationError(f"{digest[:100]!r} is not a SHA-256 (64 hex digits) or SHA-1 (40) fingerprint")
+    algorithm, value = parsed
+    policy = policy if policy is not None else AiaPolicy.azure()
+    if cloud not in policy.allow:
+        raise ConfigurationError(f"{cloud} has no AIA allow-list: a fingerprint pin could never be fetched")
+    if url is not None and not policy.allowed(cloud, url):
+        raise ConfigurationError(f"{url[:200]} is not on the {cloud} AIA allow-list: it would never be fetched")
+    label = " ".join(name.split())[:MAX_FINGERPRINT_NAME_CHARS] or value
+    relative = f"{cloud}/intermediates/{FINGERPRINT_LIST}"
+    pinned = set().union(*(digests(pin.certificate) for pin in cloud_trust.intermediates))
+    if value in pinned or any(pin.digest == value for pin in cloud_trust.fingerprint_pins):
+        return PinChange(cloud=cloud, file=relative, subject=label, sha256=value, action="already_pinned")
+    pin = FingerprintPin(cloud=cloud, algorithm=algorithm, digest=value, url=url, name=label,
+                         source=f"fingerprint:{relative}")
+    _rewrite_list(directory / relative, append=[f"{value}  {url or '-'}  # {label}"], header=_FINGERPRINT_HEADER)
+    _forget_removed(directory, cloud, {value})
+    _write_manifest(trust, directory, add_fingerprints=[fingerprint_manifest_entry(
+        pin, source or f"certs add --fingerprint on {now.date().isoformat()}")])
+    return PinChange(cloud=cloud, file=relative, subject=label, sha256=value, action="added")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DocumentPin:
+    """What :func:`add_from_document` did: the pins written, and where the issuer came from."""
+
+    changes: tuple[PinChange, ...]
+    issuer: str
+    origin: str
+
+
+def add_from_document(directory: Path, cloud: str, document: bytes, *, now: datetime,
+                      issuer: bytes | None = None, issuer_origin: str = "issuer file",
+                      fetcher: CertificateFetcher | None = None, policy: AiaPolicy | None = None,
+                      source: str | None = None) -> DocumentPin:
+    """Pin the issuing CA of the signer of ``document`` (an IMDS response, or its base64 or DER) for ``cloud``.
+
+    The CA comes from ``issuer`` (PEM or DER; the file may add the certificates its chain needs) or, without
+    it, from the signer's caIssuers URL through ``fetcher`` (default: public addresses only) under the AIA
+    fallback's rules (:mod:`attest_service.trust.issuers`: the allow-list; not removed; pinned by
+    fingerprint or of the cloud's organisation; China by fingerprint only). Either way it must be named as
+    the signer's issuer and have signed it, chain to a root of ``cloud`` now, and the document must pass
+    every step up to the chain with it pinned (its age does not matter: an old document shows who signs as
+    well as a fresh one). Then it is pinned as :func:`add_pins` does. Raises ConfigurationError, with
+    nothing written, otherwise.
+    """
+    policy = policy if policy is not None else AiaPolicy.azure()
+    fetcher = fetcher if fetcher is not None else CertificateFetcher()
+    trust = load_trust(directory)
+    cloud_trust = trust.for_cloud(cloud)
+    try:
+        der = decode_document(document)
+        signer = signer_certificate(der)
+    except AttestError as exc:
+        raise ConfigurationError(f"not an attested document: {exc.code}: {exc.message}") from exc
+    if issuer is not None:
+        offered = load_certificates(issuer, origin=issuer_origin)
+        ca = next((c for c in offered if c.subject == signer.issuer), None)
+        if ca is None:
+            raise ConfigurationError(f"{issuer_origin} holds no certificate named {signer.issuer.rfc4514_string()}, "
+                                     "the signer's issuer")
+        data, origin = issuer, issuer_origin
     else:
-        path.unlink()
-    _write_manifest(trust, directory, drop=[(cloud, "intermediate", _pin_file(p), p.sha256) for p in matches])
-    first = matches[0]
-    return PinChange(cloud=cloud, file=_pin_file(first), subject=", ".join(p.subject_cn for p in matches),
+        try:
+            url = policy.fetch_url(cloud_trust, ca_issuers_urls(signer))
+            ca = fetcher.fetch(url)
+            accept_issuing_ca(ca, cloud_trust, policy=policy, now=now)
+        except FetchRefused as exc:
+            raise ConfigurationError(f"the signer's issuer cannot be taken from its caIssuers URL: {exc.result}: "
+                                     f"{exc.message}") from exc
+        offered = [ca]
+        data, origin = ca.public_bytes(serialization.Encoding.PEM), url
+    try:
+        check_issued(ca, signer)
+    except FetchRefused as exc:
+        raise ConfigurationError(exc.message) from exc
+    label = f"{common_name(ca.subject)} (sha256 {fingerprint(ca)})"
+    _refuse_candidate(ca, cloud_trust, [c for c in offered if c is not ca], now)
+    candidates = tuple(PinnedCertificate(cloud=cloud, role="intermediate", certificate=c, source=f"candidate:{origin}")
+                       for c in offered)
+    with_candidate = TrustStore(clouds={**trust.clouds, cloud: dataclasses.replace(
+        cloud_trust, intermediates=(*cloud_trust.intermediates, *candidates))}, directory=trust.directory)
+    try:
+        Verifier(with_candidate).verify(der, policy=VerificationPolicy(cloud=cloud), now=now)
+    except (DocumentExpired, DocumentNotYetValid):
+        pass  # every step up to the chain passed; the document's own validity window is not the question
+    except AttestError as exc:
+        raise ConfigurationError(f"the document does not verify for {cloud} with {label} pinned: {exc.code}: "
+                                 f"{exc.message}") from exc
+    changes = add_pins(directory, cloud, data, origin=origin, now=now,
+                       source=source or f"certs add --from-document: {origin} on {now.date().isoformat()}")
+    return DocumentPin(changes=tuple(changes), issuer=label, origin=origin)
+
+
+def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None = None) -> PinChange:
+    """Unpin the intermediate of ``cloud`` named by fingerprint (SHA-256 or SHA-1 hex) or file name.
+
+    A file holding several certificates is rewritten without the one named by fingerprint; naming the
+    file removes all of it. A fingerprint also removes a fingerprint pin with it. Each removed CA's
+    fingerprint is recorded in ``intermediates/removed.txt`` first, so that the AIA fallback never takes it
+    from a URL again. Raises ConfigurationError, with nothing written, when nothing matches.
+    """
+    trust = load_trust(directory)
+    cloud_trust = trust.for_cloud(cloud)
+    parsed = normalise_digest(which)
+    wanted = parsed[1] if parsed is not None else None
+    matches = [pin for pin in cloud_trust.intermediates
+               if (wanted in digests(pin.certificate) if wanted is not None else
+                   pin.path is not None and which.strip() in (pin.path.name, _pin_file(pin)))]
+    by_fingerprint = [pin for pin in cloud_trust.fingerprint_pins if pin.digest == wanted]
+    if not matches and not by_fingerprint:
+        kind = "fingerprint" if wanted is not None else "file name"
+        raise ConfigurationError(f"no pinned {cloud} intermediate has {kind} {which!r}")
+    # Recorded before anything goes: from this moment the fallback refuses them, even while a file is still there.
+    _record_removed(directory, cloud, [*((pin.sha256, pin.subject_cn) for pin in matches),
+                                       *((pin.digest, pin.name) for pin in by_fingerprint)],
+                    now if now is not None else datetime.now(UTC))
+    if matches:
+        path = matches[0].path
+        assert path is not None  # noqa: S101 - intermediates are always files
+        siblings = [pin for pin in cloud_trust.intermediates if pin.path == path and pin not in matches]
+        if siblings:
+            _atomic_write(path, b"".join(p.certificate.public_bytes(serialization.Encoding.PEM) for p in siblings))
+        else:
+            path.unlink()
+    if by_fingerprint:
+        _rewrite_list(directory / cloud / "intermediates" / FINGERPRINT_LIST, keep=lambda digest: digest != wanted)
+    _write_manifest(trust, directory, drop=[(cloud, "intermediate", _pin_file(p), p.sha256) for p in matches],
+                    drop_fingerprints=[(cloud, p.digest, p.url or "-") for p in by_fingerprint])
+    if not matches:
+        first = by_fingerprint[0]
+        return PinChange(cloud=cloud, file=f"{cloud}/intermediates/{FINGERPRINT_LIST}", subject=first.name,
+                         sha256=first.digest, action="removed")
+    first_pin = matches[0]
+    return PinChange(cloud=cloud, file=_pin_file(first_pin), subject=", ".join(p.subject_cn for p in matches),
                      sha256=", ".join(p.sha256 for p in matches), action="removed")

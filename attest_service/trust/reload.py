@@ -23,12 +23,17 @@ that describes the trust of the process answering ``/metrics``):
 - ``attest_pinned_certificate_not_after_seconds{cloud,role,subject,sha256}``: each pin's expiry (Unix time).
 - ``attest_verifications_by_issuer_total{issuer}``: verified documents by the CN of the signer's issuer.
 - ``attest_unpinned_issuer_total{issuer}``: chains that failed at an issuer no pin names: the first sign
-  of an Azure rotation.
+  of an Azure rotation. Counted after the signature and name checks (steps 4 and 5), and logged once per
+  issuer and :data:`UNPINNED_LOG_SECONDS` with the signer's caIssuers URL. The issuer's name is the
+  sender's choice, so only a plausible issuer gets a label of its own (its organisation is one the
+  cloud's issuing CAs name and the signer names an allow-listed caIssuers URL); others count under
+  ``unrecognised``, and plausible ones beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS` under ``other``.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -50,6 +55,8 @@ from prometheus_client.registry import Collector
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
+from attest_service.trust.certificates import ca_issuers_urls
+from attest_service.trust.issuers import AiaPolicy
 from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
@@ -65,6 +72,12 @@ MAX_DIRECTORY_ENTRIES: Final = 10_000
 MAX_UNPINNED_ISSUER_LABELS: Final = 32
 #: Longest issuer label, in characters.
 MAX_ISSUER_LABEL_CHARS: Final = 64
+#: The label of unpinned issuers that do not look like the cloud's (see the module docstring).
+UNRECOGNISED_ISSUER: Final = "unrecognised"
+#: Seconds between two log lines about the same unpinned issuer label.
+UNPINNED_LOG_SECONDS: Final = 300.0
+#: CAs fetched through AIA kept beside one trust; beyond it the set starts afresh (the fetcher still caches).
+MAX_FETCHED_CAS: Final = 64
 
 RELOADS: Final = Counter("attest_trust_reload", "Loads of a changed pinned directory, by result (success, failure).",
                          ["result"])
@@ -131,7 +144,15 @@ def _load(directory: Path) -> TrustStore:
     if not any(True for _ in trust.all_pins()):
         # An empty mount (a ConfigMap that failed to project) would otherwise silently trust nothing.
         raise ConfigurationError(f"{directory}: no pinned certificate at all")
+    _log_problems(trust)
     return trust
+
+
+def _log_problems(trust: TrustStore) -> None:
+    """Warn about what a load passed over: each narrows the trust without failing the load."""
+    for cloud in trust.clouds.values():
+        for message in (*cloud.problems, *cloud.ignored):
+            LOG.warning("pinned directory %s: %s", trust.directory, message)
 
 
 def _issuer_label(issuer: x509.Name | str) -> str:
@@ -171,6 +192,8 @@ class TrustHolder:
         self._augmented: _Augmented | None = None
         self._augment_lock = threading.Lock()
         self._unpinned_labels: set[str] = set()
+        self._unpinned_logged: dict[str, float] = {}
+        self._label_policy = aia.policy if aia is not None else AiaPolicy.azure()
         RELOAD_FAILING.set(0)
         for result in ("success", "failure"):
             # Both series exist from the start, so that rate() and increase() alerts see a zero, not nothing.
@@ -267,7 +290,7 @@ class TrustHolder:
             if unpinned is None:
                 raise
             signer, cloud_trust = unpinned
-            self._count_unpinned(signer.issuer)
+            self._count_unpinned(signer, cloud_trust.profile.name)
             if self._aia is None:
                 raise
             result = self._verify_with_aia(verifier, document, signer, cloud_trust, policy=policy, now=now)
@@ -288,14 +311,27 @@ class TrustHolder:
             return None
         return signer, cloud_trust
 
-    def _count_unpinned(self, issuer: x509.Name) -> None:
-        label = _issuer_label(issuer)
-        if label not in self._unpinned_labels:
-            if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
-                label = "other"
-            else:
-                self._unpinned_labels.add(label)
+    def _count_unpinned(self, signer: x509.Certificate, cloud: str) -> None:
+        urls = ca_issuers_urls(signer)
+        if not self._label_policy.plausible_issuer(cloud, signer.issuer, urls):
+            label = UNRECOGNISED_ISSUER
+        else:
+            label = _issuer_label(signer.issuer)
+            if label not in self._unpinned_labels:
+                if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
+                    label = "other"
+                else:
+                    self._unpinned_labels.add(label)
         UNPINNED_ISSUER.labels(issuer=label).inc()
+        # One line per label and interval: the labels are bounded, so forged names cannot flood the log.
+        moment = self._clock()
+        if moment < self._unpinned_logged.get(label, float("-inf")):
+            return
+        self._unpinned_logged[label] = moment + UNPINNED_LOG_SECONDS
+        LOG.warning("unpinned issuing CA %r (caIssuers %s) signed a %s document (counted as issuer=%r); "
+                    "pin it: attest-service certs add --cloud %s --from-document DOCUMENT",
+                    signer.issuer.rfc4514_string()[:200], ", ".join(url[:200] for url in urls[:2]) or "none",
+                    cloud, label, cloud)
 
     def _verify_with_aia(self, verifier: Verifier, document: bytes, signer: x509.Certificate,
                          cloud_trust: CloudTrust, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
@@ -310,14 +346,22 @@ class TrustHolder:
             current = self._augmented
             if current is not None and current.base is base and key in current.extra:
                 return current.verifier
+            # After a reload the set starts afresh: each fetched CA comes back from the fetcher's cache with its
+            # next document, re-checked against the new pins (a removed pin or root then stops it), not fetched.
             extra = dict(current.extra) if current is not None and current.base is base else {}
+            if len(extra) >= MAX_FETCHED_CAS:
+                extra = {}
             extra[key] = fetched
-            clouds = dict(base.trust.clouds)
+            # Every fetched CA of a cloud joins that cloud's pins (each is built on the trust in use, not on
+            # the previous CA's cloud, which dropped all but the last one).
+            added: dict[str, list[PinnedCertificate]] = {}
             for (name, _), pin in extra.items():
+                added.setdefault(name, []).append(pin)
+            clouds = dict(base.trust.clouds)
+            for name, pins in added.items():
                 trust = base.trust.for_cloud(name)
-                if pin not in trust.intermediates:
-                    clouds[name] = CloudTrust(profile=trust.profile, roots=trust.roots,
-                                              intermediates=(*trust.intermediates, pin), problems=trust.problems)
+                clouds[name] = dataclasses.replace(trust, intermediates=(
+                    *trust.intermediates, *(pin for pin in pins if pin not in trust.intermediates)))
             augmented = TrustStore(clouds=MappingProxyType(clouds), directory=base.trust.directory)
             self._augmented = _Augmented(base, MappingProxyType(extra), Verifier(augmented))
             return self._augmented.verifier

@@ -16,7 +16,17 @@ from attest_service.verify.document import (
 )
 from attest_service.verify.names import cloud_for_signer
 from attest_service.verify.strictjson import strict_decoder
-from attest_service.verify.trust import CloudTrust, PinnedCertificate, Role, TrustStore, common_name, fingerprint
+from attest_service.verify.trust import (
+    CloudTrust,
+    DigestAlgorithm,
+    FingerprintPin,
+    PinnedCertificate,
+    Role,
+    TrustStore,
+    common_name,
+    digests,
+    fingerprint,
+)
 from attest_service.verify.verifier import (
     DEFAULT_CLOCK_SKEW,
     MAX_NONCE_LENGTH,
@@ -35,6 +45,8 @@ __all__ = [
     "MAX_NONCE_LENGTH",
     "MAX_SIGNATURE_CHARS",
     "CloudTrust",
+    "DigestAlgorithm",
+    "FingerprintPin",
     "PinnedCertificate",
     "Role",
     "Signer",
@@ -48,6 +60,7 @@ __all__ = [
     "decode_input",
     "decode_response",
     "decode_signature",
+    "digests",
     "fingerprint",
     "signer_certificate",
     "strict_decoder",

@@ -20,11 +20,20 @@ from attest_service.clouds import CLOUDS, CloudProfile
 
 #: Whether a pin is a trust anchor or an issuing CA a chain may pass through.
 Role = Literal["root", "intermediate"]
+#: Digests a fingerprint pin may name. SHA-1 only identifies bytes fetched from an allow-listed URL, whose
+#: chain is still validated; see :mod:`attest_service.trust.issuers`.
+DigestAlgorithm = Literal["sha256", "sha1"]
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
     """Lower-case hex SHA-256 of the certificate's DER encoding."""
     return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def digests(certificate: x509.Certificate) -> frozenset[str]:
+    """The lower-case hex SHA-256 and SHA-1 of the certificate's DER: every form a fingerprint pin may take."""
+    return frozenset((fingerprint(certificate),
+                      certificate.fingerprint(hashes.SHA1()).hex()))  # noqa: S303 - an identifier, see DigestAlgorithm
 
 
 def common_name(name: x509.Name) -> str:
@@ -63,6 +72,29 @@ class PinnedCertificate:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FingerprintPin:
+    """An intermediate pinned by fingerprint only (``<cloud>/intermediates/fingerprints.txt``).
+
+    Its bytes are not in the directory, so the chain builder never uses it: the AIA fallback and
+    ``certs add --from-document`` fetch the certificate and accept exactly the one with this digest, which
+    must still be a CA chaining to a root of the cloud. ``url`` is where it may be fetched from; ``None``
+    means any caIssuers URL on the cloud's allow-list.
+    """
+
+    cloud: str
+    algorithm: DigestAlgorithm
+    digest: str
+    url: str | None
+    name: str
+    source: str
+
+    def matches(self, certificate: x509.Certificate) -> bool:
+        """True when ``certificate``'s DER has this digest."""
+        algorithm = hashes.SHA256() if self.algorithm == "sha256" else hashes.SHA1()  # noqa: S303 - see DigestAlgorithm
+        return certificate.fingerprint(algorithm).hex() == self.digest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloudTrust:
     """The roots and pinned intermediates of one cloud, ready for chain building."""
 
@@ -72,6 +104,14 @@ class CloudTrust:
     #: Problems found while loading (a certifi root that certifi no longer carries, ...): reported by
     #: ``certs check``; they narrow trust, never widen it.
     problems: tuple[str, ...] = ()
+    #: Intermediates pinned by fingerprint; never chain candidates themselves (they have no bytes here).
+    fingerprint_pins: tuple[FingerprintPin, ...] = ()
+    #: Digests (SHA-256 or SHA-1 hex) of CAs ``certs remove`` unpinned (``intermediates/removed.txt``): the
+    #: AIA fallback never takes such a CA from a URL again.
+    removed: frozenset[str] = frozenset()
+    #: Files under ``roots/`` or ``intermediates/`` that were not loaded (a pin saved as ``.crt``, a stray
+    #: directory), each with the reason: reported, because such a file silently trusts less than intended.
+    ignored: tuple[str, ...] = ()
     _store: verification.Store | None = field(default=None, init=False, repr=False, compare=False)
     _intermediate_certs: tuple[x509.Certificate, ...] = field(default=(), init=False, repr=False, compare=False)
 

@@ -36,11 +36,14 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def document_verifier(settings: Settings) -> TrustHolder:
-    """The verification core over the pinned directory of ``settings``, reloaded when the directory changes."""
+def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None) -> TrustHolder:
+    """The verification core over the pinned directory of ``settings``, reloaded when the directory changes.
+
+    ``aia`` is the fetcher used when the AIA fallback is on (default: Azure's allow-list, public addresses).
+    """
     # The AIA fallback is off unless the operator turns it on: it is the one path that reaches the network.
-    aia = AiaFetcher() if settings.aia_fetch else None
-    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=aia)
+    fetcher = (aia if aia is not None else AiaFetcher()) if settings.aia_fetch else None
+    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher)
 
 
 def _assign_request_id() -> None:
@@ -63,16 +66,17 @@ def _finish(response: Response) -> Response:
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,
-               clock: Clock | None = None) -> Flask:
+               clock: Clock | None = None, aia: AiaFetcher | None = None) -> Flask:
     """Build the application.
 
     ``settings`` default to :meth:`Settings.from_env`; ``store`` to the store ``ATTEST_NONCE_STORE`` names;
-    ``clock`` (returning aware datetimes) to the system clock. Raises ConfigurationError for invalid
-    settings, policy file or pinned directory.
+    ``clock`` (returning aware datetimes) to the system clock; ``aia`` to the default AIA fetcher, used
+    only when ``ATTEST_AIA_FETCH`` is on (tests pass one that reaches a CA server on loopback). Raises
+    ConfigurationError for invalid settings, policy file or pinned directory.
     """
     settings = settings if settings is not None else Settings.from_env()
     access = load_policy(settings.policy_file, api_clients=frozenset(settings.api_keys))
-    trust = document_verifier(settings)
+    trust = document_verifier(settings, aia=aia)
     if store is None:
         store = open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds,
                            challenge_ttl_seconds=settings.challenge_ttl.total_seconds(),

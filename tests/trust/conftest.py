@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -52,11 +58,38 @@ def make_root(name: str, now: datetime) -> pki.CertifiedKey:
                          not_after=now + timedelta(days=3650), serial=x509.random_serial_number())
 
 
+def make_named_ca(subject: x509.Name, issuer: pki.CertifiedKey | None, now: datetime, *,
+                  days: int = 365) -> pki.CertifiedKey:
+    """A CA with any subject (``pki`` names every CA "O=Microsoft Corporation"); self-signed without ``issuer``."""
+    key = pki.new_key("ec")
+    signer = issuer.private_key if issuer is not None else key
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer.certificate.subject if issuer is not None else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - DAY).not_valid_after(now + timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.private_key.public_key()), critical=False)
+    return pki.CertifiedKey(certificate=builder.sign(signer, hashes.SHA256()), private_key=key)
+
+
+def digicert_name(common: str) -> x509.Name:
+    """A subject shaped like DigiCert's CAs (the organisation Azure China's issuing CAs name)."""
+    return x509.Name([x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "US"),
+                      x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "DigiCert Inc"),
+                      x509.NameAttribute(x509.NameOID.COMMON_NAME, common)])
+
+
 def make_leaf(issuer: pki.CertifiedKey, key: rsa.RSAPrivateKey, now: datetime, *,
-              ca_issuers: Sequence[str] = ()) -> pki.CertifiedKey:
-    """An Azure-shaped signer; ``ca_issuers`` adds an AIA extension as Azure's leaves carry."""
-    leaf = pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
-                         common_name="metadata.azure.com", key=key, issuer=issuer, not_before=now - DAY,
+              ca_issuers: Sequence[str] = (), domain: str = "metadata.azure.com") -> pki.CertifiedKey:
+    """An Azure-shaped signer of ``domain``; ``ca_issuers`` adds an AIA extension as Azure's leaves carry."""
+    leaf = pki.make_leaf(dns_names=[f"eastus.{domain}", domain],
+                         common_name=domain, key=key, issuer=issuer, not_before=now - DAY,
                          not_after=now + timedelta(days=300), serial=x509.random_serial_number())
     if not ca_issuers:
         return leaf
@@ -139,3 +172,68 @@ def run_cli(capsys: pytest.CaptureFixture[str]
         return code, out, err
 
     return run
+
+
+# --- a CA repository on loopback, standing in for Microsoft's and DigiCert's AIA hosts ---------------------
+
+
+@dataclass
+class CaServer:
+    """A loopback HTTP server answering fixed paths, counting requests per path.
+
+    ``delays`` holds seconds to wait before answering a path (a slow repository).
+    """
+
+    port: int = 0
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def publish(self, path: str, der: bytes) -> str:
+        """Serve ``der`` at ``path`` as application/pkix-cert; returns its URL."""
+        self.routes[path] = (200, {"Content-Type": "application/pkix-cert"}, der)
+        return self.url(path)
+
+
+@contextlib.contextmanager
+def ca_server() -> Iterator[CaServer]:
+    """A started :class:`CaServer`, shut down on exit."""
+    state = CaServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.hits[self.path] += 1
+            delay = state.delays.get(self.path, 0.0)
+            if delay:
+                time.sleep(delay)
+            status, headers, body = state.routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base class
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[CaServer]:
+    with ca_server() as state:
+        yield state

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from attest_service.errors import ConfigurationError, UntrustedChain
+from attest_service.errors import ConfigurationError, SignatureInvalid, UntrustedChain
+from attest_service.imds import pki
 from attest_service.trust import fingerprint
 from attest_service.trust.pins import add_pins, remove_pin
 from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
 
-from .conftest import Pki, make_ca, make_leaf, pem, sign_document
+from .conftest import Pki, digicert_name, make_ca, make_leaf, make_named_ca, make_root, pem, sign_document
 
 POLICY = VerificationPolicy()
 
@@ -136,14 +137,105 @@ def test_pinned_expiry_gauges_follow_the_trust(pinned: Path, pki_set: Pki) -> No
     assert REGISTRY.get_sample_value("attest_pinned_certificate_not_after_seconds", labels) is None
 
 
-def test_unpinned_issuer_is_counted(pinned: Path, pki_set: Pki, leaf_key) -> None:
+def _rotation_document(pki_set: Pki, leaf_key, name: str, *, url: str | None = None,  # type: ignore[no-untyped-def]
+                       root=None) -> bytes:
+    """A document under a new issuing CA ``name``, its signer naming ``url`` (default: Microsoft's repository)."""
+    ca = make_ca(name, root or pki_set.root, pki_set.now)
+    slug = name.lower().replace(" ", "-")
+    urls = [url if url is not None else f"http://www.microsoft.com/pkiops/certs/{slug}.crt"] if url != "" else []
+    return sign_document(make_leaf(ca, leaf_key, pki_set.now, ca_issuers=urls), pki_set.now)
+
+
+def test_unpinned_issuer_is_counted_and_logged_with_its_url(pinned: Path, pki_set: Pki, leaf_key,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
-    stranger = make_ca("Ops Rotation CA 77", pki_set.root, pki_set.now)
-    document = sign_document(make_leaf(stranger, leaf_key, pki_set.now), pki_set.now)
+    document = _rotation_document(pki_set, leaf_key, "Ops Rotation CA 77")
     before = _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 77")
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        for _ in range(3):
+            with pytest.raises(UntrustedChain):
+                holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 77") == before + 3
+    lines = [r.getMessage() for r in caplog.records if "unpinned issuing CA" in r.getMessage()]
+    assert len(lines) == 1, lines  # once per issuer and interval, not once per document
+    assert "CN=Ops Rotation CA 77" in lines[0]
+    assert "http://www.microsoft.com/pkiops/certs/ops-rotation-ca-77.crt" in lines[0]
+    assert "certs add --cloud public --from-document" in lines[0]
+
+
+def test_forged_issuer_names_cannot_take_the_labels_of_a_real_rotation(pinned: Path, pki_set: Pki,
+                                                                      leaf_key) -> None:
+    # Anyone can sign a document whose signer names any issuer: a stream of made-up names used to take
+    # every label slot, and the real rotation that followed showed only as "other".
+    holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
+    forger = make_root("Ops Forger Root", pki_set.now)
+    unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
+    for index in range(40):
+        # No caIssuers URL on the cloud's allow-list: not how the cloud's signers look.
+        url = "" if index % 2 else f"http://forger.example/ca-{index}.crt"
+        with pytest.raises(UntrustedChain):
+            holder.verify(_rotation_document(pki_set, leaf_key, f"Ops Forged CA {index}", url=url, root=forger),
+                          policy=POLICY, now=pki_set.now)
+    for index in range(3):
+        # An organisation the cloud's CAs do not name.
+        stranger = make_named_ca(digicert_name(f"Ops Other Org CA {index}"), forger, pki_set.now)
+        leaf = make_leaf(stranger, leaf_key, pki_set.now, ca_issuers=["http://www.microsoft.com/pkiops/certs/x.crt"])
+        with pytest.raises(UntrustedChain):
+            holder.verify(sign_document(leaf, pki_set.now), policy=POLICY, now=pki_set.now)
+    assert _sample("attest_unpinned_issuer_total", issuer="unrecognised") == unrecognised + 43
+    assert _sample("attest_unpinned_issuer_total", issuer="Ops Forged CA 0") == 0
     with pytest.raises(UntrustedChain):
-        holder.verify(document, policy=POLICY, now=pki_set.now)
-    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 77") == before + 1
+        holder.verify(_rotation_document(pki_set, leaf_key, "Ops Rotation CA 78"), policy=POLICY, now=pki_set.now)
+    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 78") == 1
+
+
+def test_a_document_with_a_bad_signature_is_not_counted_as_unpinned(pinned: Path, pki_set: Pki, leaf_key) -> None:
+    # The count comes after the signature and name checks (steps 4 and 5): a document whose signature does
+    # not verify under its signer says nothing about Azure's CAs.
+    ca = make_ca("Ops Rotation CA 79", pki_set.root, pki_set.now)
+    leaf = make_leaf(ca, leaf_key, pki_set.now, ca_issuers=["http://www.microsoft.com/pkiops/certs/ca79.crt"])
+    wrong_key = pki.CertifiedKey(certificate=leaf.certificate, private_key=pki.new_key("rsa"))
+    holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
+    unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
+    with pytest.raises(SignatureInvalid):
+        holder.verify(sign_document(wrong_key, pki_set.now), policy=POLICY, now=pki_set.now)
+    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 79") == 0
+    assert _sample("attest_unpinned_issuer_total", issuer="unrecognised") == unrecognised
+    # The same document correctly signed is counted: the test above is not vacuous.
+    with pytest.raises(UntrustedChain):
+        holder.verify(sign_document(leaf, pki_set.now), policy=POLICY, now=pki_set.now)
+    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 79") == 1
+
+
+@pytest.mark.parametrize("name", ["ops-issuing-ca-02.crt", "ops-issuing-ca-02.cer", "ops-issuing-ca-02.PEM"])
+def test_a_pin_saved_under_another_extension_is_reported(pinned: Path, pki_set: Pki, leaf_key, run_cli,
+                                                         caplog: pytest.LogCaptureFixture, name: str) -> None:
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    successor = make_ca("Ops Test Issuing CA 02", pki_set.root, pki_set.now)
+    (pinned / "public" / "intermediates" / name).write_bytes(pem(successor.certificate))
+    (pinned / "public" / "intermediates" / ".editor-swap.tmp").write_bytes(b"hidden files are passed over")
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        clock.now += 1
+        holder.verifier()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"public/intermediates/{name}: not loaded" in line for line in warnings), warnings
+    assert not any("editor-swap" in line for line in warnings)
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert f"not_loaded: public: public/intermediates/{name}: not loaded" in out
+    assert "editor-swap" not in out
+
+
+def test_a_root_certifi_no_longer_carries_is_logged_on_reload(pinned: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    (pinned / "public" / "roots" / "certifi.txt").write_text("ab" * 32 + "  a root certifi dropped\n")
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        clock.now += 1
+        holder.verifier()
+    assert not holder.failing  # the other roots still load: this narrows the trust, it does not break it
+    assert any("ab" * 32 in r.getMessage() and "is not in certifi" in r.getMessage() for r in caplog.records)
 
 
 def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_key) -> None:
