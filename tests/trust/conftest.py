@@ -6,7 +6,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import time
 from collections import Counter
