@@ -88,11 +88,18 @@ class Claims(Mapping[str, JsonValue]):
 def _no_duplicates(pairs: list[tuple[str, object]]) -> Mapping[str, JsonValue]:
     # The decoder calls this for every object, innermost first, so freezing here (rather than walking the
     # result again) makes the claims immutable in the same pass that refuses duplicate keys.
-    result: dict[str, JsonValue] = {}
-    for key, value in pairs:
-        if key in result:
-            raise MalformedDocument(f"signed content: duplicate key {key!r}")
-        result[key] = value if isinstance(value, str | MappingProxyType) else _freeze(value, 0)
+    # (Built in C by dict(); duplicates are looked for only when the sizes say there are some.)
+    result: dict[str, JsonValue] = dict(pairs)  # type: ignore[arg-type] # values are frozen just below
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedDocument(f"signed content: duplicate key {key!r}")
+            seen.add(key)
+    for key, value in result.items():
+        # Replacing the value of a key already present leaves the dict's size, so its iteration, intact.
+        if type(value) is not str and type(value) is not MappingProxyType:
+            result[key] = _freeze(value, 0)
     return MappingProxyType(result)
 
 
@@ -122,7 +129,7 @@ def parse_timestamp(text: str, what: str) -> datetime:
     match = _TIMESTAMP.fullmatch(text)
     if match is None:
         raise MalformedDocument(f"{what}: {text[:40]!r} is not in IMDS's MM/DD/YY HH:MM:SS -0000 format")
-    month, day, year, hour, minute, second = (int(group) for group in match.groups())
+    month, day, year, hour, minute, second = map(int, match.groups())
     try:
         return datetime(2000 + year, month, day, hour, minute, second, tzinfo=UTC)
     except ValueError as exc:
@@ -158,7 +165,8 @@ def parse_claims(content: bytes) -> Claims:
         raise MalformedDocument("signed content is not a JSON object")
     fields: Mapping[str, JsonValue] = raw
     stamp = fields.get("timeStamp")
-    if not isinstance(stamp, Mapping):
+    # Every object of the content is a MappingProxyType (_no_duplicates); the concrete check is the cheap one.
+    if not isinstance(stamp, MappingProxyType):
         raise MalformedDocument("signed content: timeStamp is missing or not an object")
     created_on = parse_timestamp(_required_string(stamp, "createdOn", "timeStamp.createdOn"), "createdOn")
     expires_on = parse_timestamp(_required_string(stamp, "expiresOn", "timeStamp.expiresOn"), "expiresOn")

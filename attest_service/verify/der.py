@@ -144,7 +144,13 @@ def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
                 raise MalformedDocument(f"{what}: length field too long")
             if data[pos] == 0:
                 raise MalformedDocument(f"{what}: non-minimal length encoding is not DER")
-            length = int.from_bytes(data[pos:pos + count], "big")
+            # One and two length octets (every element of an Azure document) without building a slice.
+            if count == 1:
+                length = data[pos]
+            elif count == 2:
+                length = (data[pos] << 8) | data[pos + 1]
+            else:
+                length = int.from_bytes(data[pos:pos + count], "big")
             if length < 0x80:
                 raise MalformedDocument(f"{what}: non-minimal length encoding is not DER")
             pos += count
