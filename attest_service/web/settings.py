@@ -83,6 +83,8 @@ class Settings:
     log_level: str
     aia_fetch: bool = False
     store_min_replicas: int = 0
+    #: Admit keyless callers with their own nonces although the service listens beyond loopback.
+    allow_open: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,10 +99,17 @@ class Settings:
         level = (env.get("ATTEST_LOG_LEVEL") or "info").lower()
         if level not in _LOG_LEVELS:
             raise ConfigurationError(f"ATTEST_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}")
+        api_keys = parse_api_keys(env.get("ATTEST_API_KEYS", ""))
+        allow_open = _flag(env, "ATTEST_ALLOW_OPEN")
+        if allow_open and (api_keys or policy):
+            # With keys or a policy file, who may call is already decided; an open switch beside them would
+            # either do nothing or silently undo them.
+            raise ConfigurationError("ATTEST_ALLOW_OPEN=1 applies only without ATTEST_API_KEYS and "
+                                     "ATTEST_POLICY_FILE")
         return cls(
             pinned_certs=pinned,
             nonce_store_url=store,
-            api_keys=parse_api_keys(env.get("ATTEST_API_KEYS", "")),
+            api_keys=api_keys,
             policy_file=Path(policy) if policy else None,
             challenge_ttl=timedelta(seconds=_number(env, "ATTEST_CHALLENGE_TTL_SECONDS", 300, 10,
                                                     MAX_CHALLENGE_TTL.total_seconds())),
@@ -111,4 +120,5 @@ class Settings:
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
             store_min_replicas=int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16)),
+            allow_open=allow_open,
         )
