@@ -108,15 +108,25 @@ def load_pinned(settings: Settings) -> TrustStore:
     return trust
 
 
-def _or_previous(load: Callable[[], _T], previous: _T | None, what: str) -> _T:
+#: The failure last logged per file kind, so that the timer logs a broken file once, not every interval.
+_logged: dict[str, str] = {}
+
+
+def _or_previous(load: Callable[[], _T], previous: _T | None, kind: str, what: str) -> _T:
     """``load()``, or ``previous`` (logged) when it raises ConfigurationError; raises when there is none."""
     try:
-        return load()
+        loaded = load()
     except ConfigurationError as exc:
         if previous is None:
             raise
         failure = exc
-    LOG.error("%s is unusable; workers started from now on serve the one loaded before: %s", what, failure.message)
+    else:
+        _logged.pop(kind, None)
+        return loaded
+    if _logged.get(kind) != failure.message:
+        _logged[kind] = failure.message
+        LOG.error("%s is unusable; workers started from now on serve the one loaded before: %s", what,
+                  failure.message)
     return previous
 
 
@@ -132,10 +142,10 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
     previous = _current
     _refreshing = True
     try:
-        trust = _or_previous(lambda: load_pinned(settings), previous.trust if previous else None,
+        trust = _or_previous(lambda: load_pinned(settings), previous.trust if previous else None, "trust",
                              f"pinned directory {settings.pinned_certs}")
         access = _or_previous(lambda: access_policy(settings, loopback=loopback),
-                              previous.access if previous else None, "policy file")
+                              previous.access if previous else None, "policy", "policy file")
     finally:
         _refreshing = False
     if previous is None and open_access(settings, loopback=loopback):
