@@ -16,6 +16,11 @@ The policy file (``ATTEST_POLICY_FILE``, TOML) is read once at start-up into fro
 
 An absent list means "no restriction on that field"; an empty list is a configuration error, never
 "allow everything". A client with a key but no section is unrestricted and may use its own nonces.
+
+Without keys and without a policy file, keyless callers are admitted only with service-issued challenges
+(:meth:`AccessPolicy.challenges_only`): accepting their own nonces would let anyone replay a VM's captured
+document the first time it is seen. The fully open mode (:meth:`AccessPolicy.open`) is for a service that
+only its own machine can reach, or that the operator opened explicitly (``web/settings.py``).
 Checks run after the document verified and before its nonce is claimed, so a denied document keeps
 its nonce.
 """
@@ -115,8 +120,13 @@ class AccessPolicy:
 
     @classmethod
     def open(cls) -> AccessPolicy:
-        """No keys, no policy file: anyone may call, with their own nonces, without allow-lists."""
+        """Anyone may call, with their own nonces, without allow-lists: only for a loopback or opted-in service."""
         return cls(anonymous=CallerPolicy.unrestricted(ANONYMOUS))
+
+    @classmethod
+    def challenges_only(cls) -> AccessPolicy:
+        """No keys, no policy file: anyone may call, without allow-lists, presenting service-issued challenges."""
+        return cls(anonymous=CallerPolicy(client_id=ANONYMOUS, require_challenge=True))
 
     def for_client(self, client_id: str) -> CallerPolicy:
         """The policy of an authenticated client; unrestricted when the file has no section for it."""
@@ -207,14 +217,21 @@ def parse_policy(text: str, *, api_clients: frozenset[str], origin: str = "polic
     return AccessPolicy(clients=MappingProxyType(clients), anonymous=anonymous)
 
 
-def load_policy(path: Path | None, *, api_clients: frozenset[str]) -> AccessPolicy:
+def load_policy(path: Path | None, *, api_clients: frozenset[str], open_access: bool = False) -> AccessPolicy:
     """The access policy of the service.
 
-    Without a file: open (anonymous, unrestricted) when no keys are configured, otherwise keyed clients only,
-    unrestricted. Raises :class:`ConfigurationError` for an unreadable or invalid file.
+    Without a file: keyed clients only, unrestricted, when keys are configured; otherwise anonymous callers
+    with service-issued challenges (:meth:`AccessPolicy.challenges_only`), or with their own nonces too when
+    ``open_access`` is set (:meth:`AccessPolicy.open`). ``open_access`` with keys or a file is a
+    :class:`ConfigurationError`, as is an unreadable or invalid file.
     """
+    if open_access and (path is not None or api_clients):
+        raise ConfigurationError("the open mode (anonymous callers with their own nonces) applies only without "
+                                 "ATTEST_API_KEYS and without ATTEST_POLICY_FILE")
     if path is None:
-        return AccessPolicy.open() if not api_clients else AccessPolicy()
+        if api_clients:
+            return AccessPolicy()
+        return AccessPolicy.open() if open_access else AccessPolicy.challenges_only()
     data = read_bounded(path, MAX_POLICY_BYTES, what="ATTEST_POLICY_FILE")
     try:
         text = data.decode("utf-8")

@@ -171,19 +171,32 @@ class TrustHolder:
     """The current trust of a process, reloaded when the pinned directory changes.
 
     ``verifier()`` and ``verify()`` are safe to call from many threads. The first load happens in the
-    constructor and raises ConfigurationError: a service must not start without its trust.
+    constructor and raises ConfigurationError: a service must not start without its trust. With
+    ``last_good`` (the trust the gunicorn master loaded last, :mod:`attest_service.web.master`), a failed
+    first load starts the holder on that trust instead, failing as after a failed reload.
     """
 
     def __init__(self, directory: Path, *, interval_seconds: float, aia: AiaFetcher | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, last_good: TrustStore | None = None) -> None:
         if interval_seconds <= 0:
             raise ConfigurationError("the trust reload interval must be positive")
         self.directory = directory
         self._interval = interval_seconds
         self._aia = aia
         self._clock = clock
-        fingerprint_now = directory_fingerprint(directory)
-        self._loaded = _Loaded(Verifier(_load(directory)), fingerprint_now)
+        seen: Fingerprint | None = None
+        boot_failure: ConfigurationError | None = None
+        try:
+            seen = directory_fingerprint(directory)
+            self._loaded = _Loaded(Verifier(_load(directory)), seen)
+        except ConfigurationError as exc:
+            if last_good is None:
+                raise
+            # A worker respawned while the directory is broken serves the last good trust rather than not
+            # booting (gunicorn halts when a worker cannot boot). The empty fingerprint differs from any
+            # directory's, so the first good content found later is loaded.
+            self._loaded = _Loaded(Verifier(last_good), ())
+            boot_failure = exc
         self._failing = False
         self._failed: Fingerprint | None = None
         self._next_check = clock() + interval_seconds
@@ -199,6 +212,8 @@ class TrustHolder:
             # Both series exist from the start, so that rate() and increase() alerts see a zero, not nothing.
             RELOADS.labels(result=result)
         _publish(self)
+        if boot_failure is not None:
+            self._fail(boot_failure, seen)
 
     # --- reload ---------------------------------------------------------------------------------
 

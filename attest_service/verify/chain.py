@@ -30,6 +30,11 @@ from attest_service.verify.trust import CloudTrust
 #: (issuing CA, then the cross-signed Microsoft TLS RSA Root G2).
 MAX_INTERMEDIATES: Final = 3
 
+#: Extra path-building runs a failing chain may make to tell an expired path from no path at all. Each run
+#: costs about what a whole verification of a cached signer does, and a forger chooses when a chain fails:
+#: the runs are bounded by this constant whatever the document holds.
+MAX_TIME_PROBES: Final = 3
+
 _SECOND: Final = timedelta(seconds=1)
 
 
@@ -81,11 +86,31 @@ def _attempt(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> 
     return verifier.verify(signer, list(trust.intermediate_certificates)).chain
 
 
+def _issuer_is_pinned(signer: x509.Certificate, trust: CloudTrust) -> bool:
+    """Whether some pin of the cloud carries the name the signer gives as its issuer.
+
+    Without one no path can exist at any instant, so probing other instants would be wasted work.
+    """
+    return any(pin.certificate.subject == signer.issuer for pin in (*trust.intermediates, *trust.roots))
+
+
+def probe_instants(signer: x509.Certificate, instant: datetime) -> tuple[datetime, ...]:
+    """The instants, inside the signer's own validity, at which a failing path is tried again.
+
+    At most :data:`MAX_TIME_PROBES`, without repeats and without ``instant`` itself (which just failed).
+    """
+    start, end = signer.not_valid_before_utc, signer.not_valid_after_utc
+    candidates = (start + (end - start) / 2, start + _SECOND, end - _SECOND)
+    probes = [probe for probe in dict.fromkeys(candidates) if probe != instant and start <= probe <= end]
+    return tuple(probes[:MAX_TIME_PROBES])
+
+
 def validate_chain(signer: x509.Certificate, trust: CloudTrust, instant: datetime) -> ValidatedChain:
     """Build and validate the path at ``instant``.
 
     Raises UntrustedChain when no path exists at all, CertificateExpired when a path exists but some
-    certificate on it is outside its validity at ``instant``.
+    certificate on it is outside its validity at ``instant``. Path building runs once when a path exists,
+    and at most ``1 + MAX_TIME_PROBES`` times when it does not.
     """
     if trust.store is None:
         raise UntrustedChain(f"cloud {trust.profile.name} has no pinned roots")
@@ -93,9 +118,11 @@ def validate_chain(signer: x509.Certificate, trust: CloudTrust, instant: datetim
         chain = _attempt(signer, trust, instant)
     except verification.VerificationError as exc:
         # Distinguish "expired" from "untrusted": retry at instants inside the signer's own validity.
-        # If a path exists then, the failure now is one of time. Only failed verifications pay this.
+        # If a path exists then, the failure now is one of time. Only failed verifications pay this, and
+        # not at all when no pin even carries the issuer's name.
         start, end = signer.not_valid_before_utc, signer.not_valid_after_utc
-        for probe in (start + (end - start) / 2, start + _SECOND, end - _SECOND):
+        probes = probe_instants(signer, instant) if _issuer_is_pinned(signer, trust) else ()
+        for probe in probes:
             try:
                 _attempt(signer, trust, probe)
             except verification.VerificationError:

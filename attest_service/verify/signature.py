@@ -58,6 +58,14 @@ _HASHES: Final[dict[str, Callable[[], hashes.HashAlgorithm]]] = {
     _SHA512: hashes.SHA512,
 }
 
+#: Signer keys accepted, in bits of the RSA modulus (inclusive): what Azure's IMDS signers use (every real
+#: document from 2019 to 2026 is signed with RSA-2048, e=65537), with room for 3072 and 4096.
+RSA_MODULUS_BITS: Final = (2048, 4096)
+#: The only RSA public exponent accepted: F4, which every CA/B Forum certificate uses.
+RSA_PUBLIC_EXPONENT: Final = 65537
+#: Curves accepted for ECDSA signers: the two of Microsoft's ECC TLS issuing CAs.
+EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
+
 _ATTR_CONTENT_TYPE: Final = "content_type"
 _ATTR_MESSAGE_DIGEST: Final = "message_digest"
 
@@ -114,11 +122,39 @@ def _signed_attributes_message(signed: SignedData, digest: str) -> bytes:
     return message
 
 
+def signer_key(signer: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The signer's public key, when it is of a kind Azure signs with; raise UnsupportedDocument otherwise.
+
+    The signature is checked (step 4) before the name and the chain (steps 5 and 6), so the key is still the
+    document's own choice here: a 16384-bit modulus with a 64-bit exponent costs about 70 times a genuine
+    RSA-2048 verification, a 3072-bit modulus with a 3000-bit exponent over 100 times. Reading the key's
+    size and exponent costs nothing; the RSA operation runs only for keys inside these bounds.
+    """
+    try:
+        key = signer.public_key()
+    except UnsupportedAlgorithm as exc:
+        raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({exc})") from exc
+    except ValueError as exc:
+        raise MalformedDocument(f"the signer's public key is not a valid key ({exc})") from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        low, high = RSA_MODULUS_BITS
+        if not low <= key.key_size <= high:
+            raise UnsupportedDocument(f"the signer's RSA key has {key.key_size} bits; {low} to {high} are supported")
+        if key.public_numbers().e != RSA_PUBLIC_EXPONENT:
+            raise UnsupportedDocument(f"the signer's RSA public exponent is not {RSA_PUBLIC_EXPONENT}")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in EC_CURVES:
+            raise UnsupportedDocument(f"the signer's EC key is on {key.curve.name}; P-256 and P-384 are supported")
+        return key
+    raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({type(key).__name__})")
+
+
 def verify_signature(signed: SignedData, signer: x509.Certificate) -> str:
     """Verify the SignerInfo's signature with ``signer``'s key; return the digest name used.
 
-    Raises UnsupportedDocument for algorithms outside the supported set, SignatureInvalid when the
-    signature does not verify, MalformedDocument for broken signed attributes.
+    Raises UnsupportedDocument for algorithms or keys outside the supported set (:func:`signer_key`),
+    SignatureInvalid when the signature does not verify, MalformedDocument for broken signed attributes.
     """
     digest = digest_of(signed)
     family, implied = SIGNATURE_ALGORITHMS.get(signed.signature_algorithm.oid, ("", None))
@@ -128,16 +164,12 @@ def verify_signature(signed: SignedData, signer: x509.Certificate) -> str:
         raise MalformedDocument("signatureAlgorithm: unexpected parameters")
     if implied is not None and implied != digest:
         raise MalformedDocument("signatureAlgorithm and digestAlgorithm name different hashes")
+    # Before any expensive operation: refuse keys outside what Azure uses.
+    key = signer_key(signer)
     message = signed.content
     if signed.signed_attributes is not None:
         message = _signed_attributes_message(signed, digest)
     algorithm = _HASHES[digest]()
-    try:
-        key = signer.public_key()
-    except UnsupportedAlgorithm as exc:
-        raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({exc})") from exc
-    except ValueError as exc:
-        raise MalformedDocument(f"the signer's public key is not a valid key ({exc})") from exc
     try:
         if family == "rsa" and isinstance(key, rsa.RSAPublicKey):
             key.verify(signed.signature, message, padding.PKCS1v15(), algorithm)

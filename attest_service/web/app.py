@@ -1,7 +1,10 @@
 """Building the Flask application: settings, access policy, trust, store, routes and error handlers.
 
 Settings, the access policy and the pinned trust are read and validated here, once per process; a bad
-value raises :class:`~attest_service.errors.ConfigurationError` before any request is served.
+value raises :class:`~attest_service.errors.ConfigurationError` before any request is served. Under
+gunicorn a worker has a fallback: when its policy file or pinned directory does not load, it serves with
+what the master loaded last (:mod:`attest_service.web.master`) and reports the failure, instead of failing
+to boot and halting the server.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from typing import Final
 
 from flask import Flask, Response, g, request
 
-from attest_service.access import load_policy
+from attest_service.access import AccessPolicy
 from attest_service.attestation import Attestor
+from attest_service.errors import ConfigurationError
 from attest_service.nonces import NonceStore, open_store
+from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
-from attest_service.trust.reload import TrustHolder
-from attest_service.web import metrics
+from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
+from attest_service.web import master, metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
 from attest_service.web.routes import api
 from attest_service.web.service import (
@@ -31,19 +36,39 @@ from attest_service.web.service import (
 from attest_service.web.settings import Settings
 
 #: Header carrying the request id, accepted from the caller (or a proxy) and echoed in every answer.
+LOG: Final = logging.getLogger(__name__)
+
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 #: A caller's request id is kept only when it is short and plain, so it cannot forge log lines.
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None) -> TrustHolder:
+def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
+                      last_good: TrustStore | None = None) -> TrustHolder:
     """The verification core over the pinned directory of ``settings``, reloaded when the directory changes.
 
-    ``aia`` is the fetcher used when the AIA fallback is on (default: Azure's allow-list, public addresses).
+    ``aia`` is the fetcher used when the AIA fallback is on (default: Azure's allow-list, public addresses);
+    ``last_good`` is served when the directory does not load now (see :class:`TrustHolder`).
     """
     # The AIA fallback is off unless the operator turns it on: it is the one path that reaches the network.
     fetcher = (aia if aia is not None else AiaFetcher()) if settings.aia_fetch else None
-    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher)
+    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher,
+                       last_good=last_good)
+
+
+def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tuple[AccessPolicy, bool]:
+    """The access policy, and whether it is the master's snapshot because the policy file failed to load.
+
+    Outside gunicorn nothing says where the application listens, so it is treated as reachable from anywhere.
+    """
+    try:
+        return master.access_policy(settings, loopback=snapshot is not None and snapshot.loopback_only), False
+    except ConfigurationError as exc:
+        if snapshot is None:
+            raise
+        failure = exc
+    LOG.error("policy file is unusable, serving the policy the master loaded last: %s", failure.message)
+    return snapshot.access, True
 
 
 def _assign_request_id() -> None:
@@ -75,8 +100,15 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     ConfigurationError for invalid settings, policy file or pinned directory.
     """
     settings = settings if settings is not None else Settings.from_env()
-    access = load_policy(settings.policy_file, api_clients=frozenset(settings.api_keys))
-    trust = document_verifier(settings, aia=aia)
+    snapshot = master.inherited()
+    access, stale_policy = _access_policy(settings, snapshot)
+    trust = document_verifier(settings, aia=aia, last_good=snapshot.trust if snapshot is not None else None)
+    if stale_policy:
+        # The trust reload metrics are the ones the alert watches; a stale policy is the same kind of
+        # failure (a mounted file broken, the last good one in use). It stays visible until the worker
+        # restarts or its pinned trust next reloads successfully.
+        RELOADS.labels(result="failure").inc()
+        RELOAD_FAILING.set(1)
     if store is None:
         store = open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds,
                            challenge_ttl_seconds=settings.challenge_ttl.total_seconds(),

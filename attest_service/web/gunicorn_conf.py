@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import multiprocess
+
+from attest_service.web import master
+from attest_service.web.settings import Settings
 
 wsgi_app: Final = "attest_service.web:create_app()"
 bind: Final = ["127.0.0.1:8080"]
@@ -60,6 +64,31 @@ def on_starting(server: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook 
     for path in Path(directory).iterdir():
         if _METRIC_FILE.fullmatch(path.name):
             path.unlink(missing_ok=True)
+
+
+def _sockets(server: Any) -> list[socket.socket]:  # noqa: ANN401 - gunicorn's arbiter
+    return [listener.sock for listener in server.LISTENERS]
+
+
+def when_ready(server: Any) -> None:  # noqa: ANN401 - gunicorn's hook signature
+    """Load trust and policy in the master, then again every ``ATTEST_TRUST_RELOAD_SECONDS``.
+
+    Raises (and so stops the master) when they do not load now; later loads keep the last good snapshot
+    for what fails (:mod:`attest_service.web.master`).
+    """
+    snapshot_settings = Settings.from_env()
+    master.refresh(_sockets(server))
+    master.refresh_periodically(lambda: _sockets(server), snapshot_settings.trust_reload_seconds)
+
+
+def pre_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
+    """Load trust and policy in the master before each fork, so the worker inherits the newest good snapshot."""
+    master.refresh(_sockets(server))
+
+
+def post_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
+    """In the new worker: the master's refresh timer handler is not the worker's business."""
+    master.stop_refreshing()
 
 
 def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature

@@ -4,9 +4,12 @@
 The nonce is claimed only after the document verified and passed the caller's policy, so neither junk nor a
 denied document can burn a nonce. Requests are checked in this order: size, key, rate, body.
 
-Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per remote
-address for anonymous callers) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store so
-that it holds across workers and replicas. One attestation costs two requests (challenge, verify).
+Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per source
+for anonymous callers: the client's address, through trusted proxies, IPv6 by /64, see
+:mod:`attest_service.web.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
+so that it holds across workers and replicas. One attestation costs two requests (challenge, verify).
+Failed authentication has a budget of its own per source (:mod:`attest_service.web.throttle`), and an
+anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Final
 from flask import Blueprint, Response, jsonify, request
 
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.errors import AttestError, StoreUnavailable
+from attest_service.errors import AttestError, RateLimited, StoreUnavailable
 from attest_service.verify import (
     MAX_NONCE_LENGTH,
     decode_response,
@@ -27,12 +30,16 @@ from attest_service.verify import (
 )
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
-from attest_service.web.errors import MalformedRequest, RequestTooLarge
+from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized
 from attest_service.web.openapi import openapi_document
 from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
+from attest_service.web.sources import client_address, source_key
+from attest_service.web.throttle import FAILED_AUTH_PREFIX
 
 #: The rate-limit window, in seconds; the limit is per minute.
 RATE_WINDOW_SECONDS: Final = 60
+#: The store key of an anonymous source's challenge budget.
+ANONYMOUS_CHALLENGES_PREFIX: Final = "-challenges@"
 #: Keys a verify request may carry.
 VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
 
@@ -103,17 +110,43 @@ def parse_verify_request(body: dict[str, object]) -> VerifyRequest:
     return VerifyRequest(document=der, nonce=nonce, cloud=cloud)
 
 
-def _rate_limit(service: Service, caller: Caller) -> None:
+def _hit(service: Service, key: str, *, limit: int, window_seconds: int) -> None:
     try:
-        service.store.hit_rate(caller.rate_key, limit=service.settings.rate_limit_per_minute,
-                               window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
+        service.store.hit_rate(key, limit=limit, window_seconds=window_seconds, now=service.clock())
     except StoreUnavailable:
         metrics.STORE_ERRORS.labels(operation="hit_rate").inc()
         raise
 
 
+def _rate_limit(service: Service, caller: Caller) -> None:
+    _hit(service, caller.rate_key, limit=service.settings.rate_limit_per_minute, window_seconds=RATE_WINDOW_SECONDS)
+
+
+def _source(service: Service) -> str:
+    address = client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"),
+                             service.settings.trusted_proxies)
+    return source_key(address)
+
+
+def _authenticate(service: Service, source: str) -> Caller:
+    # A blocked source is refused before its key is looked at: otherwise a right guess would still be told
+    # apart from a wrong one, and guessing would go on at full speed.
+    service.failed_auth.check(source, service.clock())
+    try:
+        return service.authenticate(request.headers.get("Authorization"), source)
+    except Unauthorized:
+        try:
+            _hit(service, FAILED_AUTH_PREFIX + source, limit=service.settings.auth_failures_per_minute,
+                 window_seconds=RATE_WINDOW_SECONDS)
+        except RateLimited as limited:
+            service.failed_auth.block(source, service.clock(), limited.retry_after)
+            raise RateLimited("too many failed authentications from this source",
+                              retry_after=limited.retry_after) from None
+        raise
+
+
 def _caller(service: Service) -> Caller:
-    caller = service.authenticate(request.headers.get("Authorization"), request.remote_addr)
+    caller = _authenticate(service, _source(service))
     _rate_limit(service, caller)
     return caller
 
@@ -148,6 +181,11 @@ def issue_challenge() -> tuple[Response, int]:
     """Issue a single-use nonce for the caller to have IMDS sign."""
     service = current_service()
     caller = _caller(service)
+    if caller.anonymous:
+        # Each challenge is a record the store keeps for its lifetime; an anonymous source is not accountable
+        # for them, so their number is bounded per source.
+        _hit(service, ANONYMOUS_CHALLENGES_PREFIX + caller.source, limit=service.settings.anonymous_challenges,
+             window_seconds=max(1, int(service.settings.challenge_ttl.total_seconds())))
     challenge = service.attestor.issue_challenge(client_id=caller.client_id, now=service.clock())
     return jsonify({"nonce": challenge.nonce, "expiresAt": _iso(challenge.expires_at)}), 201
 

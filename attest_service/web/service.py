@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
@@ -20,6 +20,7 @@ from attest_service.attestation import Attestor
 from attest_service.nonces import NonceStore
 from attest_service.web.errors import Unauthorized
 from attest_service.web.settings import Settings
+from attest_service.web.throttle import FailedAuthBlocks
 
 #: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
 MAX_BODY_BYTES: Final = 1024 * 1024
@@ -41,6 +42,13 @@ class Caller:
     client_id: str
     rate_key: str
     policy: CallerPolicy
+    #: Where the request came from (:mod:`attest_service.web.sources`), for the anonymous challenge limit.
+    source: str
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether the caller presented no key."""
+        return self.client_id == ANONYMOUS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,19 +61,22 @@ class Service:
     access: AccessPolicy
     clock: Clock
     api_keys: Mapping[str, bytes]
+    #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.web.throttle`).
+    failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
 
-    def authenticate(self, authorization: str | None, remote_addr: str | None) -> Caller:
-        """Identify the caller from the ``Authorization`` header.
+    def authenticate(self, authorization: str | None, source: str) -> Caller:
+        """Identify the caller from the ``Authorization`` header; ``source`` is where the request came from.
 
         A presented key must match; without one, the caller is anonymous when the policy admits anonymous
-        callers. Raises :class:`Unauthorized` otherwise. Every configured digest is compared in constant
-        time, without stopping at a match, so timing does not reveal which client a key is close to.
+        callers, and counted per source. Raises :class:`Unauthorized` otherwise. Every configured digest is
+        compared in constant time, without stopping at a match, so timing does not reveal which client a key
+        is close to.
         """
         if authorization is None or not authorization.strip():
             if self.access.anonymous is None:
                 raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-            return Caller(client_id=ANONYMOUS, rate_key=f"{ANONYMOUS}@{remote_addr or 'unknown'}",
-                          policy=self.access.anonymous)
+            return Caller(client_id=ANONYMOUS, rate_key=f"{ANONYMOUS}@{source}", policy=self.access.anonymous,
+                          source=source)
         scheme, _, key = authorization.strip().partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
@@ -77,7 +88,7 @@ class Service:
                 matched = client_id
         if matched is None:
             raise Unauthorized("the API key is not valid")
-        return Caller(client_id=matched, rate_key=matched, policy=self.access.for_client(matched))
+        return Caller(client_id=matched, rate_key=matched, policy=self.access.for_client(matched), source=source)
 
 
 def install(app: Flask, service: Service) -> None:

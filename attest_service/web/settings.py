@@ -5,6 +5,7 @@ A bad value stops the process with a message naming the variable; nothing is re-
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,15 @@ from attest_service.trust import pinned_dir_from_env
 MAX_CHALLENGE_TTL: Final = timedelta(hours=1)
 MAX_STORE_TIMEOUT_SECONDS: Final = 30.0
 MAX_RELOAD_SECONDS: Final = 30  # the contract promises pickup of pin changes within 30 seconds
+
+#: Default budget of failed authentications (401 answers) per source and minute; past it the source is
+#: answered 429 before its key is even looked at, so keys cannot be guessed online at speed.
+DEFAULT_AUTH_FAILURES_PER_MINUTE: Final = 30
+#: Default number of challenges one anonymous source may be issued per challenge lifetime: each is a record
+#: the store keeps until it expires, and anonymous callers are not accountable for them.
+DEFAULT_ANONYMOUS_CHALLENGES: Final = 300
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -45,6 +55,25 @@ def parse_api_keys(value: str) -> Mapping[str, bytes]:
             raise ConfigurationError(f"ATTEST_API_KEYS: client {client_id!r} is listed twice")
         keys[client_id.strip()] = bytes.fromhex(digest)
     return MappingProxyType(keys)
+
+
+def parse_trusted_proxies(value: str) -> tuple[IPNetwork, ...]:
+    """Parse ``ATTEST_TRUSTED_PROXIES``: comma-separated addresses or CIDR blocks (IPv4 or IPv6)."""
+    networks: list[IPNetwork] = []
+    for item in value.split(","):
+        entry = item.strip()
+        if not entry:
+            continue
+        try:
+            network = ipaddress.ip_network(entry, strict=True)
+        except ValueError as exc:
+            raise ConfigurationError(f"ATTEST_TRUSTED_PROXIES: {entry[:60]!r} is not an address or CIDR block "
+                                     f"({exc})") from None
+        if network.prefixlen == 0:
+            # Every peer would be a proxy, and any caller could name itself any address.
+            raise ConfigurationError(f"ATTEST_TRUSTED_PROXIES: {entry} would believe X-Forwarded-For from anyone")
+        networks.append(network)
+    return tuple(networks)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
@@ -83,6 +112,14 @@ class Settings:
     log_level: str
     aia_fetch: bool = False
     store_min_replicas: int = 0
+    #: Admit keyless callers with their own nonces although the service listens beyond loopback.
+    allow_open: bool = False
+    #: Peers whose X-Forwarded-For header names the client (a load balancer, an ingress).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: 401 answers one source may get per minute before it is answered 429.
+    auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE
+    #: Challenges one anonymous source may be issued per challenge lifetime.
+    anonymous_challenges: int = DEFAULT_ANONYMOUS_CHALLENGES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,10 +134,17 @@ class Settings:
         level = (env.get("ATTEST_LOG_LEVEL") or "info").lower()
         if level not in _LOG_LEVELS:
             raise ConfigurationError(f"ATTEST_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}")
+        api_keys = parse_api_keys(env.get("ATTEST_API_KEYS", ""))
+        allow_open = _flag(env, "ATTEST_ALLOW_OPEN")
+        if allow_open and (api_keys or policy):
+            # With keys or a policy file, who may call is already decided; an open switch beside them would
+            # either do nothing or silently undo them.
+            raise ConfigurationError("ATTEST_ALLOW_OPEN=1 applies only without ATTEST_API_KEYS and "
+                                     "ATTEST_POLICY_FILE")
         return cls(
             pinned_certs=pinned,
             nonce_store_url=store,
-            api_keys=parse_api_keys(env.get("ATTEST_API_KEYS", "")),
+            api_keys=api_keys,
             policy_file=Path(policy) if policy else None,
             challenge_ttl=timedelta(seconds=_number(env, "ATTEST_CHALLENGE_TTL_SECONDS", 300, 10,
                                                     MAX_CHALLENGE_TTL.total_seconds())),
@@ -111,4 +155,10 @@ class Settings:
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
             store_min_replicas=int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16)),
+            allow_open=allow_open,
+            trusted_proxies=parse_trusted_proxies(env.get("ATTEST_TRUSTED_PROXIES", "")),
+            auth_failures_per_minute=int(_number(env, "ATTEST_AUTH_FAILURES_PER_MINUTE",
+                                                 DEFAULT_AUTH_FAILURES_PER_MINUTE, 1, 10_000)),
+            anonymous_challenges=int(_number(env, "ATTEST_ANONYMOUS_CHALLENGES", DEFAULT_ANONYMOUS_CHALLENGES,
+                                             1, 1_000_000)),
         )

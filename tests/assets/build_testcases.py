@@ -25,8 +25,10 @@ import argparse
 import base64
 import functools
 import json
+import math
+import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,7 +83,8 @@ OID_SIGNED_DATA: Final = "1.2.840.113549.1.7.2"
 #: id-ct-TSTInfo (RFC 3161): a content type that is not id-data.
 OID_TST_INFO: Final = "1.2.840.113549.1.9.16.1.4"
 
-#: Key name -> key type. RSA keys are 2048-bit like Azure's; "ec" keys are P-256.
+#: Key name -> key type. RSA keys are 2048-bit like Azure's; "ec" keys are P-256. The others are signer keys
+#: outside what Azure uses, which the verifier refuses before any RSA operation (see ``NEW_KEYS``).
 KEY_TYPES: Final[dict[str, str]] = {
     "root": "rsa",
     "issuing": "rsa",
@@ -97,6 +100,40 @@ KEY_TYPES: Final[dict[str, str]] = {
     "attacker-root": "rsa",
     "attacker-issuing": "rsa",
     "attacker-leaf": "rsa",
+    "ec-p384-leaf": "ec-p384",
+    "rsa-1024-leaf": "rsa-1024",
+    "rsa-8192-leaf": "rsa-8192",
+    "rsa-e3-leaf": "rsa-e3",
+    "rsa-huge-exponent-leaf": "rsa-huge-exponent",
+    "ec-p521-leaf": "ec-p521",
+}
+
+
+def _rsa_with_exponent(bits: int, exponent_bits: int) -> rsa.RSAPrivateKey:
+    """An RSA key whose public exponent has ``exponent_bits`` bits (cryptography generates only 3 and 65537)."""
+    primes = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
+    p, q = primes.p, primes.q
+    carmichael = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while True:
+        e = secrets.randbits(exponent_bits) | (1 << (exponent_bits - 1)) | 1
+        if math.gcd(e, carmichael) == 1:
+            break
+    d = pow(e, -1, carmichael)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public).private_key()
+
+
+#: How a key of each type is made, when it is not checked in yet.
+NEW_KEYS: Final[dict[str, Callable[[], pki.SigningKey]]] = {
+    "rsa": lambda: pki.new_key("rsa"),
+    "ec": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ec-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "rsa-1024": lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),
+    "rsa-8192": lambda: rsa.generate_private_key(public_exponent=65537, key_size=8192),
+    "rsa-e3": lambda: rsa.generate_private_key(public_exponent=3, key_size=2048),
+    # The costliest key measured: about a hundred RSA-2048 verifications for one signature check.
+    "rsa-huge-exponent": lambda: _rsa_with_exponent(3072, 3000),
+    "ec-p521": lambda: ec.generate_private_key(ec.SECP521R1()),
 }
 
 
@@ -108,9 +145,7 @@ def load_key(name: str) -> pki.SigningKey:
     """The checked-in private key ``name``; generated and written once when missing."""
     path = KEYS_DIR / f"{name}.pem"
     if not path.exists():
-        key: pki.SigningKey = (
-            ec.generate_private_key(ec.SECP256R1()) if KEY_TYPES[name] == "ec" else pki.new_key("rsa")
-        )
+        key = NEW_KEYS[KEY_TYPES[name]]()
         KEYS_DIR.mkdir(parents=True, exist_ok=True)
         path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
@@ -521,6 +556,24 @@ def build_cases(p: Pki) -> list[Case]:
         f'{{"encoding": "pkcs7", "signature": "{encoded}", "signature": "{encoded}"}}'.encode(), "malformed_document")
     ok("ok-bare-base64", "the base document as bare base64 text", base, signer=p.leaf,
        data=encoded.encode() + b"\n", suffix=".txt")
+
+    # Signer keys. The signature is checked before the chain, so the key is the document's choice; keys
+    # outside what Azure uses are refused before the RSA operation (each leaf is issued by a pinned CA).
+    p384 = leaf(p.ec_issuing, key="ec-p384-leaf")
+    ok("ok-ecdsa-p384", "ECDSA P-384 leaf under an ECDSA issuing CA", sign(p384), signer=p384)
+    for key_name, description in (("rsa-1024-leaf", "RSA-1024 leaf"), ("rsa-8192-leaf", "RSA-8192 leaf"),
+                                  ("rsa-e3-leaf", "RSA-2048 leaf with public exponent 3"),
+                                  ("rsa-huge-exponent-leaf", "RSA-3072 leaf with a 3000-bit public exponent"),
+                                  ("ec-p521-leaf", "ECDSA P-521 leaf")):
+        odd = leaf(p.ec_issuing if key_name.startswith("ec-") else p.issuing, key=key_name)
+        bad(f"key-{key_name.removesuffix('-leaf')}", description, response(sign(odd)), "unsupported_document")
+    huge = leaf(p.issuing, key="rsa-huge-exponent-leaf")
+    huge_document = sign(huge)
+    huge_signature = signature_of(huge_document)
+    # Were the key checked only by the RSA operation, this would be signature_invalid.
+    bad("key-rsa-huge-exponent-bad-signature", "RSA-3072 leaf with a 3000-bit exponent and a flipped signature byte",
+        response(replace_once(huge_document, huge_signature,
+                              huge_signature[:-1] + bytes((huge_signature[-1] ^ 0x01,)))), "unsupported_document")
     return cases
 
 

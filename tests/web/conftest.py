@@ -132,12 +132,19 @@ AppFactory = Callable[..., FlaskClient]
 
 @pytest.fixture
 def make_client(test_pki: GeneratedPki, tmp_path: Path) -> Iterator[AppFactory]:
-    """Build a test client: ``make_client(store_url=None, clock=None, policy=None, **env)``."""
+    """Build a test client: ``make_client(store_url=None, clock=None, policy=None, **env)``.
+
+    Without keys and without a policy the service is open (``ATTEST_ALLOW_OPEN=1``), as ``make run`` is on
+    loopback, unless ``env`` sets ``ATTEST_ALLOW_OPEN`` itself. The application runs outside gunicorn, where
+    nothing says it listens on loopback only, so without that setting it would take challenges only.
+    """
     stores: list[NonceStore] = []
 
     def factory(*, store_url: str | None = None, clock: Callable[[], datetime] | None = None,
                 policy: str | None = None, **env: str) -> FlaskClient:
         url = store_url or f"sqlite:///{tmp_path / 'nonces.sqlite3'}"
+        if policy is None and "ATTEST_API_KEYS" not in env:
+            env.setdefault("ATTEST_ALLOW_OPEN", "1")
         if policy is not None:
             path = tmp_path / f"policy-{len(stores)}.toml"
             path.write_text(policy)

@@ -1,4 +1,4 @@
-"""A real ``attest-service serve`` (gunicorn) process on a free loopback port, for end-to-end tests."""
+"""A real ``attest-service serve`` (gunicorn) process on a free loopback port or a Unix socket, for end-to-end tests."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,17 +23,47 @@ STARTUP_TIMEOUT_SECONDS = 20.0
 #: Seconds gunicorn gets to stop after SIGTERM before it is killed.
 SHUTDOWN_TIMEOUT_SECONDS = 25.0
 
-class LiveService:
-    """The running service: its address and a way to send JSON requests."""
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: what a local reverse proxy does, without listening on any network address."""
 
-    def __init__(self, port: int, log: Path) -> None:
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.unix_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class LiveService:
+    """The running service: its address, its master's pid and a way to send JSON requests."""
+
+    def __init__(self, port: int, log: Path, *, pid: int = 0, unix_path: Path | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.log = log
+        self.pid = pid
+        self.unix_path = unix_path
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn master's children: its workers."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return sorted(int(pid) for pid in children.read_text().split()) if children.exists() else []
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.unix_path is not None:
+            return UnixConnection(self.unix_path, timeout=10)
+        return http.client.HTTPConnection(self.host, self.port, timeout=10)
 
     def request(self, method: str, path: str, body: object = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        connection = self._connection()
         try:
             data = None if body is None else json.dumps(body).encode()
             connection.request(method, path, body=data,
@@ -40,29 +73,40 @@ class LiveService:
         finally:
             connection.close()
 
-    def json(self, method: str, path: str, body: object = None) -> tuple[int, dict[str, object]]:
-        status, _, data = self.request(method, path, body)
+    def json(self, method: str, path: str, body: object = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+        status, _, data = self.request(method, path, body, headers)
         return status, json.loads(data)
 
 
 @contextlib.contextmanager
-def live_service(env: dict[str, str], workdir: Path, *, workers: int = 4) -> Iterator[LiveService]:
-    """Run ``attest-service serve --workers N`` with ``env`` added; stop it (and its workers) on exit."""
+def live_service(env: dict[str, str], workdir: Path, *, workers: int = 4,
+                 unix_socket: bool = False) -> Iterator[LiveService]:
+    """Run ``attest-service serve --workers N`` with ``env`` added; stop it (and its workers) on exit.
+
+    ``unix_socket`` binds a Unix socket instead of a loopback port: an address that is not loopback, without
+    exposing anything to the network. It lives in a short temporary directory (a socket path has at most
+    107 bytes, less than pytest's directories may need).
+    """
     port = free_port()
     log = workdir / f"serve-{port}.log"
     metrics_dir = workdir / f"metrics-{port}"
     metrics_dir.mkdir()
     full_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
-    argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+    unix_path = Path(tempfile.mkdtemp(prefix="attest-")) / "serve.sock" if unix_socket else None
+    bind = f"unix:{unix_path}" if unix_path is not None else f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "attest_service", "serve", "--bind", bind, "--workers", str(workers)]
     with log.open("wb") as output:
         process = subprocess.Popen(argv, env=full_env, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    service = LiveService(port, log)
+    service = LiveService(port, log, pid=process.pid, unix_path=unix_path)
     try:
         _wait_healthy(service, process)
         yield service
     finally:
         _stop(process)
+        if unix_path is not None:
+            shutil.rmtree(unix_path.parent, ignore_errors=True)
 
 
 def _wait_healthy(service: LiveService, process: subprocess.Popen[bytes]) -> None:

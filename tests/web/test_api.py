@@ -84,9 +84,26 @@ def test_health_ready_openapi_metrics(client: FlaskClient, test_pki: GeneratedPk
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {"/v1/challenges", "/v1/verify", "/healthz", "/readyz", "/metrics", "/openapi.json"}
-    client.post("/v1/verify", json={"signature": test_pki.signature()})
-    text = client.get("/metrics").get_data(as_text=True)
-    assert 'attest_verifications_total{code="none",result="verified"}' in text
+    # The counters are process-wide and earlier tests moved them: compare what this request added.
+    verified = 'attest_verifications_total{code="none",result="verified"}'
+    refused = 'attest_verifications_total{code="nonce_replayed",result="refused"}'
+    before = metric_samples(client.get("/metrics").get_data(as_text=True))
+    signature = test_pki.signature()
+    assert client.post("/v1/verify", json={"signature": signature}).status_code == 200
+    assert client.post("/v1/verify", json={"signature": signature}).status_code == 409
+    after = metric_samples(client.get("/metrics").get_data(as_text=True))
+    assert after[verified] - before.get(verified, 0.0) == 1
+    assert after[refused] - before.get(refused, 0.0) == 1
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Each sample line of a Prometheus exposition, ``name{labels}`` -> value."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 # --- one test per error code -----------------------------------------------------------------------

@@ -37,7 +37,9 @@ def test_policy_admitting_nobody_is_refused() -> None:
 
 
 def test_defaults_without_a_file() -> None:
-    assert load_policy(None, api_clients=frozenset()) == AccessPolicy.open()
+    # Keyless callers without a policy file need service-issued challenges; the open mode is asked for.
+    assert load_policy(None, api_clients=frozenset()) == AccessPolicy.challenges_only()
+    assert load_policy(None, api_clients=frozenset(), open_access=True) == AccessPolicy.open()
     keyed = load_policy(None, api_clients=CLIENTS)
     assert keyed.anonymous is None
     assert keyed.for_client("billing").require_challenge is False

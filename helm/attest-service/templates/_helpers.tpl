@@ -114,6 +114,9 @@ Refuse contradictory values that the JSON schema cannot express.
 {{- if and .Values.policy.toml .Values.policy.existingConfigMap }}
 {{- fail "policy: set either toml or existingConfigMap, not both" }}
 {{- end }}
+{{- if and .Values.settings.allowOpen (or .Values.apiKeys.keys .Values.apiKeys.existingSecret .Values.policy.toml .Values.policy.existingConfigMap) }}
+{{- fail "settings.allowOpen applies only without apiKeys and without a policy" }}
+{{- end }}
 {{- if and (not (include "attest-service.redisEnabled" .)) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
 {{- fail "more than one replica needs a shared nonce store: set nonceStore.redisUrl or nonceStore.existingSecret" }}
 {{- end }}

@@ -9,6 +9,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from attest_service.access import AccessPolicy
+from attest_service.web import master
+from attest_service.web.settings import Settings
+
 from .common import CHART_DIR, HA_VALUES, NAMESPACE, REPO_ROOT, HelmFailed, by_kind, one
 
 Render = Callable[..., list[dict[str, Any]]]
@@ -183,7 +187,8 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
     settings = {
         "ATTEST_CHALLENGE_TTL_SECONDS", "ATTEST_CLOCK_SKEW_SECONDS", "ATTEST_STORE_TIMEOUT_SECONDS",
         "ATTEST_RATE_LIMIT_PER_MINUTE", "ATTEST_TRUST_RELOAD_SECONDS", "ATTEST_LOG_LEVEL", "ATTEST_PINNED_CERTS",
-        "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH",
+        "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_ALLOW_OPEN",
+        "ATTEST_TRUSTED_PROXIES", "ATTEST_AUTH_FAILURES_PER_MINUTE", "ATTEST_ANONYMOUS_CHALLENGES",
     }
     assert env_names(render()) == settings
     assert env_names(render(HA_VALUES)) == settings | {"ATTEST_API_KEYS"}
@@ -192,6 +197,38 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
     # With Sentinel, an acceptance waits for the replica (a failover must not forget it); AIA stays off.
     ha = one(render(HA_VALUES), "ConfigMap")["data"]
     assert (ha["ATTEST_STORE_MIN_REPLICAS"], ha["ATTEST_AIA_FETCH"]) == ("1", "0")
+
+
+def _service_settings(manifests: list[dict[str, Any]]) -> Settings:
+    """The service's settings from the rendered ConfigMap, as the container reads them."""
+    data = next(m for m in by_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-settings"))["data"]
+    return Settings.from_env(data)
+
+
+def test_default_values_admit_keyless_callers_with_challenges_only(render: Render) -> None:
+    # No keys, no policy, and the pod listens on 0.0.0.0: a captured document with its VM's own nonce must
+    # not be accepted for whoever submits it first.
+    manifests = render()
+    bind = container(manifests)["args"][container(manifests)["args"].index("--bind") + 1]
+    assert not master.is_loopback(bind.rpartition(":")[0])
+    settings = _service_settings(manifests)
+    assert settings.allow_open is False
+    assert master.access_policy(settings, loopback=False) == AccessPolicy.challenges_only()
+
+
+def test_abuse_settings_reach_the_service(render: Render) -> None:
+    settings = _service_settings(render(values={"settings": {
+        "trustedProxies": ["10.0.0.0/8", "fd00::/8"], "authFailuresPerMinute": 5, "anonymousChallenges": 7}}))
+    assert [str(network) for network in settings.trusted_proxies] == ["10.0.0.0/8", "fd00::/8"]
+    assert (settings.auth_failures_per_minute, settings.anonymous_challenges) == (5, 7)
+    defaults = _service_settings(render())
+    assert defaults.trusted_proxies == ()
+    assert (defaults.auth_failures_per_minute, defaults.anonymous_challenges) == (30, 300)
+
+
+def test_allow_open_reaches_the_service(render: Render) -> None:
+    settings = _service_settings(render(values={"settings": {"allowOpen": True}}))
+    assert master.access_policy(settings, loopback=False) == AccessPolicy.open()
 
 
 def test_sqlite_store_runs_one_pod_at_a_time(render: Render) -> None:
@@ -376,6 +413,9 @@ REFUSED_VALUES = {
     "pinned cert for unknown cloud": {"pinnedCerts": {"mars": {"roots": {}}}},
     "pinned cert that is not PEM": {"pinnedCerts": {"public": {"roots": {"x.pem": "hello"}}}},
     "pinned file with a path": {"pinnedCerts": {"public": {"roots": {"../x.pem": "-----BEGIN CERTIFICATE-----"}}}},
+    "trusted proxy that is not an address": {"settings": {"trustedProxies": ["ingress.local"]}},
+    "trusted proxies as a string": {"settings": {"trustedProxies": "10.0.0.0/8"}},
+    "allowOpen as a string": {"settings": {"allowOpen": "yes"}},
 }
 
 
@@ -403,6 +443,9 @@ def test_schema_accepts_multiple_replicas_with_redis(render: Render, store: dict
 @pytest.mark.parametrize(("values", "message"), [
     ({"nonceStore": {"redisUrl": "redis://r:6379/0", "existingSecret": "s"}}, "either redisUrl or existingSecret"),
     ({"apiKeys": {"keys": ["a:" + "0" * 64], "existingSecret": "s"}}, "either keys or existingSecret"),
+    ({"settings": {"allowOpen": True}, "apiKeys": {"keys": ["a:" + "0" * 64]}}, "allowOpen applies only"),
+    ({"settings": {"allowOpen": True}, "policy": {"toml": "[anonymous]\nrequire_challenge = true\n"}},
+     "allowOpen applies only"),
 ])
 def test_contradictory_values_fail_rendering(render: Render, values: dict[str, Any], message: str) -> None:
     with pytest.raises(HelmFailed, match=message):

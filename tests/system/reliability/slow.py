@@ -63,6 +63,20 @@ class SlowBodies:
         for sock in self._sockets:
             sock.close()
 
+    def still_open(self) -> int:
+        """Slow connections the server still holds: neither closed nor answered, checked on each socket now."""
+        held = 0
+        for sock in self._sockets:
+            # The sockets are non-blocking: nothing to read means the server still waits for the body; an
+            # empty read is a close, bytes are an answer, an error a reset. Only the first counts as held.
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                held += 1
+            except OSError:
+                pass
+        return held
+
     def _run(self) -> None:
         open_sockets = list(self._sockets)
         while open_sockets and not self._stop.wait(SLOW_BYTE_INTERVAL_SECONDS):
@@ -233,6 +247,8 @@ class SlowReport:
     under_attack: str
     under_attack_fraction: float
     slow_dropped: int
+    #: Slow connections still held open by the server when the attack ended (checked socket by socket).
+    slow_open_at_end: int
     hostile: Counter[str]
     rss_before: dict[int, int]
     rss_after: dict[int, int]
@@ -251,6 +267,7 @@ def run_slow_clients(service_port: int, worker_pids: list[int], factory: Documen
         with Probe(service_port, factory, probe_rate) as attacked:
             time.sleep(attack_seconds)
         dropped = slow.closed_by_server
+        open_at_end = slow.still_open()
     rss_before = workers_rss(worker_pids)
     hostile = hostile_flood(service_port, hostile_seconds) if hostile_seconds else Counter[str]()
     rss_after = workers_rss(worker_pids)
@@ -258,5 +275,6 @@ def run_slow_clients(service_port: int, worker_pids: list[int], factory: Documen
         time.sleep(probe_seconds)
     return SlowReport(variant=variant, baseline=baseline.summary(), baseline_fraction=baseline.served_fraction(),
                       under_attack=attacked.summary(), under_attack_fraction=attacked.served_fraction(),
-                      slow_dropped=dropped, hostile=hostile, rss_before=rss_before, rss_after=rss_after,
+                      slow_dropped=dropped, slow_open_at_end=open_at_end, hostile=hostile, rss_before=rss_before,
+                      rss_after=rss_after,
                       probe_after=after.summary(), probe_after_fraction=after.served_fraction())

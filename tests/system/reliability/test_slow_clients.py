@@ -6,6 +6,7 @@ The shipped gunicorn configuration (gevent workers) is measured as shipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,24 +23,56 @@ SERVED_FRACTION = 0.95
 #: Growth of a worker's resident memory over the hostile flood that still counts as bounded, in KiB:
 #: a few 1 MiB bodies held at once per thread, and the allocator keeping what it once used.
 RSS_GROWTH_BOUND_KIB = 64 * 1024
+#: Slow-body connections opened for the attack.
+SLOW_COUNT = 100
 
 
-def _run(variant: str, workdir: Path, *, hostile_seconds: float) -> SlowReport:
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The experiment's report and the worker processes before and after it."""
+
+    report: SlowReport
+    workers_before: list[int]
+    workers_after: list[int]
+
+
+def _run(variant: str, workdir: Path, *, hostile_seconds: float) -> Run:
     factory = DocumentFactory(workdir / "pinned")
     with redis_server(workdir / "redis") as redis:
         env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url)
         with running_service(env, workdir, argv=gunicorn_argv(variant)) as service:
-            report = run_slow_clients(service.port, service.worker_pids(), factory, variant=variant, slow_count=100,
+            before = sorted(service.worker_pids())
+            report = run_slow_clients(service.port, before, factory, variant=variant, slow_count=SLOW_COUNT,
                                       attack_seconds=6.0, probe_rate=5.0, hostile_seconds=hostile_seconds,
                                       probe_seconds=2.0)
+            after = sorted(service.worker_pids())
     print(f"\n{variant}: alone {report.baseline}\n  under attack {report.under_attack}\n  after {report.probe_after}"
-          f"\n  hostile {dict(report.hostile)}\n  RSS before {report.rss_before} after {report.rss_after}")
-    return report
+          f"\n  slow connections open at the end {report.slow_open_at_end}/{SLOW_COUNT}"
+          f"\n  hostile {dict(report.hostile)}\n  RSS before {report.rss_before} after {report.rss_after}"
+          f"\n  workers before {before} after {after}")
+    return Run(report=report, workers_before=before, workers_after=after)
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> SlowReport:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return _run("shipped", tmp_path_factory.mktemp("slow-shipped"), hostile_seconds=8.0)
+
+
+@pytest.fixture(scope="module")
+def shipped(run: Run) -> SlowReport:
+    return run.report
+
+
+def test_no_worker_crashed_or_was_replaced(run: Run) -> None:
+    # A worker that died and was respawned would make every figure below meaningless (a dead pid's RSS is 0).
+    assert run.workers_before
+    assert run.workers_after == run.workers_before
+
+
+def test_slow_connections_were_held_open_through_the_attack(shipped: SlowReport) -> None:
+    # Otherwise the probes were served only because the server had dropped the slow clients.
+    assert shipped.slow_dropped == 0
+    assert shipped.slow_open_at_end == SLOW_COUNT
 
 
 def test_slow_bodies_do_not_stop_others_with_the_shipped_workers(shipped: SlowReport) -> None:
@@ -67,5 +100,9 @@ def test_bodies_over_one_mebibyte_get_413_when_chunked(shipped: SlowReport) -> N
 
 
 def test_hostile_bodies_leave_worker_memory_bounded(shipped: SlowReport) -> None:
+    assert shipped.rss_before
     for pid, before in shipped.rss_before.items():
+        # Zero would be a process that is gone: the bound holds only for a worker measured alive twice.
+        assert before > 0
+        assert shipped.rss_after[pid] > 0
         assert shipped.rss_after[pid] - before <= RSS_GROWTH_BOUND_KIB, (pid, before, shipped.rss_after[pid])

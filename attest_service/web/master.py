@@ -1,0 +1,178 @@
+"""What the gunicorn master keeps for the workers it forks: the last good trust and policy, and its sockets.
+
+Each worker reads the pinned directory and the policy file itself when it boots
+(:func:`attest_service.web.create_app`). Were that the only load, a worker that died (memory, timeout)
+while the mounted files were broken could not boot again: gunicorn halts when a worker fails to boot,
+and the pod would crash-loop. So the master loads both as well, just before it forks each worker
+(gunicorn's ``pre_fork`` hook, :mod:`attest_service.web.gunicorn_conf`) and every
+``ATTEST_TRUST_RELOAD_SECONDS`` in between, and keeps the last load that succeeded in this module; the
+worker inherits that snapshot through ``fork``. A worker whose own load fails serves with the snapshot and
+reports the failure through the trust reload metrics. Because the master keeps loading, a worker respawned
+after a later good change and a breakage gets the newer good files.
+
+The periodic load runs on the master's main thread, from a ``SIGALRM`` interval timer (gunicorn uses
+neither): a thread would risk holding a lock at the instant of a fork, which the child could then never
+take. Timers are not inherited by forked children, and the workers put the handler back to the default.
+
+The snapshot also records whether every socket the master listens on has a loopback address. Without keys
+and without a policy file, only such a service keeps the open mode (keyless callers with their own nonces,
+which any captured document could use once); anywhere else keyless callers must present service-issued
+challenges unless ``ATTEST_ALLOW_OPEN=1`` says otherwise.
+
+Nothing here creates a metric: the master must write no prometheus-client files (see the web package).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from attest_service.access import AccessPolicy, load_policy
+from attest_service.errors import ConfigurationError
+from attest_service.trust import TrustStore, load_trust
+from attest_service.web.settings import Settings
+
+LOG: Final = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """The master's last good trust and access policy, and whether it listens on loopback only."""
+
+    trust: TrustStore
+    access: AccessPolicy
+    loopback_only: bool
+
+
+_current: Snapshot | None = None
+#: Set while :func:`refresh` runs, so that the timer cannot start a second one inside it.
+_refreshing = False
+
+
+def inherited() -> Snapshot | None:
+    """The snapshot this process received from the gunicorn master; None outside gunicorn."""
+    return _current
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address as a socket reports it) is a loopback address; names are not."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def loopback_only(sockets: Iterable[socket.socket]) -> bool:
+    """Whether every one of ``sockets`` (at least one) is bound to a loopback address.
+
+    A Unix socket or an inherited descriptor counts as reachable from anywhere: a proxy may forward to it.
+    """
+    found = False
+    for sock in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not is_loopback(str(sock.getsockname()[0])):
+            return False
+        found = True
+    return found
+
+
+def open_access(settings: Settings, *, loopback: bool) -> bool:
+    """Whether keyless callers may use their own nonces: opted in, or no keys, no policy file and loopback."""
+    return settings.allow_open or (loopback and not settings.api_keys and settings.policy_file is None)
+
+
+def access_policy(settings: Settings, *, loopback: bool) -> AccessPolicy:
+    """The access policy ``settings`` describe for a service that listens on loopback only, or not.
+
+    Raises ConfigurationError for an unreadable or invalid policy file.
+    """
+    return load_policy(settings.policy_file, api_clients=frozenset(settings.api_keys),
+                       open_access=open_access(settings, loopback=loopback))
+
+
+def load_pinned(settings: Settings) -> TrustStore:
+    """The pinned trust of ``settings``; raises ConfigurationError when it does not load or pins nothing."""
+    trust = load_trust(settings.pinned_certs)
+    if not any(True for _ in trust.all_pins()):
+        # The same refusal as the workers' reload: an empty mount would otherwise trust nothing, silently.
+        raise ConfigurationError(f"{settings.pinned_certs}: no pinned certificate at all")
+    return trust
+
+
+#: The failure last logged per file kind, so that the timer logs a broken file once, not every interval.
+_logged: dict[str, str] = {}
+
+
+def _or_previous(load: Callable[[], _T], previous: _T | None, kind: str, what: str) -> _T:
+    """``load()``, or ``previous`` (logged) when it raises ConfigurationError; raises when there is none."""
+    try:
+        loaded = load()
+    except ConfigurationError as exc:
+        if previous is None:
+            raise
+        failure = exc
+    else:
+        _logged.pop(kind, None)
+        return loaded
+    if _logged.get(kind) != failure.message:
+        _logged[kind] = failure.message
+        LOG.error("%s is unusable; workers started from now on serve the one loaded before: %s", what,
+                  failure.message)
+    return previous
+
+
+def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = None) -> Snapshot:
+    """Load trust and policy again (in the master, before a fork) and keep what loaded; return the snapshot.
+
+    Each part that fails keeps its last good value and is logged. Raises ConfigurationError only when there
+    is no earlier snapshot to keep: a master that never loaded its files must not start workers.
+    """
+    global _current, _refreshing  # noqa: PLW0603 - the one snapshot of the process, inherited by its workers
+    settings = Settings.from_env(env)
+    loopback = loopback_only(sockets)
+    previous = _current
+    _refreshing = True
+    try:
+        trust = _or_previous(lambda: load_pinned(settings), previous.trust if previous else None, "trust",
+                             f"pinned directory {settings.pinned_certs}")
+        access = _or_previous(lambda: access_policy(settings, loopback=loopback),
+                              previous.access if previous else None, "policy", "policy file")
+    finally:
+        _refreshing = False
+    if previous is None and open_access(settings, loopback=loopback):
+        # Said once, by the master: the open mode accepts any captured document once, first come first served.
+        why = "ATTEST_ALLOW_OPEN=1" if settings.allow_open else "the service listens on loopback only"
+        LOG.warning("no API keys and no policy file: callers need no key and may use their own nonces (%s); "
+                    "set ATTEST_API_KEYS or ATTEST_POLICY_FILE before exposing the service", why)
+    _current = Snapshot(trust=trust, access=access, loopback_only=loopback)
+    return _current
+
+
+def refresh_periodically(sockets: Callable[[], Iterable[socket.socket]], interval_seconds: float) -> None:
+    """In the master: :func:`refresh` every ``interval_seconds`` on the main thread, from a SIGALRM timer."""
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        if _refreshing:
+            return
+        try:
+            refresh(sockets())
+        except Exception:  # raised in a signal handler, it would stop gunicorn's master anywhere
+            LOG.exception("reloading the pinned directory and policy file in the master failed")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, interval_seconds, interval_seconds)
+
+
+def stop_refreshing() -> None:
+    """In a forked worker: no timer was inherited; put the master's SIGALRM handler back to the default."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)

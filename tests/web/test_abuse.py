@@ -1,0 +1,164 @@
+"""Rate limits that hold behind a proxy and over IPv6, throttled key guessing, bounded anonymous state.
+
+The requests come through Flask's test client with the peer address set per request; the budgets are
+counted by the real SQLite and Redis stores.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from datetime import timedelta
+
+import pytest
+from flask.testing import FlaskClient
+
+from attest_service.errors import ConfigurationError, RateLimited
+from attest_service.web.settings import Settings, parse_trusted_proxies
+from attest_service.web.sources import client_address, source_key
+from attest_service.web.throttle import FailedAuthBlocks
+from tests.support.redis_server import RedisServer
+from tests.web.conftest import API_KEYS_ENV, NOW, AppFactory, Clock, bearer
+
+PROXIES = parse_trusted_proxies("10.0.0.0/8, fd00::/8")
+
+
+def _from(client: FlaskClient, path: str, peer: str, *, forwarded: str | None = None,
+          headers: dict[str, str] | None = None) -> int:
+    all_headers = {**(headers or {}), **({"X-Forwarded-For": forwarded} if forwarded is not None else {})}
+    return client.post(path, headers=all_headers, environ_base={"REMOTE_ADDR": peer}).status_code
+
+
+# --- where a request comes from ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
+    # Not a trusted proxy: its header is the caller's own writing and ignored.
+    ("198.51.100.7", ["203.0.113.1"], "198.51.100.7"),
+    # A trusted proxy: the right-most address it did not write itself is the client.
+    ("10.0.0.5", ["203.0.113.1"], "203.0.113.1"),
+    # The client wrote the left-most entry; the ingress appended what it saw.
+    ("10.0.0.5", ["6.6.6.6, 203.0.113.1"], "203.0.113.1"),
+    # Two proxies in a row, and the header split over two fields.
+    ("10.0.0.5", ["6.6.6.6, 203.0.113.1", "10.1.1.1"], "203.0.113.1"),
+    # Ports and brackets as some proxies write them.
+    ("10.0.0.5", ["203.0.113.1:4711"], "203.0.113.1"),
+    ("10.0.0.5", ["[2001:db8::1]:443"], "2001:db8::1"),
+    # A broken entry stops at the proxy that passed it on.
+    ("10.0.0.5", ["not-an-address"], "10.0.0.5"),
+    ("10.0.0.5", [], "10.0.0.5"),
+    # Every hop trusted: the left-most is as close to the client as is known.
+    ("10.0.0.5", ["10.2.2.2"], "10.2.2.2"),
+    ("::ffff:10.0.0.5", ["203.0.113.9"], "203.0.113.9"),
+])
+def test_client_address(peer: str, forwarded: list[str], expected: str) -> None:
+    assert client_address(peer, forwarded, PROXIES) == ipaddress.ip_address(expected)
+
+
+def test_ipv6_sources_are_grouped_by_slash_64() -> None:
+    assert source_key(ipaddress.ip_address("2001:db8:1:2:aaaa::1")) == "2001:db8:1:2::/64"
+    assert source_key(ipaddress.ip_address("2001:db8:1:2:ffff::9")) == "2001:db8:1:2::/64"
+    assert source_key(ipaddress.ip_address("2001:db8:1:3::1")) == "2001:db8:1:3::/64"
+    assert source_key(ipaddress.ip_address("192.0.2.1")) == "192.0.2.1"
+    assert source_key(None) == "unknown"
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("10.0.0.1/8", "has host bits"), ("proxy.local", "not an address"),
+                                                 ("0.0.0.0/0", "from anyone"), ("::/0", "from anyone")])
+def test_trusted_proxies_are_validated(value: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        Settings.from_env({"ATTEST_TRUSTED_PROXIES": value})
+
+
+# --- budgets -----------------------------------------------------------------------------------------------
+
+
+def test_anonymous_budgets_behind_a_trusted_proxy_are_per_client(make_client: AppFactory, store_url: str) -> None:
+    client = make_client(store_url=store_url, ATTEST_RATE_LIMIT_PER_MINUTE="2", ATTEST_TRUSTED_PROXIES="10.0.0.0/8")
+    for _ in range(2):
+        assert _from(client, "/v1/challenges", "10.0.0.5", forwarded="203.0.113.1") == 201
+    assert _from(client, "/v1/challenges", "10.0.0.5", forwarded="203.0.113.1") == 429
+    # Another VM behind the same ingress has its own budget.
+    assert _from(client, "/v1/challenges", "10.0.0.5", forwarded="203.0.113.2") == 201
+
+
+def test_forwarded_header_from_an_untrusted_peer_changes_nothing(make_client: AppFactory, store_url: str) -> None:
+    client = make_client(store_url=store_url, ATTEST_RATE_LIMIT_PER_MINUTE="2", ATTEST_TRUSTED_PROXIES="10.0.0.0/8")
+    assert _from(client, "/v1/challenges", "198.51.100.7", forwarded="203.0.113.1") == 201
+    assert _from(client, "/v1/challenges", "198.51.100.7", forwarded="203.0.113.2") == 201
+    assert _from(client, "/v1/challenges", "198.51.100.7", forwarded="203.0.113.3") == 429
+
+
+def test_rotating_ipv6_addresses_share_their_slash_64_budget(make_client: AppFactory, store_url: str) -> None:
+    client = make_client(store_url=store_url, ATTEST_RATE_LIMIT_PER_MINUTE="2")
+    assert _from(client, "/v1/challenges", "2001:db8:1:2::1") == 201
+    assert _from(client, "/v1/challenges", "2001:db8:1:2::2") == 201
+    assert _from(client, "/v1/challenges", "2001:db8:1:2:dead:beef:0:3") == 429
+    assert _from(client, "/v1/challenges", "2001:db8:1:3::1") == 201
+
+
+def test_failed_authentication_is_throttled_per_source(make_client: AppFactory, store_url: str) -> None:
+    clock = Clock()
+    client = make_client(store_url=store_url, clock=clock, ATTEST_API_KEYS=API_KEYS_ENV,
+                         ATTEST_AUTH_FAILURES_PER_MINUTE="3")
+    wrong = {"Authorization": "Bearer guess"}
+    for _ in range(3):
+        assert _from(client, "/v1/challenges", "192.0.2.10", headers=wrong) == 401
+    response = client.post("/v1/challenges", headers=wrong, environ_base={"REMOTE_ADDR": "192.0.2.10"})
+    assert response.status_code == 429
+    assert response.get_json()["error"]["code"] == "rate_limited"
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= 120
+    # While blocked the key is not even looked at: a right guess answers exactly like a wrong one.
+    assert _from(client, "/v1/challenges", "192.0.2.10", headers=bearer("billing")) == 429
+    assert _from(client, "/v1/challenges", "192.0.2.10") == 429
+    # Other sources are not affected, and the block ends with its Retry-After.
+    assert _from(client, "/v1/challenges", "192.0.2.11", headers=bearer("billing")) == 201
+    clock.now = NOW + timedelta(seconds=retry_after)
+    assert _from(client, "/v1/challenges", "192.0.2.10", headers=bearer("billing")) == 201
+
+
+def test_anonymous_challenges_are_bounded_per_source(make_client: AppFactory, store_url: str) -> None:
+    client = make_client(store_url=store_url, ATTEST_ANONYMOUS_CHALLENGES="2")
+    for _ in range(2):
+        assert _from(client, "/v1/challenges", "192.0.2.20") == 201
+    response = client.post("/v1/challenges", environ_base={"REMOTE_ADDR": "192.0.2.20"})
+    assert response.status_code == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    assert _from(client, "/v1/challenges", "192.0.2.21") == 201
+
+
+def test_keyed_clients_are_not_held_to_the_anonymous_challenge_bound(make_client: AppFactory) -> None:
+    client = make_client(ATTEST_API_KEYS=API_KEYS_ENV, ATTEST_ANONYMOUS_CHALLENGES="2")
+    for _ in range(5):
+        assert _from(client, "/v1/challenges", "192.0.2.30", headers=bearer("billing")) == 201
+
+
+def test_what_an_anonymous_caller_leaves_in_redis_expires(make_client: AppFactory, redis: RedisServer) -> None:
+    if not redis.running:
+        redis.start()
+    store = redis.client()
+    store.flushall()
+    client = make_client(store_url=redis.url, ATTEST_API_KEYS=API_KEYS_ENV)
+    assert _from(client, "/v1/challenges", "192.0.2.40", headers={"Authorization": "Bearer guess"}) == 401
+    anonymous = make_client(store_url=redis.url)
+    assert _from(anonymous, "/v1/challenges", "2001:db8:9::1") == 201
+    keys = store.keys("*")
+    assert len(keys) >= 3  # the failure count, the anonymous budget, the challenge bound (and the challenge)
+    # Rate windows and challenges alike carry an expiry, within the hour after the app's instant (the stores
+    # expire at absolute instants of the app's clock, which runs in 2030 here): nothing lives for ever.
+    now_ms = time.time() * 1000
+    horizon_ms = (NOW + timedelta(hours=1)).timestamp() * 1000
+    expiries = {key: store.pttl(key) for key in keys}
+    assert all(ttl > 0 and now_ms + ttl <= horizon_ms for ttl in expiries.values()), expiries
+    store.close()
+
+
+def test_the_block_table_is_bounded() -> None:
+    blocks = FailedAuthBlocks(capacity=3)
+    for index in range(10):
+        blocks.block(f"192.0.2.{index}", NOW, 60)
+    assert len(blocks) == 3
+    blocks.check("192.0.2.0", NOW)  # evicted first: no longer blocked
+    with pytest.raises(RateLimited, match="too many failed authentications"):
+        blocks.check("192.0.2.9", NOW)
