@@ -162,6 +162,15 @@ def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
     return items
 
 
+def whole(data: bytes, what: str) -> Span:
+    """The one element filling ``data`` (as :func:`read`), as a span; trailing bytes are refused by count."""
+    element, end = _parse_at(data, 0, what)
+    if end != len(data):
+        raise MalformedDocument(f"{what}: {len(data) - end} bytes of trailing data")
+    first = data[0]
+    return (first if first & 0x1F != 0x1F else HIGH_TAG), 0, len(element.header), end
+
+
 def identifier(cls: int, tag: int, *, constructed: bool) -> int:
     """The identifier octet of a low tag number (below 31), as :func:`spans` reports it."""
     return (cls << 6) | (0x20 if constructed else 0) | tag

@@ -30,8 +30,9 @@ def decode_signature(signature: str) -> bytes:
     if len(text) > MAX_SIGNATURE_CHARS:
         raise MalformedDocument(f"signature: longer than {MAX_SIGNATURE_CHARS} characters")
     try:
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
+        # a2b_base64 reads an ASCII str directly (no encoded copy); any other character is a ValueError.
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError as exc:
         raise MalformedDocument(f"signature: not strict base64 ({exc})") from exc
 
 

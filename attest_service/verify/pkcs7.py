@@ -215,7 +215,7 @@ def parse_signed_data(data: bytes) -> SignedData:
     The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
     fields it returns: it runs once per request, and the document is most of the request.
     """
-    top = _only(der.spans(data, 0, len(data), "ContentInfo"), _SEQUENCE, "ContentInfo")
+    top = _only([der.whole(data, "ContentInfo")], _SEQUENCE, "ContentInfo")
     parts = der.spans(data, top[2], top[3], "ContentInfo")
     if len(parts) != 2:
         raise MalformedDocument("ContentInfo: expected contentType and content")
