@@ -11,6 +11,7 @@ that it holds across workers and replicas. One attestation costs two requests (c
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,10 +34,13 @@ from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_
 
 #: The rate-limit window, in seconds; the limit is per minute.
 RATE_WINDOW_SECONDS: Final = 60
+#: What ``/readyz`` says when the store does not answer (the detail is logged, never answered).
+READYZ_UNAVAILABLE_MESSAGE: Final = "the nonce store does not answer"
 #: Keys a verify request may carry.
 VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
 
 api = Blueprint("api", __name__)
+_LOG: Final = logging.getLogger(__name__)
 
 
 def _iso(instant: datetime) -> str:
@@ -165,7 +169,11 @@ def readyz() -> tuple[Response, int]:
         current_service().store.ping()
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels(operation="ping").inc()
-        return jsonify({"status": "unavailable", "error": exc.to_dict()}), 503
+        # The route is unauthenticated and the detail names hosts, paths and driver errors: like every other
+        # answer, it gets the stable code only, and the operator's log gets the detail.
+        _LOG.warning("readiness: nonce store unavailable: %s", exc.message)
+        return jsonify({"status": "unavailable",
+                        "error": {"code": exc.code, "message": READYZ_UNAVAILABLE_MESSAGE}}), 503
     return jsonify({"status": "ready"}), 200
 
 
