@@ -12,6 +12,7 @@ the connection under a lock. Expired rows are purged from time to time, on the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -23,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final, TypeVar
 
-from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
+from attest_service.errors import AttestError, NonceReplayed, NonceUnknown, StoreUnavailable
 from attest_service.nonces.store import (
     DEFAULT_CHALLENGE_TTL_SECONDS,
     Acceptance,
@@ -139,19 +140,47 @@ class SQLiteNonceStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; sqlite3 errors become :class:`StoreUnavailable`."""
+        """One ``BEGIN IMMEDIATE`` transaction; sqlite3 errors become :class:`StoreUnavailable`.
+
+        A decision the body raises (replayed, unknown) rolls back, releasing the write lock. Any other failure
+        once the transaction began, the COMMIT's included, rolls back if SQLite has not already done so and
+        drops the connection: SQLite leaves some failed COMMITs (``SQLITE_BUSY``) with the transaction still
+        open, and a connection stuck in a transaction would fail every later ``BEGIN IMMEDIATE`` of this
+        process while holding the write lock of every other. The next call opens a fresh connection.
+        """
         with self._lock:
             try:
                 connection = self._connect()
                 connection.execute("BEGIN IMMEDIATE")
+            except (sqlite3.Error, OSError) as exc:  # OSError: the directory could not be created
+                # No transaction began (the lock was busy, the file unusable): the connection is as it was.
+                raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+            try:
                 try:
                     yield connection
-                except BaseException:
+                except AttestError:
                     connection.execute("ROLLBACK")
                     raise
                 connection.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:  # OSError: the directory could not be created
+            except AttestError:
+                raise
+            except sqlite3.Error as exc:
+                self._discard_connection()
                 raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+            except BaseException:
+                self._discard_connection()
+                raise
+
+    def _discard_connection(self) -> None:
+        """Roll back whatever is left open and close this process's connection (under ``self._lock``)."""
+        connection, self._connection = self._connection, None
+        if connection is None or self._pid != os.getpid():
+            return
+        with contextlib.suppress(sqlite3.Error):
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            connection.close()
 
     def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
         with self._transaction() as connection:
