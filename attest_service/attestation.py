@@ -133,11 +133,12 @@ class Attestor:
 
         ``now`` (default: the system clock) starts the challenge's lifetime.
         """
-        expires_at = _instant(now) + self.challenge_ttl
+        now = _instant(now)
+        expires_at = now + self.challenge_ttl
         for attempt in range(CHALLENGE_ATTEMPTS):
             nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
             try:
-                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at)
+                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at, now=now)
                 break
             except NonceReplayed:
                 if attempt + 1 == CHALLENGE_ATTEMPTS:

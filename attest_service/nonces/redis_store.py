@@ -198,7 +198,8 @@ class RedisNonceStore:
 
     # --- NonceStore ----------------------------------------------------------------------------------
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime,
+                        now: datetime | None = None) -> None:  # noqa: ARG002 - Redis expires keys itself
         """``SET attest:{tag}:ch "<expiry>|<client>" NX PXAT <expiry>``; an existing challenge refuses it."""
         check_nonce(nonce, client_id)
         expires_ms = epoch_ms(expires_at)

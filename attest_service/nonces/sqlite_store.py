@@ -35,8 +35,15 @@ from attest_service.nonces.store import (
     seen_until_ms,
 )
 
-#: Purge expired rows at most this often per process (milliseconds of the callers' clock).
+#: Purge expired rows at most this often per process (milliseconds of the callers' clock), unless the last
+#: purge left some behind.
 PURGE_INTERVAL_MS: Final = 60_000
+#: Rows of each table one purge deletes at most: an operation never pays for a whole backlog at once. While
+#: a purge leaves expired rows behind, the next operation purges again, so a flood (each operation adds one
+#: row at most) is cleaned up as it goes.
+PURGE_BATCH_ROWS: Final = 1000
+#: Each table, with the columns of its primary key (bounded deletes select rows by it).
+_PURGED_TABLES: Final = (("challenges", "nonce"), ("seen", "nonce"), ("rate", "client_id, window_index"))
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -95,6 +102,7 @@ class SQLiteNonceStore:
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
         self._last_purge_ms = 0
+        self._purge_backlog = False
         self._closed = False
         # A thread of the parent may hold the lock at the moment of fork(); the child starts with a fresh one.
         # The hook holds the store weakly, so registering it does not keep stores alive.
@@ -188,8 +196,12 @@ class SQLiteNonceStore:
 
     # --- NonceStore ----------------------------------------------------------------------------------
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
-        """Insert the challenge; an existing row with the same nonce (even expired, until purged) refuses it."""
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime, now: datetime | None = None) -> None:
+        """Insert the challenge; an existing row with the same nonce (even expired, until purged) refuses it.
+
+        With ``now``, expired rows are purged from time to time, as after an acceptance: a flood of challenges
+        that are never used must not stay on a service that accepts nothing.
+        """
         check_nonce(nonce, client_id)
         expires_ms = epoch_ms(expires_at)
 
@@ -203,6 +215,8 @@ class SQLiteNonceStore:
                 raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge") from exc
 
         self._run(insert)
+        if now is not None:
+            self._maybe_purge(now)
 
     def accept(
         self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
@@ -265,6 +279,7 @@ class SQLiteNonceStore:
             return True, previous, current
 
         allowed, previous, current = self._run(count)
+        self._maybe_purge(now)
         if not allowed:
             raise window.refusal(previous=previous, current=current, limit=limit)
 
@@ -286,13 +301,26 @@ class SQLiteNonceStore:
 
     def purge(self, now: datetime) -> int:
         """Delete every record expired at ``now``; returns how many rows went."""
+        deleted, _ = self._purge(now, limit=None)
+        return deleted
+
+    def _purge(self, now: datetime, *, limit: int | None) -> tuple[int, bool]:
+        """Delete records expired at ``now``, at most ``limit`` rows per table; (rows deleted, whether any left)."""
         now_ms = epoch_ms(now)
 
-        def delete(connection: sqlite3.Connection) -> int:
-            deleted = 0
-            for table in ("challenges", "seen", "rate"):
-                deleted += connection.execute(f"DELETE FROM {table} WHERE expires_ms <= ?", (now_ms,)).rowcount  # noqa: S608 - fixed table names
-            return deleted
+        def delete(connection: sqlite3.Connection) -> tuple[int, bool]:
+            deleted, backlog = 0, False
+            for table, key in _PURGED_TABLES:
+                if limit is None:
+                    rows = connection.execute(f"DELETE FROM {table} WHERE expires_ms <= ?", (now_ms,)).rowcount  # noqa: S608 - fixed names
+                else:
+                    # The expiry index finds the oldest rows; the primary key deletes exactly those.
+                    rows = connection.execute(
+                        f"DELETE FROM {table} WHERE ({key}) IN "  # noqa: S608 - fixed names
+                        f"(SELECT {key} FROM {table} WHERE expires_ms <= ? LIMIT ?)", (now_ms, limit)).rowcount
+                    backlog = backlog or rows >= limit
+                deleted += rows
+            return deleted, backlog
 
         self._last_purge_ms = now_ms
         return self._run(delete)
@@ -300,12 +328,13 @@ class SQLiteNonceStore:
     def _maybe_purge(self, now: datetime) -> None:
         # Purging is housekeeping: it runs after the decision committed, and its failure (a busy database)
         # must not turn an acceptance that already happened into an error.
-        if epoch_ms(now) - self._last_purge_ms < PURGE_INTERVAL_MS:
+        if not self._purge_backlog and epoch_ms(now) - self._last_purge_ms < PURGE_INTERVAL_MS:
             return
         try:
-            self.purge(now)
+            _, self._purge_backlog = self._purge(now, limit=PURGE_BATCH_ROWS)
         except StoreUnavailable:
             self._last_purge_ms = epoch_ms(now)
+            self._purge_backlog = False
 
 
 def _reset_after_fork(store_ref: weakref.ref[SQLiteNonceStore]) -> None:

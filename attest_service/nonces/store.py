@@ -49,9 +49,10 @@ class NonceStore(Protocol):
     or fails; nothing is ever accepted without a store answer (fail closed).
     """
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime, now: datetime | None = None) -> None:
         """Record ``nonce`` as a challenge for ``client_id``, live until ``expires_at``.
 
+        ``now`` is the caller's instant, for a store that cleans up expired records itself (SQLite).
         Raises :class:`~attest_service.errors.NonceReplayed` if a challenge with this nonce already exists.
         """
 
