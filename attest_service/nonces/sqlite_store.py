@@ -38,6 +38,16 @@ from attest_service.nonces.store import (
 #: Purge expired rows at most this often per process (milliseconds of the callers' clock), unless the last
 #: purge left some behind.
 PURGE_INTERVAL_MS: Final = 60_000
+#: SQLite's ``synchronous`` level. In WAL mode, NORMAL syncs the log only at checkpoints, not at each commit.
+#: SQLite's documentation (https://www.sqlite.org/pragma.html#pragma_synchronous): "WAL mode is always
+#: consistent with synchronous=NORMAL, but WAL mode does lose durability. A transaction committed in WAL mode
+#: with synchronous=NORMAL might roll back following a power loss or system crash. Transactions are durable
+#: across application crashes regardless of the synchronous setting or journal mode." So a crash of the service
+#: (SIGKILL, out of memory) forgets no acceptance (tests/nonces/test_store_sqlite_crash.py); an operating-system
+#: crash or a power cut may forget the last acceptances. FULL would keep those too, at one fsync per commit
+#: while holding the write lock: on a shared disk that sometimes exceeded the store timeout, and the other
+#: workers' requests failed with 503 (benchmarks/bench_embedded_store.py; figures in docs/DEPLOYMENT.md).
+SYNCHRONOUS: Final = "NORMAL"
 #: Rows of each table one purge deletes at most: an operation never pays for a whole backlog at once. While
 #: a purge leaves expired rows behind, the next operation purges again, so a flood (each operation adds one
 #: row at most) is cleaned up as it goes.
@@ -136,9 +146,7 @@ class SQLiteNonceStore:
         try:
             connection.execute(f"PRAGMA busy_timeout = {max(1, round(self._timeout_seconds * 1000))}")
             connection.execute("PRAGMA journal_mode = WAL")
-            # FULL syncs the log on every commit: an accepted nonce must survive a power cut, or a replay
-            # of the same document right after a reboot would pass.
-            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             connection.executescript(_SCHEMA)
         except BaseException:
             connection.close()

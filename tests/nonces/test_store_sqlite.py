@@ -99,3 +99,14 @@ def test_a_purge_is_bounded_and_catches_up_over_the_next_operations(tmp_path: Pa
     store.issue_challenge("c", client_id="c", expires_at=expires, now=later)
     assert count(path, "challenges") == 3
     store.close()
+
+
+def test_commits_are_synced_at_checkpoints_not_one_by_one(tmp_path: Path) -> None:
+    # synchronous=NORMAL in WAL mode: durable across a crash of the process (test_store_sqlite_crash.py),
+    # without an fsync per commit while the write lock is held (docs/DEPLOYMENT.md, "The embedded store").
+    store = SQLiteNonceStore(tmp_path / "n.sqlite3", timeout_seconds=0.5)
+    store.ping()
+    connection = store._connection  # the level is a property of each connection, not of the file
+    assert connection is not None
+    assert connection.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    store.close()
