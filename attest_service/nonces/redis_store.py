@@ -14,6 +14,7 @@ made lazily and remade on the next call, so the store recovers by itself when Re
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from attest_service.nonces.store import (
     seen_ttl_ms,
 )
 
+#: Random bytes of a claim token (96 bits: a replayed document cannot present another claim's token).
+CLAIM_TOKEN_BYTES: Final = 12
 #: Prefix of every key this service writes.
 KEY_PREFIX: Final = "attest"
 DEFAULT_REDIS_PORT: Final = 6379
@@ -53,12 +56,31 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
 
 # KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
-# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead).
-# Values: challenge "<expires ms>|<client id>", seen "<1 if it was a challenge, else 0>|<client id>".
-# Returns {"replayed", <1|0>, <client id>} | {"challenge"} | {"foreign"} | {"unknown"} | {"seen"}.
+# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token.
+# Seen values: "C|<token>|<client id>" (a consumed challenge), "N|<token>|<client id>" (a caller-chosen nonce);
+# "0|<client id>" and "1|<client id>" were written before claims carried a token and are still honoured.
+# Challenge values: "<expires ms>|<client id>".
+# The token is random per claim: redis-py resends the whole script when the connection breaks, and a resent
+# claim that finds its own token was the one that won (its first answer was lost). It rewrites its record, so
+# that a WAIT after the script, on the retry's new connection, covers the record too.
+# Returns {"replayed", <1|0 challenge>, <client id>} | {"accepted", <1|0>} (a resent claim) | {"challenge"} |
+# {"foreign"} | {"unknown"} | {"seen"}.
 _ACCEPT_LUA: Final = """
+local function record(value)
+  redis.call('SET', KEYS[2], value, 'PX', ARGV[3])
+end
 local seen = redis.call('GET', KEYS[2])
 if seen then
+  local kind = string.sub(seen, 1, 1)
+  if kind == 'C' or kind == 'N' then
+    local sep = string.find(seen, '|', 3, true)
+    local challenge = kind == 'C' and '1' or '0'
+    if string.sub(seen, 3, sep - 1) == ARGV[4] then
+      redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+      return {'accepted', challenge}
+    end
+    return {'replayed', challenge, string.sub(seen, sep + 1)}
+  end
   local sep = string.find(seen, '|', 1, true)
   return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
 end
@@ -69,13 +91,13 @@ if challenge then
     return {'foreign'}
   end
   redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], '1|' .. ARGV[1], 'PX', ARGV[3])
+  record('C|' .. ARGV[4] .. '|' .. ARGV[1])
   return {'challenge'}
 end
 if ARGV[2] == '1' then
   return {'unknown'}
 end
-redis.call('SET', KEYS[2], '0|' .. ARGV[1], 'PX', ARGV[3])
+record('N|' .. ARGV[4] .. '|' .. ARGV[1])
 return {'seen'}
 """
 
@@ -216,14 +238,16 @@ class RedisNonceStore:
         check_nonce(nonce, client_id)
         ttl_ms = seen_ttl_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
         keys = [challenge_key(nonce), seen_key(nonce)]
-        args = [client_id, "1" if require_challenge else "0", str(ttl_ms)]
+        # One token per call of accept(), the same in redis-py's resend of the script (see _ACCEPT_LUA).
+        token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
+        args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token]
         if self._min_replicas:
             reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
         else:
             reply, replicas = self._call(lambda client: _ACCEPT_SCRIPT.run(client, keys, args)), 0
         outcome = [_text(item) for item in reply]
         match outcome:
-            case ["challenge" | "seen"] if replicas < self._min_replicas:
+            case ["challenge" | "seen"] | ["accepted", _] if replicas < self._min_replicas:
                 # The record is on the primary only: a failover now would forget it and let the document in
                 # again. Fail closed; the record stays, so a retry of this document is refused as a replay.
                 raise StoreUnavailable(f"nonce store {self._description}: {replicas} of {self._min_replicas} "
@@ -232,6 +256,9 @@ class RedisNonceStore:
                 return Acceptance(challenge=True)
             case ["seen"]:
                 return Acceptance(challenge=False)
+            case ["accepted", was_challenge]:
+                # This very claim, resent after its answer was lost: the acceptance it had won.
+                return Acceptance(challenge=was_challenge == "1")
             case ["replayed", was_challenge, seen_client_id]:
                 raise replayed(
                     nonce, client_id=client_id, seen_client_id=seen_client_id, seen_challenge=was_challenge == "1"
