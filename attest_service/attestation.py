@@ -193,9 +193,14 @@ class Attestor:
         # A seen nonce is remembered while its document could still verify (expiry plus skew), and at least
         # one challenge lifetime, so a challenge can never be accepted again while it could be reissued.
         expires_at = max(claims.expires_on + self.clock_skew, now + self.challenge_ttl)
+        # A caller-chosen nonce is claimed for the VM Azure signed the document for: a tenant presenting its
+        # own VMs' documents first cannot burn the (often predictable) nonces of another tenant's VMs, and a
+        # captured document still names its VM, so it is refused to everyone. A challenge is claimed once,
+        # whatever the VM (see NonceStore.accept). A document without a vmId is claimed without a scope.
         try:
             acceptance = self.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
-                                           require_challenge=caller.require_challenge, now=now)
+                                           require_challenge=caller.require_challenge, now=now,
+                                           scope=claims.vm_id or None)
         except StoreUnavailable:
             self._events.store_error("accept")
             raise

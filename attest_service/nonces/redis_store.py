@@ -37,9 +37,11 @@ from attest_service.nonces.store import (
     Acceptance,
     RateWindow,
     check_nonce,
+    check_scope,
     epoch_ms,
     redact,
     replayed,
+    scope_tag,
     seen_ttl_ms,
 )
 
@@ -56,18 +58,31 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
 
 # KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
-# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token.
-# Seen values: "C|<token>|<client id>" (a consumed challenge), "N|<token>|<client id>" (a caller-chosen nonce);
-# "0|<client id>" and "1|<client id>" were written before claims carried a token and are still honoured.
+# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token,
+# scope tag ("" for none).
+# Seen values, one key per nonce:
+#   "C|<token>|<client id>"  a consumed challenge: refuses every later claim;
+#   "N|<token>|<client id>"  a caller-chosen nonce claimed without a scope: refuses every later claim;
+#   "V|<tag>:<token>[,<tag>:<token>...]"  a caller-chosen nonce claimed for each VM listed (tag: the scope's
+#                            digest): refuses later claims of those VMs only, and claims without a scope;
+#   "0|<client id>", "1|<client id>"  written before claims carried a token or a scope: refuse every claim.
+# Releases before scoping read any value as "replayed", so during a rolling upgrade they refuse what this one
+# accepted (as they always did), and this one refuses what they accepted.
 # Challenge values: "<expires ms>|<client id>".
 # The token is random per claim: redis-py resends the whole script when the connection breaks, and a resent
 # claim that finds its own token was the one that won (its first answer was lost). It rewrites its record, so
 # that a WAIT after the script, on the retry's new connection, covers the record too.
+# A record that replaces or extends another keeps the longer of the two lifetimes.
 # Returns {"replayed", <1|0 challenge>, <client id>} | {"accepted", <1|0>} (a resent claim) | {"challenge"} |
 # {"foreign"} | {"unknown"} | {"seen"}.
 _ACCEPT_LUA: Final = """
-local function record(value)
-  redis.call('SET', KEYS[2], value, 'PX', ARGV[3])
+local function record(value, previous)
+  local ttl = tonumber(ARGV[3])
+  if previous then
+    local left = redis.call('PTTL', KEYS[2])
+    if left > ttl then ttl = left end
+  end
+  redis.call('SET', KEYS[2], value, 'PX', ttl)
 end
 local seen = redis.call('GET', KEYS[2])
 if seen then
@@ -80,9 +95,23 @@ if seen then
       return {'accepted', challenge}
     end
     return {'replayed', challenge, string.sub(seen, sep + 1)}
+  elseif kind == 'V' then
+    if ARGV[5] == '' then
+      return {'replayed', '0', ''}
+    end
+    local at = string.find(seen, ARGV[5] .. ':', 3, true)
+    if at then
+      local entry = ARGV[5] .. ':' .. ARGV[4]
+      if string.sub(seen, at, at + #entry - 1) == entry then
+        redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+        return {'accepted', '0'}
+      end
+      return {'replayed', '0', ''}
+    end
+  else
+    local sep = string.find(seen, '|', 1, true)
+    return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
   end
-  local sep = string.find(seen, '|', 1, true)
-  return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
 end
 local challenge = redis.call('GET', KEYS[1])
 if challenge then
@@ -91,13 +120,19 @@ if challenge then
     return {'foreign'}
   end
   redis.call('DEL', KEYS[1])
-  record('C|' .. ARGV[4] .. '|' .. ARGV[1])
+  record('C|' .. ARGV[4] .. '|' .. ARGV[1], seen)
   return {'challenge'}
 end
 if ARGV[2] == '1' then
   return {'unknown'}
 end
-record('N|' .. ARGV[4] .. '|' .. ARGV[1])
+if ARGV[5] == '' then
+  record('N|' .. ARGV[4] .. '|' .. ARGV[1], seen)
+elseif seen then
+  record(seen .. ',' .. ARGV[5] .. ':' .. ARGV[4], seen)
+else
+  record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
+end
 return {'seen'}
 """
 
@@ -128,7 +163,10 @@ def challenge_key(nonce: str) -> str:
 
 
 def seen_key(nonce: str) -> str:
-    """Key of the seen record of ``nonce`` (same hash tag, hence same cluster slot, as its challenge)."""
+    """Key of the seen record of ``nonce`` (same hash tag, hence same cluster slot, as its challenge).
+
+    One key per nonce, whatever the scopes it was claimed in: the per-VM claims are listed in its value.
+    """
     return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:seen"
 
 
@@ -232,15 +270,18 @@ class RedisNonceStore:
             raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge")
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """One Lua script decides and records (see the protocol for the rules)."""
         check_nonce(nonce, client_id)
+        check_scope(scope)
         ttl_ms = seen_ttl_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
         keys = [challenge_key(nonce), seen_key(nonce)]
         # One token per call of accept(), the same in redis-py's resend of the script (see _ACCEPT_LUA).
         token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
-        args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token]
+        args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token,
+                "" if scope is None else scope_tag(scope)]
         if self._min_replicas:
             reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
         else:

@@ -3,7 +3,8 @@
 Safety across processes comes from SQLite itself: write-ahead logging so readers never block, a busy timeout
 so a writer waits for the lock instead of failing at once, and ``BEGIN IMMEDIATE`` so every decision takes the
 write lock before it reads (two processes can never both read "not seen" and both insert). The nonce is the
-primary key of the ``seen`` table, so even a logic error could not insert it twice.
+primary key of the ``seen`` table (and with the VM, of ``seen_vm``), so even a logic error could not insert a
+record twice.
 
 Each process opens its own connection: a connection inherited through ``fork()`` (gunicorn's pre-fork model)
 must not be used by the child, so the owning pid is checked on every call. Threads of one process share
@@ -30,8 +31,10 @@ from attest_service.nonces.store import (
     Acceptance,
     RateWindow,
     check_nonce,
+    check_scope,
     epoch_ms,
     replayed,
+    scope_tag,
     seen_until_ms,
 )
 
@@ -53,7 +56,15 @@ SYNCHRONOUS: Final = "NORMAL"
 #: row at most) is cleaned up as it goes.
 PURGE_BATCH_ROWS: Final = 1000
 #: Each table, with the columns of its primary key (bounded deletes select rows by it).
-_PURGED_TABLES: Final = (("challenges", "nonce"), ("seen", "nonce"), ("rate", "client_id, window_index"))
+_PURGED_TABLES: Final = (("challenges", "nonce"), ("seen", "nonce"), ("seen_vm", "nonce, vm"),
+                         ("rate", "client_id, window_index"))
+#: ``seen.challenge`` of a caller-chosen nonce claimed without a scope (and of every row written before scopes).
+SEEN_UNSCOPED: Final = 0
+#: ``seen.challenge`` of a consumed challenge.
+SEEN_CHALLENGE: Final = 1
+#: ``seen.challenge`` of a caller-chosen nonce claimed per VM: ``seen_vm`` lists the VMs (by scope tag). The
+#: ``seen`` row outlives all of them, so that a release before scopes, reading only ``seen``, refuses the nonce.
+SEEN_PER_VM: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -69,6 +80,13 @@ CREATE TABLE IF NOT EXISTS seen (
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_ms);
+CREATE TABLE IF NOT EXISTS seen_vm (
+    nonce      TEXT NOT NULL,
+    vm         TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (nonce, vm)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_vm_expiry ON seen_vm (expires_ms);
 CREATE TABLE IF NOT EXISTS rate (
     client_id    TEXT NOT NULL,
     window_index INTEGER NOT NULL,
@@ -227,10 +245,13 @@ class SQLiteNonceStore:
             self._maybe_purge(now)
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """Decide and record in one ``BEGIN IMMEDIATE`` transaction (see the protocol for the rules)."""
         check_nonce(nonce, client_id)
+        check_scope(scope)
+        tag = None if scope is None else scope_tag(scope)
         now_ms = epoch_ms(now)
         until_ms = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
 
@@ -238,8 +259,14 @@ class SQLiteNonceStore:
             seen = connection.execute(
                 "SELECT client_id, challenge FROM seen WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
             ).fetchone()
-            if seen is not None:
-                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0], seen_challenge=bool(seen[1]))
+            if seen is not None and (seen[1] != SEEN_PER_VM or tag is None):
+                # A challenge, a claim without a scope, or a row from before scopes: refuses every claim.
+                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0],
+                               seen_challenge=seen[1] == SEEN_CHALLENGE)
+            if seen is not None and connection.execute(
+                "SELECT 1 FROM seen_vm WHERE nonce = ? AND vm = ? AND expires_ms > ?", (nonce, tag, now_ms)
+            ).fetchone() is not None:
+                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0], seen_challenge=False)
             challenge = connection.execute(
                 "SELECT client_id, expires_ms FROM challenges WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
             ).fetchone()
@@ -247,15 +274,24 @@ class SQLiteNonceStore:
                 raise NonceUnknown(f"nonce {nonce!r} was not issued to client {client_id!r}")
             if challenge is None and require_challenge:
                 raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
-            record_until_ms = until_ms
+            record_until_ms, kind = until_ms, SEEN_UNSCOPED
             if challenge is not None:
                 connection.execute("DELETE FROM challenges WHERE nonce = ?", (nonce,))
-                record_until_ms = max(until_ms, challenge[1])
-            # An expired record of the same nonce may still be waiting for the purge; it is replaced.
-            connection.execute("DELETE FROM seen WHERE nonce = ?", (nonce,))
+                record_until_ms, kind = max(until_ms, challenge[1]), SEEN_CHALLENGE
+            elif tag is not None:
+                kind = SEEN_PER_VM
+                connection.execute(
+                    "INSERT INTO seen_vm (nonce, vm, expires_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (nonce, vm) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    (nonce, tag, record_until_ms),
+                )
+            # The nonce's row: new, replacing an expired one awaiting the purge, or standing for one more VM (or
+            # turned into a consumed challenge); it keeps the longer of the two lifetimes.
             connection.execute(
-                "INSERT INTO seen (nonce, client_id, challenge, expires_ms) VALUES (?, ?, ?, ?)",
-                (nonce, client_id, int(challenge is not None), record_until_ms),
+                "INSERT INTO seen (nonce, client_id, challenge, expires_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (nonce) DO UPDATE SET client_id = excluded.client_id, challenge = excluded.challenge, "
+                "expires_ms = max(expires_ms, excluded.expires_ms)",
+                (nonce, client_id, kind, record_until_ms),
             )
             return Acceptance(challenge=challenge is not None)
 

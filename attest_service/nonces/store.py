@@ -15,6 +15,7 @@ from the caller as aware datetimes; the only clock the stores consult on their o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -57,9 +58,15 @@ class NonceStore(Protocol):
         """
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """Accept ``nonce`` once, atomically.
+
+        ``scope`` is what a caller-chosen nonce is claimed within: the VM that signed the document (its
+        ``vmId``). Such a nonce is accepted once per scope, so one VM's documents never block another's; a
+        claim without a scope is accepted once overall, and refused once any scope claimed the nonce. A live
+        challenge is consumed once, whatever the scope, and refuses every later claim of its nonce.
 
         Raises :class:`~attest_service.errors.NonceReplayed` when it was accepted before, and
         :class:`~attest_service.errors.NonceUnknown` when it is a live challenge of another client, or when
@@ -98,6 +105,20 @@ def check_nonce(nonce: str, client_id: str) -> None:
         raise ValueError("empty nonce given to the nonce store")
     if not client_id:
         raise ValueError("empty client id given to the nonce store")
+
+
+def check_scope(scope: str | None) -> None:
+    """Refuse an empty scope: a caller without one passes ``None``."""
+    if scope is not None and not scope:
+        raise ValueError("empty scope given to the nonce store; pass None for none")
+
+
+def scope_tag(scope: str) -> str:
+    """The fixed-length digest a scope is recorded under (hex, 128 bits; no separator can occur in it).
+
+    A collision could only make one VM's record refuse another VM's document: never accept a replay.
+    """
+    return hashlib.sha256(scope.encode("utf-8")).hexdigest()[:32]
 
 
 #: Extra lifetime of a seen record past the last instant its document can be accepted. Replicas (and
