@@ -14,11 +14,13 @@ made lazily and remade on the next call, so the store recovers by itself when Re
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Final, TypeAlias, TypeVar
 from urllib.parse import unquote
 
@@ -53,9 +55,15 @@ DEFAULT_REDIS_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 #: URL schemes :func:`redis_store` understands.
 SCHEMES: Final = REDIS_SCHEMES
+#: Replicas that must confirm an acceptance when none is configured, by URL scheme. Sentinel and Cluster fail
+#: over to a replica, which has only what reached it: a record on the primary alone would be forgotten and its
+#: document accepted again. A single server (redis://, rediss://) has no failover to survive; if it does have
+#: replicas that an operator promotes by hand, configure the number explicitly.
+DEFAULT_MIN_REPLICAS: Final = MappingProxyType({"redis": 0, "rediss": 0, "redis+sentinel": 1, "redis+cluster": 1})
 
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
+_LOG: Final = logging.getLogger(__name__)
 
 # KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
 # an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token,
@@ -431,7 +439,7 @@ def redis_store(
     *,
     timeout_seconds: float,
     challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
-    min_replicas: int = 0,
+    min_replicas: int | None = None,
 ) -> RedisNonceStore:
     """A :class:`RedisNonceStore` for one of the URL forms of ``ATTEST_NONCE_STORE``.
 
@@ -443,9 +451,10 @@ def redis_store(
     * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes.
 
     Socket connect and read timeouts are ``timeout_seconds``. With ``min_replicas`` > 0, an acceptance counts
-    only once that many replicas confirmed the record (``WAIT``, within 80 % of the timeout). Raises
-    :class:`ValueError` for a malformed URL;
-    nothing is contacted until the first call.
+    only once that many replicas confirmed the record (``WAIT``, within 80 % of the timeout); ``None`` takes
+    :data:`DEFAULT_MIN_REPLICAS` of the scheme (1 with Sentinel and Cluster). ``WAIT`` confirms that the
+    record reached that many replicas' memory; it is not consensus (docs/DEPLOYMENT.md, "Failover").
+    Raises :class:`ValueError` for a malformed URL; nothing is contacted until the first call.
     """
     scheme = url.partition("://")[0].lower()
     connect: Callable[[], RedisClient]
@@ -463,8 +472,13 @@ def redis_store(
         connect = _cluster_connector(url, timeout_seconds)
     else:
         raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    if min_replicas < 0:
+    if min_replicas is None:
+        min_replicas = DEFAULT_MIN_REPLICAS[scheme]
+    elif min_replicas < 0:
         raise ValueError(f"min_replicas must not be negative, got {min_replicas}")
+    elif min_replicas == 0 and DEFAULT_MIN_REPLICAS[scheme]:
+        _LOG.warning("nonce store %s: no replica required (ATTEST_STORE_MIN_REPLICAS=0); a failover can forget "
+                     "an acceptance and let its document be accepted again", redact(url))
     # WAIT must return before the socket read timeout gives up on it.
     wait_timeout_ms = max(1, int(timeout_seconds * 1000 * 0.8))
     return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds,

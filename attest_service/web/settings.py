@@ -82,7 +82,9 @@ class Settings:
     trust_reload_seconds: float
     log_level: str
     aia_fetch: bool = False
-    store_min_replicas: int = 0
+    #: ``None`` when ATTEST_STORE_MIN_REPLICAS is unset: the store's default for its URL (1 with Sentinel or
+    #: Cluster, 0 with a single Redis server).
+    store_min_replicas: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,5 +112,6 @@ class Settings:
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
-            store_min_replicas=int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16)),
+            store_min_replicas=(int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16))
+                                if (env.get("ATTEST_STORE_MIN_REPLICAS") or "").strip() else None),
         )

@@ -103,6 +103,7 @@ def test_frozen_redis_fails_within_the_timeout(server: RedisServer, redis_store:
 
 
 # --- Redis Cluster -------------------------------------------------------------------------------------
+# The cluster has no replicas: none is required of it (min_replicas=0; the default with a cluster is one).
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def nonces_on_every_node(cluster: RedisClusterNodes, unique: Unique) -> dict[int
 
 @requires_redis
 def test_cluster_node_down_fails_closed_and_recovers(cluster: RedisClusterNodes, unique: Unique) -> None:
-    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS)
+    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS, min_replicas=0)
     try:
         store.ping()
         by_owner = nonces_on_every_node(cluster, unique)
@@ -165,7 +166,7 @@ def test_cluster_node_down_fails_closed_and_recovers(cluster: RedisClusterNodes,
 
 @requires_redis
 def test_cluster_node_frozen_fails_within_the_timeout(cluster: RedisClusterNodes, unique: Unique) -> None:
-    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS)
+    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS, min_replicas=0)
     try:
         nonce = unique("nonce")
         while owner_index(cluster, nonce) != 1:
@@ -181,7 +182,7 @@ def test_cluster_node_frozen_fails_within_the_timeout(cluster: RedisClusterNodes
 
 @requires_redis
 def test_cluster_entirely_down_then_back(cluster: RedisClusterNodes, unique: Unique) -> None:
-    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS)
+    store = open_store(cluster.url, timeout_seconds=TIMEOUT_SECONDS, min_replicas=0)
     try:
         accept(store, unique("before"))
         cluster.stop()
