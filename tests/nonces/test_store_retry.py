@@ -35,6 +35,8 @@ pytestmark = requires_redis
 Unique = Callable[[str], str]
 #: Seconds a replica may take to report itself in sync.
 SYNC_TIMEOUT_SECONDS: Final = 15.0
+#: Store timeout of the tests that wait for a replica (seconds).
+REPLICATED_TIMEOUT_SECONDS: Final = 2.0
 
 
 class AnswerDroppingProxy:
@@ -125,7 +127,10 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 @contextlib.contextmanager
 def proxied_store(upstream: RedisServer, *, min_replicas: int = 0) -> Iterator[tuple[AnswerDroppingProxy, NonceStore]]:
     proxy = AnswerDroppingProxy(upstream)
-    store = open_store(proxy.url, timeout_seconds=TIMEOUT_SECONDS, min_replicas=min_replicas)
+    # With a replica to wait for, a longer timeout than the default: WAIT gets 80 % of it, and on a loaded
+    # machine a replica's acknowledgement can take longer than the default's 400 ms.
+    timeout = REPLICATED_TIMEOUT_SECONDS if min_replicas else TIMEOUT_SECONDS
+    store = open_store(proxy.url, timeout_seconds=timeout, min_replicas=min_replicas)
     try:
         yield proxy, store
     finally:
