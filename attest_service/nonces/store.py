@@ -4,9 +4,10 @@ A nonce is accepted once, ever, across every worker and replica that share a sto
 
 * a **challenge**: a nonce the service issued to one client, live until its ``expires_at``;
 * a **seen** record: a nonce that was accepted, with the client that presented it and whether it was a
-  challenge. It lives at least until the document carrying it has expired (``expires_at``, which the caller
-  computes as the document's ``expiresOn`` plus the clock skew), until the challenge it consumed would have
-  expired, and for at least one challenge lifetime after acceptance.
+  challenge; a caller-chosen nonce is recorded per scope (the VM whose document carried it), a consumed
+  challenge once for every scope. It lives at least until the document carrying it has expired
+  (``expires_at``, which the caller computes as the document's ``expiresOn`` plus the clock skew), until the
+  challenge it consumed would have expired, and for at least one challenge lifetime after acceptance.
 
 Every decision about a nonce is one atomic operation in the backend (a Lua script in Redis, one
 ``BEGIN IMMEDIATE`` transaction in SQLite), so two workers racing on one nonce cannot both win. Instants come
