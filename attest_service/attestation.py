@@ -133,11 +133,12 @@ class Attestor:
 
         ``now`` (default: the system clock) starts the challenge's lifetime.
         """
-        expires_at = _instant(now) + self.challenge_ttl
+        now = _instant(now)
+        expires_at = now + self.challenge_ttl
         for attempt in range(CHALLENGE_ATTEMPTS):
             nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
             try:
-                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at)
+                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at, now=now)
                 break
             except NonceReplayed:
                 if attempt + 1 == CHALLENGE_ATTEMPTS:
@@ -192,9 +193,14 @@ class Attestor:
         # A seen nonce is remembered while its document could still verify (expiry plus skew), and at least
         # one challenge lifetime, so a challenge can never be accepted again while it could be reissued.
         expires_at = max(claims.expires_on + self.clock_skew, now + self.challenge_ttl)
+        # A caller-chosen nonce is claimed for the VM Azure signed the document for: a tenant presenting its
+        # own VMs' documents first cannot burn the (often predictable) nonces of another tenant's VMs, and a
+        # captured document still names its VM, so it is refused to everyone. A challenge is claimed once,
+        # whatever the VM (see NonceStore.accept). A document without a vmId is claimed without a scope.
         try:
             acceptance = self.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
-                                           require_challenge=caller.require_challenge, now=now)
+                                           require_challenge=caller.require_challenge, now=now,
+                                           scope=claims.vm_id or None)
         except StoreUnavailable:
             self._events.store_error("accept")
             raise

@@ -60,13 +60,14 @@ def open_store(
     *,
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
-    min_replicas: int = 0,
+    min_replicas: int | None = None,
 ) -> NonceStore:
     """The nonce store an ``ATTEST_NONCE_STORE`` URL names.
 
     ``timeout_seconds`` bounds each round trip (Redis connect and read timeouts; SQLite's wait for the write
     lock). ``challenge_ttl_seconds`` is the minimum lifetime of a seen record. ``min_replicas`` (Redis only)
-    is how many replicas must confirm an acceptance before it counts. Nothing is contacted here;
+    is how many replicas must confirm an acceptance before it counts; ``None``: 1 for Sentinel and Cluster
+    URLs, 0 for a single server. Nothing is contacted here;
     the first call (or :meth:`NonceStore.ping`) connects. Raises
     :class:`~attest_service.errors.ConfigurationError` for an unsupported or malformed URL.
     """

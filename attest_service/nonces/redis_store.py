@@ -14,10 +14,13 @@ made lazily and remade on the next call, so the store recovers by itself when Re
 from __future__ import annotations
 
 import hashlib
+import logging
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Final, TypeAlias, TypeVar
 from urllib.parse import unquote
 
@@ -36,31 +39,87 @@ from attest_service.nonces.store import (
     Acceptance,
     RateWindow,
     check_nonce,
+    check_scope,
     epoch_ms,
     redact,
     replayed,
+    scope_tag,
     seen_ttl_ms,
 )
 
+#: Random bytes of a claim token (96 bits: a replayed document cannot present another claim's token).
+CLAIM_TOKEN_BYTES: Final = 12
 #: Prefix of every key this service writes.
 KEY_PREFIX: Final = "attest"
 DEFAULT_REDIS_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 #: URL schemes :func:`redis_store` understands.
 SCHEMES: Final = REDIS_SCHEMES
+#: Replicas that must confirm an acceptance when none is configured, by URL scheme. Sentinel and Cluster fail
+#: over to a replica, which has only what reached it: a record on the primary alone would be forgotten and its
+#: document accepted again. A single server (redis://, rediss://) has no failover to survive; if it does have
+#: replicas that an operator promotes by hand, configure the number explicitly.
+DEFAULT_MIN_REPLICAS: Final = MappingProxyType({"redis": 0, "rediss": 0, "redis+sentinel": 1, "redis+cluster": 1})
 
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
+_LOG: Final = logging.getLogger(__name__)
 
 # KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
-# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead).
-# Values: challenge "<expires ms>|<client id>", seen "<1 if it was a challenge, else 0>|<client id>".
-# Returns {"replayed", <1|0>, <client id>} | {"challenge"} | {"foreign"} | {"unknown"} | {"seen"}.
+# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token,
+# scope tag ("" for none).
+# Seen values, one key per nonce:
+#   "C|<token>|<client id>"  a consumed challenge: refuses every later claim;
+#   "N|<token>|<client id>"  a caller-chosen nonce claimed without a scope: refuses every later claim;
+#   "V|<tag>:<token>[,<tag>:<token>...]"  a caller-chosen nonce claimed for each VM listed (tag: the scope's
+#                            digest): refuses later claims of those VMs only, and claims without a scope;
+#   "0|<client id>", "1|<client id>"  written before claims carried a token or a scope: refuse every claim.
+# Releases before scoping read any value as "replayed", so during a rolling upgrade they refuse what this one
+# accepted (as they always did), and this one refuses what they accepted.
+# Challenge values: "<expires ms>|<client id>".
+# The token is random per claim: redis-py resends the whole script when the connection breaks, and a resent
+# claim that finds its own token was the one that won (its first answer was lost). It rewrites its record, so
+# that a WAIT after the script, on the retry's new connection, covers the record too.
+# A record that replaces or extends another keeps the longer of the two lifetimes.
+# Returns {"replayed", <1|0 challenge>, <client id>} | {"accepted", <1|0>} (a resent claim) | {"challenge"} |
+# {"foreign"} | {"unknown"} | {"seen"}.
 _ACCEPT_LUA: Final = """
+local function record(value, previous)
+  local ttl = tonumber(ARGV[3])
+  if previous then
+    local left = redis.call('PTTL', KEYS[2])
+    if left > ttl then ttl = left end
+  end
+  redis.call('SET', KEYS[2], value, 'PX', ttl)
+end
 local seen = redis.call('GET', KEYS[2])
 if seen then
-  local sep = string.find(seen, '|', 1, true)
-  return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
+  local kind = string.sub(seen, 1, 1)
+  if kind == 'C' or kind == 'N' then
+    local sep = string.find(seen, '|', 3, true)
+    local challenge = kind == 'C' and '1' or '0'
+    if string.sub(seen, 3, sep - 1) == ARGV[4] then
+      redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+      return {'accepted', challenge}
+    end
+    return {'replayed', challenge, string.sub(seen, sep + 1)}
+  elseif kind == 'V' then
+    if ARGV[5] == '' then
+      return {'replayed', '0', ''}
+    end
+    local at = string.find(seen, ARGV[5] .. ':', 3, true)
+    if at then
+      local entry = ARGV[5] .. ':' .. ARGV[4]
+      if string.sub(seen, at, at + #entry - 1) == entry then
+        redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+        return {'accepted', '0'}
+      end
+      return {'replayed', '0', ''}
+    end
+  else
+    local sep = string.find(seen, '|', 1, true)
+    return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
+  end
 end
 local challenge = redis.call('GET', KEYS[1])
 if challenge then
@@ -69,13 +128,19 @@ if challenge then
     return {'foreign'}
   end
   redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], '1|' .. ARGV[1], 'PX', ARGV[3])
+  record('C|' .. ARGV[4] .. '|' .. ARGV[1], seen)
   return {'challenge'}
 end
 if ARGV[2] == '1' then
   return {'unknown'}
 end
-redis.call('SET', KEYS[2], '0|' .. ARGV[1], 'PX', ARGV[3])
+if ARGV[5] == '' then
+  record('N|' .. ARGV[4] .. '|' .. ARGV[1], seen)
+elseif seen then
+  record(seen .. ',' .. ARGV[5] .. ':' .. ARGV[4], seen)
+else
+  record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
+end
 return {'seen'}
 """
 
@@ -106,7 +171,10 @@ def challenge_key(nonce: str) -> str:
 
 
 def seen_key(nonce: str) -> str:
-    """Key of the seen record of ``nonce`` (same hash tag, hence same cluster slot, as its challenge)."""
+    """Key of the seen record of ``nonce`` (same hash tag, hence same cluster slot, as its challenge).
+
+    One key per nonce, whatever the scopes it was claimed in: the per-VM claims are listed in its value.
+    """
     return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:seen"
 
 
@@ -198,7 +266,8 @@ class RedisNonceStore:
 
     # --- NonceStore ----------------------------------------------------------------------------------
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime,
+                        now: datetime | None = None) -> None:  # noqa: ARG002 - Redis expires keys itself
         """``SET attest:{tag}:ch "<expiry>|<client>" NX PXAT <expiry>``; an existing challenge refuses it."""
         check_nonce(nonce, client_id)
         expires_ms = epoch_ms(expires_at)
@@ -209,20 +278,25 @@ class RedisNonceStore:
             raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge")
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """One Lua script decides and records (see the protocol for the rules)."""
         check_nonce(nonce, client_id)
+        check_scope(scope)
         ttl_ms = seen_ttl_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
         keys = [challenge_key(nonce), seen_key(nonce)]
-        args = [client_id, "1" if require_challenge else "0", str(ttl_ms)]
+        # One token per call of accept(), the same in redis-py's resend of the script (see _ACCEPT_LUA).
+        token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
+        args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token,
+                "" if scope is None else scope_tag(scope)]
         if self._min_replicas:
             reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
         else:
             reply, replicas = self._call(lambda client: _ACCEPT_SCRIPT.run(client, keys, args)), 0
         outcome = [_text(item) for item in reply]
         match outcome:
-            case ["challenge" | "seen"] if replicas < self._min_replicas:
+            case ["challenge" | "seen"] | ["accepted", _] if replicas < self._min_replicas:
                 # The record is on the primary only: a failover now would forget it and let the document in
                 # again. Fail closed; the record stays, so a retry of this document is refused as a replay.
                 raise StoreUnavailable(f"nonce store {self._description}: {replicas} of {self._min_replicas} "
@@ -231,6 +305,9 @@ class RedisNonceStore:
                 return Acceptance(challenge=True)
             case ["seen"]:
                 return Acceptance(challenge=False)
+            case ["accepted", was_challenge]:
+                # This very claim, resent after its answer was lost: the acceptance it had won.
+                return Acceptance(challenge=was_challenge == "1")
             case ["replayed", was_challenge, seen_client_id]:
                 raise replayed(
                     nonce, client_id=client_id, seen_client_id=seen_client_id, seen_challenge=was_challenge == "1"
@@ -362,7 +439,7 @@ def redis_store(
     *,
     timeout_seconds: float,
     challenge_ttl_seconds: float = DEFAULT_CHALLENGE_TTL_SECONDS,
-    min_replicas: int = 0,
+    min_replicas: int | None = None,
 ) -> RedisNonceStore:
     """A :class:`RedisNonceStore` for one of the URL forms of ``ATTEST_NONCE_STORE``.
 
@@ -374,9 +451,10 @@ def redis_store(
     * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes.
 
     Socket connect and read timeouts are ``timeout_seconds``. With ``min_replicas`` > 0, an acceptance counts
-    only once that many replicas confirmed the record (``WAIT``, within 80 % of the timeout). Raises
-    :class:`ValueError` for a malformed URL;
-    nothing is contacted until the first call.
+    only once that many replicas confirmed the record (``WAIT``, within 80 % of the timeout); ``None`` takes
+    :data:`DEFAULT_MIN_REPLICAS` of the scheme (1 with Sentinel and Cluster). ``WAIT`` confirms that the
+    record reached that many replicas' memory; it is not consensus (docs/DEPLOYMENT.md, "Failover").
+    Raises :class:`ValueError` for a malformed URL; nothing is contacted until the first call.
     """
     scheme = url.partition("://")[0].lower()
     connect: Callable[[], RedisClient]
@@ -394,8 +472,13 @@ def redis_store(
         connect = _cluster_connector(url, timeout_seconds)
     else:
         raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    if min_replicas < 0:
+    if min_replicas is None:
+        min_replicas = DEFAULT_MIN_REPLICAS[scheme]
+    elif min_replicas < 0:
         raise ValueError(f"min_replicas must not be negative, got {min_replicas}")
+    elif min_replicas == 0 and DEFAULT_MIN_REPLICAS[scheme]:
+        _LOG.warning("nonce store %s: no replica required (ATTEST_STORE_MIN_REPLICAS=0); a failover can forget "
+                     "an acceptance and let its document be accepted again", redact(url))
     # WAIT must return before the socket read timeout gives up on it.
     wait_timeout_ms = max(1, int(timeout_seconds * 1000 * 0.8))
     return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds,

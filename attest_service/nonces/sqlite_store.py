@@ -3,7 +3,8 @@
 Safety across processes comes from SQLite itself: write-ahead logging so readers never block, a busy timeout
 so a writer waits for the lock instead of failing at once, and ``BEGIN IMMEDIATE`` so every decision takes the
 write lock before it reads (two processes can never both read "not seen" and both insert). The nonce is the
-primary key of the ``seen`` table, so even a logic error could not insert it twice.
+primary key of the ``seen`` table (and with the VM, of ``seen_vm``), so even a logic error could not insert a
+record twice.
 
 Each process opens its own connection: a connection inherited through ``fork()`` (gunicorn's pre-fork model)
 must not be used by the child, so the owning pid is checked on every call. Threads of one process share
@@ -12,6 +13,7 @@ the connection under a lock. Expired rows are purged from time to time, on the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -23,19 +25,46 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final, TypeVar
 
-from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
+from attest_service.errors import AttestError, NonceReplayed, NonceUnknown, StoreUnavailable
 from attest_service.nonces.store import (
     DEFAULT_CHALLENGE_TTL_SECONDS,
     Acceptance,
     RateWindow,
     check_nonce,
+    check_scope,
     epoch_ms,
     replayed,
+    scope_tag,
     seen_until_ms,
 )
 
-#: Purge expired rows at most this often per process (milliseconds of the callers' clock).
+#: Purge expired rows at most this often per process (milliseconds of the callers' clock), unless the last
+#: purge left some behind.
 PURGE_INTERVAL_MS: Final = 60_000
+#: SQLite's ``synchronous`` level. In WAL mode, NORMAL syncs the log only at checkpoints, not at each commit.
+#: SQLite's documentation (https://www.sqlite.org/pragma.html#pragma_synchronous): "WAL mode is always
+#: consistent with synchronous=NORMAL, but WAL mode does lose durability. A transaction committed in WAL mode
+#: with synchronous=NORMAL might roll back following a power loss or system crash. Transactions are durable
+#: across application crashes regardless of the synchronous setting or journal mode." So a crash of the service
+#: (SIGKILL, out of memory) forgets no acceptance (tests/nonces/test_store_sqlite_crash.py); an operating-system
+#: crash or a power cut may forget the last acceptances. FULL would keep those too, at one fsync per commit
+#: while holding the write lock: on a shared disk that sometimes exceeded the store timeout, and the other
+#: workers' requests failed with 503 (benchmarks/bench_embedded_store.py; figures in docs/DEPLOYMENT.md).
+SYNCHRONOUS: Final = "NORMAL"
+#: Rows of each table one purge deletes at most: an operation never pays for a whole backlog at once. While
+#: a purge leaves expired rows behind, the next operation purges again, so a flood (each operation adds one
+#: row at most) is cleaned up as it goes.
+PURGE_BATCH_ROWS: Final = 1000
+#: Each table, with the columns of its primary key (bounded deletes select rows by it).
+_PURGED_TABLES: Final = (("challenges", "nonce"), ("seen", "nonce"), ("seen_vm", "nonce, vm"),
+                         ("rate", "client_id, window_index"))
+#: ``seen.challenge`` of a caller-chosen nonce claimed without a scope (and of every row written before scopes).
+SEEN_UNSCOPED: Final = 0
+#: ``seen.challenge`` of a consumed challenge.
+SEEN_CHALLENGE: Final = 1
+#: ``seen.challenge`` of a caller-chosen nonce claimed per VM: ``seen_vm`` lists the VMs (by scope tag). The
+#: ``seen`` row outlives all of them, so that a release before scopes, reading only ``seen``, refuses the nonce.
+SEEN_PER_VM: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -51,6 +80,13 @@ CREATE TABLE IF NOT EXISTS seen (
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_ms);
+CREATE TABLE IF NOT EXISTS seen_vm (
+    nonce      TEXT NOT NULL,
+    vm         TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (nonce, vm)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_vm_expiry ON seen_vm (expires_ms);
 CREATE TABLE IF NOT EXISTS rate (
     client_id    TEXT NOT NULL,
     window_index INTEGER NOT NULL,
@@ -94,6 +130,7 @@ class SQLiteNonceStore:
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
         self._last_purge_ms = 0
+        self._purge_backlog = False
         self._closed = False
         # A thread of the parent may hold the lock at the moment of fork(); the child starts with a fresh one.
         # The hook holds the store weakly, so registering it does not keep stores alive.
@@ -127,9 +164,7 @@ class SQLiteNonceStore:
         try:
             connection.execute(f"PRAGMA busy_timeout = {max(1, round(self._timeout_seconds * 1000))}")
             connection.execute("PRAGMA journal_mode = WAL")
-            # FULL syncs the log on every commit: an accepted nonce must survive a power cut, or a replay
-            # of the same document right after a reboot would pass.
-            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             connection.executescript(_SCHEMA)
         except BaseException:
             connection.close()
@@ -139,19 +174,47 @@ class SQLiteNonceStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; sqlite3 errors become :class:`StoreUnavailable`."""
+        """One ``BEGIN IMMEDIATE`` transaction; sqlite3 errors become :class:`StoreUnavailable`.
+
+        A decision the body raises (replayed, unknown) rolls back, releasing the write lock. Any other failure
+        once the transaction began, the COMMIT's included, rolls back if SQLite has not already done so and
+        drops the connection: SQLite leaves some failed COMMITs (``SQLITE_BUSY``) with the transaction still
+        open, and a connection stuck in a transaction would fail every later ``BEGIN IMMEDIATE`` of this
+        process while holding the write lock of every other. The next call opens a fresh connection.
+        """
         with self._lock:
             try:
                 connection = self._connect()
                 connection.execute("BEGIN IMMEDIATE")
+            except (sqlite3.Error, OSError) as exc:  # OSError: the directory could not be created
+                # No transaction began (the lock was busy, the file unusable): the connection is as it was.
+                raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+            try:
                 try:
                     yield connection
-                except BaseException:
+                except AttestError:
                     connection.execute("ROLLBACK")
                     raise
                 connection.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:  # OSError: the directory could not be created
+            except AttestError:
+                raise
+            except sqlite3.Error as exc:
+                self._discard_connection()
                 raise StoreUnavailable(f"nonce store {self.path} failed: {exc}") from exc
+            except BaseException:
+                self._discard_connection()
+                raise
+
+    def _discard_connection(self) -> None:
+        """Roll back whatever is left open and close this process's connection (under ``self._lock``)."""
+        connection, self._connection = self._connection, None
+        if connection is None or self._pid != os.getpid():
+            return
+        with contextlib.suppress(sqlite3.Error):
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            connection.close()
 
     def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
         with self._transaction() as connection:
@@ -159,8 +222,12 @@ class SQLiteNonceStore:
 
     # --- NonceStore ----------------------------------------------------------------------------------
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
-        """Insert the challenge; an existing row with the same nonce (even expired, until purged) refuses it."""
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime, now: datetime | None = None) -> None:
+        """Insert the challenge; an existing row with the same nonce (even expired, until purged) refuses it.
+
+        With ``now``, expired rows are purged from time to time, as after an acceptance: a flood of challenges
+        that are never used must not stay on a service that accepts nothing.
+        """
         check_nonce(nonce, client_id)
         expires_ms = epoch_ms(expires_at)
 
@@ -174,12 +241,17 @@ class SQLiteNonceStore:
                 raise NonceReplayed(f"nonce {nonce!r} was already issued as a challenge") from exc
 
         self._run(insert)
+        if now is not None:
+            self._maybe_purge(now)
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """Decide and record in one ``BEGIN IMMEDIATE`` transaction (see the protocol for the rules)."""
         check_nonce(nonce, client_id)
+        check_scope(scope)
+        tag = None if scope is None else scope_tag(scope)
         now_ms = epoch_ms(now)
         until_ms = seen_until_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
 
@@ -187,8 +259,14 @@ class SQLiteNonceStore:
             seen = connection.execute(
                 "SELECT client_id, challenge FROM seen WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
             ).fetchone()
-            if seen is not None:
-                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0], seen_challenge=bool(seen[1]))
+            if seen is not None and (seen[1] != SEEN_PER_VM or tag is None):
+                # A challenge, a claim without a scope, or a row from before scopes: refuses every claim.
+                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0],
+                               seen_challenge=seen[1] == SEEN_CHALLENGE)
+            if seen is not None and connection.execute(
+                "SELECT 1 FROM seen_vm WHERE nonce = ? AND vm = ? AND expires_ms > ?", (nonce, tag, now_ms)
+            ).fetchone() is not None:
+                raise replayed(nonce, client_id=client_id, seen_client_id=seen[0], seen_challenge=False)
             challenge = connection.execute(
                 "SELECT client_id, expires_ms FROM challenges WHERE nonce = ? AND expires_ms > ?", (nonce, now_ms)
             ).fetchone()
@@ -196,15 +274,24 @@ class SQLiteNonceStore:
                 raise NonceUnknown(f"nonce {nonce!r} was not issued to client {client_id!r}")
             if challenge is None and require_challenge:
                 raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
-            record_until_ms = until_ms
+            record_until_ms, kind = until_ms, SEEN_UNSCOPED
             if challenge is not None:
                 connection.execute("DELETE FROM challenges WHERE nonce = ?", (nonce,))
-                record_until_ms = max(until_ms, challenge[1])
-            # An expired record of the same nonce may still be waiting for the purge; it is replaced.
-            connection.execute("DELETE FROM seen WHERE nonce = ?", (nonce,))
+                record_until_ms, kind = max(until_ms, challenge[1]), SEEN_CHALLENGE
+            elif tag is not None:
+                kind = SEEN_PER_VM
+                connection.execute(
+                    "INSERT INTO seen_vm (nonce, vm, expires_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (nonce, vm) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    (nonce, tag, record_until_ms),
+                )
+            # The nonce's row: new, replacing an expired one awaiting the purge, or standing for one more VM (or
+            # turned into a consumed challenge); it keeps the longer of the two lifetimes.
             connection.execute(
-                "INSERT INTO seen (nonce, client_id, challenge, expires_ms) VALUES (?, ?, ?, ?)",
-                (nonce, client_id, int(challenge is not None), record_until_ms),
+                "INSERT INTO seen (nonce, client_id, challenge, expires_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (nonce) DO UPDATE SET client_id = excluded.client_id, challenge = excluded.challenge, "
+                "expires_ms = max(expires_ms, excluded.expires_ms)",
+                (nonce, client_id, kind, record_until_ms),
             )
             return Acceptance(challenge=challenge is not None)
 
@@ -236,6 +323,7 @@ class SQLiteNonceStore:
             return True, previous, current
 
         allowed, previous, current = self._run(count)
+        self._maybe_purge(now)
         if not allowed:
             raise window.refusal(previous=previous, current=current, limit=limit)
 
@@ -257,13 +345,26 @@ class SQLiteNonceStore:
 
     def purge(self, now: datetime) -> int:
         """Delete every record expired at ``now``; returns how many rows went."""
+        deleted, _ = self._purge(now, limit=None)
+        return deleted
+
+    def _purge(self, now: datetime, *, limit: int | None) -> tuple[int, bool]:
+        """Delete records expired at ``now``, at most ``limit`` rows per table; (rows deleted, whether any left)."""
         now_ms = epoch_ms(now)
 
-        def delete(connection: sqlite3.Connection) -> int:
-            deleted = 0
-            for table in ("challenges", "seen", "rate"):
-                deleted += connection.execute(f"DELETE FROM {table} WHERE expires_ms <= ?", (now_ms,)).rowcount  # noqa: S608 - fixed table names
-            return deleted
+        def delete(connection: sqlite3.Connection) -> tuple[int, bool]:
+            deleted, backlog = 0, False
+            for table, key in _PURGED_TABLES:
+                if limit is None:
+                    rows = connection.execute(f"DELETE FROM {table} WHERE expires_ms <= ?", (now_ms,)).rowcount  # noqa: S608 - fixed names
+                else:
+                    # The expiry index finds the oldest rows; the primary key deletes exactly those.
+                    rows = connection.execute(
+                        f"DELETE FROM {table} WHERE ({key}) IN "  # noqa: S608 - fixed names
+                        f"(SELECT {key} FROM {table} WHERE expires_ms <= ? LIMIT ?)", (now_ms, limit)).rowcount
+                    backlog = backlog or rows >= limit
+                deleted += rows
+            return deleted, backlog
 
         self._last_purge_ms = now_ms
         return self._run(delete)
@@ -271,12 +372,13 @@ class SQLiteNonceStore:
     def _maybe_purge(self, now: datetime) -> None:
         # Purging is housekeeping: it runs after the decision committed, and its failure (a busy database)
         # must not turn an acceptance that already happened into an error.
-        if epoch_ms(now) - self._last_purge_ms < PURGE_INTERVAL_MS:
+        if not self._purge_backlog and epoch_ms(now) - self._last_purge_ms < PURGE_INTERVAL_MS:
             return
         try:
-            self.purge(now)
+            _, self._purge_backlog = self._purge(now, limit=PURGE_BATCH_ROWS)
         except StoreUnavailable:
             self._last_purge_ms = epoch_ms(now)
+            self._purge_backlog = False
 
 
 def _reset_after_fork(store_ref: weakref.ref[SQLiteNonceStore]) -> None:

@@ -4,9 +4,10 @@ A nonce is accepted once, ever, across every worker and replica that share a sto
 
 * a **challenge**: a nonce the service issued to one client, live until its ``expires_at``;
 * a **seen** record: a nonce that was accepted, with the client that presented it and whether it was a
-  challenge. It lives at least until the document carrying it has expired (``expires_at``, which the caller
-  computes as the document's ``expiresOn`` plus the clock skew), until the challenge it consumed would have
-  expired, and for at least one challenge lifetime after acceptance.
+  challenge; a caller-chosen nonce is recorded per scope (the VM whose document carried it), a consumed
+  challenge once for every scope. It lives at least until the document carrying it has expired
+  (``expires_at``, which the caller computes as the document's ``expiresOn`` plus the clock skew), until the
+  challenge it consumed would have expired, and for at least one challenge lifetime after acceptance.
 
 Every decision about a nonce is one atomic operation in the backend (a Lua script in Redis, one
 ``BEGIN IMMEDIATE`` transaction in SQLite), so two workers racing on one nonce cannot both win. Instants come
@@ -15,6 +16,7 @@ from the caller as aware datetimes; the only clock the stores consult on their o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,16 +51,23 @@ class NonceStore(Protocol):
     or fails; nothing is ever accepted without a store answer (fail closed).
     """
 
-    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime) -> None:
+    def issue_challenge(self, nonce: str, *, client_id: str, expires_at: datetime, now: datetime | None = None) -> None:
         """Record ``nonce`` as a challenge for ``client_id``, live until ``expires_at``.
 
+        ``now`` is the caller's instant, for a store that cleans up expired records itself (SQLite).
         Raises :class:`~attest_service.errors.NonceReplayed` if a challenge with this nonce already exists.
         """
 
     def accept(
-        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime
+        self, nonce: str, *, client_id: str, expires_at: datetime, require_challenge: bool, now: datetime,
+        scope: str | None = None,
     ) -> Acceptance:
         """Accept ``nonce`` once, atomically.
+
+        ``scope`` is what a caller-chosen nonce is claimed within: the VM that signed the document (its
+        ``vmId``). Such a nonce is accepted once per scope, so one VM's documents never block another's; a
+        claim without a scope is accepted once overall, and refused once any scope claimed the nonce. A live
+        challenge is consumed once, whatever the scope, and refuses every later claim of its nonce.
 
         Raises :class:`~attest_service.errors.NonceReplayed` when it was accepted before, and
         :class:`~attest_service.errors.NonceUnknown` when it is a live challenge of another client, or when
@@ -97,6 +106,20 @@ def check_nonce(nonce: str, client_id: str) -> None:
         raise ValueError("empty nonce given to the nonce store")
     if not client_id:
         raise ValueError("empty client id given to the nonce store")
+
+
+def check_scope(scope: str | None) -> None:
+    """Refuse an empty scope: a caller without one passes ``None``."""
+    if scope is not None and not scope:
+        raise ValueError("empty scope given to the nonce store; pass None for none")
+
+
+def scope_tag(scope: str) -> str:
+    """The fixed-length digest a scope is recorded under (hex, 128 bits; no separator can occur in it).
+
+    A collision could only make one VM's record refuse another VM's document: never accept a replay.
+    """
+    return hashlib.sha256(scope.encode("utf-8")).hexdigest()[:32]
 
 
 #: Extra lifetime of a seen record past the last instant its document can be accepted. Replicas (and

@@ -14,6 +14,7 @@ anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,10 +41,13 @@ from attest_service.web.throttle import FAILED_AUTH_PREFIX
 RATE_WINDOW_SECONDS: Final = 60
 #: The store key of an anonymous source's challenge budget.
 ANONYMOUS_CHALLENGES_PREFIX: Final = "-challenges@"
+#: What ``/readyz`` says when the store does not answer (the detail is logged, never answered).
+READYZ_UNAVAILABLE_MESSAGE: Final = "the nonce store does not answer"
 #: Keys a verify request may carry.
 VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
 
 api = Blueprint("api", __name__)
+_LOG: Final = logging.getLogger(__name__)
 
 
 def _iso(instant: datetime) -> str:
@@ -203,7 +207,11 @@ def readyz() -> tuple[Response, int]:
         current_service().store.ping()
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels(operation="ping").inc()
-        return jsonify({"status": "unavailable", "error": exc.to_dict()}), 503
+        # The route is unauthenticated and the detail names hosts, paths and driver errors: like every other
+        # answer, it gets the stable code only, and the operator's log gets the detail.
+        _LOG.warning("readiness: nonce store unavailable: %s", exc.message)
+        return jsonify({"status": "unavailable",
+                        "error": {"code": exc.code, "message": READYZ_UNAVAILABLE_MESSAGE}}), 503
     return jsonify({"status": "ready"}), 200
 
 

@@ -111,7 +111,9 @@ class Settings:
     trust_reload_seconds: float
     log_level: str
     aia_fetch: bool = False
-    store_min_replicas: int = 0
+    #: ``None`` when ATTEST_STORE_MIN_REPLICAS is unset: the store's default for its URL (1 with Sentinel or
+    #: Cluster, 0 with a single Redis server).
+    store_min_replicas: int | None = None
     #: Admit keyless callers with their own nonces although the service listens beyond loopback.
     allow_open: bool = False
     #: Peers whose X-Forwarded-For header names the client (a load balancer, an ingress).
@@ -154,7 +156,8 @@ class Settings:
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
-            store_min_replicas=int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16)),
+            store_min_replicas=(int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16))
+                                if (env.get("ATTEST_STORE_MIN_REPLICAS") or "").strip() else None),
             allow_open=allow_open,
             trusted_proxies=parse_trusted_proxies(env.get("ATTEST_TRUSTED_PROXIES", "")),
             auth_failures_per_minute=int(_number(env, "ATTEST_AUTH_FAILURES_PER_MINUTE",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def test_retry_after_is_when_one_more_request_fits() -> None:
 def test_rate_window_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RateWindow.at(WINDOW_START, 0)
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://:secret@s1/mymaster", "redis+cluster://:secret@n1:7000"])
+def test_no_replica_required_of_a_failover_topology_is_logged(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="attest_service.nonces"):
+        open_store(url, timeout_seconds=0.5).close()
+        assert not caplog.records  # the default requires one
+        open_store(url, timeout_seconds=0.5, min_replicas=0).close()
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "failover can forget an acceptance" in message
+    assert "secret" not in message

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,6 +49,9 @@ REQUEST_TIMEOUT_SECONDS: Final = 10.0
 DOCUMENT_AGE: Final = timedelta(seconds=5)
 #: Subscription the generated documents are signed for.
 SUBSCRIPTION: Final = "8a205152-0000-4000-8000-000000000001"
+#: The VM the generated documents are signed for, unless one is named: a document signed again over the same
+#: nonce is then the same VM's, which the service refuses as a replay (nonces are claimed per VM).
+VM_ID: Final = "5d1e0a7c-0000-4000-8000-00000000a001"
 _POLL_SECONDS: Final = 0.05
 #: Variables that could route the service's own outbound requests elsewhere; tests speak loopback only.
 _PROXY_VARIABLES: Final = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -88,18 +90,18 @@ class DocumentFactory:
         pki.write_pinned_dir(pinned_dir, "public", root=root.certificate, intermediates=[issuing.certificate])
         return cls(leaf=leaf, pinned_dir=pinned_dir)
 
-    def signature(self, nonce: str) -> str:
-        """Base64 PKCS7 of a fresh document whose signed nonce is ``nonce``."""
+    def signature(self, nonce: str, *, vm_id: str = VM_ID) -> str:
+        """Base64 PKCS7 of a fresh document of VM ``vm_id`` whose signed nonce is ``nonce``."""
         created_on = datetime.now(UTC) - DOCUMENT_AGE
         content = pki.attested_content(
-            nonce=nonce, vm_id=str(uuid.uuid4()), subscription_id=SUBSCRIPTION, sku="20_04-lts-gen2",
+            nonce=nonce, vm_id=vm_id, subscription_id=SUBSCRIPTION, sku="20_04-lts-gen2",
             plan=("gold", "widget", "contoso"), license_type="", created_on=created_on,
             expires_on=created_on + pki.DOCUMENT_LIFETIME)
         return base64.b64encode(pki.sign_attested(content, signer=self.leaf)).decode()
 
-    def verify_body(self, nonce: str) -> dict[str, object]:
+    def verify_body(self, nonce: str, *, vm_id: str = VM_ID) -> dict[str, object]:
         """A ``POST /v1/verify`` body: the IMDS response object of a fresh document, checked against ``nonce``."""
-        return {"document": {"encoding": "pkcs7", "signature": self.signature(nonce)}, "nonce": nonce,
+        return {"document": {"encoding": "pkcs7", "signature": self.signature(nonce, vm_id=vm_id)}, "nonce": nonce,
                 "cloud": "public"}
 
 

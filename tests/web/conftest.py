@@ -31,6 +31,9 @@ KEYS = {"license-server": "ls-secret-key-0001", "billing": "billing-secret-key-0
 API_KEYS_ENV = ",".join(f"{client}:{hashlib.sha256(key.encode()).hexdigest()}" for client, key in KEYS.items())
 
 SUBSCRIPTION = "8a205152-0000-4000-8000-000000000001"
+#: The VM documents are signed for unless a test names another: signed again over one nonce, a document is
+#: the same VM's, a replay (caller-chosen nonces are claimed per VM).
+VM_ID = "5d1e0a7c-0000-4000-8000-00000000b001"
 
 _serials = itertools.count(1000)
 
@@ -50,10 +53,11 @@ class GeneratedPki:
 
     def content(self, *, nonce: str | None = None, created_on: datetime = NOW - timedelta(minutes=1),
                 subscription: str = SUBSCRIPTION, sku: str = "20_04-lts-gen2",
-                plan: tuple[str, str, str] = ("gold", "widget", "contoso"), license_type: str = "") -> bytes:
+                plan: tuple[str, str, str] = ("gold", "widget", "contoso"), license_type: str = "",
+                vm_id: str = VM_ID) -> bytes:
         expires_on = created_on + pki.DOCUMENT_LIFETIME
         return pki.attested_content(
-            nonce=nonce if nonce is not None else uuid.uuid4().hex[:20], vm_id=str(uuid.uuid4()),
+            nonce=nonce if nonce is not None else uuid.uuid4().hex[:20], vm_id=vm_id,
             subscription_id=subscription, sku=sku, plan=plan, license_type=license_type,
             created_on=created_on, expires_on=expires_on)
 

@@ -81,7 +81,9 @@ class DocumentFactory:
     def document(self, nonce: str) -> dict[str, str]:
         """The IMDS response object of a fresh valid document signing ``nonce``."""
         now = datetime.now(UTC)
-        content = pki.attested_content(nonce=nonce, vm_id=str(uuid.uuid4()),
+        # One VM for every document: a replay signed again over an accepted nonce is that VM's (nonces are
+        # claimed per VM), so it must be refused.
+        content = pki.attested_content(nonce=nonce, vm_id="5d1e0a7c-0000-4000-8000-00000000c001",
                                        subscription_id="8a205152-0000-4000-8000-000000000001", sku="22_04-lts-gen2",
                                        plan=("", "", ""), license_type="", created_on=now,
                                        expires_on=now + pki.DOCUMENT_LIFETIME)

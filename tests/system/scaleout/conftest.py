@@ -26,10 +26,14 @@ def factory(tmp_path_factory: pytest.TempPathFactory) -> DocumentFactory:
 
 @contextlib.contextmanager
 def service_pair(store_url: str, factory: DocumentFactory, workdir: Path, *,
-                 rate_limit_per_minute: int, min_replicas: int = 0) -> Iterator[Pair]:
-    """Two instances (separate gunicorn masters, two workers each) on ``store_url``, started side by side."""
+                 rate_limit_per_minute: int, min_replicas: int | None = None) -> Iterator[Pair]:
+    """Two instances (separate gunicorn masters, two workers each) on ``store_url``, started side by side.
+
+    ``min_replicas`` sets ATTEST_STORE_MIN_REPLICAS; ``None`` leaves it unset (the default of the URL's topology).
+    """
     env = service_env(store_url, factory.pinned_dir, workdir, rate_limit_per_minute=rate_limit_per_minute)
-    env["ATTEST_STORE_MIN_REPLICAS"] = str(min_replicas)
+    if min_replicas is not None:
+        env["ATTEST_STORE_MIN_REPLICAS"] = str(min_replicas)
     instances = [ServiceProcess(env, workdir), ServiceProcess(env, workdir)]
     with contextlib.ExitStack() as stack:
         # Registered before starting, so that a failed start of one still stops the other.

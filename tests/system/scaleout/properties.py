@@ -37,6 +37,8 @@ KEYS: Final = {
     "metered": "metered-key-0004",
     "failover": "failover-key-0005",
 }
+#: A second VM, for the per-VM claim of caller-chosen nonces (the factory signs for its own VM otherwise).
+OTHER_VM_ID: Final = "5d1e0a7c-0000-4000-8000-00000000a002"
 #: The challenger must present a service-issued challenge: a nonce the store does not know is refused, so a
 #: 200 proves that the other instance found the challenge this one issued.
 POLICY: Final = """
@@ -97,6 +99,11 @@ def check_replay_refused_across(pair: Pair, factory: DocumentFactory) -> None:
             assert (refused.status, refused.code) == (409, "nonce_replayed"), refused
         again = accepting.post("/v1/verify", body, key=KEYS["replay"])
         assert (again.status, again.code) == (409, "nonce_replayed"), again
+        # Another VM's document over the same nonce is its own first use (nonces are claimed per VM), once.
+        other_vm = factory.verify_body(nonce, vm_id=OTHER_VM_ID)
+        assert other.post("/v1/verify", other_vm, key=KEYS["replay"]).status == 200
+        refused = accepting.post("/v1/verify", other_vm, key=KEYS["replay"])
+        assert (refused.status, refused.code) == (409, "nonce_replayed"), refused
 
 
 def check_challenge_crosses_instances(pair: Pair, factory: DocumentFactory) -> None:

@@ -4,10 +4,11 @@ The cluster runs on loopback with ``cluster-node-timeout`` 1000 ms, so a killed 
 replica within a few seconds. The store keeps a nonce's records under ``attest:{sha256(nonce)}:...``; the tests
 pick nonces whose hash slot (``CLUSTER KEYSLOT``) the primary they kill serves.
 
-Redis replicates asynchronously and the store does not wait for a replica to acknowledge a write, so what a
-failover preserves is exactly what had reached the replica when the primary died. The tests show both sides:
-records the replica had received (confirmed with ``WAIT``) are still refused after the promotion, and a record
-the replica never received is lost, so its document is accepted a second time.
+Redis replicates asynchronously, so what a failover preserves is exactly what had reached the replica when the
+primary died. The instances run with the default of a cluster URL (ATTEST_STORE_MIN_REPLICAS unset: one
+replica must confirm each acceptance with ``WAIT``). The tests show both sides: records the replica had
+received are still refused after the promotion, and an acceptance the replica could not confirm is refused
+(503), so the record the promotion loses never stood for an acceptance: the document is accepted at most once.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNo
 @pytest.fixture(scope="module")
 def pair(cluster: RedisClusterNodes, factory: DocumentFactory,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[properties.Pair]:
-    # Every primary has a replica: an acceptance counts only once its replica holds the record.
+    # Every primary has a replica. ATTEST_STORE_MIN_REPLICAS is left unset: with a cluster URL an acceptance
+    # counts only once a replica holds the record, by default.
     with service_pair(cluster.url, factory, tmp_path_factory.mktemp("pair"),
-                      rate_limit_per_minute=properties.GENEROUS_RATE_LIMIT, min_replicas=1) as instances:
+                      rate_limit_per_minute=properties.GENEROUS_RATE_LIMIT) as instances:
         yield instances
 
 

@@ -123,8 +123,9 @@ def test_redis_memory_per_accepted_nonce(server: RedisServer, tmp_path: Path) ->
         before = int(client.info("memory")["used_memory"])
         now = datetime.now(UTC)
         for _ in range(MEMORY_SAMPLE):
+            # As the service claims a caller-chosen nonce: for the VM of its document.
             store.accept(uuid.uuid4().hex, client_id="license-server", expires_at=now + DOCUMENT_LIFETIME,
-                         require_challenge=False, now=now)
+                         require_challenge=False, now=now, scope=str(uuid.uuid4()))
         after = int(client.info("memory")["used_memory"])
         assert client.dbsize() == MEMORY_SAMPLE  # one key per accepted caller nonce
         per_nonce = (after - before) / MEMORY_SAMPLE
