@@ -84,6 +84,9 @@ PROBE_RATE: Final = 50.0
 PROBE_RESERVE: Final = 2000
 HEALTH_TIMEOUT_SECONDS: Final = 30.0
 WARMUP_SECONDS: Final = 2
+#: Seconds given to the requests still in a worker when wrk stops (wrk drops them, the server finishes them),
+#: so that their nonces are recorded before Redis is emptied rather than after, as replays for the next run.
+DRAIN_SECONDS: Final = 1.0
 CLIENT_ID: Final = "bench"
 API_KEY: Final = "bench-key-" + "0" * 22
 #: The rate budget of the one caller, per minute (the settings' maximum): far above any rate reached here.
@@ -436,6 +439,7 @@ class Bench:
 
     def fresh(self) -> None:
         """Forget every nonce and rate counter, so that every document is a first submission again."""
+        time.sleep(DRAIN_SECONDS)
         self.client.flushall()
 
     def warm_up(self, server: Server) -> None:
