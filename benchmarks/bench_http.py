@@ -1,14 +1,32 @@
-"""HTTP throughput and latency of POST /v1/verify against a bare Flask echo under the same gunicorn settings.
+"""HTTP throughput and latency of ``POST /v1/verify`` beside a bare Flask echo, in one run, on the shipped settings.
 
-Both servers run the service's gunicorn configuration with 2 workers; the service uses a real Redis store.
-Every request carries a distinct valid document (distinct nonces), so each one is a full verification plus
-two store round trips (rate counter, nonce). With ``wrk`` installed, capacity is wrk's closed-loop rate over
-16 keep-alive connections, and latency at about half capacity is wrk's again with a pause between requests
-on each connection. Without wrk, a Python keep-alive client measures capacity and a paced Python client the
-latency, counted from each request's scheduled send time (so queueing is not hidden); on a small machine
-that client competes with the servers for CPU, which inflates its figures. Prints figures; asserts nothing.
+Three servers run side by side on loopback:
 
-Run: ``python benchmarks/bench_http.py [--documents N] [--duration S]`` (needs redis-server).
+* **verify**: ``attest-service serve`` exactly as shipped (its default worker class and count), on a real
+  ``redis-server`` started here on a free port, with one API-key caller whose rate budget is raised so that
+  the limit is not what is measured; access log and metrics as shipped;
+* **echo(sync)**: a bare Flask app (``benchmarks/echo_app.py``) under gunicorn's defaults, 2 sync workers;
+* **echo(gevent)**: the same app under the service's gunicorn configuration (gevent workers, JSON access log).
+
+Every request carries a distinct valid document (RSA-2048, Azure's shape, each with its own nonce; signed
+here at start-up with a generated test PKI), so each one is a full verification and a first acceptance. Redis
+is emptied before every verify run, so the same documents serve every run and still are first submissions.
+
+Figures (best of ``--rounds`` interleaved rounds, each round verify, echo(sync), echo(gevent)):
+
+1. capacity: ``wrk`` with 16 keep-alive connections for ``--duration`` seconds; verify/echo ratios;
+2. latency under load: while wrk saturates a server, a separate open-loop client of our own
+   (``benchmarks/openloop.py``) sends one request every 20 ms; p50, p99, p99.9 and max, counted from each
+   request's scheduled instant (wrk's own latency figures suffer from coordinated omission);
+3. latency at half capacity: the open-loop client alone at half of each server's measured capacity;
+4. throughput at 1 and 4 workers (2 come from the rounds), Redis CPU and commands per verification
+   (``/proc/<pid>/stat``, ``INFO commandstats``), service CPU per verification, and how the connections were
+   spread over the workers.
+
+On a 2-core machine the load generator, the client and Redis share the cores with the servers: the ratio
+is the figure to compare, not the absolute rates. Prints figures; asserts nothing. Linux only (``/proc``).
+
+Run: ``python benchmarks/bench_http.py [--documents N] [--duration S] [--rounds N]`` (needs redis-server, wrk).
 """
 
 from __future__ import annotations
@@ -16,10 +34,13 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import http.client
 import json
+import multiprocessing
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,264 +49,578 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+import targets  # noqa: E402
+from openloop import Result, distribution, percentile, post_request, run_paced  # noqa: E402
 
 from attest_service.imds import pki  # noqa: E402
-from attest_service.web import gunicorn_conf  # noqa: E402
-from tests.support.redis_server import free_port, redis_server  # noqa: E402
+from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
+from attest_service.web import gunicorn_conf, serve  # noqa: E402
+from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: E402
 
-WORKERS = 2
-PATH = "/v1/verify"
-HEALTH_TIMEOUT_SECONDS = 30.0
-WRK_THREADS = 2
-WRK_CONNECTIONS = 16
-PACED_THREADS = 8
+LOOPBACK: Final = "127.0.0.1"
+PATH: Final = "/v1/verify"
+#: The shipped worker count and class: what ``attest-service serve`` runs without options.
+SHIPPED_WORKERS: Final = serve.DEFAULT_WORKERS
+ECHO_WORKERS: Final = 2
+WRK_THREADS: Final = 2
+WRK_CONNECTIONS: Final = 16
+#: The latency probe under load: one request every 20 ms.
+PROBE_RATE: Final = 50.0
+#: Documents kept out of wrk's share for the probe that runs beside it.
+PROBE_RESERVE: Final = 2000
+HEALTH_TIMEOUT_SECONDS: Final = 30.0
+WARMUP_SECONDS: Final = 2
+#: Seconds given to the requests still in a worker when wrk stops (wrk drops them, the server finishes them),
+#: so that their nonces are recorded before Redis is emptied rather than after, as replays for the next run.
+DRAIN_SECONDS: Final = 1.0
+CLIENT_ID: Final = "bench"
+API_KEY: Final = "bench-key-" + "0" * 22
+#: The rate budget of the one caller, per minute (the settings' maximum): far above any rate reached here.
+RATE_LIMIT_PER_MINUTE: Final = 1_000_000
+SUBSCRIPTION: Final = "8a205152-0000-4000-8000-000000000001"
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
-_WRK_SCRIPT = """
+_WRK_SCRIPT: Final = """
 local bodies = {}
 local position = 0
-local step = %(threads)d
-local next_id = 0
+local counter = 0
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %(key)s"}
 function setup(thread)
-  thread:set("id", next_id)
-  next_id = next_id + 1
+  thread:set("id", counter)
+  counter = counter + 1
 end
 function init(args)
-  for line in io.lines("%(bodies)s") do bodies[#bodies + 1] = line end
-  position = id
-end
-function delay()
-  return %(delay_ms)d
+  for line in io.lines("%(prefix)s" .. id .. ".txt") do bodies[#bodies + 1] = line end
 end
 function request()
-  local body = bodies[(position %% #bodies) + 1]
-  position = position + step
-  return wrk.format("POST", "%(path)s", {["Content-Type"] = "application/json"}, body)
+  position = position + 1
+  if position > #bodies then position = 1 end
+  return wrk.format("POST", "%(path)s", headers, bodies[position])
 end
 """
 
 
-def create_echo_app():
-    """A bare Flask app answering POST /v1/verify by parsing the JSON body and echoing its size."""
-    from flask import Flask, jsonify, request  # noqa: PLC0415
+# --- documents ------------------------------------------------------------------------------------------
 
-    app = Flask("echo")
+@dataclass(frozen=True)
+class _Template:
+    """One signed document, where its content and signature sit, and the key that signed it."""
 
-    @app.post(PATH)
-    def echo():
-        body = json.loads(request.get_data())
-        return jsonify({"verified": True, "size": len(body.get("signature", ""))})
-
-    @app.get("/healthz")
-    def healthz():
-        return jsonify({"status": "ok"})
-
-    return app
+    der: bytes
+    content_at: int
+    signature_at: int
+    key: rsa.RSAPrivateKey
+    created: datetime
 
 
-def make_documents(count: int, pinned: Path) -> list[bytes]:
-    now = datetime.now(UTC)
-    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=now)
-    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
+# Set in the parent before the signing processes fork; read in them.
+_template: _Template | None = None
+
+
+def _body(signature_der: bytes, nonce: str) -> bytes:
+    document = {"encoding": "pkcs7", "signature": base64.b64encode(signature_der).decode()}
+    return json.dumps({"document": document, "nonce": nonce}).encode()
+
+
+def _content(nonce: str, vm_id: str, created: datetime) -> bytes:
+    return pki.attested_content(nonce=nonce, vm_id=vm_id, subscription_id=SUBSCRIPTION, sku="20_04-lts-gen2",
+                                plan=("", "", ""), license_type="", created_on=created,
+                                expires_on=created + pki.DOCUMENT_LIFETIME)
+
+
+def _nonce(index: int) -> str:
+    # Fixed length (18 characters), so every content has the template's length.
+    return f"bench{index:07d}{secrets.token_hex(3)}"
+
+
+def _sign_range(bounds: tuple[int, int]) -> list[bytes]:
+    """Bodies ``start..stop``: the template document with another content and its own signature spliced in."""
+    template = _template
+    if template is None:
+        raise RuntimeError("no template document to sign from")
     bodies = []
-    for index in range(count):
-        content = pki.attested_content(
-            nonce=f"bench{index:06d}{uuid.uuid4().hex[:8]}", vm_id=str(uuid.uuid4()),
-            subscription_id="8a205152-0000-4000-8000-000000000001", sku="20_04-lts-gen2",
-            plan=("", "", ""), license_type="", created_on=now - timedelta(seconds=30),
-            expires_on=now + pki.DOCUMENT_LIFETIME)
-        signature = base64.b64encode(pki.sign_attested(content, signer=leaf)).decode()
-        bodies.append(json.dumps({"document": {"encoding": "pkcs7", "signature": signature}}).encode())
+    for index in range(*bounds):
+        nonce = _nonce(index)
+        content = _content(nonce, str(uuid.uuid4()), template.created)
+        signature = template.key.sign(content, padding.PKCS1v15(), hashes.SHA256())
+        document = bytearray(template.der)
+        document[template.content_at:template.content_at + len(content)] = content
+        document[template.signature_at:template.signature_at + len(signature)] = signature
+        bodies.append(_body(bytes(document), nonce))
     return bodies
 
 
+def make_documents(count: int, pinned: Path) -> list[bytes]:
+    """``count`` distinct valid ``POST /v1/verify`` bodies under a fresh test PKI pinned in ``pinned``.
+
+    One document is built with the PKI's own signer (:func:`pki.sign_attested`); the others are that DER
+    with a different content of the same length and that content's RSA signature in place, which is the
+    same document the signer would build, made in a third of the time (the ASN.1 assembly is the slow part).
+    """
+    global _template  # noqa: PLW0603 - handed to the forked signing processes
+    now = datetime.now(UTC)
+    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=now)
+    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
+    if not isinstance(leaf.private_key, rsa.RSAPrivateKey):
+        raise TypeError("the test PKI's signer is not RSA")
+    created = now - timedelta(seconds=30)
+    content = _content(_nonce(0), str(uuid.uuid4()), created)
+    der = pki.sign_attested(content, signer=leaf)
+    signature = parse_signed_data(der).signature
+    if der.count(content) != 1 or der.count(signature) != 1:
+        raise RuntimeError("the template document does not hold its content and signature exactly once")
+    _template = _Template(der=der, content_at=der.index(content), signature_at=der.index(signature),
+                          key=leaf.private_key, created=created)
+    # The splice must rebuild the template from its own content (PKCS#1 v1.5 signatures are deterministic).
+    document = bytearray(der)
+    document[_template.signature_at:_template.signature_at + len(signature)] = leaf.private_key.sign(
+        content, padding.PKCS1v15(), hashes.SHA256())
+    if bytes(document) != der:
+        raise RuntimeError("splicing a signature into the template does not reproduce it")
+    processes = max(1, len(os.sched_getaffinity(0)))
+    step = max(1, count // (processes * 8))
+    chunks = [(start, min(count, start + step)) for start in range(0, count, step)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return [body for part in pool.map(_sign_range, chunks) for body in part]
+
+
+# --- servers --------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` so far (0 when it is gone)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return 0.0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy so far (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLOCK_TICKS
+
+
+def own_seconds() -> float:
+    """CPU seconds of this process and of its reaped children (wrk) so far."""
+    usage = os.times()
+    return usage.user + usage.system + usage.children_user + usage.children_system
+
+
+class OtherLoad:
+    """CPU the rest of the machine (other users' work) took while a measurement ran, in cores.
+
+    Busy time of the whole machine minus that of the processes measured here: the servers' workers,
+    redis-server, wrk and this process. On a shared machine it tells which runs were disturbed.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.started = time.monotonic()
+        self.machine = machine_busy_seconds()
+        self.ours = self._ours()
+
+    def _ours(self) -> float:
+        return own_seconds() + sum(cpu_seconds(pid) for pid in self.pids)
+
+    def cores(self) -> float:
+        """Average cores used by other processes since construction."""
+        elapsed = time.monotonic() - self.started
+        other = (machine_busy_seconds() - self.machine) - (self._ours() - self.ours)
+        return max(0.0, other / elapsed) if elapsed > 0 else 0.0
+
+
+def _socket_inodes(port: int) -> set[str]:
+    """Inodes of the established TCP connections whose local end is ``port`` (the server side)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+@dataclass
+class Server:
+    """A running gunicorn master (and its workers) on ``port``."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def workers(self) -> list[int]:
+        """The master's children."""
+        with contextlib.suppress(OSError):
+            text = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+            return sorted(int(pid) for pid in text.split())
+        return []
+
+    def cpu(self) -> float:
+        """CPU seconds of the workers so far."""
+        return sum(cpu_seconds(pid) for pid in self.workers())
+
+    def connections(self) -> tuple[list[int], int]:
+        """Client connections held by each worker, and those established but accepted by none (queued)."""
+        inodes = _socket_inodes(self.port)
+        held = []
+        for pid in self.workers():
+            count = 0
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = str(fd.readlink())
+                        if target.startswith("socket:[") and target[8:-1] in inodes:
+                            count += 1
+            held.append(count)
+        # Both ends of a loopback connection are listed; only the server end has the server's local port.
+        return held, max(0, len(inodes) - sum(held))
+
+
 @contextlib.contextmanager
-def server(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[None]:
+def running(name: str, argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[Server]:
+    """Start ``argv`` in its own session, wait for ``/healthz``, stop the whole group on exit."""
     with log.open("wb") as output:
-        process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     try:
         deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log.read_text()[-2000:]}")
+                raise RuntimeError(f"{name} did not start:\n{log.read_text(errors='replace')[-2000:]}")
             with contextlib.suppress(OSError):
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
                 connection.request("GET", "/healthz")
                 if connection.getresponse().status == 200:
                     break
             time.sleep(0.1)
-        yield
+        yield Server(name, port, process, log)
     finally:
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=25)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
-def _milliseconds(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+def base_env(gunicorn_args: str) -> dict[str, str]:
+    """This environment without ``ATTEST_*`` settings (shipped defaults), plus extra gunicorn options if any."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("ATTEST_") and key != "GUNICORN_CMD_ARGS"}
+    if gunicorn_args:
+        env["GUNICORN_CMD_ARGS"] = gunicorn_args
+    return env
 
 
-def wrk_run(port: int, bodies: list[bytes], duration: float, workdir: Path,
-            delay_ms: int = 0) -> tuple[float, float, float, int]:
-    """Run wrk; with ``delay_ms`` each connection waits that long between requests (to hold a lower load).
-
-    Returns requests per second, p50 and p99 latency in milliseconds, and the count of non-2xx answers.
-    """
-    body_file = workdir / f"bodies-{port}-{delay_ms}.txt"
-    body_file.write_bytes(b"\n".join(bodies) + b"\n")
-    script = workdir / f"script-{port}-{delay_ms}.lua"
-    script.write_text(_WRK_SCRIPT % {"threads": WRK_THREADS, "bodies": body_file, "path": PATH,
-                                     "delay_ms": delay_ms})
-    result = subprocess.run(
-        ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{int(duration)}s", "--latency",
-         "-s", str(script), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, check=True)
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
-    p50 = re.search(r"\s50%\s+(\S+)", result.stdout)
-    p99 = re.search(r"\s99%\s+(\S+)", result.stdout)
-    return (float(rate.group(1)) if rate else 0.0, _milliseconds(p50.group(1)) if p50 else float("nan"),
-            _milliseconds(p99.group(1)) if p99 else float("nan"), int(errors.group(1)) if errors else 0)
+def service(workdir: Path, redis: RedisServer, workers: int | None,
+            gunicorn_args: str) -> contextlib.AbstractContextManager[Server]:
+    """``attest-service serve`` as shipped; ``workers`` None means the shipped count (no option given)."""
+    port = free_port()
+    metrics = workdir / f"metrics-{port}"
+    metrics.mkdir()
+    env = {**base_env(gunicorn_args), "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+           "ATTEST_PINNED_CERTS": str(workdir / "pinned"), "ATTEST_NONCE_STORE": redis.url,
+           "ATTEST_API_KEYS": f"{CLIENT_ID}:{hashlib.sha256(API_KEY.encode()).hexdigest()}",
+           "ATTEST_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT_PER_MINUTE)}
+    argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"{LOOPBACK}:{port}"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    name = "verify" if workers is None else f"verify({workers} workers)"
+    return running(name, argv, env, port, workdir / f"service-{port}.log")
 
 
-def python_rate(port: int, bodies: list[bytes], duration: float) -> tuple[float, str]:
-    """Closed-loop keep-alive client: as many requests as it can for ``duration`` seconds."""
-    feed = iter(bodies)
-    lock = threading.Lock()
-    done = [0, 0]
-    stop = time.monotonic() + duration
-
-    def run() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while time.monotonic() < stop:
-            with lock:
-                body = next(feed, None)
-            if body is None:
-                return
-            connection.request("POST", PATH, body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            with lock:
-                done[0] += 1
-                done[1] += response.status >= 300
-        connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(WRK_CONNECTIONS)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return done[0] / (time.monotonic() - started), f"non-2xx: {done[1]}"
+def echo(workdir: Path, kind: str, gunicorn_args: str) -> contextlib.AbstractContextManager[Server]:
+    """The echo app under gunicorn's defaults (``sync``) or under the service's configuration (``gevent``)."""
+    port = free_port()
+    config = [] if kind == "sync" else ["--config", serve.GUNICORN_CONFIG]
+    argv = [sys.executable, "-m", "gunicorn", *config, "--bind", f"{LOOPBACK}:{port}", "--workers",
+            str(ECHO_WORKERS), "--pythonpath", str(BENCH_DIR), "echo_app:create_app()"]
+    env = base_env(gunicorn_args)
+    if kind != "sync":
+        metrics = workdir / f"metrics-{port}"
+        metrics.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    return running(f"echo({kind})", argv, env, port, workdir / f"echo-{kind}-{port}.log")
 
 
-def paced_latency(port: int, bodies: list[bytes], rate: float, duration: float) -> tuple[list[float], int]:
-    """Send at ``rate`` requests/s; latency counts from each request's scheduled time (milliseconds)."""
-    total = min(len(bodies), int(rate * duration))
-    interval = PACED_THREADS / rate
-    latencies: list[float] = []
-    failures = [0]
-    lock = threading.Lock()
-    start = time.monotonic() + 0.2
-
-    def run(offset: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        for number, index in enumerate(range(offset, total, PACED_THREADS)):
-            scheduled = start + (offset / PACED_THREADS + number) * interval
-            delay = scheduled - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            connection.request("POST", PATH, body=bodies[index], headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            elapsed = (time.monotonic() - scheduled) * 1000
-            with lock:
-                latencies.append(elapsed)
-                failures[0] += response.status >= 300
-        connection.close()
-
-    threads = [threading.Thread(target=run, args=(offset,)) for offset in range(PACED_THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return latencies, failures[0]
+# --- load -----------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+@dataclass
+class WrkResult:
+    """wrk's count and rate of answers, its non-2xx count and socket errors."""
+
+    requests: int
+    rate: float
+    non_2xx: int
+    socket_errors: str
 
 
-def measure(name: str, port: int, bodies: list[bytes], duration: float, workdir: Path) -> tuple[float, float]:
-    """Capacity, then latency at about half of it; returns (capacity, p99 at half capacity in ms)."""
-    # wrk's threads each walk their own share of the bodies; they run at slightly different speeds, so
-    # the capacity run gets most of them to keep every request a first submission.
-    split = len(bodies) * 7 // 10
-    if shutil.which("wrk") is None:
-        rate, note = python_rate(port, bodies[:split], duration)
-        latencies, failures = paced_latency(port, bodies[split:], rate / 2, duration)
-        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-        print(f"{name:8s} capacity {rate:8.0f} req/s (python client, {note}); at {rate / 2:.0f} req/s (paced): "
-              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, non-2xx {failures}")
-        return rate, p99
-    rate, full_p50, full_p99, errors = wrk_run(port, bodies[:split], duration, workdir)
-    # Each connection pauses between requests so that together they offer about half the capacity.
-    delay_ms = max(1, round(WRK_CONNECTIONS / (rate / 2) * 1000))
-    half_rate, p50, p99, half_errors = wrk_run(port, bodies[split:], duration, workdir, delay_ms)
-    print(f"{name:8s} capacity {rate:8.0f} req/s (wrk -c {WRK_CONNECTIONS}: p50 {full_p50:.2f} ms, "
-          f"p99 {full_p99:.2f} ms, non-2xx {errors}); at {half_rate:.0f} req/s ({delay_ms} ms think time): "
-          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, non-2xx {half_errors}")
-    return rate, p99
+def write_wrk_bodies(bodies: Sequence[bytes], workdir: Path) -> Path:
+    """One body file per wrk thread (each thread walks its own share); returns the common prefix."""
+    prefix = workdir / "wrk-bodies-"
+    for thread in range(WRK_THREADS):
+        Path(f"{prefix}{thread}.txt").write_bytes(b"\n".join(bodies[thread::WRK_THREADS]) + b"\n")
+    script = workdir / "wrk.lua"
+    script.write_text(_WRK_SCRIPT % {"prefix": prefix, "path": PATH, "key": API_KEY})
+    return script
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=8000, help="distinct documents to generate")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+def start_wrk(port: int, seconds: float, script: Path) -> subprocess.Popen[str]:
+    """wrk against ``port`` for ``seconds``, running in the background."""
+    return subprocess.Popen(["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{int(seconds)}s",
+                             "-s", str(script), f"http://{LOOPBACK}:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_wrk(process: subprocess.Popen[str]) -> WrkResult:
+    """Wait for wrk and read its summary."""
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed:\n{output}")
+    requests = re.search(r"(\d+) requests in", output)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: (.*)", output)
+    return WrkResult(int(requests.group(1)) if requests else 0, float(rate.group(1)) if rate else 0.0,
+                     int(non_2xx.group(1)) if non_2xx else 0, errors.group(1).strip() if errors else "none")
+
+
+@dataclass
+class Saturation:
+    """One capacity run: wrk's figures, the probe's latencies, CPU and Redis work, the connection spread."""
+
+    server: str
+    wrk: WrkResult
+    probe: Result
+    worker_cpu: float
+    redis_cpu: float = 0.0
+    redis_commands: dict[str, int] = field(default_factory=dict)
+    spread: tuple[list[int], int] = ([], 0)
+    other_cores: float = 0.0
+
+    @property
+    def good(self) -> int:
+        """2xx answers, wrk's and the probe's."""
+        return self.wrk.requests - self.wrk.non_2xx + self.probe.answered - self.probe.failures
+
+
+class Bench:
+    """The measurements, with the Redis server, the documents and the wrk script they share."""
+
+    def __init__(self, redis: RedisServer, bodies: list[bytes], workdir: Path) -> None:
+        self.redis = redis
+        self.client = redis.client()
+        self.redis_pid = int(self.client.info("server")["process_id"])
+        self.bodies = bodies
+        self.requests = [post_request(LOOPBACK, 0, PATH, body, {"Authorization": f"Bearer {API_KEY}"})
+                         for body in bodies]
+        self.probe_requests = self.requests[-PROBE_RESERVE:]
+        self.script = write_wrk_bodies(bodies[:-PROBE_RESERVE], workdir)
+
+    def fresh(self) -> None:
+        """Forget every nonce and rate counter, so that every document is a first submission again."""
+        time.sleep(DRAIN_SECONDS)
+        self.client.flushall()
+
+    def warm_up(self, server: Server) -> None:
+        """Imports, connection pools, script loading and the chain cache, before anything is measured."""
+        finish_wrk(start_wrk(server.port, WARMUP_SECONDS, self.script))
+        self.fresh()
+
+    def saturate(self, server: Server, seconds: float, *, probe: bool = True) -> Saturation:
+        """wrk for ``seconds``; with ``probe``, the paced probe beside it from the second second on."""
+        self.fresh()
+        self.client.config_resetstat()
+        redis_before, cpu_before = cpu_seconds(self.redis_pid), server.cpu()
+        other = OtherLoad([*server.workers(), self.redis_pid])
+        spread: list[tuple[list[int], int]] = []
+        sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
+        wrk = start_wrk(server.port, seconds, self.script)
+        sampler.start()
+        result = Result()
+        if probe:
+            time.sleep(1.0)
+            result = run_paced(LOOPBACK, server.port, self.probe_requests, rate=PROBE_RATE, seconds=seconds - 2.5,
+                               connections=2, max_connections=16)
+        load = finish_wrk(wrk)
+        sampler.join()
+        worker_cpu = server.cpu() - cpu_before
+        redis_cpu = cpu_seconds(self.redis_pid) - redis_before
+        other_cores = other.cores()
+        stats = self.client.info("commandstats")
+        commands = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
+                    if not name.startswith(("cmdstat_config", "cmdstat_info", "cmdstat_flushall"))}
+        return Saturation(server.name, load, result, worker_cpu, redis_cpu, commands, spread[0] if spread else ([], 0),
+                          other_cores)
+
+    def paced(self, server: Server, rate: float, seconds: float) -> tuple[Result, tuple[list[int], int], float]:
+        """The open-loop client alone at ``rate`` for ``seconds``; the connection spread half-way; other load."""
+        self.fresh()
+        other = OtherLoad([*server.workers(), self.redis_pid])
+        spread: list[tuple[list[int], int]] = []
+        sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
+        sampler.start()
+        result = run_paced(LOOPBACK, server.port, self.requests, rate=rate, seconds=seconds,
+                           connections=WRK_CONNECTIONS, max_connections=64)
+        sampler.join()
+        return result, spread[0] if spread else ([], 0), other.cores()
+
+
+def describe_spread(spread: tuple[list[int], int]) -> str:
+    held, queued = spread
+    text = "/".join(str(count) for count in held) or "?"
+    return f"{text} (+{queued} queued)" if queued else text
+
+
+def print_saturation(run: Saturation, verify: bool) -> None:
+    line = (f"  {run.server:13s} {run.wrk.rate:8,.0f}/s  wrk non-2xx {run.wrk.non_2xx}, socket errors "
+            f"{run.wrk.socket_errors}; connections per worker {describe_spread(run.spread)}; "
+            f"worker CPU {run.worker_cpu / max(run.good, 1) * 1e3:.3f} ms/request; "
+            f"other load {run.other_cores:.2f} cores")
+    print(line)
+    if run.probe.answered:
+        print(f"  {'':13s} probe every 20 ms: {distribution(run.probe.latencies_ms)}, non-2xx {run.probe.failures}")
+    if verify:
+        calls = sum(run.redis_commands.values())
+        detail = ", ".join(f"{name} {count / max(run.good, 1):.2f}"
+                           for name, count in sorted(run.redis_commands.items()))
+        print(f"  {'':13s} Redis: {run.redis_cpu / max(run.good, 1) * 1e6:.1f} us CPU and "
+              f"{calls / max(run.good, 1):.2f} commands per verification ({detail})")
+        if run.wrk.non_2xx:
+            print(f"  {'':13s} WARNING: {run.wrk.non_2xx} non-2xx answers: more documents are needed (--documents)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=48_000, help="distinct documents (default 48000)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per capacity run (default 15)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved capacity rounds (default 2)")
+    parser.add_argument("--half-duration", type=float, default=10.0, help="seconds per half-capacity run")
+    parser.add_argument("--scale-duration", type=float, default=8.0, help="seconds per 1- and 4-worker run")
+    parser.add_argument("--scale", default="1,4", help="worker counts to measure besides the shipped one ('' = none)")
+    parser.add_argument("--servers", default="verify,sync,gevent", help="which of verify, sync, gevent to run")
+    parser.add_argument("--service-gunicorn-args", default="", help="extra gunicorn options for the service only "
+                        "(GUNICORN_CMD_ARGS), to try a setting; the figures are then not the shipped ones")
+    parser.add_argument("--gunicorn-args", default="", help="extra gunicorn options for every server")
     args = parser.parse_args()
-    print(f"cpus: {os.cpu_count()}, gunicorn workers: {WORKERS} ({gunicorn_conf.worker_class}), "
-          f"documents: {args.documents}")
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk; `make bench` installs it)", file=sys.stderr)
+        return 2
+    kinds = [kind for kind in args.servers.split(",") if kind]
+    service_args = " ".join(filter(None, [args.gunicorn_args, args.service_gunicorn_args]))
+    print(f"cpus: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}; service: "
+          f"{SHIPPED_WORKERS} {gunicorn_conf.worker_class} workers (shipped) "
+          f"{'with ' + repr(service_args) + ' ' if service_args else ''}on Redis; echo: {ECHO_WORKERS} workers; "
+          f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-http-") as name, redis_server(Path(name) / "redis") as redis:
         workdir = Path(name)
         started = time.monotonic()
         bodies = make_documents(args.documents, workdir / "pinned")
-        print(f"generated {len(bodies)} documents in {time.monotonic() - started:.1f} s")
-        common = {"PROMETHEUS_MULTIPROC_DIR": "", "ATTEST_LOG_LEVEL": "warning"}
+        print(f"signed {len(bodies):,} distinct documents in {time.monotonic() - started:.1f} s", flush=True)
+        bench = Bench(redis, bodies, workdir)
+        best: dict[str, Saturation] = {}
+        probes: dict[str, list[float]] = {}
+        half: dict[str, tuple[float, Result]] = {}
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, Server] = {}
+            for kind in kinds:
+                if kind == "verify":
+                    servers[kind] = stack.enter_context(service(workdir, redis, None, service_args))
+                else:
+                    servers[kind] = stack.enter_context(echo(workdir, kind, args.gunicorn_args))
+                bench.warm_up(servers[kind])
+            for round_number in range(1, args.rounds + 1):
+                print(f"round {round_number} (capacity over {args.duration:.0f} s, wrk; probe beside it):", flush=True)
+                for kind, server in servers.items():
+                    run = bench.saturate(server, args.duration)
+                    print_saturation(run, kind == "verify")
+                    sys.stdout.flush()
+                    probes.setdefault(kind, []).extend(run.probe.latencies_ms)
+                    if kind not in best or run.wrk.rate > best[kind].wrk.rate:
+                        best[kind] = run
+            if args.half_duration > 0:
+                print(f"half capacity (open-loop client alone, {WRK_CONNECTIONS} connections, "
+                      f"{args.half_duration:.0f} s):", flush=True)
+                for kind, server in servers.items():
+                    rate = best[kind].wrk.rate / 2
+                    result, spread, other_cores = bench.paced(server, rate, args.half_duration)
+                    half[kind] = (rate, result)
+                    print(f"  {server.name:13s} at {rate:6,.0f}/s: {distribution(result.latencies_ms)}, non-2xx "
+                          f"{result.failures}", flush=True)
+                    print(f"  {'':13s} client late p99 {percentile(result.late_ms, 0.99):.2f} ms, waited for a "
+                          f"connection p99 {percentile(result.send_lag_ms, 0.99):.2f} ms, "
+                          f"{result.connections_opened} connections opened; connections per worker "
+                          f"{describe_spread(spread)}; other load {other_cores:.2f} cores", flush=True)
+        scaling: dict[int, Saturation] = {}
+        if "verify" in kinds and args.scale:
+            print(f"throughput by workers (verify, {args.scale_duration:.0f} s each):", flush=True)
+            for workers in (int(item) for item in args.scale.split(",")):
+                with service(workdir, redis, workers, service_args) as server:
+                    bench.warm_up(server)
+                    scaling[workers] = bench.saturate(server, args.scale_duration, probe=False)
+                    print_saturation(scaling[workers], verify=True)
+                    sys.stdout.flush()
 
-        service_port = free_port()
-        metrics_dir = workdir / "metrics"
-        metrics_dir.mkdir()
-        service_env = {**common, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-                       "ATTEST_PINNED_CERTS": str(workdir / "pinned"), "ATTEST_NONCE_STORE": redis.url,
-                       "ATTEST_RATE_LIMIT_PER_MINUTE": "1000000"}
-        argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"127.0.0.1:{service_port}",
-                "--workers", str(WORKERS)]
-        with server(argv, service_env, service_port, workdir / "service.log"):
-            verify_rate, verify_p99 = measure("verify", service_port, bodies, args.duration, workdir)
+    print_figures(best, probes, half, scaling, rounds=args.rounds)
+    return 0
 
-        echo_port = free_port()
-        echo_argv = [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.web.gunicorn_conf",
-                     "--bind", f"127.0.0.1:{echo_port}", "--workers", str(WORKERS),
-                     "--pythonpath", str(Path(__file__).parent), "bench_http:create_echo_app()"]
-        with server(echo_argv, {**common, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, echo_port,
-                    workdir / "echo.log"):
-            echo_rate, _ = measure("echo", echo_port, bodies, args.duration, workdir)
 
-    print(f"ratio verify/echo: {verify_rate / echo_rate:.2f} (target >= 0.6); "
-          f"verify p99 at half capacity: {verify_p99:.2f} ms (target < 10 ms)")
+def print_figures(best: dict[str, Saturation], probes: dict[str, list[float]], half: dict[str, tuple[float, Result]],
+                  scaling: dict[int, Saturation], *, rounds: int) -> None:
+    """The issue's figures (a)-(c) beside their targets, and the supporting ones."""
+    print(f"\nfigures (capacity: best of {rounds} interleaved rounds; latency: probe samples of all rounds):")
+    verify = best.get("verify")
+    if verify is not None:
+        for kind in ("sync", "gevent"):
+            if kind in best:
+                ratio = verify.wrk.rate / best[kind].wrk.rate
+                print(targets.named(targets.RATIO_TO_ECHO, f"verify/echo({kind}) ratio").line(
+                    ratio, note=f"({verify.wrk.rate:,.0f}/s over {best[kind].wrk.rate:,.0f}/s)"))
+        samples = probes.get("verify", [])
+        echoes = "; ".join(f"echo({kind}) p99 {percentile(probes[kind], 0.99):.1f} ms, max {max(probes[kind]):.1f} ms"
+                           for kind in ("sync", "gevent") if probes.get(kind))
+        if samples:
+            print(targets.P99_UNDER_LOAD_MS.line(percentile(samples, 0.99), digits=1,
+                                                 note=f"(p50 {percentile(samples, 0.5):.1f} ms, p99.9 "
+                                                      f"{percentile(samples, 0.999):.1f} ms; {echoes})"))
+            print(targets.MAX_UNDER_LOAD_MS.line(max(samples), digits=1, note=f"({len(samples)} samples)"))
+        if "verify" in half:
+            rate, result = half["verify"]
+            others = "; ".join(f"echo({kind}) at {half[kind][0]:,.0f}/s p99 "
+                               f"{percentile(half[kind][1].latencies_ms, 0.99):.1f} ms"
+                               for kind in ("sync", "gevent") if kind in half)
+            print(targets.P99_AT_HALF_MS.line(percentile(result.latencies_ms, 0.99), digits=1,
+                                              note=f"(at {rate:,.0f}/s; {others})"))
+        if scaling:
+            rates = {**{workers: run.wrk.rate for workers, run in scaling.items()}, SHIPPED_WORKERS: verify.wrk.rate}
+            redis = {**{workers: run.redis_cpu / max(run.good, 1) for workers, run in scaling.items()},
+                     SHIPPED_WORKERS: verify.redis_cpu / max(verify.good, 1)}
+            print("verify throughput by workers:      " + ", ".join(
+                f"{workers}: {rates[workers]:,.0f}/s" for workers in sorted(rates)))
+            print("Redis CPU per verification:        " + ", ".join(
+                f"{workers} workers: {redis[workers] * 1e6:.1f} us" for workers in sorted(redis)))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
