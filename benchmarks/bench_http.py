@@ -66,6 +66,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import targets  # noqa: E402
 from openloop import Result, distribution, percentile, post_request, run_paced  # noqa: E402
 
+from attest_service.cli import serve as serve_command  # noqa: E402
 from attest_service.imds import pki  # noqa: E402
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
 from attest_service.web import gunicorn_conf, serve  # noqa: E402
@@ -74,7 +75,7 @@ from tests.support.redis_server import RedisServer, free_port, redis_server  # n
 LOOPBACK: Final = "127.0.0.1"
 PATH: Final = "/v1/verify"
 #: The shipped worker count and class: what ``attest-service serve`` runs without options.
-SHIPPED_WORKERS: Final = serve.DEFAULT_WORKERS
+SHIPPED_WORKERS: Final = serve_command.DEFAULT_WORKERS
 ECHO_WORKERS: Final = 2
 WRK_THREADS: Final = 2
 WRK_CONNECTIONS: Final = 16
