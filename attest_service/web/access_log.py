@@ -18,23 +18,29 @@ from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type information
     """Gunicorn logger whose access lines are JSON objects."""
 
-    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:  # noqa: ANN401
+    def access(self, resp: Any, req: Any, environ: dict[str, Any],  # noqa: ANN401, ARG002 - gunicorn's signature
+               request_time: timedelta) -> None:
         """Write one JSON line for a finished request (when access logging is enabled)."""
         if not self.access_log_enabled:
             return
-        atoms = self.atoms(resp, req, environ, request_time)
-        headers = {key.lower(): value for key, value in resp.headers}
+        # The fields are read from the environ as gunicorn's atoms() reads them; atoms() itself formats every
+        # header and environ variable for each request, which cost an eighth of a verification's CPU.
+        request_id = "-"
+        for key, value in resp.headers:
+            if key.lower() == "x-request-id":
+                request_id = value
+                break
         record = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "request_id": headers.get("x-request-id", "-"),
-            "remote": atoms.get("h"),
-            "method": atoms.get("m"),
-            "path": atoms.get("U"),
-            "query": atoms.get("q"),
+            "request_id": request_id,
+            "remote": environ.get("REMOTE_ADDR", "-"),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "query": environ.get("QUERY_STRING"),
             "status": resp.status_code,
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 3),
-            "user_agent": atoms.get("a"),
+            "user_agent": environ.get("HTTP_USER_AGENT", "-"),
             "pid": os.getpid(),
         }
         try:
