@@ -127,7 +127,7 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 @contextlib.contextmanager
 def proxied_store(upstream: RedisServer, *, min_replicas: int = 0) -> Iterator[tuple[AnswerDroppingProxy, NonceStore]]:
     proxy = AnswerDroppingProxy(upstream)
-    # With a replica to wait for, a longer timeout than the default: WAIT gets 80 % of it, and on a loaded
+    # With a replica to wait for, a longer timeout than the default: WAIT gets half of it, and on a loaded
     # machine a replica's acknowledgement can take longer than the default's 400 ms.
     timeout = REPLICATED_TIMEOUT_SECONDS if min_replicas else TIMEOUT_SECONDS
     store = open_store(proxy.url, timeout_seconds=timeout, min_replicas=min_replicas)
