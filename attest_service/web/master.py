@@ -86,8 +86,13 @@ def loopback_only(sockets: Iterable[socket.socket]) -> bool:
 
 
 def open_access(settings: Settings, *, loopback: bool) -> bool:
-    """Whether keyless callers may use their own nonces: opted in, or no keys, no policy file and loopback."""
-    return settings.allow_open or (loopback and not settings.api_keys and settings.policy_file is None)
+    """Whether keyless callers may use their own nonces: opted in, or no keys, no policy file and loopback.
+
+    Trusted proxies say that the loopback socket is a proxy's upstream, reachable from anywhere through it:
+    then loopback alone does not open the service.
+    """
+    return settings.allow_open or (loopback and not settings.api_keys and settings.policy_file is None
+                                   and not settings.trusted_proxies)
 
 
 def access_policy(settings: Settings, *, loopback: bool) -> AccessPolicy:

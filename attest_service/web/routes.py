@@ -14,6 +14,7 @@ anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Final
 
 from flask import Blueprint, Response, jsonify, request
 
+from attest_service.access import ANONYMOUS
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
 from attest_service.verify import (
@@ -133,12 +135,14 @@ def _source(service: Service) -> str:
 
 
 def _authenticate(service: Service, source: str) -> Caller:
-    # A blocked source is refused before its key is looked at: otherwise a right guess would still be told
-    # apart from a wrong one, and guessing would go on at full speed.
-    service.failed_auth.check(source, service.clock())
+    # A valid key is served whatever its source did: a blocked source behind a shared proxy or NAT must not
+    # lock out the clients with valid keys beside it. Keys are 128 random bits or more (README), so telling a
+    # right guess from a wrong one does not help guessing; a source past its budget of failures is answered
+    # 429 for every wrong or missing key until its block ends.
     try:
-        return service.authenticate(request.headers.get("Authorization"), source)
+        caller = service.authenticate(request.headers.get("Authorization"), source)
     except Unauthorized:
+        service.failed_auth.check(source, service.clock())
         try:
             _hit(service, FAILED_AUTH_PREFIX + source, limit=service.settings.auth_failures_per_minute,
                  window_seconds=RATE_WINDOW_SECONDS)
@@ -147,6 +151,19 @@ def _authenticate(service: Service, source: str) -> Caller:
             raise RateLimited("too many failed authentications from this source",
                               retry_after=limited.retry_after) from None
         raise
+    return _without_open_access_through_a_proxy(service, caller)
+
+
+def _without_open_access_through_a_proxy(service: Service, caller: Caller) -> Caller:
+    # Open access on loopback is for callers on this machine. A request that came through a proxy (it says
+    # so in X-Forwarded-For or Forwarded) may be anyone's: it must present a challenge unless the operator
+    # opened the service explicitly.
+    policy = caller.policy
+    if caller.client_id != ANONYMOUS or policy.require_challenge or service.settings.allow_open:
+        return caller
+    if request.headers.get("X-Forwarded-For") is None and request.headers.get("Forwarded") is None:
+        return caller
+    return dataclasses.replace(caller, policy=dataclasses.replace(policy, require_challenge=True))
 
 
 def _caller(service: Service) -> Caller:

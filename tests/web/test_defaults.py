@@ -104,8 +104,9 @@ def _env(live_pki: GeneratedPki, tmp_path: Path, **extra: str) -> dict[str, str]
             "ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'nonces.sqlite3'}", **extra}
 
 
-def _own_nonce_status(service: LiveService, live_pki: GeneratedPki) -> tuple[int, object]:
-    status, body = service.json("POST", "/v1/verify", _fresh(live_pki, uuid.uuid4().hex[:20]))
+def _own_nonce_status(service: LiveService, live_pki: GeneratedPki,
+                      headers: dict[str, str] | None = None) -> tuple[int, object]:
+    status, body = service.json("POST", "/v1/verify", _fresh(live_pki, uuid.uuid4().hex[:20]), headers)
     return status, body.get("error")
 
 
@@ -113,6 +114,10 @@ def _own_nonce_status(service: LiveService, live_pki: GeneratedPki) -> tuple[int
 def test_serve_on_loopback_stays_open_and_says_so(live_pki: GeneratedPki, tmp_path: Path) -> None:
     with live_service(_env(live_pki, tmp_path), tmp_path, workers=1) as service:
         assert _own_nonce_status(service, live_pki) == (200, None)
+        # A request a proxy forwarded to the loopback socket may be anyone's: it needs a challenge.
+        for header in ({"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7"}):
+            status, error = _own_nonce_status(service, live_pki, header)
+            assert (status, isinstance(error, dict) and error["code"]) == (422, "nonce_unknown")
     assert OPEN_WARNING in service.log.read_text()
     assert "listens on loopback only" in service.log.read_text()
 
@@ -147,3 +152,13 @@ def test_serve_refuses_allow_open_with_keys() -> None:
     assert result.returncode == 2
     assert "ATTEST_ALLOW_OPEN" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_trusted_proxies_keep_a_loopback_service_closed() -> None:
+    # A loopback socket behind a proxy the operator names is reachable from anywhere through that proxy.
+    plain = Settings.from_env({})
+    proxied = Settings.from_env({"ATTEST_TRUSTED_PROXIES": "127.0.0.1/32"})
+    assert master.open_access(plain, loopback=True)
+    assert not master.open_access(proxied, loopback=True)
+    assert master.open_access(Settings.from_env({"ATTEST_TRUSTED_PROXIES": "127.0.0.1/32", "ATTEST_ALLOW_OPEN": "1"}),
+                              loopback=True)
