@@ -28,6 +28,9 @@ TAG_SET: Final = 17
 
 #: Longest length field accepted, in octets: 4 octets address 4 GiB, far beyond any document.
 MAX_LENGTH_OCTETS: Final = 4
+#: Most elements one constructed element may hold: the structures read have at most 8 (certificates), so a
+#: flood of tiny elements is refused after this many headers instead of walked to its end.
+MAX_ELEMENTS: Final = 64
 #: Largest tag number accepted; the structures read here use tags below 31.
 MAX_TAG_NUMBER: Final = 0xFFFF
 
@@ -59,9 +62,10 @@ class Tlv(NamedTuple):
 _new_tlv: Final = functools.partial(tuple.__new__, Tlv)
 
 
-def _parse_at(data: bytes, offset: int, what: str) -> tuple[Tlv, int]:  # noqa: PLR0912 - one branch per X.690 rule
-    """Decode the element starting at ``offset``; return it and the offset just past it."""
-    end = len(data)
+def _parse_at(data: bytes, offset: int, what: str,  # noqa: PLR0912 - one branch per X.690 rule
+              end: int | None = None) -> tuple[Tlv, int]:
+    """Decode the element starting at ``offset`` and ending by ``end`` (default: the end of ``data``)."""
+    end = len(data) if end is None else end
     if end - offset < 2:
         raise MalformedDocument(f"{what}: truncated")
     first = data[offset]
@@ -114,7 +118,7 @@ Span = tuple[int, int, int, int]
 HIGH_TAG: Final = -1
 
 
-def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
+def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:  # noqa: PLR0912 - one branch per X.690 rule
     """Decode the headers of the elements filling ``data[start:stop]``, each strictly, copying nothing.
 
     The same X.690 rules as :func:`children` (definite, minimal lengths, minimal tag numbers, no element
@@ -129,9 +133,11 @@ def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
         first = data[offset]
         if first & 0x1F == 0x1F:
             # A high tag number (rare, never expected): the general decoder checks it and finds its end.
-            element, size = _parse_at(data[offset:stop], 0, what)
-            items.append((HIGH_TAG, offset, offset + len(element.header), offset + size))
-            offset += size
+            element, after = _parse_at(data, offset, what, stop)
+            items.append((HIGH_TAG, offset, offset + len(element.header), after))
+            offset = after
+            if len(items) > MAX_ELEMENTS:
+                raise MalformedDocument(f"{what}: more than {MAX_ELEMENTS} elements")
             continue
         pos = offset + 1
         length = data[pos]
@@ -159,6 +165,8 @@ def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:
             raise MalformedDocument(f"{what}: truncated contents")
         items.append((first, offset, pos, end))
         offset = end
+        if len(items) > MAX_ELEMENTS:
+            raise MalformedDocument(f"{what}: more than {MAX_ELEMENTS} elements")
     return items
 
 
