@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -24,8 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_verify import rate  # noqa: E402
 
 from attest_service.errors import VerificationError  # noqa: E402
 from attest_service.trust import load_trust  # noqa: E402
@@ -45,23 +47,6 @@ TESTCASES = REPO_ROOT / "tests" / "assets" / "testcases"
 COSTLY_KEY_CASES = ("key-rsa-huge-exponent", "key-rsa-8192", "key-rsa-e3")
 #: Generated cases whose chain fails, with the path-building runs each makes.
 FAILING_CHAIN_CASES = ("intermediate-not-pinned", "attack-lookalike-chain", "leaf-expired")
-
-
-def rate(operation: Callable[[], object], seconds: float) -> float:
-    """Operations per second over about ``seconds`` of wall time (after a short warm-up)."""
-    for _ in range(200):
-        operation()
-    count = 0
-    batch = 500
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
-            operation()
-        count += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds or time.perf_counter() >= deadline:
-            return count / elapsed
 
 
 def refusal_rate(verifier: Verifier, der: bytes, now: datetime, seconds: float) -> float:

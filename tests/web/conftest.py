@@ -84,6 +84,15 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> GeneratedPki:
     return GeneratedPki(root=root, issuing=issuing, leaf=leaf, pinned_dir=pinned)
 
 
+@pytest.fixture(scope="module")
+def live_pki(tmp_path_factory: pytest.TempPathFactory) -> GeneratedPki:
+    """A PKI valid around the real clock, for tests that run the service as a process (no injected clock)."""
+    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=datetime.now(UTC))
+    pinned = tmp_path_factory.mktemp("live-pinned")
+    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
+    return GeneratedPki(root=root, issuing=issuing, leaf=leaf, pinned_dir=pinned)
+
+
 @pytest.fixture(scope="session")
 def foreign_pki() -> tuple[pki.CertifiedKey, pki.CertifiedKey, pki.CertifiedKey]:
     """A PKI of the same shape that is not pinned."""

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from attest_service.errors import ConfigurationError
-from attest_service.imds import pki
 from attest_service.web import create_app, master
 from attest_service.web.settings import Settings
 from tests.web.conftest import API_KEYS_ENV, Clock, GeneratedPki, settings_for
@@ -91,12 +90,6 @@ def test_loopback_only_reads_the_bound_addresses(bound: list[socket.socket], tmp
     assert not master.is_loopback("localhost")
 
 
-@pytest.fixture(scope="module")
-def live_pki(tmp_path_factory: pytest.TempPathFactory) -> GeneratedPki:
-    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=datetime.now(UTC))
-    pinned = tmp_path_factory.mktemp("defaults-pinned")
-    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
-    return GeneratedPki(root=root, issuing=issuing, leaf=leaf, pinned_dir=pinned)
 
 
 def _env(live_pki: GeneratedPki, tmp_path: Path, **extra: str) -> dict[str, str]:

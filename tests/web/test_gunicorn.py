@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from attest_service.imds import pki
 from tests.support.redis_server import RedisServer, redis_available, redis_server
 from tests.web.conftest import GeneratedPki
 from tests.web.live import LiveService, live_service
@@ -28,12 +27,6 @@ pytestmark = pytest.mark.slow
 RACERS = 32
 
 
-@pytest.fixture(scope="module")
-def live_pki(tmp_path_factory: pytest.TempPathFactory) -> GeneratedPki:
-    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=datetime.now(UTC))
-    pinned = tmp_path_factory.mktemp("live-pinned")
-    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
-    return GeneratedPki(root=root, issuing=issuing, leaf=leaf, pinned_dir=pinned)
 
 
 @pytest.fixture(scope="module")
