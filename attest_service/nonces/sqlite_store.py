@@ -299,13 +299,15 @@ class SQLiteNonceStore:
         self._maybe_purge(now)
         return acceptance
 
-    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime) -> None:
-        """Count the request in this window's row unless the sliding-window estimate is already at ``limit``."""
+    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime, count: int = 1) -> int:
+        """Count up to ``count`` requests in this window's row, as many as the sliding-window estimate admits."""
         if limit <= 0:
             raise ValueError(f"rate limit must be positive, got {limit}")
+        if count <= 0:
+            raise ValueError(f"rate count must be positive, got {count}")
         window = RateWindow.at(now, window_seconds)
 
-        def count(connection: sqlite3.Connection) -> tuple[bool, int, int]:
+        def charge(connection: sqlite3.Connection) -> tuple[int, int, int]:
             rows = dict(
                 connection.execute(
                     "SELECT window_index, hits FROM rate WHERE client_id = ? AND window_index IN (?, ?)",
@@ -313,19 +315,21 @@ class SQLiteNonceStore:
                 ).fetchall()
             )
             previous, current = rows.get(window.index - 1, 0), rows.get(window.index, 0)
-            if not window.allows(previous=previous, current=current, limit=limit):
-                return False, previous, current
+            granted = min(count, window.room(previous=previous, current=current, limit=limit))
+            if granted <= 0:
+                return 0, previous, current
             connection.execute(
-                "INSERT INTO rate (client_id, window_index, hits, expires_ms) VALUES (?, ?, 1, ?) "
-                "ON CONFLICT (client_id, window_index) DO UPDATE SET hits = hits + 1",
-                (client_id, window.index, window.expires_ms),
+                "INSERT INTO rate (client_id, window_index, hits, expires_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (client_id, window_index) DO UPDATE SET hits = hits + excluded.hits",
+                (client_id, window.index, granted, window.expires_ms),
             )
-            return True, previous, current
+            return granted, previous, current
 
-        allowed, previous, current = self._run(count)
+        granted, previous, current = self._run(charge)
         self._maybe_purge(now)
-        if not allowed:
+        if not granted:
             raise window.refusal(previous=previous, current=current, limit=limit)
+        return granted
 
     def ping(self) -> None:
         """Open the database if needed and run a trivial read."""

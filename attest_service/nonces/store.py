@@ -75,12 +75,13 @@ class NonceStore(Protocol):
         seen until at least ``expires_at`` (consuming the challenge, if there is one).
         """
 
-    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime) -> None:
-        """Count one request of ``client_id``; raises :class:`~attest_service.errors.RateLimited` past ``limit``.
+    def hit_rate(self, client_id: str, *, limit: int, window_seconds: int, now: datetime, count: int = 1) -> int:
+        """Count requests of ``client_id``; raises :class:`~attest_service.errors.RateLimited` past ``limit``.
 
         The count is a sliding window of ``window_seconds`` (the previous fixed window weighted by how much of
-        it still overlaps, plus the current one), shared by everything using the same store. Refused requests
-        are not counted.
+        it still overlaps, plus the current one), shared by everything using the same store. ``count`` asks
+        for that many requests at once (a lease, see :mod:`attest_service.web.leases`): as many as still fit,
+        at least one, are counted, and their number is returned. Refused requests are not counted.
         """
 
     def ping(self) -> None:
@@ -181,6 +182,13 @@ class RateWindow:
         Written in integers (multiplied through by the window) so that Redis's Lua and Python agree exactly.
         """
         return previous * (self.window_ms - self.elapsed_ms) + (current + 1) * self.window_ms <= limit * self.window_ms
+
+    def room(self, *, previous: int, current: int, limit: int) -> int:
+        """How many more requests fit now (0 or less: none); ``room >= 1`` exactly when :meth:`allows`.
+
+        The largest ``k`` with ``previous * (window - elapsed) + (current + k) * window <= limit * window``.
+        """
+        return (limit * self.window_ms - previous * (self.window_ms - self.elapsed_ms)) // self.window_ms - current
 
     def refusal(self, *, previous: int, current: int, limit: int) -> RateLimited:
         """The error for a refused request, with the whole seconds after which one more request fits."""

@@ -25,6 +25,7 @@ from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
 from attest_service.web import master, metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
+from attest_service.web.leases import RateLeases
 from attest_service.web.routes import api
 from attest_service.web.service import (
     MAX_BODY_BYTES,
@@ -122,7 +123,8 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
                         events=metrics.MetricEvents())
     install(app, Service(settings=settings, store=store, attestor=attestor, access=access,
-                         clock=clock if clock is not None else system_clock, api_keys=settings.api_keys))
+                         clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
+                         rate_leases=RateLeases(store)))
     register_error_handlers(app)
     app.before_request(_assign_request_id)
     app.after_request(_finish)

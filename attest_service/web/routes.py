@@ -7,7 +7,8 @@ denied document can burn a nonce. Requests are checked in this order: size, key,
 Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per source
 for anonymous callers: the client's address, through trusted proxies, IPv6 by /64, see
 :mod:`attest_service.web.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
-so that it holds across workers and replicas. One attestation costs two requests (challenge, verify).
+so that it holds across workers and replicas (a busy caller's in leases, :mod:`attest_service.web.leases`).
+One attestation costs two requests (challenge, verify).
 Failed authentication has a budget of its own per source (:mod:`attest_service.web.throttle`), and an
 anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
 """
@@ -125,7 +126,12 @@ def _hit(service: Service, key: str, *, limit: int, window_seconds: int) -> None
 
 
 def _rate_limit(service: Service, caller: Caller) -> None:
-    _hit(service, caller.rate_key, limit=service.settings.rate_limit_per_minute, window_seconds=RATE_WINDOW_SECONDS)
+    try:
+        service.rate_leases.take(caller.rate_key, limit=service.settings.rate_limit_per_minute,
+                                 window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
+    except StoreUnavailable:
+        metrics.STORE_ERRORS.labels(operation="hit_rate").inc()
+        raise
 
 
 def _source(service: Service) -> str:

@@ -19,6 +19,7 @@ from attest_service.access import ANONYMOUS, AccessPolicy, CallerPolicy
 from attest_service.attestation import Attestor
 from attest_service.nonces import NonceStore
 from attest_service.web.errors import Unauthorized
+from attest_service.web.leases import RateLeases
 from attest_service.web.settings import Settings
 from attest_service.web.throttle import FailedAuthBlocks
 
@@ -61,6 +62,8 @@ class Service:
     access: AccessPolicy
     clock: Clock
     api_keys: Mapping[str, bytes]
+    #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.web.leases`).
+    rate_leases: RateLeases
     #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.web.throttle`).
     failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
 

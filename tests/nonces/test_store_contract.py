@@ -160,6 +160,34 @@ def test_rate_limit(store: NonceStore, unique: Unique) -> None:
         store.hit_rate(client, limit=5, window_seconds=60, now=now + timedelta(seconds=120))
 
 
+def test_rate_count_grants_what_fits_and_no_more(store: NonceStore, unique: Unique) -> None:
+    client, now = unique("client"), utcnow()
+    assert store.hit_rate(client, limit=10, window_seconds=60, now=now, count=4) == 4
+    assert store.hit_rate(client, limit=10, window_seconds=60, now=now) == 1
+    # Five fit of the eight asked for; then none.
+    assert store.hit_rate(client, limit=10, window_seconds=60, now=now, count=8) == 5
+    with pytest.raises(RateLimited):
+        store.hit_rate(client, limit=10, window_seconds=60, now=now, count=3)
+    with pytest.raises(ValueError, match="count"):
+        store.hit_rate(client, limit=10, window_seconds=60, now=now, count=0)
+
+
+def test_rate_count_is_weighed_like_single_requests(make_store: StoreFactory, unique: Unique) -> None:
+    # Half-way through the next window, half of the previous window's 10 still weigh: 5 more fit, counted
+    # in one go or one by one alike.
+    batch, single = make_store(), make_store()
+    first, second, now = unique("first"), unique("second"), utcnow()
+    start = now - timedelta(milliseconds=(int(now.timestamp() * 1000) % 60_000))
+    middle = start + timedelta(seconds=90)
+    for store, client in ((batch, first), (single, second)):
+        assert store.hit_rate(client, limit=10, window_seconds=60, now=start, count=10) == 10
+    assert batch.hit_rate(first, limit=10, window_seconds=60, now=middle, count=50) == 5
+    assert sum(single.hit_rate(second, limit=10, window_seconds=60, now=middle) for _ in range(5)) == 5
+    for store, client in ((batch, first), (single, second)):
+        with pytest.raises(RateLimited):
+            store.hit_rate(client, limit=10, window_seconds=60, now=middle)
+
+
 def test_rate_limit_is_shared_by_stores_on_one_backend(make_store: StoreFactory, unique: Unique) -> None:
     first, second = make_store(), make_store()
     client, now = unique("client"), utcnow()
