@@ -87,7 +87,7 @@ def _finish(response: Response) -> Response:
         # The unread body is still on the connection; closing it keeps the next request from reading junk.
         response.headers["Connection"] = "close"
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.HTTP_REQUESTS.labels(route=rule, status=str(response.status_code)).inc()
+    metrics.record_http_request(rule, response.status_code)
     return response
 
 

@@ -69,12 +69,33 @@ class MetricEvents:
 
 def record_verification(code: str | None) -> None:
     """Count one answer of ``/v1/verify``: ``code`` None when verified, else the error code."""
-    if code is None:
-        VERIFICATIONS.labels(result="verified", code="none").inc()
-    elif code in ("internal_error", "store_unavailable"):
-        VERIFICATIONS.labels(result="error", code=code).inc()
-    else:
-        VERIFICATIONS.labels(result="refused", code=code).inc()
+    child = _VERIFICATION_CHILDREN.get(code)
+    if child is None:
+        if code is None:
+            child = VERIFICATIONS.labels(result="verified", code="none")
+        elif code in ("internal_error", "store_unavailable"):
+            child = VERIFICATIONS.labels(result="error", code=code)
+        else:
+            child = VERIFICATIONS.labels(result="refused", code=code)
+        # Codes are the error classes' constants: the table is as small as the error hierarchy.
+        _VERIFICATION_CHILDREN[code] = child
+    child.inc()
+
+
+def record_http_request(route: str, status: int) -> None:
+    """Count one HTTP answer by route template (``unmatched`` for none) and status code."""
+    key = (route, status)
+    child = _HTTP_CHILDREN.get(key)
+    if child is None:
+        child = HTTP_REQUESTS.labels(route=route, status=str(status))
+        # Route templates and status codes are the application's own: a bounded table.
+        _HTTP_CHILDREN[key] = child
+    child.inc()
+
+
+# The labelled children, looked up once: labels() costs as much again as the increment itself, on every request.
+_VERIFICATION_CHILDREN: Final[dict[str | None, Counter]] = {}
+_HTTP_CHILDREN: Final[dict[tuple[str, int], Counter]] = {}
 
 
 class _DefaultRegistryRemainder(Collector):
