@@ -48,6 +48,8 @@ from attest_service.nonces.store import (
     seen_ttl_ms,
 )
 
+#: VMs listed in a caller-chosen nonce's seen value; further VMs of that nonce get a key each (see _ACCEPT_LUA).
+MAX_LISTED_SCOPES: Final = 8
 #: Random bytes of a claim token (96 bits: a replayed document cannot present another claim's token).
 CLAIM_TOKEN_BYTES: Final = 12
 #: Prefix of every key this service writes.
@@ -66,14 +68,18 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 _T = TypeVar("_T")
 _LOG: Final = logging.getLogger(__name__)
 
-# KEYS: challenge key, seen key. ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative:
-# an absolute PXAT from the caller's clock would vanish at once on a server whose clock runs ahead), claim token,
-# scope tag ("" for none).
+# KEYS: challenge key, seen key, the VM's own seen key (the seen key again when there is no scope).
+# ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative: an absolute PXAT from the
+# caller's clock would vanish at once on a server whose clock runs ahead), claim token, scope tag ("" for none).
 # Seen values, one key per nonce:
 #   "C|<token>|<client id>"  a consumed challenge: refuses every later claim;
 #   "N|<token>|<client id>"  a caller-chosen nonce claimed without a scope: refuses every later claim;
 #   "V|<tag>:<token>[,<tag>:<token>...]"  a caller-chosen nonce claimed for each VM listed (tag: the scope's
-#                            digest): refuses later claims of those VMs only, and claims without a scope;
+#                            digest), at most MAX_LISTED_SCOPES of them: refuses later claims of those VMs
+#                            only, and claims without a scope. Further VMs of the nonce get a key each
+#                            (attest:{<digest>}:seen:<tag>, holding the token), with its own lifetime, so that
+#                            a nonce many VMs share (a vendor's fixed nonce) costs one small key per VM and
+#                            O(1) per claim, not a value that grows with the fleet and is rewritten each time;
 #   "0|<client id>", "1|<client id>"  written before claims carried a token or a scope: refuse every claim.
 # Releases before scoping read any value as "replayed", so during a rolling upgrade they refuse what this one
 # accepted (as they always did), and this one refuses what they accepted.
@@ -94,6 +100,7 @@ local function record(value, previous)
   redis.call('SET', KEYS[2], value, 'PX', ttl)
 end
 local seen = redis.call('GET', KEYS[2])
+local listed = 0
 if seen then
   local kind = string.sub(seen, 1, 1)
   if kind == 'C' or kind == 'N' then
@@ -117,6 +124,16 @@ if seen then
       end
       return {'replayed', '0', ''}
     end
+    local own = redis.call('GET', KEYS[3])
+    if own then
+      if own == ARGV[4] then
+        redis.call('SET', KEYS[3], own, 'KEEPTTL')
+        return {'accepted', '0'}
+      end
+      return {'replayed', '0', ''}
+    end
+    local _, commas = string.gsub(seen, ',', ',')
+    listed = commas + 1
   else
     local sep = string.find(seen, '|', 1, true)
     return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
@@ -137,10 +154,14 @@ if ARGV[2] == '1' then
 end
 if ARGV[5] == '' then
   record('N|' .. ARGV[4] .. '|' .. ARGV[1], seen)
-elseif seen then
+elseif not seen then
+  record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
+elseif listed < tonumber(ARGV[6]) then
   record(seen .. ',' .. ARGV[5] .. ':' .. ARGV[4], seen)
 else
-  record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
+  -- The list is full: this VM's claim gets a key of its own; the list lives as long as the longest claim.
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+  record(seen, seen)
 end
 return {'seen'}
 """
@@ -180,6 +201,11 @@ def seen_key(nonce: str) -> str:
     One key per nonce, whatever the scopes it was claimed in: the per-VM claims are listed in its value.
     """
     return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:seen"
+
+
+def scoped_seen_key(nonce: str, scope: str) -> str:
+    """Key of one VM's claim of a caller-chosen nonce, once the nonce's seen value lists its most VMs."""
+    return f"{KEY_PREFIX}:{{{_tag(nonce)}}}:seen:{scope_tag(scope)}"
 
 
 def rate_key(client_id: str, window_index: int) -> str:
@@ -369,11 +395,14 @@ class RedisNonceStore:
         check_nonce(nonce, client_id)
         check_scope(scope)
         ttl_ms = seen_ttl_ms(expires_at=expires_at, now=now, challenge_ttl_seconds=self._challenge_ttl_seconds)
-        keys = [challenge_key(nonce), seen_key(nonce)]
+        tag = _tag(nonce)
+        seen = f"{KEY_PREFIX}:{{{tag}}}:seen"
+        scoped = seen if scope is None else f"{seen}:{scope_tag(scope)}"
+        keys = [f"{KEY_PREFIX}:{{{tag}}}:ch", seen, scoped]
         # One token per call of accept(), the same in redis-py's resend of the script (see _ACCEPT_LUA).
         token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
         args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token,
-                "" if scope is None else scope_tag(scope)]
+                "" if scope is None else scope_tag(scope), MAX_LISTED_SCOPES]
         if self._min_replicas:
             reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
         else:

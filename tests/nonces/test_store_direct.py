@@ -11,7 +11,15 @@ import redis
 
 from attest_service.errors import NonceReplayed
 from attest_service.nonces import Acceptance, NonceStore, open_store
-from attest_service.nonces.redis_store import pack_command
+from attest_service.nonces.redis_store import (
+    _ACCEPT_SCRIPT,
+    MAX_LISTED_SCOPES,
+    challenge_key,
+    pack_command,
+    scoped_seen_key,
+    seen_key,
+)
+from attest_service.nonces.store import scope_tag
 from tests.support.redis_server import RedisServer, redis_server
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow
@@ -75,3 +83,45 @@ def test_a_script_the_server_forgot_is_sent_again_in_full(store: NonceStore, ser
     admin.script_flush()
     assert accept(store, "second") == Acceptance(challenge=False)
     admin.close()
+
+
+def test_a_nonce_shared_by_a_fleet_keeps_its_seen_value_small(store: NonceStore, server: RedisServer) -> None:
+    # A vendor's fixed nonce, used by every VM: the listed VMs stop at MAX_LISTED_SCOPES, the others get a key
+    # each, so neither the value nor the work of a claim grows with the fleet.
+    vms = [f"00000000-0000-4000-8000-{index:012d}" for index in range(40)]
+    for vm in vms:
+        now = utcnow()
+        assert store.accept("license-v1", client_id="vendor", expires_at=now + timedelta(minutes=5),
+                            require_challenge=False, now=now, scope=vm) == Acceptance(challenge=False)
+    admin = server.client()
+    listed = admin.get(seen_key("license-v1"))
+    assert listed is not None
+    assert listed.count(b",") + 1 == MAX_LISTED_SCOPES
+    own = [scoped_seen_key("license-v1", vm) for vm in vms[MAX_LISTED_SCOPES:]]
+    assert all(admin.exists(key) for key in own)
+    lifetimes = [admin.pttl(key) for key in own]
+    # The list lives as long as the longest claim (read after the claims' lifetimes: a few ms later).
+    assert min(lifetimes) > 0
+    assert max(lifetimes) <= admin.pttl(seen_key("license-v1")) + 50
+    for vm in (vms[0], vms[MAX_LISTED_SCOPES - 1], vms[MAX_LISTED_SCOPES], vms[-1]):
+        now = utcnow()
+        with pytest.raises(NonceReplayed):
+            store.accept("license-v1", client_id="other", expires_at=now + timedelta(minutes=5),
+                         require_challenge=False, now=now, scope=vm)
+    admin.close()
+
+
+def test_a_resent_claim_of_a_vm_with_its_own_key_is_its_acceptance(server: RedisServer) -> None:
+    # What redis-py or the direct connections send again after a lost answer: the same script, same token.
+    client = server.client()
+    nonce = "resent"
+    for index in range(MAX_LISTED_SCOPES):
+        keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, f"vm-{index}")]
+        _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(f"vm-{index}"),
+                                          MAX_LISTED_SCOPES])
+    keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, "late-vm")]
+    args = ["c", "0", "60000", "late-token", scope_tag("late-vm"), MAX_LISTED_SCOPES]
+    assert _ACCEPT_SCRIPT.run(client, keys, args) == [b"seen"]
+    assert _ACCEPT_SCRIPT.run(client, keys, args) == [b"accepted", b"0"]
+    assert _ACCEPT_SCRIPT.run(client, keys, [*args[:3], "another-token", *args[4:]])[0] == b"replayed"
+    client.close()
