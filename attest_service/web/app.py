@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
+import secrets
 from typing import Final
 
 from flask import Flask, Response, g, request
@@ -74,7 +74,8 @@ def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tupl
 
 def _assign_request_id() -> None:
     offered = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+    # 32 hex digits of 128 random bits, as uuid4().hex gives but without building a UUID for each request.
+    g.request_id = offered if offered and _REQUEST_ID.fullmatch(offered) else secrets.token_hex(16)
     # Refuse an announced oversized body before reading any of it (Flask would only refuse while reading).
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestTooLarge(f"request body of {request.content_length} bytes is over the limit of "
@@ -82,7 +83,7 @@ def _assign_request_id() -> None:
 
 
 def _finish(response: Response) -> Response:
-    response.headers[REQUEST_ID_HEADER] = g.get("request_id") or uuid.uuid4().hex
+    response.headers[REQUEST_ID_HEADER] = g.get("request_id") or secrets.token_hex(16)
     if response.status_code == 413:
         # The unread body is still on the connection; closing it keeps the next request from reading junk.
         response.headers["Connection"] = "close"
