@@ -623,6 +623,8 @@ class DocumentPin:
     changes: tuple[PinChange, ...]
     issuer: str
     origin: str
+    #: The other certificates of the issuer file, not pinned (``subject (sha256 ...)`` each).
+    ignored: tuple[str, ...] = ()
 
 
 def add_from_document(directory: Path, cloud: str, document: bytes, *, now: datetime,
@@ -631,14 +633,15 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
                       source: str | None = None) -> DocumentPin:
     """Pin the issuing CA of the signer of ``document`` (an IMDS response, or its base64 or DER) for ``cloud``.
 
-    The CA comes from ``issuer`` (PEM or DER; the file may add the certificates its chain needs) or, without
-    it, from the signer's caIssuers URL through ``fetcher`` (default: public addresses only) under the AIA
-    fallback's rules (:mod:`attest_service.trust.issuers`: the allow-list; not removed; pinned by
-    fingerprint or of the cloud's organisation; China by fingerprint only). Either way it must be named as
-    the signer's issuer and have signed it, chain to a root of ``cloud`` now, and the document must pass
-    every step up to the chain with it pinned (its age does not matter: an old document shows who signs as
-    well as a fresh one). Then it is pinned as :func:`add_pins` does. Raises ConfigurationError, with
-    nothing written, otherwise.
+    The CA comes from ``issuer`` (PEM or DER: the one certificate of it that is named as the signer's issuer
+    and signed it; the file's other certificates are not pinned, not used and listed in
+    :attr:`DocumentPin.ignored`) or, without it, from the signer's caIssuers URL through ``fetcher``
+    (default: public addresses only) under the AIA fallback's rules (:mod:`attest_service.trust.issuers`:
+    the allow-list; not removed; pinned by fingerprint or of the cloud's organisation; China by fingerprint
+    only). Either way it must be named as the signer's issuer and have signed it, chain to a root of
+    ``cloud`` through the pins already there now, and the document must pass every step up to the chain with
+    it pinned (its age does not matter: an old document shows who signs as well as a fresh one). Then that
+    one CA is pinned as :func:`add_pins` does. Raises ConfigurationError, with nothing written, otherwise.
     """
     policy = policy if policy is not None else AiaPolicy.azure()
     fetcher = fetcher if fetcher is not None else CertificateFetcher()
@@ -649,13 +652,19 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
         signer = signer_certificate(der)
     except AttestError as exc:
         raise ConfigurationError(f"not an attested document: {exc.code}: {exc.message}") from exc
+    ignored: tuple[str, ...] = ()
     if issuer is not None:
         offered = load_certificates(issuer, origin=issuer_origin)
-        ca = next((c for c in offered if c.subject == signer.issuer), None)
+        # The issuer is the certificate that signed the signer, not any certificate carrying its name: a file
+        # may hold an impostor of the same name, and only the one CA the document proves is pinned.
+        ca = next((c for c in offered if _issued(c, signer)), None)
         if ca is None:
-            raise ConfigurationError(f"{issuer_origin} holds no certificate named {signer.issuer.rfc4514_string()}, "
-                                     "the signer's issuer")
-        data, origin = issuer, issuer_origin
+            named = sum(1 for c in offered if c.subject == signer.issuer)
+            why = f"{named} named so did not issue it" if named else "none is named so"
+            raise ConfigurationError(f"{issuer_origin} holds no certificate that issued the document's signer "
+                                     f"(the signer's issuer is {signer.issuer.rfc4514_string()}; {why})")
+        ignored = tuple(f"{common_name(c.subject)} (sha256 {fingerprint(c)})" for c in offered if c is not ca)
+        origin = issuer_origin
     else:
         try:
             url = policy.fetch_url(cloud_trust, ca_issuers_urls(signer))
@@ -664,18 +673,17 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
         except FetchRefused as exc:
             raise ConfigurationError(f"the signer's issuer cannot be taken from its caIssuers URL: {exc.result}: "
                                      f"{exc.message}") from exc
-        offered = [ca]
-        data, origin = ca.public_bytes(serialization.Encoding.PEM), url
-    try:
-        check_issued(ca, signer)
-    except FetchRefused as exc:
-        raise ConfigurationError(exc.message) from exc
+        origin = url
+        try:
+            check_issued(ca, signer)
+        except FetchRefused as exc:
+            raise ConfigurationError(exc.message) from exc
     label = f"{common_name(ca.subject)} (sha256 {fingerprint(ca)})"
-    _refuse_candidate(ca, cloud_trust, [c for c in offered if c is not ca], now)
-    candidates = tuple(PinnedCertificate(cloud=cloud, role="intermediate", certificate=c, source=f"candidate:{origin}")
-                       for c in offered)
+    # Only the pins already there may complete its path: whatever else the file held is not pinned.
+    _refuse_candidate(ca, cloud_trust, [], now)
+    candidate = PinnedCertificate(cloud=cloud, role="intermediate", certificate=ca, source=f"candidate:{origin}")
     with_candidate = TrustStore(clouds={**trust.clouds, cloud: dataclasses.replace(
-        cloud_trust, intermediates=(*cloud_trust.intermediates, *candidates))}, directory=trust.directory)
+        cloud_trust, intermediates=(*cloud_trust.intermediates, candidate))}, directory=trust.directory)
     try:
         Verifier(with_candidate).verify(der, policy=VerificationPolicy(cloud=cloud), now=now)
     except (DocumentExpired, DocumentNotYetValid):
@@ -683,9 +691,18 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
     except AttestError as exc:
         raise ConfigurationError(f"the document does not verify for {cloud} with {label} pinned: {exc.code}: "
                                  f"{exc.message}") from exc
-    changes = add_pins(directory, cloud, data, origin=origin, now=now,
+    changes = add_pins(directory, cloud, ca.public_bytes(serialization.Encoding.PEM), origin=origin, now=now,
                        source=source or f"certs add --from-document: {origin} on {now.date().isoformat()}")
-    return DocumentPin(changes=tuple(changes), issuer=label, origin=origin)
+    return DocumentPin(changes=tuple(changes), issuer=label, origin=origin, ignored=ignored)
+
+
+def _issued(ca: x509.Certificate, signer: x509.Certificate) -> bool:
+    """True when ``ca`` is named as ``signer``'s issuer and its key verifies the signer's signature."""
+    try:
+        check_issued(ca, signer)
+    except FetchRefused:
+        return False
+    return True
 
 
 def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None = None) -> PinChange:
