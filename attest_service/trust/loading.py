@@ -6,8 +6,14 @@ Layout of a pinned directory (``ATTEST_PINNED_CERTS``, default the bundled ``pin
     <cloud>/roots/certifi.txt               SHA-256 fingerprints of roots to take from certifi's bundle
     <cloud>/intermediates/*.pem             pinned issuing CAs; the only intermediates a chain may use
     <cloud>/intermediates/fingerprints.txt  issuing CAs pinned by fingerprint, with the URL to fetch them from
-    <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never fetched again
+    <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never trusted again
     manifest.json                           provenance of every pin (checked by the tests and ``certs check``)
+
+A certificate whose SHA-256 or SHA-1 ``removed.txt`` lists is not trusted in that cloud, whatever else says
+so: a pinned file holding it (under ``roots/`` or ``intermediates/``: a removed pin copied back by hand or
+restored from a backup) is left out of the trust and named in :attr:`CloudTrust.excluded`, for ``certs
+check`` and the reload's log; the AIA fallback never takes it from a URL. Only ``certs add`` (which takes it
+off the list) or deleting its line brings it back.
 
 Certificates carried inside a document are never added here: a chain runs through these pins only.
 Any other file under ``roots/`` or ``intermediates/`` (a pin saved as ``.crt``, say) is not loaded and is
@@ -35,7 +41,15 @@ from cryptography import x509
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
-from attest_service.verify.trust import CloudTrust, DigestAlgorithm, FingerprintPin, PinnedCertificate, Role, TrustStore
+from attest_service.verify.trust import (
+    CloudTrust,
+    DigestAlgorithm,
+    FingerprintPin,
+    PinnedCertificate,
+    Role,
+    TrustStore,
+    digests,
+)
 
 #: File in ``<cloud>/roots/`` naming roots to take from certifi, one SHA-256 (hex) per line.
 CERTIFI_LIST: Final = "certifi.txt"
@@ -228,10 +242,20 @@ def load_trust(directory: Path) -> TrustStore:
                             if fingerprint_list.is_file() else [])
         removed_list = cloud_dir / "intermediates" / REMOVED_LIST
         removed = _read_removed_list(removed_list) if removed_list.is_file() else frozenset()
-        clouds[name] = CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
+        excluded = tuple(pin for pin in (*roots, *intermediates) if digests(pin.certificate) & removed)
+        clouds[name] = CloudTrust(profile=profile, roots=tuple(pin for pin in roots if pin not in excluded),
+                                  intermediates=tuple(pin for pin in intermediates if pin not in excluded),
                                   problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
-                                  removed=removed, ignored=tuple(ignored))
+                                  removed=removed, ignored=tuple(ignored), excluded=excluded)
     return TrustStore(clouds=MappingProxyType(clouds), directory=directory)
+
+
+def excluded_message(pin: PinnedCertificate) -> str:
+    """Why a pinned file's certificate is not trusted (:attr:`CloudTrust.excluded`) and what brings it back."""
+    again = ("certs add it to trust it again (that takes it off the list)" if pin.role == "intermediate" else
+             "delete its line from the list to trust it again (roots are not added with certs add)")
+    return (f"{pin.role} {pin.subject_cn} ({pin.source}, sha256 {pin.sha256}) is listed in {pin.cloud}/intermediates/"
+            f"{REMOVED_LIST} and is not trusted: {again}, or delete the file")
 
 
 def manifest_entry(pin: PinnedCertificate, source: str) -> dict[str, str]:

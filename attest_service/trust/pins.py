@@ -13,8 +13,10 @@ serve the CLI, the tests and a CI gate:
 - :func:`add_pins` / :func:`add_fingerprint_pin` / :func:`add_from_document` / :func:`remove_pin`: change one
   cloud's intermediates atomically (temporary file and ``os.replace``) and keep ``manifest.json`` in step; a
   refused change leaves the directory untouched. :func:`remove_pin` records the removed fingerprint in
-  ``intermediates/removed.txt``, which the AIA fallback honours, so that a removed CA stays distrusted
-  even where the fallback could fetch it again; adding the CA back takes it off that list.
+  ``intermediates/removed.txt``, so that a removed CA stays distrusted even where the fallback could fetch
+  it again or its file comes back (loading leaves such a file out and :func:`check_pins` reports it).
+  Adding the CA back (a file naming it restored or not) takes it off that list; add and remove are each
+  other's inverse.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from attest_service.trust.loading import (
     FINGERPRINT_LIST,
     MANIFEST,
     REMOVED_LIST,
+    excluded_message,
     load_certificates,
     load_trust,
     manifest_entry,
@@ -322,7 +325,11 @@ def _manifest_problems(trust: TrustStore) -> list[Problem]:
                         message=f"{MANIFEST} is missing: pins have no recorded provenance")]
     recorded = {_manifest_key(e) for e in entries}
     found = []
-    present = set()
+    present: set[tuple[str, str, str, str]] = set()
+    for cloud_trust in trust.clouds.values():
+        # A file left out for removed.txt is still a file: whether it has provenance is not the question
+        # (the removed_pinned problem is), but a manifest entry naming it is not stale.
+        present.update((pin.cloud, pin.role, _pin_file(pin), pin.sha256) for pin in cloud_trust.excluded)
     for pin in trust.all_pins():
         key = (pin.cloud, pin.role, _pin_file(pin), pin.sha256)
         present.add(key)
@@ -389,11 +396,8 @@ def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WAR
         cloud = cloud_trust.profile.name
         for pin in (*cloud_trust.roots, *cloud_trust.intermediates):
             problems.extend(_pin_problems(pin, cloud_trust, now, warn))
-            if pin.role == "intermediate" and digests(pin.certificate) & cloud_trust.removed:
-                problems.append(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
-                                        message=f"intermediate {pin.subject_cn} ({pin.source}) is pinned and also "
-                                                f"listed in {cloud}/intermediates/{REMOVED_LIST}: pin it with "
-                                                "certs add (which takes it off the list) or remove the file"))
+        problems.extend(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
+                                message=excluded_message(pin)) for pin in cloud_trust.excluded)
         problems.extend(_duplicates(cloud_trust))
         problems.extend(Problem(kind="certifi_missing", cloud=cloud, subject=CERTIFI_LIST,
                                 sha256="-", message=message) for message in cloud_trust.problems)
@@ -499,8 +503,8 @@ def _rewrite_list(path: Path, *, keep: Callable[[str], bool] = lambda _digest: T
         path.unlink()
 
 
-_REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: the AIA fallback never takes them from "
-                          "a URL again. certs add takes a CA off this list.")
+_REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: never trusted again, neither as a file "
+                          "nor from a URL by the AIA fallback. certs add takes a CA off this list.")
 
 
 def _forget_removed(directory: Path, cloud: str, found: Iterable[str]) -> None:
@@ -546,30 +550,40 @@ def add_pins(directory: Path, cloud: str, data: bytes, *, origin: str, now: date
 
     Every certificate must be a CA, not a self-signed root, valid at ``now`` and chain to a root of the
     cloud (through its pinned intermediates or the other certificates of ``data``). Raises ConfigurationError
-    (nothing written) otherwise. Already pinned certificates are reported and left as they are.
+    (nothing written) otherwise. Already pinned certificates are reported and left as they are. A
+    certificate whose file is in the directory but left out because ``removed.txt`` lists it is trusted
+    again through that file (not written twice); every certificate of ``data`` comes off ``removed.txt``.
     """
     trust = load_trust(directory)
     cloud_trust = trust.for_cloud(cloud)
     certificates = load_certificates(data, origin=origin)
     pinned = {pin.sha256: pin for pin in cloud_trust.intermediates}
+    restored = {pin.sha256: pin for pin in cloud_trust.excluded if pin.role == "intermediate"}
     for certificate in certificates:
         if fingerprint(certificate) not in pinned:
             _refuse_candidate(certificate, cloud_trust, [c for c in certificates if c is not certificate], now)
+    recorded = {_manifest_key(e) for e in read_manifest(directory) or []}
     changes: list[PinChange] = []
     entries: list[dict[str, str]] = []
+    written: list[tuple[Path, x509.Certificate]] = []
     for certificate in certificates:
         digest = fingerprint(certificate)
         if digest in pinned:
             changes.append(PinChange(cloud=cloud, file=_pin_file(pinned[digest]), subject=pinned[digest].subject_cn,
                                      sha256=digest, action="already_pinned"))
             continue
-        relative = f"{cloud}/intermediates/{pin_filename(certificate)}"
-        pin = PinnedCertificate(cloud=cloud, role="intermediate", certificate=certificate, source=f"file:{relative}")
-        entries.append(manifest_entry(pin, source or f"certs add {origin} on {now.date().isoformat()}"))
-        changes.append(PinChange(cloud=cloud, file=relative, subject=pin.subject_cn, sha256=digest, action="added"))
-    for change, certificate in zip(changes, certificates, strict=True):
-        if change.action == "added":
-            _atomic_write(directory / change.file, certificate.public_bytes(serialization.Encoding.PEM))
+        pin = restored.get(digest)
+        if pin is None:
+            relative = f"{cloud}/intermediates/{pin_filename(certificate)}"
+            pin = PinnedCertificate(cloud=cloud, role="intermediate", certificate=certificate,
+                                    source=f"file:{relative}")
+            written.append((directory / relative, certificate))
+        if (cloud, "intermediate", _pin_file(pin), digest) not in recorded:
+            entries.append(manifest_entry(pin, source or f"certs add {origin} on {now.date().isoformat()}"))
+        changes.append(PinChange(cloud=cloud, file=_pin_file(pin), subject=pin.subject_cn, sha256=digest,
+                                 action="added"))
+    for path, certificate in written:
+        _atomic_write(path, certificate.public_bytes(serialization.Encoding.PEM))
     # An operator pinning a CA again means it: it comes off the removed list the AIA fallback honours.
     _forget_removed(directory, cloud, set().union(*(digests(c) for c in certificates)))
     if entries:
@@ -717,7 +731,9 @@ def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None 
     cloud_trust = trust.for_cloud(cloud)
     parsed = normalise_digest(which)
     wanted = parsed[1] if parsed is not None else None
-    matches = [pin for pin in cloud_trust.intermediates
+    # A file left out for removed.txt is still removed: certs remove deletes what certs add would restore.
+    files = (*cloud_trust.intermediates, *(pin for pin in cloud_trust.excluded if pin.role == "intermediate"))
+    matches = [pin for pin in files
                if (wanted in digests(pin.certificate) if wanted is not None else
                    pin.path is not None and which.strip() in (pin.path.name, _pin_file(pin)))]
     by_fingerprint = [pin for pin in cloud_trust.fingerprint_pins if pin.digest == wanted]
@@ -731,7 +747,7 @@ def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None 
     if matches:
         path = matches[0].path
         assert path is not None  # noqa: S101 - intermediates are always files
-        siblings = [pin for pin in cloud_trust.intermediates if pin.path == path and pin not in matches]
+        siblings = [pin for pin in files if pin.path == path and pin not in matches]
         if siblings:
             _atomic_write(path, b"".join(p.certificate.public_bytes(serialization.Encoding.PEM) for p in siblings))
         else:

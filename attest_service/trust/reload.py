@@ -29,6 +29,10 @@ that describes the trust of the process answering ``/metrics``):
   cloud's issuing CAs name and the signer names an allow-listed caIssuers URL); others count under
   ``unrecognised``, and plausible ones beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS` under ``other``.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
+- ``attest_trust_problems``: what the trust in use passed over when it loaded (a file that is not a pin, a
+  root certifi no longer carries, a pinned file ``removed.txt`` lists and that is therefore not trusted);
+  each is also logged at WARNING on every load. Such a load succeeds, but trusts less than the files seem
+  to say.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from attest_service.errors import AttestError, ConfigurationError, UntrustedChai
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import AiaPolicy
+from attest_service.trust.loading import excluded_message
 from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
@@ -86,6 +91,10 @@ RELOADS: Final = Counter("attest_trust_reload", "Loads of a changed pinned direc
                          ["result"])
 RELOAD_FAILING: Final = Gauge("attest_trust_reload_failing",
                               "1 while the pinned directory cannot be loaded and the last good trust is in use.",
+                              multiprocess_mode="livemax")
+TRUST_PROBLEMS: Final = Gauge("attest_trust_problems",
+                              "Problems the trust in use was loaded with (files not loaded, certifi roots missing, "
+                              "pinned files removed.txt lists): each narrows the trust; the log names them.",
                               multiprocess_mode="livemax")
 VERIFICATIONS_BY_ISSUER: Final = Counter("attest_verifications_by_issuer",
                                          "Verified documents by the common name of the signer's issuing CA.",
@@ -151,11 +160,15 @@ def _load(directory: Path) -> TrustStore:
     return trust
 
 
+def _problems(trust: TrustStore) -> list[str]:
+    """What a load passed over: each narrows the trust without failing the load."""
+    return [message for cloud in trust.clouds.values()
+            for message in (*cloud.problems, *cloud.ignored, *map(excluded_message, cloud.excluded))]
+
+
 def _log_problems(trust: TrustStore) -> None:
-    """Warn about what a load passed over: each narrows the trust without failing the load."""
-    for cloud in trust.clouds.values():
-        for message in (*cloud.problems, *cloud.ignored):
-            LOG.warning("pinned directory %s: %s", trust.directory, message)
+    for message in _problems(trust):
+        LOG.warning("pinned directory %s: %s", trust.directory, message)
 
 
 def _issuer_label(issuer: x509.Name | str) -> str:
@@ -399,6 +412,7 @@ _published: TrustHolder | None = None
 def _publish(holder: TrustHolder) -> None:
     global _published  # noqa: PLW0603 - one trust per process is exposed; the newest holder is it
     _published = holder
+    TRUST_PROBLEMS.set(len(_problems(holder.trust)))
 
 
 class PinnedCertificateCollector(Collector):

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from attest_service.errors import ConfigurationError, SignatureInvalid, UntrustedChain
 from attest_service.imds import pki
-from attest_service.trust import fingerprint
+from attest_service.trust import fingerprint, load_trust
 from attest_service.trust.pins import add_pins, remove_pin
 from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
@@ -272,3 +272,41 @@ def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_ke
     assert not failures
     assert counts[0] > 0
     assert _sample("attest_trust_reload_total", result="success") > reloads
+
+
+def test_a_removed_pin_copied_back_by_hand_stays_distrusted_until_certs_add(pinned: Path, pki_set: Pki, run_cli,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Loading used to consult removed.txt for the AIA fallback only: a removed CA whose file came back (by
+    # hand, from a backup) was trusted again without anyone deciding so.
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    document = sign_document(pki_set.leaf, pki_set.now)
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    [path] = (pinned / "public" / "intermediates").glob("*.pem")
+    backup = path.read_bytes()
+    remove_pin(pinned, "public", fingerprint(pki_set.issuing.certificate))
+    clock.now += 1
+    with pytest.raises(UntrustedChain):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    path.write_bytes(backup)
+    clock.now += 1
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        with pytest.raises(UntrustedChain):
+            holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert not holder.failing  # the rest of the directory is in use; only that CA is left out
+    assert any("Ops Test Issuing CA 01" in r.getMessage() and "is listed in public/intermediates/removed.txt and "
+               "is not trusted" in r.getMessage() for r in caplog.records)
+    assert _sample("attest_trust_problems") == 1
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "removed_pinned: public: intermediate Ops Test Issuing CA 01" in out
+    # Pinning it again is the operator's decision: certs add trusts the file that is there and unlists it.
+    code, out, err = run_cli("certs", "add", "--cloud", "public", "--pinned-certs", str(pinned), str(path))
+    assert code == 0, err
+    assert f"added: public: Ops Test Issuing CA 01 sha256 {fingerprint(pki_set.issuing.certificate)}" in out
+    assert list((pinned / "public" / "intermediates").glob("*.pem")) == [path]
+    assert not load_trust(pinned).for_cloud("public").removed
+    clock.now += 1
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert _sample("attest_trust_problems") == 0
+    assert run_cli("certs", "check", "--pinned-certs", str(pinned))[0] == 0
