@@ -7,9 +7,10 @@ serve the CLI, the tests and a CI gate:
   :func:`list_fingerprint_pins`: the intermediates pinned by fingerprint only (awaiting a fetch).
 - :func:`check_pins`: the problems an operator must act on (expired, expiring, unchained, not a CA,
   duplicate, certifi root missing, a file that is not loaded, a removed CA still pinned, a fingerprint pin
-  the fallback cannot fetch, manifest out of sync). Expired pins are *retired*: they are kept on
-  purpose so old documents can be verified at their own instant (``verify --at``), so ``allow_retired``
-  turns them into notes, as long as each still chains to a root inside its own validity.
+  the fallback cannot fetch, a line of ``removed.txt`` that is not a fingerprint, manifest out of sync).
+  Expired pins are *retired*: they are kept on purpose so old documents can be verified at their own
+  instant (``verify --at``), so ``allow_retired`` turns them into notes, as long as each still chains to a
+  root inside its own validity.
 - :func:`add_pins` / :func:`add_fingerprint_pin` / :func:`add_from_document` / :func:`remove_pin`: change one
   cloud's intermediates atomically (temporary file and ``os.replace``) and keep ``manifest.json`` in step; a
   refused change leaves the directory untouched. :func:`remove_pin` records the removed fingerprint in
@@ -53,6 +54,7 @@ from attest_service.trust.loading import (
     excluded_message,
     load_certificates,
     load_trust,
+    loose_digests,
     manifest_entry,
     normalise_digest,
 )
@@ -77,7 +79,7 @@ _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 Status = Literal["active", "expiring", "retired", "not_yet_valid"]
 ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest",
-                      "not_loaded", "removed_pinned", "fingerprint", "awaiting_fetch"]
+                      "not_loaded", "removed_pinned", "removed_list", "fingerprint", "awaiting_fetch"]
 FingerprintStatus = Literal["awaiting_fetch", "pinned"]
 
 
@@ -398,6 +400,8 @@ def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WAR
             problems.extend(_pin_problems(pin, cloud_trust, now, warn))
         problems.extend(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
                                 message=excluded_message(pin)) for pin in cloud_trust.excluded)
+        problems.extend(Problem(kind="removed_list", cloud=cloud, subject=message.partition(": ")[0], sha256="-",
+                                message=message) for message in cloud_trust.removed_errors)
         problems.extend(_duplicates(cloud_trust))
         problems.extend(Problem(kind="certifi_missing", cloud=cloud, subject=CERTIFI_LIST,
                                 sha256="-", message=message) for message in cloud_trust.problems)
@@ -507,6 +511,25 @@ _REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: nev
                           "nor from a URL by the AIA fallback. certs add takes a CA off this list.")
 
 
+def _refuse_broken_removal(directory: Path, cloud: str, found: Iterable[str]) -> None:
+    """Refuse to pin a CA that a line of the removed list names without being a well-formed entry.
+
+    Such a line cannot be rewritten without the CA on it (it may name others too), so the CA would stay
+    removed after the add; the operator fixes the line first.
+    """
+    wanted = set(found)
+    path = directory / cloud / "intermediates" / REMOVED_LIST
+    if not path.is_file():
+        return
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        text = line.partition("#")[0].strip()
+        if not text or normalise_digest(text.split()[0]) is not None:
+            continue
+        if wanted & loose_digests(text):
+            raise ConfigurationError(f"{cloud}/intermediates/{REMOVED_LIST}:{number} names this CA on a line that is "
+                                     "not a fingerprint entry: fix or delete that line first")
+
+
 def _forget_removed(directory: Path, cloud: str, found: Iterable[str]) -> None:
     """Take ``found`` digests off the cloud's removed list (an operator pins the CA again)."""
     wanted = set(found)
@@ -562,6 +585,7 @@ def add_pins(directory: Path, cloud: str, data: bytes, *, origin: str, now: date
     for certificate in certificates:
         if fingerprint(certificate) not in pinned:
             _refuse_candidate(certificate, cloud_trust, [c for c in certificates if c is not certificate], now)
+    _refuse_broken_removal(directory, cloud, set().union(*(digests(c) for c in certificates)))
     recorded = {_manifest_key(e) for e in read_manifest(directory) or []}
     changes: list[PinChange] = []
     entries: list[dict[str, str]] = []
@@ -623,6 +647,7 @@ def add_fingerprint_pin(directory: Path, cloud: str, digest: str, *, url: str | 
         return PinChange(cloud=cloud, file=relative, subject=label, sha256=value, action="already_pinned")
     pin = FingerprintPin(cloud=cloud, algorithm=algorithm, digest=value, url=url, name=label,
                          source=f"fingerprint:{relative}")
+    _refuse_broken_removal(directory, cloud, {value})
     _rewrite_list(directory / relative, append=[f"{value}  {url or '-'}  # {label}"], header=_FINGERPRINT_HEADER)
     _forget_removed(directory, cloud, {value})
     _write_manifest(trust, directory, add_fingerprints=[fingerprint_manifest_entry(

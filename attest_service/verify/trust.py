@@ -112,6 +112,9 @@ class CloudTrust:
     #: Pinned files' certificates left out of ``roots`` and ``intermediates`` because ``removed`` lists them
     #: (a removed pin copied back by hand): reported, and trusted again only once taken off the list.
     excluded: tuple[PinnedCertificate, ...] = ()
+    #: Lines of ``removed.txt`` that are not a fingerprint, each as ``file:line: reason``: reported, never
+    #: a reason to fail the load (a removed list can only distrust).
+    removed_errors: tuple[str, ...] = ()
     #: Files under ``roots/`` or ``intermediates/`` that were not loaded (a pin saved as ``.crt``, a stray
     #: directory), each with the reason: reported, because such a file silently trusts less than intended.
     ignored: tuple[str, ...] = ()
