@@ -150,6 +150,8 @@ def run_add(args: argparse.Namespace) -> int:
                                        issuer_origin=Path(args.issuer).name if args.issuer else "issuer file",
                                        source=args.source)
             _say(f"issuer of the document's signer: {pinned.issuer}, from {pinned.origin}")
+            for other in pinned.ignored:
+                _complain(f"note: {other} in {pinned.origin} is not the signer's issuer: not pinned")
             _say_changes(pinned.changes)
             return EXIT_VERIFIED
         _say_changes(add_pins(directory, args.cloud, _read_file(args.file), origin=Path(args.file).name, now=now,
@@ -236,7 +238,8 @@ def register(subparsers: Subparsers) -> None:
     add.add_argument("--from-document", metavar="DOC",
                      help="pin the issuer of this document's signer (IMDS response, base64 or DER), fetched from "
                           "its caIssuers URL under the AIA fallback's rules, or taken from --issuer")
-    add.add_argument("--issuer", metavar="FILE", help="with --from-document: the issuer's certificate(s)")
+    add.add_argument("--issuer", metavar="FILE", help="with --from-document: a file holding the issuer's certificate "
+                                                    "(only the certificate that issued the signer is pinned)")
     add.set_defaults(handler=run_add)
 
     remove = actions.add_parser("remove", help="unpin an intermediate")

@@ -20,7 +20,8 @@ fallback treats every document as possibly forged:
    failures of fetching or parsing (the negative TTL). The CA rules run on every use against the trust in
    use, so a reload that removes a pin or a root takes effect at once; whether the CA issued this
    document's signer is checked per document and never cached. A forged document that names the real new
-   CA and its real URL is refused on its own and leaves the URL usable for genuine documents.
+   CA and its real URL is refused on its own and leaves the URL usable for genuine documents. Each cache
+   holds :data:`MAX_CACHE_ENTRIES` URLs and drops the one stored longest ago to make room.
 3. Work is bounded: one fetch per URL at a time (later requests for it wait for that answer instead of
    fetching again), and per cloud a token bucket of :data:`FETCH_BURST` fetches refilled at
    :data:`FETCHES_PER_MINUTE` a minute, so forged documents naming ever new allowed paths cost at most that
@@ -84,7 +85,7 @@ LOG: Final = logging.getLogger(__name__)
 POSITIVE_TTL_SECONDS: Final = 3600.0
 #: How long a URL whose fetch failed (or whose CA failed the CA rules) is not fetched again, in seconds.
 NEGATIVE_TTL_SECONDS: Final = 300.0
-#: URLs remembered per cache; the allow-list keeps the real set to a handful.
+#: URLs remembered per cache (the oldest stored is evicted first); the allow-list keeps the real set to a handful.
 MAX_CACHE_ENTRIES: Final = 256
 #: Outbound fetches a cloud may start at once, per process; a rotation needs one per new CA.
 FETCH_BURST: Final = 10
@@ -103,9 +104,15 @@ _V = TypeVar("_V")
 
 
 def _remember(cache: dict[str, _V], url: str, value: _V) -> None:
-    # Bounded by clearing: the allow-list and the fetch budget keep the real number of URLs far below it.
-    if len(cache) >= MAX_CACHE_ENTRIES and url not in cache:
-        cache.clear()
+    """Store ``value`` for ``url`` as the newest entry, evicting the oldest beyond :data:`MAX_CACHE_ENTRIES`.
+
+    Oldest by insertion (dicts keep it; storing a URL again makes it the newest), so that a flood of new
+    URLs pushes out the URLs it outlived one by one, never the answers for the cloud's genuine URLs all at
+    once. The fetch budget bounds how fast a flood can add entries at all.
+    """
+    cache.pop(url, None)
+    while len(cache) >= MAX_CACHE_ENTRIES:
+        del cache[next(iter(cache))]
     cache[url] = value
 
 

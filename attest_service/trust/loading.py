@@ -6,8 +6,24 @@ Layout of a pinned directory (``ATTEST_PINNED_CERTS``, default the bundled ``pin
     <cloud>/roots/certifi.txt               SHA-256 fingerprints of roots to take from certifi's bundle
     <cloud>/intermediates/*.pem             pinned issuing CAs; the only intermediates a chain may use
     <cloud>/intermediates/fingerprints.txt  issuing CAs pinned by fingerprint, with the URL to fetch them from
-    <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never fetched again
+    <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never trusted again
     manifest.json                           provenance of every pin (checked by the tests and ``certs check``)
+
+A certificate whose SHA-256 or SHA-1 ``removed.txt`` lists is not trusted in that cloud, whatever else says
+so: a pinned file holding it (under ``roots/`` or ``intermediates/``: a removed pin copied back by hand or
+restored from a backup) is left out of the trust and named in :attr:`CloudTrust.excluded`, for ``certs
+check`` and the reload's log; the AIA fallback never takes it from a URL. Only ``certs add`` (which takes it
+off the list) or deleting its line brings it back.
+
+``removed.txt`` fails closed and never fails a load: every line whose first field is a fingerprint removes
+that CA; a line that is not one is named with its line number in :attr:`CloudTrust.removed_errors` (for
+``certs check`` and the reload's log), and any SHA-256 or SHA-1 hex written in it outside the comment
+removes that CA all the same. Failing the load instead would keep the last good trust, which may hold the
+very CA the line was meant to remove. When the directory does not load for another reason, the reload
+still applies the removed lists it can read to the last good trust (:func:`without_removed`). So once
+``removed.txt`` names a CA, no document chaining through it verifies, whatever else is broken; the one
+exception is a ``removed.txt`` that cannot be read at all (unreadable, over the size limit), which fails
+the load like any unreadable file.
 
 Certificates carried inside a document are never added here: a chain runs through these pins only.
 Any other file under ``roots/`` or ``intermediates/`` (a pin saved as ``.crt``, say) is not loaded and is
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import re
 import warnings
@@ -35,7 +52,15 @@ from cryptography import x509
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
-from attest_service.verify.trust import CloudTrust, DigestAlgorithm, FingerprintPin, PinnedCertificate, Role, TrustStore
+from attest_service.verify.trust import (
+    CloudTrust,
+    DigestAlgorithm,
+    FingerprintPin,
+    PinnedCertificate,
+    Role,
+    TrustStore,
+    digests,
+)
 
 #: File in ``<cloud>/roots/`` naming roots to take from certifi, one SHA-256 (hex) per line.
 CERTIFI_LIST: Final = "certifi.txt"
@@ -48,6 +73,9 @@ MANIFEST: Final = "manifest.json"
 #: Refuse to read larger files: a pinned PEM is a few KiB, and the directory may be operator-mounted.
 MAX_PEM_BYTES: Final = 256 * 1024
 
+#: A SHA-256 or SHA-1 hex digest anywhere in a line (colons between byte pairs allowed), lower case.
+_LOOSE_DIGEST: Final = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{64}|[0-9a-f]{40}|(?:[0-9a-f]{2}:){31}[0-9a-f]{2}|"
+                                  r"(?:[0-9a-f]{2}:){19}[0-9a-f]{2})(?![0-9a-f:])")
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL)
 #: Hex digest lengths of the fingerprints a list may hold.
 _DIGEST_ALGORITHMS: Final[dict[int, DigestAlgorithm]] = {64: "sha256", 40: "sha1"}
@@ -162,14 +190,71 @@ def _read_fingerprint_list(path: Path, cloud: str, base: Path) -> list[Fingerpri
     return pins
 
 
-def _read_removed_list(path: Path) -> frozenset[str]:
+def _read_removed_list(path: Path, base: Path) -> tuple[frozenset[str], tuple[str, ...]]:
+    """``(digests, errors)`` of a removed list: it never fails a load, since every line can only distrust.
+
+    A line whose first field is a fingerprint removes that CA. Any other line is an error, named with its
+    line number, and every SHA-256 or SHA-1 hex run written in it (outside the comment) still removes that
+    CA: refusing the whole file would keep a trust that may hold the very CA the operator meant to remove.
+    """
     removed = set()
+    errors = []
+    relative = path.relative_to(base).as_posix()
     for number, text, _ in _list_lines(path):
         parsed = normalise_digest(text.split()[0])
-        if parsed is None:
-            raise ConfigurationError(f"{path}:{number}: {text[:120]!r} is not a SHA-256 or SHA-1 fingerprint")
-        removed.add(parsed[1])
-    return frozenset(removed)
+        if parsed is not None:
+            removed.add(parsed[1])
+            continue
+        found = loose_digests(text)
+        removed.update(found)
+        outcome = (f"the fingerprint{'s' if len(found) > 1 else ''} in it {'are' if len(found) > 1 else 'is'} "
+                   "applied all the same" if found else "it removes nothing")
+        errors.append(f"{relative}:{number}: {text[:120]!r} is not a SHA-256 or SHA-1 fingerprint (expected "
+                      f"'HEX  # comment'): {outcome}")
+    return frozenset(removed), tuple(errors)
+
+
+def loose_digests(text: str) -> frozenset[str]:
+    """Every SHA-256 or SHA-1 hex digest written anywhere in ``text`` (colons allowed), lower case."""
+    return frozenset(match.replace(":", "") for match in _LOOSE_DIGEST.findall(text.lower()))
+
+
+def read_removed(directory: Path) -> dict[str, frozenset[str]]:
+    """The digests each cloud's removed list names now, for a directory that may not load as a whole.
+
+    Never raises: a cloud whose list cannot be read at all is left out (its load error says why).
+    """
+    removed: dict[str, frozenset[str]] = {}
+    for name in CLOUDS:
+        path = directory / name / "intermediates" / REMOVED_LIST
+        try:
+            if path.is_file():
+                removed[name] = _read_removed_list(path, directory)[0]
+        except (OSError, ConfigurationError):
+            continue
+    return removed
+
+
+def _exclude(trust: CloudTrust, removed: frozenset[str]) -> CloudTrust:
+    """``trust`` with ``removed`` added to its removed digests and every pinned certificate they name excluded."""
+    removed = trust.removed | removed
+    excluded = tuple(pin for pin in (*trust.roots, *trust.intermediates) if digests(pin.certificate) & removed)
+    return dataclasses.replace(trust, roots=tuple(pin for pin in trust.roots if pin not in excluded),
+                               intermediates=tuple(pin for pin in trust.intermediates if pin not in excluded),
+                               removed=removed, excluded=(*trust.excluded, *excluded))
+
+
+def without_removed(trust: TrustStore, removed: Mapping[str, frozenset[str]]) -> TrustStore:
+    """``trust`` minus every CA ``removed`` (from :func:`read_removed`) names per cloud.
+
+    ``trust`` itself when that removes nothing new. The reload applies a removal to the last good trust with
+    it when the directory does not load.
+    """
+    changed = {name: _exclude(cloud, removed[name]) for name, cloud in trust.clouds.items()
+               if not removed.get(name, frozenset()) <= cloud.removed}
+    if not changed:
+        return trust
+    return dataclasses.replace(trust, clouds=MappingProxyType({**trust.clouds, **changed}))
 
 
 def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
@@ -227,11 +312,20 @@ def load_trust(directory: Path) -> TrustStore:
         fingerprint_pins = (_read_fingerprint_list(fingerprint_list, name, directory)
                             if fingerprint_list.is_file() else [])
         removed_list = cloud_dir / "intermediates" / REMOVED_LIST
-        removed = _read_removed_list(removed_list) if removed_list.is_file() else frozenset()
-        clouds[name] = CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
-                                  problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
-                                  removed=removed, ignored=tuple(ignored))
+        removed, removed_errors = (_read_removed_list(removed_list, directory) if removed_list.is_file()
+                                   else (frozenset(), ()))
+        clouds[name] = _exclude(CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
+                                           problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
+                                           ignored=tuple(ignored), removed_errors=removed_errors), removed)
     return TrustStore(clouds=MappingProxyType(clouds), directory=directory)
+
+
+def excluded_message(pin: PinnedCertificate) -> str:
+    """Why a pinned file's certificate is not trusted (:attr:`CloudTrust.excluded`) and what brings it back."""
+    again = ("certs add it to trust it again (that takes it off the list)" if pin.role == "intermediate" else
+             "delete its line from the list to trust it again (roots are not added with certs add)")
+    return (f"{pin.role} {pin.subject_cn} ({pin.source}, sha256 {pin.sha256}) is listed in {pin.cloud}/intermediates/"
+            f"{REMOVED_LIST} and is not trusted: {again}, or delete the file")
 
 
 def manifest_entry(pin: PinnedCertificate, source: str) -> dict[str, str]:

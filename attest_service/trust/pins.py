@@ -7,14 +7,17 @@ serve the CLI, the tests and a CI gate:
   :func:`list_fingerprint_pins`: the intermediates pinned by fingerprint only (awaiting a fetch).
 - :func:`check_pins`: the problems an operator must act on (expired, expiring, unchained, not a CA,
   duplicate, certifi root missing, a file that is not loaded, a removed CA still pinned, a fingerprint pin
-  the fallback cannot fetch, manifest out of sync). Expired pins are *retired*: they are kept on
-  purpose so old documents can be verified at their own instant (``verify --at``), so ``allow_retired``
-  turns them into notes, as long as each still chains to a root inside its own validity.
+  the fallback cannot fetch, a line of ``removed.txt`` that is not a fingerprint, manifest out of sync).
+  Expired pins are *retired*: they are kept on purpose so old documents can be verified at their own
+  instant (``verify --at``), so ``allow_retired`` turns them into notes, as long as each still chains to a
+  root inside its own validity.
 - :func:`add_pins` / :func:`add_fingerprint_pin` / :func:`add_from_document` / :func:`remove_pin`: change one
   cloud's intermediates atomically (temporary file and ``os.replace``) and keep ``manifest.json`` in step; a
   refused change leaves the directory untouched. :func:`remove_pin` records the removed fingerprint in
-  ``intermediates/removed.txt``, which the AIA fallback honours, so that a removed CA stays distrusted
-  even where the fallback could fetch it again; adding the CA back takes it off that list.
+  ``intermediates/removed.txt``, so that a removed CA stays distrusted even where the fallback could fetch
+  it again or its file comes back (loading leaves such a file out and :func:`check_pins` reports it).
+  Adding the CA back (a file naming it restored or not) takes it off that list; add and remove are each
+  other's inverse.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ from attest_service.trust.loading import (
     FINGERPRINT_LIST,
     MANIFEST,
     REMOVED_LIST,
+    excluded_message,
     load_certificates,
     load_trust,
+    loose_digests,
     manifest_entry,
     normalise_digest,
 )
@@ -74,7 +79,7 @@ _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 Status = Literal["active", "expiring", "retired", "not_yet_valid"]
 ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest",
-                      "not_loaded", "removed_pinned", "fingerprint", "awaiting_fetch"]
+                      "not_loaded", "removed_pinned", "removed_list", "fingerprint", "awaiting_fetch"]
 FingerprintStatus = Literal["awaiting_fetch", "pinned"]
 
 
@@ -322,7 +327,11 @@ def _manifest_problems(trust: TrustStore) -> list[Problem]:
                         message=f"{MANIFEST} is missing: pins have no recorded provenance")]
     recorded = {_manifest_key(e) for e in entries}
     found = []
-    present = set()
+    present: set[tuple[str, str, str, str]] = set()
+    for cloud_trust in trust.clouds.values():
+        # A file left out for removed.txt is still a file: whether it has provenance is not the question
+        # (the removed_pinned problem is), but a manifest entry naming it is not stale.
+        present.update((pin.cloud, pin.role, _pin_file(pin), pin.sha256) for pin in cloud_trust.excluded)
     for pin in trust.all_pins():
         key = (pin.cloud, pin.role, _pin_file(pin), pin.sha256)
         present.add(key)
@@ -389,11 +398,10 @@ def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WAR
         cloud = cloud_trust.profile.name
         for pin in (*cloud_trust.roots, *cloud_trust.intermediates):
             problems.extend(_pin_problems(pin, cloud_trust, now, warn))
-            if pin.role == "intermediate" and digests(pin.certificate) & cloud_trust.removed:
-                problems.append(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
-                                        message=f"intermediate {pin.subject_cn} ({pin.source}) is pinned and also "
-                                                f"listed in {cloud}/intermediates/{REMOVED_LIST}: pin it with "
-                                                "certs add (which takes it off the list) or remove the file"))
+        problems.extend(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
+                                message=excluded_message(pin)) for pin in cloud_trust.excluded)
+        problems.extend(Problem(kind="removed_list", cloud=cloud, subject=message.partition(": ")[0], sha256="-",
+                                message=message) for message in cloud_trust.removed_errors)
         problems.extend(_duplicates(cloud_trust))
         problems.extend(Problem(kind="certifi_missing", cloud=cloud, subject=CERTIFI_LIST,
                                 sha256="-", message=message) for message in cloud_trust.problems)
@@ -499,8 +507,27 @@ def _rewrite_list(path: Path, *, keep: Callable[[str], bool] = lambda _digest: T
         path.unlink()
 
 
-_REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: the AIA fallback never takes them from "
-                          "a URL again. certs add takes a CA off this list.")
+_REMOVED_HEADER: Final = ("# Fingerprints of CAs unpinned with certs remove: never trusted again, neither as a file "
+                          "nor from a URL by the AIA fallback. certs add takes a CA off this list.")
+
+
+def _refuse_broken_removal(directory: Path, cloud: str, found: Iterable[str]) -> None:
+    """Refuse to pin a CA that a line of the removed list names without being a well-formed entry.
+
+    Such a line cannot be rewritten without the CA on it (it may name others too), so the CA would stay
+    removed after the add; the operator fixes the line first.
+    """
+    wanted = set(found)
+    path = directory / cloud / "intermediates" / REMOVED_LIST
+    if not path.is_file():
+        return
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        text = line.partition("#")[0].strip()
+        if not text or normalise_digest(text.split()[0]) is not None:
+            continue
+        if wanted & loose_digests(text):
+            raise ConfigurationError(f"{cloud}/intermediates/{REMOVED_LIST}:{number} names this CA on a line that is "
+                                     "not a fingerprint entry: fix or delete that line first")
 
 
 def _forget_removed(directory: Path, cloud: str, found: Iterable[str]) -> None:
@@ -546,30 +573,41 @@ def add_pins(directory: Path, cloud: str, data: bytes, *, origin: str, now: date
 
     Every certificate must be a CA, not a self-signed root, valid at ``now`` and chain to a root of the
     cloud (through its pinned intermediates or the other certificates of ``data``). Raises ConfigurationError
-    (nothing written) otherwise. Already pinned certificates are reported and left as they are.
+    (nothing written) otherwise. Already pinned certificates are reported and left as they are. A
+    certificate whose file is in the directory but left out because ``removed.txt`` lists it is trusted
+    again through that file (not written twice); every certificate of ``data`` comes off ``removed.txt``.
     """
     trust = load_trust(directory)
     cloud_trust = trust.for_cloud(cloud)
     certificates = load_certificates(data, origin=origin)
     pinned = {pin.sha256: pin for pin in cloud_trust.intermediates}
+    restored = {pin.sha256: pin for pin in cloud_trust.excluded if pin.role == "intermediate"}
     for certificate in certificates:
         if fingerprint(certificate) not in pinned:
             _refuse_candidate(certificate, cloud_trust, [c for c in certificates if c is not certificate], now)
+    _refuse_broken_removal(directory, cloud, set().union(*(digests(c) for c in certificates)))
+    recorded = {_manifest_key(e) for e in read_manifest(directory) or []}
     changes: list[PinChange] = []
     entries: list[dict[str, str]] = []
+    written: list[tuple[Path, x509.Certificate]] = []
     for certificate in certificates:
         digest = fingerprint(certificate)
         if digest in pinned:
             changes.append(PinChange(cloud=cloud, file=_pin_file(pinned[digest]), subject=pinned[digest].subject_cn,
                                      sha256=digest, action="already_pinned"))
             continue
-        relative = f"{cloud}/intermediates/{pin_filename(certificate)}"
-        pin = PinnedCertificate(cloud=cloud, role="intermediate", certificate=certificate, source=f"file:{relative}")
-        entries.append(manifest_entry(pin, source or f"certs add {origin} on {now.date().isoformat()}"))
-        changes.append(PinChange(cloud=cloud, file=relative, subject=pin.subject_cn, sha256=digest, action="added"))
-    for change, certificate in zip(changes, certificates, strict=True):
-        if change.action == "added":
-            _atomic_write(directory / change.file, certificate.public_bytes(serialization.Encoding.PEM))
+        pin = restored.get(digest)
+        if pin is None:
+            relative = f"{cloud}/intermediates/{pin_filename(certificate)}"
+            pin = PinnedCertificate(cloud=cloud, role="intermediate", certificate=certificate,
+                                    source=f"file:{relative}")
+            written.append((directory / relative, certificate))
+        if (cloud, "intermediate", _pin_file(pin), digest) not in recorded:
+            entries.append(manifest_entry(pin, source or f"certs add {origin} on {now.date().isoformat()}"))
+        changes.append(PinChange(cloud=cloud, file=_pin_file(pin), subject=pin.subject_cn, sha256=digest,
+                                 action="added"))
+    for path, certificate in written:
+        _atomic_write(path, certificate.public_bytes(serialization.Encoding.PEM))
     # An operator pinning a CA again means it: it comes off the removed list the AIA fallback honours.
     _forget_removed(directory, cloud, set().union(*(digests(c) for c in certificates)))
     if entries:
@@ -609,6 +647,7 @@ def add_fingerprint_pin(directory: Path, cloud: str, digest: str, *, url: str | 
         return PinChange(cloud=cloud, file=relative, subject=label, sha256=value, action="already_pinned")
     pin = FingerprintPin(cloud=cloud, algorithm=algorithm, digest=value, url=url, name=label,
                          source=f"fingerprint:{relative}")
+    _refuse_broken_removal(directory, cloud, {value})
     _rewrite_list(directory / relative, append=[f"{value}  {url or '-'}  # {label}"], header=_FINGERPRINT_HEADER)
     _forget_removed(directory, cloud, {value})
     _write_manifest(trust, directory, add_fingerprints=[fingerprint_manifest_entry(
@@ -623,6 +662,8 @@ class DocumentPin:
     changes: tuple[PinChange, ...]
     issuer: str
     origin: str
+    #: The other certificates of the issuer file, not pinned (``subject (sha256 ...)`` each).
+    ignored: tuple[str, ...] = ()
 
 
 def add_from_document(directory: Path, cloud: str, document: bytes, *, now: datetime,
@@ -631,14 +672,15 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
                       source: str | None = None) -> DocumentPin:
     """Pin the issuing CA of the signer of ``document`` (an IMDS response, or its base64 or DER) for ``cloud``.
 
-    The CA comes from ``issuer`` (PEM or DER; the file may add the certificates its chain needs) or, without
-    it, from the signer's caIssuers URL through ``fetcher`` (default: public addresses only) under the AIA
-    fallback's rules (:mod:`attest_service.trust.issuers`: the allow-list; not removed; pinned by
-    fingerprint or of the cloud's organisation; China by fingerprint only). Either way it must be named as
-    the signer's issuer and have signed it, chain to a root of ``cloud`` now, and the document must pass
-    every step up to the chain with it pinned (its age does not matter: an old document shows who signs as
-    well as a fresh one). Then it is pinned as :func:`add_pins` does. Raises ConfigurationError, with
-    nothing written, otherwise.
+    The CA comes from ``issuer`` (PEM or DER: the one certificate of it that is named as the signer's issuer
+    and signed it; the file's other certificates are not pinned, not used and listed in
+    :attr:`DocumentPin.ignored`) or, without it, from the signer's caIssuers URL through ``fetcher``
+    (default: public addresses only) under the AIA fallback's rules (:mod:`attest_service.trust.issuers`:
+    the allow-list; not removed; pinned by fingerprint or of the cloud's organisation; China by fingerprint
+    only). Either way it must be named as the signer's issuer and have signed it, chain to a root of
+    ``cloud`` through the pins already there now, and the document must pass every step up to the chain with
+    it pinned (its age does not matter: an old document shows who signs as well as a fresh one). Then that
+    one CA is pinned as :func:`add_pins` does. Raises ConfigurationError, with nothing written, otherwise.
     """
     policy = policy if policy is not None else AiaPolicy.azure()
     fetcher = fetcher if fetcher is not None else CertificateFetcher()
@@ -649,13 +691,19 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
         signer = signer_certificate(der)
     except AttestError as exc:
         raise ConfigurationError(f"not an attested document: {exc.code}: {exc.message}") from exc
+    ignored: tuple[str, ...] = ()
     if issuer is not None:
         offered = load_certificates(issuer, origin=issuer_origin)
-        ca = next((c for c in offered if c.subject == signer.issuer), None)
+        # The issuer is the certificate that signed the signer, not any certificate carrying its name: a file
+        # may hold an impostor of the same name, and only the one CA the document proves is pinned.
+        ca = next((c for c in offered if _issued(c, signer)), None)
         if ca is None:
-            raise ConfigurationError(f"{issuer_origin} holds no certificate named {signer.issuer.rfc4514_string()}, "
-                                     "the signer's issuer")
-        data, origin = issuer, issuer_origin
+            named = sum(1 for c in offered if c.subject == signer.issuer)
+            why = f"{named} named so did not issue it" if named else "none is named so"
+            raise ConfigurationError(f"{issuer_origin} holds no certificate that issued the document's signer "
+                                     f"(the signer's issuer is {signer.issuer.rfc4514_string()}; {why})")
+        ignored = tuple(f"{common_name(c.subject)} (sha256 {fingerprint(c)})" for c in offered if c is not ca)
+        origin = issuer_origin
     else:
         try:
             url = policy.fetch_url(cloud_trust, ca_issuers_urls(signer))
@@ -664,18 +712,17 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
         except FetchRefused as exc:
             raise ConfigurationError(f"the signer's issuer cannot be taken from its caIssuers URL: {exc.result}: "
                                      f"{exc.message}") from exc
-        offered = [ca]
-        data, origin = ca.public_bytes(serialization.Encoding.PEM), url
-    try:
-        check_issued(ca, signer)
-    except FetchRefused as exc:
-        raise ConfigurationError(exc.message) from exc
+        origin = url
+        try:
+            check_issued(ca, signer)
+        except FetchRefused as exc:
+            raise ConfigurationError(exc.message) from exc
     label = f"{common_name(ca.subject)} (sha256 {fingerprint(ca)})"
-    _refuse_candidate(ca, cloud_trust, [c for c in offered if c is not ca], now)
-    candidates = tuple(PinnedCertificate(cloud=cloud, role="intermediate", certificate=c, source=f"candidate:{origin}")
-                       for c in offered)
+    # Only the pins already there may complete its path: whatever else the file held is not pinned.
+    _refuse_candidate(ca, cloud_trust, [], now)
+    candidate = PinnedCertificate(cloud=cloud, role="intermediate", certificate=ca, source=f"candidate:{origin}")
     with_candidate = TrustStore(clouds={**trust.clouds, cloud: dataclasses.replace(
-        cloud_trust, intermediates=(*cloud_trust.intermediates, *candidates))}, directory=trust.directory)
+        cloud_trust, intermediates=(*cloud_trust.intermediates, candidate))}, directory=trust.directory)
     try:
         Verifier(with_candidate).verify(der, policy=VerificationPolicy(cloud=cloud), now=now)
     except (DocumentExpired, DocumentNotYetValid):
@@ -683,9 +730,18 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
     except AttestError as exc:
         raise ConfigurationError(f"the document does not verify for {cloud} with {label} pinned: {exc.code}: "
                                  f"{exc.message}") from exc
-    changes = add_pins(directory, cloud, data, origin=origin, now=now,
+    changes = add_pins(directory, cloud, ca.public_bytes(serialization.Encoding.PEM), origin=origin, now=now,
                        source=source or f"certs add --from-document: {origin} on {now.date().isoformat()}")
-    return DocumentPin(changes=tuple(changes), issuer=label, origin=origin)
+    return DocumentPin(changes=tuple(changes), issuer=label, origin=origin, ignored=ignored)
+
+
+def _issued(ca: x509.Certificate, signer: x509.Certificate) -> bool:
+    """True when ``ca`` is named as ``signer``'s issuer and its key verifies the signer's signature."""
+    try:
+        check_issued(ca, signer)
+    except FetchRefused:
+        return False
+    return True
 
 
 def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None = None) -> PinChange:
@@ -700,7 +756,9 @@ def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None 
     cloud_trust = trust.for_cloud(cloud)
     parsed = normalise_digest(which)
     wanted = parsed[1] if parsed is not None else None
-    matches = [pin for pin in cloud_trust.intermediates
+    # A file left out for removed.txt is still removed: certs remove deletes what certs add would restore.
+    files = (*cloud_trust.intermediates, *(pin for pin in cloud_trust.excluded if pin.role == "intermediate"))
+    matches = [pin for pin in files
                if (wanted in digests(pin.certificate) if wanted is not None else
                    pin.path is not None and which.strip() in (pin.path.name, _pin_file(pin)))]
     by_fingerprint = [pin for pin in cloud_trust.fingerprint_pins if pin.digest == wanted]
@@ -714,7 +772,7 @@ def remove_pin(directory: Path, cloud: str, which: str, *, now: datetime | None 
     if matches:
         path = matches[0].path
         assert path is not None  # noqa: S101 - intermediates are always files
-        siblings = [pin for pin in cloud_trust.intermediates if pin.path == path and pin not in matches]
+        siblings = [pin for pin in files if pin.path == path and pin not in matches]
         if siblings:
             _atomic_write(path, b"".join(p.certificate.public_bytes(serialization.Encoding.PEM) for p in siblings))
         else:

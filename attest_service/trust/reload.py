@@ -6,7 +6,9 @@ interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint 
 in full and the new Verifier replaces the old one in a single assignment, so a request sees the old trust
 or the new trust, never a mixture. A directory that fails to load leaves the last good trust in place,
 logs the reason, counts ``attest_trust_reload_total{result="failure"}`` and raises the
-``attest_trust_reload_failing`` gauge until a later load succeeds.
+``attest_trust_reload_failing`` gauge until a later load succeeds, with one exception: the CAs the
+directory's ``removed.txt`` files name are taken out of it all the same (a removal only narrows the trust,
+and must not wait for the rest of the directory to be fixed).
 
 SIGHUP: :meth:`TrustHolder.request_reload` only sets a flag (safe in a signal handler); the next request
 reloads whether or not the fingerprint changed. The web application installs the handler in each gunicorn
@@ -29,6 +31,10 @@ that describes the trust of the process answering ``/metrics``):
   cloud's issuing CAs name and the signer names an allow-listed caIssuers URL); others count under
   ``unrecognised``, and plausible ones beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS` under ``other``.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
+- ``attest_trust_problems``: what the trust in use passed over when it loaded (a file that is not a pin, a
+  root certifi no longer carries, a pinned file ``removed.txt`` lists and that is therefore not trusted);
+  each is also logged at WARNING on every load. Such a load succeeds, but trusts less than the files seem
+  to say.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from attest_service.errors import AttestError, ConfigurationError, UntrustedChai
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import AiaPolicy
+from attest_service.trust.loading import excluded_message, read_removed, without_removed
 from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
@@ -86,6 +93,10 @@ RELOADS: Final = Counter("attest_trust_reload", "Loads of a changed pinned direc
                          ["result"])
 RELOAD_FAILING: Final = Gauge("attest_trust_reload_failing",
                               "1 while the pinned directory cannot be loaded and the last good trust is in use.",
+                              multiprocess_mode="livemax")
+TRUST_PROBLEMS: Final = Gauge("attest_trust_problems",
+                              "Problems the trust in use was loaded with (files not loaded, certifi roots missing, "
+                              "pinned files removed.txt lists): each narrows the trust; the log names them.",
                               multiprocess_mode="livemax")
 VERIFICATIONS_BY_ISSUER: Final = Counter("attest_verifications_by_issuer",
                                          "Verified documents by the common name of the signer's issuing CA.",
@@ -151,11 +162,16 @@ def _load(directory: Path) -> TrustStore:
     return trust
 
 
+def _problems(trust: TrustStore) -> list[str]:
+    """What a load passed over: each narrows the trust without failing the load."""
+    return [message for cloud in trust.clouds.values()
+            for message in (*cloud.problems, *cloud.ignored, *map(excluded_message, cloud.excluded),
+                            *cloud.removed_errors)]
+
+
 def _log_problems(trust: TrustStore) -> None:
-    """Warn about what a load passed over: each narrows the trust without failing the load."""
-    for cloud in trust.clouds.values():
-        for message in (*cloud.problems, *cloud.ignored):
-            LOG.warning("pinned directory %s: %s", trust.directory, message)
+    for message in _problems(trust):
+        LOG.warning("pinned directory %s: %s", trust.directory, message)
 
 
 def _issuer_label(issuer: x509.Name | str) -> str:
@@ -298,6 +314,27 @@ class TrustHolder:
         self._failed = seen
         RELOADS.labels(result="failure").inc()
         RELOAD_FAILING.set(1)
+        self._apply_removals()
+
+    def _apply_removals(self) -> None:
+        """Take every CA the directory's removed lists name now out of the last good trust in use.
+
+        A broken directory keeps the last good trust, but a removal is the one change that must not wait for
+        the rest of the directory to be fixed: it only narrows the trust. Removals are never undone here;
+        the next load of good content decides.
+        """
+        current = self._loaded.verifier.trust
+        narrowed = without_removed(current, read_removed(self.directory))
+        if narrowed is current:
+            return
+        # The empty fingerprint matches no directory: whatever good content comes next is loaded in full,
+        # even the very content the last good trust came from.
+        self._loaded = _Loaded(Verifier(narrowed), ())
+        dropped = [f"{pin.cloud}: {pin.subject_cn} (sha256 {pin.sha256})" for cloud in narrowed.clouds.values()
+                   for pin in cloud.excluded if pin not in current.for_cloud(pin.cloud).excluded]
+        LOG.error("pinned directory %s: applied its removed.txt to the last good trust; no longer trusted: %s",
+                  self.directory, "; ".join(dropped) or "no pinned file (the AIA fallback refuses the CAs listed)")
+        _publish(self)
 
     # --- verification ---------------------------------------------------------------------------
 
@@ -399,6 +436,7 @@ _published: TrustHolder | None = None
 def _publish(holder: TrustHolder) -> None:
     global _published  # noqa: PLW0603 - one trust per process is exposed; the newest holder is it
     _published = holder
+    TRUST_PROBLEMS.set(len(_problems(holder.trust)))
 
 
 class PinnedCertificateCollector(Collector):

@@ -106,9 +106,15 @@ class CloudTrust:
     problems: tuple[str, ...] = ()
     #: Intermediates pinned by fingerprint; never chain candidates themselves (they have no bytes here).
     fingerprint_pins: tuple[FingerprintPin, ...] = ()
-    #: Digests (SHA-256 or SHA-1 hex) of CAs ``certs remove`` unpinned (``intermediates/removed.txt``): the
-    #: AIA fallback never takes such a CA from a URL again.
+    #: Digests (SHA-256 or SHA-1 hex) of CAs ``certs remove`` unpinned (``intermediates/removed.txt``): such a
+    #: CA is trusted neither as a pinned file (see ``excluded``) nor from a URL by the AIA fallback.
     removed: frozenset[str] = frozenset()
+    #: Pinned files' certificates left out of ``roots`` and ``intermediates`` because ``removed`` lists them
+    #: (a removed pin copied back by hand): reported, and trusted again only once taken off the list.
+    excluded: tuple[PinnedCertificate, ...] = ()
+    #: Lines of ``removed.txt`` that are not a fingerprint, each as ``file:line: reason``: reported, never
+    #: a reason to fail the load (a removed list can only distrust).
+    removed_errors: tuple[str, ...] = ()
     #: Files under ``roots/`` or ``intermediates/`` that were not loaded (a pin saved as ``.crt``, a stray
     #: directory), each with the reason: reported, because such a file silently trusts less than intended.
     ignored: tuple[str, ...] = ()

@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
 
 from attest_service.errors import UntrustedChain
-from attest_service.trust.aia import AiaFetcher, AiaPolicy, AllowRule, is_public_address
+from attest_service.trust import load_trust
+from attest_service.trust.aia import MAX_CACHE_ENTRIES, AiaFetcher, AiaPolicy, AllowRule, is_public_address
 from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
 
@@ -155,6 +156,29 @@ def test_negative_cache_expires(server: CaServer, pinned: Path, pki_set: Pki, le
     moment[0] = 61
     holder.verify(document, policy=POLICY, now=pki_set.now)
     assert server.hits[path] == 2
+
+
+def test_a_flood_of_new_urls_evicts_the_oldest_answers_not_all_of_them(server: CaServer, pinned: Path,
+                                                                       pki_set: Pki, leaf_key) -> None:
+    # The cache used to be cleared whole when full: one URL past the bound flushed the answers for every
+    # genuine URL at once, and each of them cost a fetch (and the budget) again.
+    ca = make_ca("Ops Issuing CA 42", pki_set.root, pki_set.now)
+    der = ca.certificate.public_bytes(serialization.Encoding.DER)
+    count = MAX_CACHE_ENTRIES + 20
+    signers = [make_leaf(ca, leaf_key, pki_set.now, ca_issuers=[server.publish(f"{PREFIX}ca-{index}.crt", der)])
+               .certificate for index in range(count)]
+    # A clock that stands still (no TTL runs out) and a budget that does not run dry: only the bound evicts.
+    fetcher = _fetcher(server, clock=lambda: 0.0, fetch_burst=2 * count)
+    trust = load_trust(pinned).for_cloud("public")
+    for signer in signers:
+        fetcher.issuer_for(signer, trust, now=pki_set.now)
+    assert sum(server.hits.values()) == count
+    for signer in signers[-MAX_CACHE_ENTRIES:]:
+        fetcher.issuer_for(signer, trust, now=pki_set.now)
+    assert sum(server.hits.values()) == count  # the newest answers all stayed cached
+    assert len(fetcher._answers) <= MAX_CACHE_ENTRIES  # the bound itself
+    fetcher.issuer_for(signers[0], trust, now=pki_set.now)
+    assert server.hits[f"{PREFIX}ca-0.crt"] == 2  # the oldest was the one evicted
 
 
 def test_azure_allow_list() -> None:

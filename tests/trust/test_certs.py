@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from attest_service.errors import UntrustedChain
 from attest_service.imds import pki
 from attest_service.trust import MANIFEST, fingerprint, load_trust
+from attest_service.verify import VerificationPolicy, Verifier
 from tests.support.azure_real import real_documents
 
 from .conftest import (
@@ -308,3 +310,32 @@ def test_console_entry_point_runs_certs_check() -> None:
                              "--pinned-certs", str(BUNDLED)], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- removed.txt wins over the files --------------------------------------------------------------
+
+
+def test_a_root_listed_in_removed_txt_is_not_trusted(run_cli, pinned: Path, pki_set: Pki) -> None:
+    (pinned / "public" / "intermediates" / "removed.txt").write_text(
+        f"{fingerprint(pki_set.root.certificate)}  # Ops Test Root, distrusted by hand\n")
+    trust = load_trust(pinned).for_cloud("public")
+    assert trust.roots == ()
+    assert [pin.subject_cn for pin in trust.excluded] == ["Ops Test Root"]
+    with pytest.raises(UntrustedChain):
+        Verifier(load_trust(pinned)).verify(sign_document(pki_set.leaf, pki_set.now), policy=VerificationPolicy(),
+                                            now=pki_set.now)
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "removed_pinned: public: root Ops Test Root" in out
+    assert "delete its line from the list to trust it again" in out
+
+
+def test_certs_remove_deletes_a_file_left_out_for_removed_txt(run_cli, pinned: Path, pki_set: Pki) -> None:
+    digest = fingerprint(pki_set.issuing.certificate)
+    removed = pinned / "public" / "intermediates" / "removed.txt"
+    removed.write_text(f"{digest}  # listed by hand, file left in place\n")
+    code, out, _ = run_cli("certs", "remove", "--cloud", "public", "--pinned-certs", str(pinned), digest)
+    assert code == 0, out
+    assert not list((pinned / "public" / "intermediates").glob("*.pem"))
+    assert digest in load_trust(pinned).for_cloud("public").removed
+    assert run_cli("certs", "check", "--pinned-certs", str(pinned))[0] == 0

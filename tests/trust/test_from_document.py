@@ -163,3 +163,75 @@ def test_the_forms_of_certs_add_do_not_mix(run_cli, pinned: Path, argv: list[str
     assert code == 2, err
     assert tree_digest(pinned) == before
 
+
+
+# --- --issuer FILE pins the signer's issuer and nothing else ------------------------------------------
+
+
+def _issuer_case(pinned: Path, leaf_key, tmp_path: Path, ca: pki.CertifiedKey,  # type: ignore[no-untyped-def]
+                 *others: pki.CertifiedKey) -> tuple[Path, Path]:
+    """A document signed under ``ca`` and an issuer file holding ``others`` (in that order)."""
+    doc = tmp_path / "document.json"
+    doc.write_bytes(response_json(sign_document(make_leaf(ca, leaf_key, datetime.now(UTC)), datetime.now(UTC))))
+    issuer = tmp_path / "issuer.pem"
+    issuer.write_bytes(pem(*(other.certificate for other in others)))
+    return doc, issuer
+
+
+def test_only_the_issuer_of_the_signer_is_pinned_from_the_issuer_file(run_cli, pinned: Path, pki_set: Pki, leaf_key,
+                                                                     tmp_path: Path) -> None:
+    # The file also holds another valid CA under the pinned root: it used to be pinned with the issuer.
+    successor = make_ca("Ops Issuing CA 91", pki_set.root, pki_set.now)
+    extra = make_ca("Ops Unrelated CA 92", pki_set.root, pki_set.now)
+    doc, issuer = _issuer_case(pinned, leaf_key, tmp_path, successor, extra, successor)
+    code, out, err = run_cli("certs", "add", "--cloud", "public", "--pinned-certs", str(pinned),
+                             "--from-document", str(doc), "--issuer", str(issuer))
+    assert code == 0, err
+    assert "added: public: Ops Issuing CA 91" in out
+    assert f"note: Ops Unrelated CA 92 (sha256 {fingerprint(extra.certificate)}) in issuer.pem" in err
+    pins = load_trust(pinned).for_cloud("public").intermediate_certificates
+    assert successor.certificate in pins
+    assert extra.certificate not in pins
+    recorded = {e["sha256"] for e in json.loads((pinned / MANIFEST).read_text())["certificates"]}
+    assert fingerprint(extra.certificate) not in recorded
+    assert run_cli("certs", "check", "--pinned-certs", str(pinned))[0] == 0
+
+
+def test_an_impostor_of_the_issuers_name_in_the_file_is_passed_over(pinned: Path, pki_set: Pki, leaf_key,
+                                                                    tmp_path: Path) -> None:
+    # Same subject, another key, chaining to the pinned root: its name alone does not make it the issuer.
+    successor = make_ca("Ops Issuing CA 93", pki_set.root, pki_set.now)
+    impostor = make_ca("Ops Issuing CA 93", pki_set.root, pki_set.now)
+    doc, issuer = _issuer_case(pinned, leaf_key, tmp_path, successor, impostor, successor)
+    pinned_doc = add_from_document(pinned, "public", doc.read_bytes(), now=datetime.now(UTC),
+                                   issuer=issuer.read_bytes(), issuer_origin="issuer.pem")
+    assert [c.sha256 for c in pinned_doc.changes] == [fingerprint(successor.certificate)]
+    assert pinned_doc.ignored == (f"Ops Issuing CA 93 (sha256 {fingerprint(impostor.certificate)})",)
+    assert impostor.certificate not in load_trust(pinned).for_cloud("public").intermediate_certificates
+
+
+@pytest.mark.parametrize("case", ["impostor_and_stranger", "chain_only_in_the_file"])
+def test_an_issuer_file_without_the_signers_issuer_is_refused(run_cli, pinned: Path, pki_set: Pki, leaf_key,
+                                                              tmp_path: Path, case: str) -> None:
+    now = pki_set.now
+    if case == "impostor_and_stranger":
+        successor = make_ca("Ops Issuing CA 94", pki_set.root, now)
+        offered = [make_ca("Ops Issuing CA 94", pki_set.root, now), make_ca("Ops Unrelated CA 95", pki_set.root, now)]
+        message = "holds no certificate that issued the document's signer"
+    else:
+        # The issuer chains to the root only through a policy CA the file carries, which is not pinned and,
+        # since only the issuer is pinned now, is not used either: pin the policy CA first.
+        policy_ca = pki.make_intermediate(common_name="Ops Policy CA 96", key=pki.new_key("ec"), issuer=pki_set.root,
+                                          not_before=now - timedelta(days=1), not_after=now + timedelta(days=900),
+                                          serial=96, path_length=1)
+        successor = make_ca("Ops Issuing CA 97", policy_ca, now)
+        offered = [successor, policy_ca]
+        message = "does not chain to a public root"
+    doc, issuer = _issuer_case(pinned, leaf_key, tmp_path, successor, *offered)
+    before = tree_digest(pinned)
+    code, _, err = run_cli("certs", "add", "--cloud", "public", "--pinned-certs", str(pinned),
+                           "--from-document", str(doc), "--issuer", str(issuer))
+    assert code == 1
+    assert "refused" in err
+    assert message in err
+    assert tree_digest(pinned) == before

@@ -13,12 +13,22 @@ from prometheus_client import REGISTRY
 
 from attest_service.errors import ConfigurationError, SignatureInvalid, UntrustedChain
 from attest_service.imds import pki
-from attest_service.trust import fingerprint
+from attest_service.trust import fingerprint, load_trust
 from attest_service.trust.pins import add_pins, remove_pin
 from attest_service.trust.reload import TrustHolder
 from attest_service.verify import VerificationPolicy
 
-from .conftest import Pki, digicert_name, make_ca, make_leaf, make_named_ca, make_root, pem, sign_document
+from .conftest import (
+    Pki,
+    digicert_name,
+    make_ca,
+    make_leaf,
+    make_named_ca,
+    make_root,
+    pem,
+    sign_document,
+    tree_digest,
+)
 
 POLICY = VerificationPolicy()
 
@@ -272,3 +282,108 @@ def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_ke
     assert not failures
     assert counts[0] > 0
     assert _sample("attest_trust_reload_total", result="success") > reloads
+
+
+def test_a_removed_pin_copied_back_by_hand_stays_distrusted_until_certs_add(pinned: Path, pki_set: Pki, run_cli,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Loading used to consult removed.txt for the AIA fallback only: a removed CA whose file came back (by
+    # hand, from a backup) was trusted again without anyone deciding so.
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    document = sign_document(pki_set.leaf, pki_set.now)
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    [path] = (pinned / "public" / "intermediates").glob("*.pem")
+    backup = path.read_bytes()
+    remove_pin(pinned, "public", fingerprint(pki_set.issuing.certificate))
+    clock.now += 1
+    with pytest.raises(UntrustedChain):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    path.write_bytes(backup)
+    clock.now += 1
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        with pytest.raises(UntrustedChain):
+            holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert not holder.failing  # the rest of the directory is in use; only that CA is left out
+    assert any("Ops Test Issuing CA 01" in r.getMessage() and "is listed in public/intermediates/removed.txt and "
+               "is not trusted" in r.getMessage() for r in caplog.records)
+    assert _sample("attest_trust_problems") == 1
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "removed_pinned: public: intermediate Ops Test Issuing CA 01" in out
+    # Pinning it again is the operator's decision: certs add trusts the file that is there and unlists it.
+    code, out, err = run_cli("certs", "add", "--cloud", "public", "--pinned-certs", str(pinned), str(path))
+    assert code == 0, err
+    assert f"added: public: Ops Test Issuing CA 01 sha256 {fingerprint(pki_set.issuing.certificate)}" in out
+    assert list((pinned / "public" / "intermediates").glob("*.pem")) == [path]
+    assert not load_trust(pinned).for_cloud("public").removed
+    clock.now += 1
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert _sample("attest_trust_problems") == 0
+    assert run_cli("certs", "check", "--pinned-certs", str(pinned))[0] == 0
+
+
+@pytest.mark.parametrize("listing", ["entry_beside_a_broken_line", "only_in_a_broken_line"])
+def test_a_removal_applies_even_when_removed_txt_has_a_broken_line(pinned: Path, pki_set: Pki, run_cli, listing: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # A broken line used to fail the whole load, and the last good trust, with the CA in it, stayed in use.
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    document = sign_document(pki_set.leaf, pki_set.now)
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    digest = fingerprint(pki_set.issuing.certificate)
+    removed = pinned / "public" / "intermediates" / "removed.txt"
+    if listing == "entry_beside_a_broken_line":
+        removed.write_text(f"# distrusted by hand\n{digest}  # Ops Test Issuing CA 01\nnot-a-fingerprint  # typo\n")
+        broken = "public/intermediates/removed.txt:3: 'not-a-fingerprint' is not a SHA-256 or SHA-1 fingerprint"
+    else:
+        removed.write_text(f"# distrusted by hand\nsha256:{digest.upper()}  # Ops Test Issuing CA 01\n")
+        broken = "public/intermediates/removed.txt:2: 'sha256:"
+    clock.now += 1
+    with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
+        with pytest.raises(UntrustedChain):
+            holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert not holder.failing
+    assert any(broken in r.getMessage() for r in caplog.records)
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert f"removed_list: public: {broken}" in out
+    assert "removed_pinned: public: intermediate Ops Test Issuing CA 01" in out
+    if listing == "only_in_a_broken_line":
+        # certs add could not take the CA off that line: it refuses until the line is fixed.
+        [path] = (pinned / "public" / "intermediates").glob("*.pem")
+        before = tree_digest(pinned)
+        code, _, err = run_cli("certs", "add", "--cloud", "public", "--pinned-certs", str(pinned), str(path))
+        assert code == 1
+        assert "removed.txt:2 names this CA on a line that is not a fingerprint entry" in err
+        assert tree_digest(pinned) == before
+
+
+def test_a_removal_applies_to_the_last_good_trust_when_the_directory_does_not_load(
+        pinned: Path, pki_set: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    document = sign_document(pki_set.leaf, pki_set.now)
+    holder.verify(document, policy=POLICY, now=pki_set.now)
+    intermediates = pinned / "public" / "intermediates"
+    garbage = intermediates / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    (intermediates / "removed.txt").write_text(f"{fingerprint(pki_set.issuing.certificate)}  # Ops Test Issuing CA\n")
+    clock.now += 1
+    with caplog.at_level(logging.ERROR, logger="attest_service.trust.reload"):
+        with pytest.raises(UntrustedChain):
+            holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert holder.failing  # the rest of the last good trust stays in use, and the alert is up
+    assert any("applied its removed.txt to the last good trust" in r.getMessage()
+               and "Ops Test Issuing CA 01" in r.getMessage() for r in caplog.records)
+    clock.now += 1
+    with pytest.raises(UntrustedChain):
+        holder.verify(document, policy=POLICY, now=pki_set.now)  # the same broken content: still applied
+    garbage.unlink()
+    clock.now += 1
+    with pytest.raises(UntrustedChain):
+        holder.verify(document, policy=POLICY, now=pki_set.now)
+    assert not holder.failing
+    # Once the directory loads, it alone decides: taking the line out trusts the CA again.
+    (intermediates / "removed.txt").unlink()
+    clock.now += 1
+    holder.verify(document, policy=POLICY, now=pki_set.now)
