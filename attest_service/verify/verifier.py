@@ -45,7 +45,7 @@ from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
 from attest_service.verify.pkcs7 import OID_DATA, SignedData, parse_signed_data
-from attest_service.verify.signature import verify_signature
+from attest_service.verify.signature import SignerKey, signer_key, verify_signature
 from attest_service.verify.trust import TrustStore, fingerprint
 
 #: Default tolerance between the verifier's clock and IMDS's, applied to createdOn and expiresOn.
@@ -201,6 +201,7 @@ class Verifier:
         self._candidates: dict[bytes, _Candidate] = {}
         self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
         self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
+        self._keys: dict[bytes, SignerKey] = {}
         self._lock = threading.Lock()
 
     def _candidate(self, der: bytes) -> _Candidate:
@@ -213,6 +214,18 @@ class Verifier:
                 self._candidates[der] = found
         return found
 
+    def _key(self, der: bytes, signer: x509.Certificate) -> SignerKey:
+        # The key and the checks of its kind and size depend on the certificate alone: a key that passed
+        # them is remembered per signer DER (reading the RSA exponent builds Python integers each time).
+        # A refusal is not remembered, and is raised afresh each time.
+        found = self._keys.get(der)
+        if found is None:
+            found = signer_key(signer)
+            with self._lock:
+                if len(self._keys) >= CACHE_ENTRIES:
+                    self._keys.clear()
+                self._keys[der] = found
+        return found
 
     def _cloud(self, der: bytes, signer: x509.Certificate, requested: str) -> CloudProfile:
         # The name rule depends on the certificate and the requested cloud only, so its (successful) outcome
@@ -266,7 +279,7 @@ class Verifier:
         # Step 3: the signer is the certificate the SignerInfo names.
         signer_der, signer = resolve_signer(signed, self._candidate)
         # Step 4: the signature, under that certificate only.
-        digest = verify_signature(signed, signer)
+        digest = verify_signature(signed, signer, key_of=lambda certificate: self._key(signer_der, certificate))
         # Step 5: the name decides (or must fit) the cloud.
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
