@@ -21,6 +21,11 @@ MAX_SIGNATURE_CHARS: Final = 64 * 1024
 
 _DECODER: Final = strict_decoder(MalformedDocument, "document")
 
+#: The response object exactly as IMDS writes it (compact) and as ``json.dumps`` writes it, up to the opening
+#: quote of the signature; the text after the signature is ``"}``. See :func:`_exact_response`.
+_RESPONSE_PREFIXES: Final = ('{"encoding":"pkcs7","signature":"', '{"encoding": "pkcs7", "signature": "')
+_RESPONSE_SUFFIX: Final = '"}'
+
 
 def decode_signature(signature: str) -> bytes:
     """Decode the base64 ``signature`` strictly; raise MalformedDocument for anything else."""
@@ -49,6 +54,47 @@ def decode_response(response: Mapping[str, object]) -> bytes:
     return decode_signature(signature)
 
 
+def _exact_response(text: str) -> bytes | None:
+    """The DER of a response in one of the exact forms above, or None to take the general path.
+
+    Returns only what the general path (strict JSON, then :func:`decode_response`) returns for the same
+    text, and None for everything else, errors included, so that every refusal comes from the general path
+    with its own message. It skips the JSON scan of the 4 KiB signature: when the strict base64 decode of
+    the text between the prefix and the suffix succeeds, that text holds only base64 characters (no quote,
+    backslash, control character or whitespace), so the text is exactly the JSON object
+    ``{"encoding": "pkcs7", "signature": <that text>}`` and its signature needs no stripping.
+    """
+    if not text.endswith(_RESPONSE_SUFFIX):
+        return None
+    for prefix in _RESPONSE_PREFIXES:
+        if text.startswith(prefix):
+            signature = text[len(prefix):-len(_RESPONSE_SUFFIX)]
+            break
+    else:
+        return None
+    if not signature or len(signature) > MAX_SIGNATURE_CHARS:
+        return None
+    try:
+        return binascii.a2b_base64(signature, strict_mode=True)
+    except ValueError:
+        return None
+
+
+def _decode_json(text: str) -> bytes:
+    """The general path for a response object as JSON text (stripped): strict JSON, then decode_response."""
+    if len(text) > MAX_SIGNATURE_CHARS * 2:
+        raise MalformedDocument("document: too large")
+    try:
+        response = _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, MalformedDocument):
+            raise
+        raise MalformedDocument(f"document: not JSON ({exc})") from exc
+    if not isinstance(response, dict):
+        raise MalformedDocument("document: not a JSON object")
+    return decode_response(response)
+
+
 def decode_document(data: bytes | str) -> bytes:
     """Decode either accepted form (as read from a file or standard input) to DER."""
     if isinstance(data, bytes):
@@ -60,17 +106,8 @@ def decode_document(data: bytes | str) -> bytes:
             raise MalformedDocument("document: not UTF-8 text") from exc
     text = data.strip()
     if text.startswith("{"):
-        if len(text) > MAX_SIGNATURE_CHARS * 2:
-            raise MalformedDocument("document: too large")
-        try:
-            response = _DECODER.decode(text)
-        except (ValueError, RecursionError) as exc:
-            if isinstance(exc, MalformedDocument):
-                raise
-            raise MalformedDocument(f"document: not JSON ({exc})") from exc
-        if not isinstance(response, dict):
-            raise MalformedDocument("document: not a JSON object")
-        return decode_response(response)
+        exact = _exact_response(text)
+        return exact if exact is not None else _decode_json(text)
     return decode_signature(text)
 
 
@@ -79,6 +116,9 @@ def decode_input(response: Mapping[str, object] | str | bytes) -> bytes:
 
     This is the library's one entry for documents; anything else (a list, a number, ``None``) is malformed.
     """
+    if type(response) is str:
+        # The common case first, by exact type: a str is never a Mapping, and the ABC check costs more.
+        return decode_document(response)
     if isinstance(response, Mapping):
         return decode_response(response)
     if isinstance(response, str | bytes):

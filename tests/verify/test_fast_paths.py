@@ -1,0 +1,119 @@
+"""The verifier's fast paths give exactly the answer (result, or error type and message) of its general paths.
+
+Each fast path is compared against the general code it short-cuts, on valid input, on every kind of input
+that sits close to the fast path's pattern, and on arbitrary input (Hypothesis).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attest_service.errors import AttestError
+from attest_service.verify import document
+from attest_service.verify.document import decode_document
+
+from .test_properties import FIXTURES, PROPERTY_SETTINGS
+
+
+def _outcome(function: object, *args: object) -> tuple[str, object]:
+    try:
+        return "ok", function(*args)  # type: ignore[operator]
+    except AttestError as exc:
+        return type(exc).__name__, str(exc)
+
+
+def _general_document(data: bytes | str) -> tuple[str, object]:
+    """decode_document as it was before the exact-response path: strip, strict JSON, decode_response."""
+    def general() -> bytes:
+        text = data
+        if isinstance(text, bytes):
+            if len(text) > document.MAX_SIGNATURE_CHARS * 2:
+                raise document.MalformedDocument("document: too large")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise document.MalformedDocument("document: not UTF-8 text") from exc
+        text = text.strip()
+        if text.startswith("{"):
+            return document._decode_json(text)
+        return document.decode_signature(text)
+    return _outcome(general)
+
+
+def _assert_same(data: str) -> None:
+    expected = _general_document(data)
+    assert _outcome(decode_document, data) == expected
+    assert _outcome(decode_document, data.encode("utf-8", "surrogatepass")) == _general_document(
+        data.encode("utf-8", "surrogatepass"))
+    assert _outcome(document.decode_input, data) == expected
+
+
+#: Characters that mean something to JSON, to base64 or to str.strip(), to put inside the signature.
+_AWKWARD = ['"', "\\", "\\/", "\\u0041", "\\n", " ", "\t", "\n", "\r", "\x00", "\x1f", "\x7f", "=", "==", "===",
+            "-", "_", "é", "\u2028", "\ufeff", "A", "AA", "AAA", "}", "{", ",", ":", '","x":"']
+
+_ENCODED = [base64.b64encode(fixture.der).decode("ascii") for fixture in FIXTURES[:4]]
+
+
+@st.composite
+def _signatures(draw: st.DrawFn) -> str:
+    base = draw(st.sampled_from([*_ENCODED, "", "AAAA", "AA==", "A===", "QUJD"]))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(base)))
+        if draw(st.booleans()):
+            base = base[:at] + draw(st.sampled_from(_AWKWARD)) + base[at:]
+        else:
+            base = base[:at] + base[at + draw(st.integers(1, 4)):]
+    return base
+
+
+@st.composite
+def _responses(draw: st.DrawFn) -> str:
+    signature = draw(_signatures())
+    form = draw(st.sampled_from(["compact", "spaced", "dumps", "other"]))
+    if form == "compact":
+        text = '{"encoding":"pkcs7","signature":"' + signature + '"}'
+    elif form == "spaced":
+        text = '{"encoding": "pkcs7", "signature": "' + signature + '"}'
+    elif form == "dumps":
+        text = json.dumps({"encoding": "pkcs7", "signature": signature})
+    else:
+        text = '{"encoding":"pkcs7","signature":"' + signature + draw(st.sampled_from(
+            ['"}', '" }', '"}}', '","signature":"AAAA"}', '","encoding":"pkcs7"}', '"', '}', '"}\n', '"}x']))
+    return draw(st.sampled_from(["", " ", "\n", "\ufeff"])) + text + draw(st.sampled_from(["", "\n", " \t"]))
+
+
+def test_each_fixture_in_either_exact_form_decodes_as_by_the_general_path() -> None:
+    for encoded in _ENCODED:
+        for text in ('{"encoding":"pkcs7","signature":"' + encoded + '"}',
+                     json.dumps({"encoding": "pkcs7", "signature": encoded})):
+            assert document._exact_response(text) is not None
+            _assert_same(text)
+            _assert_same(text + "\n")
+
+
+def test_text_just_off_the_exact_forms_is_left_to_the_general_path() -> None:
+    encoded = _ENCODED[0]
+    for signature in ["", " " + encoded, encoded + " ", encoded + "\n", encoded[:-1], encoded + "A", encoded + "==A",
+                      encoded[:100] + "\\/" + encoded[100:], encoded[:100] + '"' + encoded[100:],
+                      "A" * (document.MAX_SIGNATURE_CHARS + 4)]:
+        text = '{"encoding":"pkcs7","signature":"' + signature + '"}'
+        assert document._exact_response(text) is None
+        _assert_same(text)
+
+
+@PROPERTY_SETTINGS
+@given(_responses())
+def test_responses_near_the_exact_forms_decode_as_by_the_general_path(text: str) -> None:
+    _assert_same(text)
+
+
+@PROPERTY_SETTINGS
+@given(st.text(max_size=64))
+def test_arbitrary_text_after_an_exact_prefix_decodes_as_by_the_general_path(tail: str) -> None:
+    _assert_same('{"encoding":"pkcs7","signature":"' + tail)
+    _assert_same('{"encoding": "pkcs7", "signature": "' + tail + '"}')
