@@ -12,10 +12,11 @@ Structures read (RFC 5652 sections 3, 5.1, 5.2, 5.3)::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Final
 
-from attest_service.errors import MalformedDocument, UnsupportedDocument
+from attest_service.errors import MalformedDocument, UnsupportedDocument, VerificationError
 from attest_service.verify import der
 from attest_service.verify.der import (
     CLASS_CONTEXT,
@@ -43,6 +44,8 @@ _CONTEXT_0: Final = der.identifier(CLASS_CONTEXT, 0, constructed=True)
 _CONTEXT_1: Final = der.identifier(CLASS_CONTEXT, 1, constructed=True)
 _CONTEXT_0_PRIMITIVE: Final = der.identifier(CLASS_CONTEXT, 0, constructed=False)
 
+#: Tails of one length a :class:`TailCache` keeps.
+TAILS_PER_LENGTH: Final = 4
 #: Certificates a document may carry. Azure's carry one (the signer); a few more are tolerated, a flood is not.
 MAX_CERTIFICATES: Final = 8
 
@@ -172,7 +175,7 @@ def _encapsulated_content(data: bytes, span: Span) -> tuple[str, bytes]:
 
 
 def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmIdentifier, bytes | None,
-                                                    AlgorithmIdentifier, bytes]:
+                                                    AlgorithmIdentifier, Span]:
     what = "SignerInfo"
     if span[0] != _SEQUENCE:
         raise MalformedDocument(f"{what}: unexpected element")
@@ -198,7 +201,6 @@ def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmId
     signature_span = parts[index + 1]
     if signature_span[0] != _OCTET_STRING:
         raise MalformedDocument(f"{what}.signature: unexpected element")
-    signature = data[signature_span[2]:signature_span[3]]
     index += 2
     if index < len(parts):
         if parts[index][0] != _CONTEXT_1:
@@ -206,15 +208,11 @@ def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmId
         index += 1
     if index != len(parts):
         raise MalformedDocument(f"{what}: unexpected trailing fields")
-    return signer, digest_algorithm, signed_attributes, signature_algorithm, signature
+    return signer, digest_algorithm, signed_attributes, signature_algorithm, signature_span
 
 
-def parse_signed_data(data: bytes) -> SignedData:
-    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument.
-
-    The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
-    fields it returns: it runs once per request, and the document is most of the request.
-    """
+def _signed_data_span(data: bytes) -> Span:
+    """The SignedData element: ContentInfo, its contentType and its [0] EXPLICIT wrapper checked on the way."""
     top = _only([der.whole(data, "ContentInfo")], _SEQUENCE, "ContentInfo")
     parts = der.spans(data, top[2], top[3], "ContentInfo")
     if len(parts) != 2:
@@ -223,10 +221,11 @@ def parse_signed_data(data: bytes) -> SignedData:
         raise UnsupportedDocument("ContentInfo: not PKCS7 SignedData")
     if parts[1][0] != _CONTEXT_0:
         raise MalformedDocument("ContentInfo.content: unexpected element")
-    signed_data = _only(der.spans(data, parts[1][2], parts[1][3], "ContentInfo.content"), _SEQUENCE, "SignedData")
-    fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
-    if len(fields) < 4:
-        raise MalformedDocument("SignedData: too few fields")
+    return _only(der.spans(data, parts[1][2], parts[1][3], "ContentInfo.content"), _SEQUENCE, "SignedData")
+
+
+def _head(data: bytes, fields: list[Span]) -> tuple[tuple[AlgorithmIdentifier, ...], str, bytes]:
+    """SignedData's version, digestAlgorithms and encapContentInfo (its first three fields)."""
     version = _integer(data, fields[0], "SignedData.version")
     if not 1 <= version <= 5:
         raise MalformedDocument(f"SignedData: version {version} is out of range")
@@ -235,6 +234,36 @@ def parse_signed_data(data: bytes) -> SignedData:
     digest_algorithms = tuple(_algorithm(data, item, "digestAlgorithms")
                               for item in der.spans(data, fields[1][2], fields[1][3], "digestAlgorithms"))
     content_type, content = _encapsulated_content(data, fields[2])
+    return digest_algorithms, content_type, content
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """What SignedData's fields after encapContentInfo (certificates, crls, signerInfos) parsed to.
+
+    ``before`` and ``after`` are the tail's exact bytes before and after the contents of the signature
+    OCTET STRING, ``signature_length`` the length of those contents. The parse of a tail reads the
+    signature's contents only to copy them out, so any tail with the same bytes around a signature of
+    the same length parses to the same fields, with that signature.
+    """
+
+    before: bytes
+    signature_length: int
+    after: bytes
+    certificates: tuple[bytes, ...]
+    signer: SignerIdentifier
+    digest_algorithm: AlgorithmIdentifier
+    signed_attributes: bytes | None
+    signature_algorithm: AlgorithmIdentifier
+
+
+def _parse(data: bytes) -> tuple[SignedData, _Tail]:
+    """The general walk: every header of the structures read, strictly, in document order."""
+    signed_data = _signed_data_span(data)
+    fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
+    if len(fields) < 4:
+        raise MalformedDocument("SignedData: too few fields")
+    digest_algorithms, content_type, content = _head(data, fields)
     index = 3
     certificates: tuple[bytes, ...] = ()
     if fields[index][0] == _CONTEXT_0:
@@ -255,17 +284,92 @@ def parse_signed_data(data: bytes) -> SignedData:
     if len(signer_infos) != 1:
         raise UnsupportedDocument(f"expected exactly one SignerInfo, found {len(signer_infos)}")
     signer, digest_algorithm, signed_attributes, signature_algorithm, signature = _signer_info(data, signer_infos[0])
+    tail = _Tail(data[fields[2][3]:signature[2]], signature[3] - signature[2], data[signature[3]:signed_data[3]],
+                 certificates, signer, digest_algorithm, signed_attributes, signature_algorithm)
+    return _signed(digest_algorithms, content_type, content, tail, data[signature[2]:signature[3]]), tail
+
+
+def _signed(digest_algorithms: tuple[AlgorithmIdentifier, ...], content_type: str, content: bytes, tail: _Tail,
+            signature: bytes) -> SignedData:
     return SignedData(
         digest_algorithms=digest_algorithms,
         content_type=content_type,
         content=content,
-        certificates=certificates,
-        signer=signer,
-        digest_algorithm=digest_algorithm,
-        signed_attributes=signed_attributes,
-        signature_algorithm=signature_algorithm,
+        certificates=tail.certificates,
+        signer=tail.signer,
+        digest_algorithm=tail.digest_algorithm,
+        signed_attributes=tail.signed_attributes,
+        signature_algorithm=tail.signature_algorithm,
         signature=signature,
     )
+
+
+def parse_signed_data(data: bytes) -> SignedData:
+    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument.
+
+    The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
+    fields it returns: it runs once per request, and the document is most of the request.
+    """
+    return _parse(data)[0]
+
+
+class TailCache:
+    """Bounded memory of the SignedData tails (certificates, CRLs, SignerInfo) already parsed, for one verifier.
+
+    Documents from one signer differ in their content and in the signature value; what follows the
+    content (the signer's certificate and the SignerInfo, about 2.5 KiB of an Azure document) is the same
+    bytes each time. :func:`parse_signed_data_cached` walks the headers before it as always and takes the
+    tail's fields from here when its bytes match exactly. Thread-safe.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._tails: dict[int, tuple[_Tail, ...]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many tails are remembered."""
+        return sum(len(tails) for tails in self._tails.values())
+
+    def find(self, data: bytes, start: int) -> _Tail | None:
+        """The tail remembered for ``data[start:]``, when its bytes around the signature are the same."""
+        for tail in self._tails.get(len(data) - start, ()):
+            if data.startswith(tail.before, start) and data.endswith(tail.after):
+                return tail
+        return None
+
+    def remember(self, tail: _Tail) -> None:
+        """Keep ``tail`` (the latest few of each length: leaves of one CA often have one length)."""
+        length = len(tail.before) + tail.signature_length + len(tail.after)
+        with self._lock:
+            if len(self._tails) >= self._entries:
+                self._tails.clear()
+            self._tails[length] = (tail, *self._tails.get(length, ())[:TAILS_PER_LENGTH - 1])
+
+
+def parse_signed_data_cached(data: bytes, tails: TailCache) -> SignedData:
+    """:func:`parse_signed_data`, taking the fields after encapContentInfo from ``tails`` when they match.
+
+    Gives exactly what :func:`parse_signed_data` gives, result or error. The walk up to the end of
+    encapContentInfo is the same code in the same order; SignedData's fields from there on are the
+    remembered tail's, whose bytes are the same, at the same place relative to the end of SignedData
+    (which is the end of the document); SignedData then holds the same number of fields, and the
+    general walk would read them to the same values. A miss, or any error on the way, goes to the
+    general walk, which gives the answer (and its error, with its message).
+    """
+    try:
+        signed_data = _signed_data_span(data)
+        head = der.spans(data, signed_data[2], signed_data[3], "SignedData", limit=3)
+        tail = tails.find(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
+        if tail is not None:
+            digest_algorithms, content_type, content = _head(data, head)
+            return _signed(digest_algorithms, content_type, content, tail,
+                           data[len(data) - len(tail.after) - tail.signature_length:len(data) - len(tail.after)])
+    except VerificationError:
+        pass
+    signed, tail = _parse(data)
+    tails.remember(tail)
+    return signed
 
 
 def parameters_absent_or_null(algorithm: AlgorithmIdentifier) -> bool:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from attest_service.errors import AttestError
 from attest_service.verify import document
 from attest_service.verify.document import decode_document
+from attest_service.verify.pkcs7 import TailCache, parse_signed_data, parse_signed_data_cached
 
-from .test_properties import FIXTURES, PROPERTY_SETTINGS
+from .test_properties import FIXTURES, PROPERTY_SETTINGS, Fixture, mutants
 
 
 def _outcome(function: object, *args: object) -> tuple[str, object]:
@@ -117,3 +119,57 @@ def test_responses_near_the_exact_forms_decode_as_by_the_general_path(text: str)
 def test_arbitrary_text_after_an_exact_prefix_decodes_as_by_the_general_path(tail: str) -> None:
     _assert_same('{"encoding":"pkcs7","signature":"' + tail)
     _assert_same('{"encoding": "pkcs7", "signature": "' + tail + '"}')
+
+
+# --- parse_signed_data_cached against parse_signed_data -------------------------------------------------
+
+
+def _warm_tails() -> TailCache:
+    tails = TailCache(256)
+    for fixture in FIXTURES:
+        parse_signed_data_cached(fixture.der, tails)
+    return tails
+
+
+def _assert_same_parse(der: bytes, tails: TailCache) -> None:
+    assert _outcome(parse_signed_data_cached, der, tails) == _outcome(parse_signed_data, der)
+
+
+def test_a_remembered_tail_is_used_for_the_next_document_of_the_same_signer() -> None:
+    tails = _warm_tails()
+    remembered = len(tails)
+    for fixture in FIXTURES:
+        signed = parse_signed_data(fixture.der)
+        index = fixture.der.rindex(signed.signature)
+        flipped = bytes(reversed(signed.signature))
+        other = fixture.der[:index] + flipped + fixture.der[index + len(signed.signature):]
+        _assert_same_parse(fixture.der, tails)
+        _assert_same_parse(other, tails)
+        assert parse_signed_data_cached(other, tails).signature == flipped
+    # Every parse above found its tail: a miss would have remembered one more.
+    assert len(tails) == remembered
+
+
+#: A generated document, one with signed attributes, an ECDSA one and a real one (when present).
+_EXHAUSTIVE = [f for f in FIXTURES if f.name in ("ok-rsa", "ok-signed-attributes", "ok-ecdsa-p256")] + FIXTURES[-1:]
+
+
+@pytest.mark.parametrize("fixture", _EXHAUSTIVE, ids=[f.name for f in _EXHAUSTIVE])
+def test_every_single_byte_change_parses_as_by_the_general_walk(fixture: Fixture) -> None:
+    tails = _warm_tails()
+    der = fixture.der
+    for index in range(len(der)):
+        for mask in (0x01, 0x80, 0xFF):
+            _assert_same_parse(der[:index] + bytes((der[index] ^ mask,)) + der[index + 1:], tails)
+        _assert_same_parse(der[:index], tails)
+        _assert_same_parse(der[:index] + der[index + 1:], tails)
+        _assert_same_parse(der[:index] + b"\x00" + der[index:], tails)
+
+
+@PROPERTY_SETTINGS
+@given(mutants())
+def test_mutants_parse_as_by_the_general_walk(mutant: tuple[Fixture, bytes]) -> None:
+    _assert_same_parse(mutant[1], _WARM)
+
+
+_WARM = _warm_tails()
