@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from attest_service.errors import MalformedDocument, UnsupportedDocument, VerificationError
 from attest_service.verify import der
@@ -44,8 +44,10 @@ _CONTEXT_0: Final = der.identifier(CLASS_CONTEXT, 0, constructed=True)
 _CONTEXT_1: Final = der.identifier(CLASS_CONTEXT, 1, constructed=True)
 _CONTEXT_0_PRIMITIVE: Final = der.identifier(CLASS_CONTEXT, 0, constructed=False)
 
-#: Tails of one length a :class:`TailCache` keeps.
-TAILS_PER_LENGTH: Final = 4
+_T = TypeVar("_T")
+
+#: Tails (and layouts) of one length a :class:`SignedDataCache` keeps.
+PER_LENGTH: Final = 4
 #: Certificates a document may carry. Azure's carry one (the signer); a few more are tolerated, a flood is not.
 MAX_CERTIFICATES: Final = 8
 
@@ -250,6 +252,8 @@ class _Tail:
     before: bytes
     signature_length: int
     after: bytes
+    #: ``len(before) + signature_length + len(after)``.
+    length: int
     certificates: tuple[bytes, ...]
     signer: SignerIdentifier
     digest_algorithm: AlgorithmIdentifier
@@ -285,7 +289,8 @@ def _parse(data: bytes) -> tuple[SignedData, _Tail]:
         raise UnsupportedDocument(f"expected exactly one SignerInfo, found {len(signer_infos)}")
     signer, digest_algorithm, signed_attributes, signature_algorithm, signature = _signer_info(data, signer_infos[0])
     tail = _Tail(data[fields[2][3]:signature[2]], signature[3] - signature[2], data[signature[3]:signed_data[3]],
-                 certificates, signer, digest_algorithm, signed_attributes, signature_algorithm)
+                 signed_data[3] - fields[2][3], certificates, signer, digest_algorithm, signed_attributes,
+                 signature_algorithm)
     return _signed(digest_algorithms, content_type, content, tail, data[signature[2]:signature[3]]), tail
 
 
@@ -313,62 +318,113 @@ def parse_signed_data(data: bytes) -> SignedData:
     return _parse(data)[0]
 
 
-class TailCache:
-    """Bounded memory of the SignedData tails (certificates, CRLs, SignerInfo) already parsed, for one verifier.
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A whole document but for its content and signature.
+
+    The bytes before the content, what they parse to, and the tail after the content.
+    """
+
+    prefix: bytes
+    digest_algorithms: tuple[AlgorithmIdentifier, ...]
+    content_type: str
+    tail: _Tail
+
+
+class SignedDataCache:
+    """Bounded memory of the SignedData layouts one verifier parsed, for :func:`parse_signed_data_cached`.
 
     Documents from one signer differ in their content and in the signature value; what follows the
     content (the signer's certificate and the SignerInfo, about 2.5 KiB of an Azure document) is the same
-    bytes each time. :func:`parse_signed_data_cached` walks the headers before it as always and takes the
-    tail's fields from here when its bytes match exactly. Thread-safe.
+    bytes each time: a *tail*, remembered by its length. What precedes the content (about 60 bytes of
+    headers, the digest algorithms and the content type) is the same too when the content has the same
+    length, as it has for the documents of one image with nonces of one length: with the tail, a
+    *layout*, remembered by the document's length. Thread-safe.
     """
 
     def __init__(self, entries: int) -> None:
         self._entries = entries
         self._tails: dict[int, tuple[_Tail, ...]] = {}
+        self._layouts: dict[int, tuple[_Layout, ...]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        """How many tails are remembered."""
-        return sum(len(tails) for tails in self._tails.values())
+        """How many tails and layouts are remembered."""
+        return sum(map(len, self._tails.values())) + sum(map(len, self._layouts.values()))
 
-    def find(self, data: bytes, start: int) -> _Tail | None:
+    def tail(self, data: bytes, start: int) -> _Tail | None:
         """The tail remembered for ``data[start:]``, when its bytes around the signature are the same."""
         for tail in self._tails.get(len(data) - start, ()):
             if data.startswith(tail.before, start) and data.endswith(tail.after):
                 return tail
         return None
 
-    def remember(self, tail: _Tail) -> None:
-        """Keep ``tail`` (the latest few of each length: leaves of one CA often have one length)."""
-        length = len(tail.before) + tail.signature_length + len(tail.after)
+    def layout(self, data: bytes) -> _Layout | None:
+        """The layout remembered for ``data``, when its bytes but the content's and the signature's are the same."""
+        for layout in self._layouts.get(len(data), ()):
+            tail = layout.tail
+            if (data.startswith(layout.prefix) and data.startswith(tail.before, len(data) - tail.length)
+                    and data.endswith(tail.after)):
+                return layout
+        return None
+
+    def remember(self, data: bytes, signed: SignedData, tail: _Tail, *, new_tail: bool) -> None:
+        """Keep the layout of ``data`` (which parsed to ``signed``), and its tail when ``new_tail``.
+
+        The latest few of each length are kept (the leaf certificates of one CA often have one length);
+        beyond the bound, each table starts afresh.
+        """
+        layout = _Layout(data[:len(data) - tail.length - len(signed.content)], signed.digest_algorithms,
+                         signed.content_type, tail)
         with self._lock:
-            if len(self._tails) >= self._entries:
-                self._tails.clear()
-            self._tails[length] = (tail, *self._tails.get(length, ())[:TAILS_PER_LENGTH - 1])
+            if new_tail:
+                _keep(self._tails, tail.length, tail, self._entries)
+            _keep(self._layouts, len(data), layout, self._entries)
 
 
-def parse_signed_data_cached(data: bytes, tails: TailCache) -> SignedData:
-    """:func:`parse_signed_data`, taking the fields after encapContentInfo from ``tails`` when they match.
+def _keep(table: dict[int, tuple[_T, ...]], length: int, item: _T, entries: int) -> None:
+    if len(table) >= entries:
+        table.clear()
+    table[length] = (item, *table.get(length, ())[:PER_LENGTH - 1])
 
-    Gives exactly what :func:`parse_signed_data` gives, result or error. The walk up to the end of
-    encapContentInfo is the same code in the same order; SignedData's fields from there on are the
-    remembered tail's, whose bytes are the same, at the same place relative to the end of SignedData
-    (which is the end of the document); SignedData then holds the same number of fields, and the
-    general walk would read them to the same values. A miss, or any error on the way, goes to the
-    general walk, which gives the answer (and its error, with its message).
+
+def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
+    """:func:`parse_signed_data`, taking what it can from ``cache``; exactly the same result or error.
+
+    The general walk reads the contents of the content's and the signature's OCTET STRINGs only to copy
+    them out (every other byte it reads is a header, or the contents of an OID, INTEGER or
+    AlgorithmIdentifier). So a document equal to one it parsed in every other byte, each at the same
+    place, parses to the same fields but for its own content and signature: a remembered layout gives them.
+
+    Otherwise the walk up to the end of encapContentInfo runs as always (the same code in the same order)
+    and SignedData's fields from there on are a remembered tail's, when the bytes from there to the end
+    of SignedData (which is the end of the document) are that tail's but for the signature: SignedData
+    then holds the same number of fields, and the general walk would read them to the same values. A miss,
+    or any error on the way, goes to the general walk, which gives the answer (and its error, with its
+    message).
     """
+    layout = cache.layout(data)
+    if layout is not None:
+        tail = layout.tail
+        content_end = len(data) - tail.length
+        signature_end = len(data) - len(tail.after)
+        return _signed(layout.digest_algorithms, layout.content_type, data[len(layout.prefix):content_end], tail,
+                       data[signature_end - tail.signature_length:signature_end])
     try:
         signed_data = _signed_data_span(data)
         head = der.spans(data, signed_data[2], signed_data[3], "SignedData", limit=3)
-        tail = tails.find(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
-        if tail is not None:
+        found = cache.tail(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
+        if found is not None:
             digest_algorithms, content_type, content = _head(data, head)
-            return _signed(digest_algorithms, content_type, content, tail,
-                           data[len(data) - len(tail.after) - tail.signature_length:len(data) - len(tail.after)])
+            signature_end = len(data) - len(found.after)
+            signed = _signed(digest_algorithms, content_type, content, found,
+                             data[signature_end - found.signature_length:signature_end])
+            cache.remember(data, signed, found, new_tail=False)
+            return signed
     except VerificationError:
         pass
     signed, tail = _parse(data)
-    tails.remember(tail)
+    cache.remember(data, signed, tail, new_tail=True)
     return signed
 
 

@@ -44,7 +44,13 @@ from attest_service.errors import (
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
-from attest_service.verify.pkcs7 import OID_DATA, SignedData, TailCache, parse_signed_data, parse_signed_data_cached
+from attest_service.verify.pkcs7 import (
+    OID_DATA,
+    SignedData,
+    SignedDataCache,
+    parse_signed_data,
+    parse_signed_data_cached,
+)
 from attest_service.verify.signature import SignerKey, signer_key, verify_signature
 from attest_service.verify.trust import TrustStore, fingerprint
 
@@ -192,7 +198,7 @@ class Verifier:
     """Verifies attested documents against one :class:`TrustStore`.
 
     Holds no mutable state but bounded caches: of parsed signer certificates and their checked keys, of
-    the SignedData tails (:class:`~attest_service.verify.pkcs7.TailCache`), and of validated chains,
+    the SignedData tails (:class:`~attest_service.verify.pkcs7.SignedDataCache`), and of validated chains,
     each used only at instants inside the validity window of every certificate on that chain, so a
     cached answer is the answer a fresh validation would give. A trust reload builds a new Verifier.
     """
@@ -203,7 +209,7 @@ class Verifier:
         self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
         self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
         self._keys: dict[bytes, SignerKey] = {}
-        self._tails = TailCache(CACHE_ENTRIES)
+        self._signed_data = SignedDataCache(CACHE_ENTRIES)
         self._lock = threading.Lock()
 
     def _candidate(self, der: bytes) -> _Candidate:
@@ -275,7 +281,7 @@ class Verifier:
 
     def _verify(self, der: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
-        signed = parse_signed_data_cached(der, self._tails)
+        signed = parse_signed_data_cached(der, self._signed_data)
         if signed.content_type != OID_DATA:
             raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
         # Step 3: the signer is the certificate the SignerInfo names.

@@ -7,6 +7,7 @@ that sits close to the fast path's pattern, and on arbitrary input (Hypothesis).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -14,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attest_service.errors import AttestError
-from attest_service.verify import document
+from attest_service.verify import der, document
 from attest_service.verify.document import decode_document
-from attest_service.verify.pkcs7 import TailCache, parse_signed_data, parse_signed_data_cached
+from attest_service.verify.pkcs7 import SignedDataCache, parse_signed_data, parse_signed_data_cached
 
 from .test_properties import FIXTURES, PROPERTY_SETTINGS, Fixture, mutants
 
@@ -124,30 +125,69 @@ def test_arbitrary_text_after_an_exact_prefix_decodes_as_by_the_general_path(tai
 # --- parse_signed_data_cached against parse_signed_data -------------------------------------------------
 
 
-def _warm_tails() -> TailCache:
-    tails = TailCache(256)
+def _warm_cache() -> SignedDataCache:
+    tails = SignedDataCache(256)
     for fixture in FIXTURES:
         parse_signed_data_cached(fixture.der, tails)
     return tails
 
 
-def _assert_same_parse(der: bytes, tails: TailCache) -> None:
+def _assert_same_parse(der: bytes, tails: SignedDataCache) -> None:
     assert _outcome(parse_signed_data_cached, der, tails) == _outcome(parse_signed_data, der)
 
 
-def test_a_remembered_tail_is_used_for_the_next_document_of_the_same_signer() -> None:
-    tails = _warm_tails()
-    remembered = len(tails)
+def _tlv(identifier: int, body: bytes) -> bytes:
+    length = len(body)
+    if length < 0x80:
+        return bytes((identifier, length)) + body
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((identifier, 0x80 | len(size))) + size + body
+
+
+def _with_content(data: bytes, content: bytes) -> bytes:
+    """The document ``data`` re-encoded around other content (its signature no longer fits; its DER does)."""
+    top = der.whole(data, "test")
+    oid_, wrapper = der.spans(data, top[2], top[3], "test")
+    (signed_data,) = der.spans(data, wrapper[2], wrapper[3], "test")
+    version, algorithms, encap, *tail = der.spans(data, signed_data[2], signed_data[3], "test")
+    content_type = der.spans(data, encap[2], encap[3], "test")[0]
+    encoded = (data[version[1]:version[3]] + data[algorithms[1]:algorithms[3]]
+               + _tlv(0x30, data[content_type[1]:content_type[3]] + _tlv(0xA0, _tlv(0x04, content)))
+               + data[tail[0][1]:])
+    return _tlv(0x30, data[oid_[1]:oid_[3]] + _tlv(0xA0, _tlv(0x30, encoded)))
+
+
+def test_a_document_of_a_remembered_layout_is_read_from_it() -> None:
+    cache = _warm_cache()
+    remembered = len(cache)
     for fixture in FIXTURES:
         signed = parse_signed_data(fixture.der)
         index = fixture.der.rindex(signed.signature)
         flipped = bytes(reversed(signed.signature))
         other = fixture.der[:index] + flipped + fixture.der[index + len(signed.signature):]
-        _assert_same_parse(fixture.der, tails)
-        _assert_same_parse(other, tails)
-        assert parse_signed_data_cached(other, tails).signature == flipped
-    # Every parse above found its tail: a miss would have remembered one more.
-    assert len(tails) == remembered
+        other = other.replace(signed.content, bytes(reversed(signed.content)))
+        _assert_same_parse(fixture.der, cache)
+        _assert_same_parse(other, cache)
+        assert parse_signed_data_cached(other, cache).signature == flipped
+        assert parse_signed_data_cached(other, cache).content == bytes(reversed(signed.content))
+    # Every parse above found its layout: a miss would have remembered one more.
+    assert len(cache) == remembered
+
+
+def test_a_document_of_a_remembered_tail_is_read_from_it_whatever_its_content_length() -> None:
+    for fixture in FIXTURES:
+        cache = SignedDataCache(256)
+        signed = parse_signed_data_cached(fixture.der, cache)
+        assert _with_content(fixture.der, signed.content) == fixture.der
+        for content in (signed.content + b" ", signed.content[:-1], signed.content * 2, b"{}", b"x" * 1000):
+            other = _with_content(fixture.der, content)
+            remembered = len(cache)
+            _assert_same_parse(other, cache)
+            # The tail was found: only the new layout is remembered, which the next parse uses.
+            assert len(cache) == remembered + 1
+            _assert_same_parse(other, cache)
+            assert len(cache) == remembered + 1
+            assert parse_signed_data_cached(other, cache) == dataclasses.replace(signed, content=content)
 
 
 #: A generated document, one with signed attributes, an ECDSA one and a real one (when present).
@@ -156,7 +196,7 @@ _EXHAUSTIVE = [f for f in FIXTURES if f.name in ("ok-rsa", "ok-signed-attributes
 
 @pytest.mark.parametrize("fixture", _EXHAUSTIVE, ids=[f.name for f in _EXHAUSTIVE])
 def test_every_single_byte_change_parses_as_by_the_general_walk(fixture: Fixture) -> None:
-    tails = _warm_tails()
+    tails = _warm_cache()
     der = fixture.der
     for index in range(len(der)):
         for mask in (0x01, 0x80, 0xFF):
@@ -172,4 +212,4 @@ def test_mutants_parse_as_by_the_general_walk(mutant: tuple[Fixture, bytes]) -> 
     _assert_same_parse(mutant[1], _WARM)
 
 
-_WARM = _warm_tails()
+_WARM = _warm_cache()
