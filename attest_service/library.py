@@ -24,7 +24,7 @@ from typing import Final
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.trust.loading import bundled_pinned_dir, load_trust
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument
 from attest_service.verify import Verifier as CoreVerifier
 
 #: The policy of a call without a nonce, per cloud: a policy is immutable, and building one checks its
@@ -70,7 +70,7 @@ class Verifier(CoreVerifier):
         policy = _POLICIES.get(cloud) if nonce is None else None
         if policy is None:
             policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
-        der = decode_input(response)
+        der = self.decode(response)
         return self.verify(der, policy=policy, now=at if at is not None else datetime.now(UTC))
 
 

@@ -368,6 +368,17 @@ class SignedDataCache:
                 return layout
         return None
 
+    def shared(self, data: bytes) -> tuple[int, int] | None:
+        """Where the bytes all documents of ``data``'s layout share lie; None when the layout is not remembered.
+
+        That is the tail before the signature, which holds the certificates.
+        """
+        layout = self.layout(data)
+        if layout is None:
+            return None
+        start = len(data) - layout.tail.length
+        return start, start + len(layout.tail.before)
+
     def remember(self, data: bytes, signed: SignedData, tail: _Tail, *, new_tail: bool) -> None:
         """Keep the layout of ``data`` (which parsed to ``signed``), and its tail when ``new_tail``.
 

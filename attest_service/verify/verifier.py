@@ -24,7 +24,7 @@ Nothing here reads files, the network, the environment or the clock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -43,6 +43,7 @@ from attest_service.errors import (
 )
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
+from attest_service.verify.document import Base64Cache, decode_input
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
 from attest_service.verify.pkcs7 import (
     OID_DATA,
@@ -210,7 +211,15 @@ class Verifier:
         self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
         self._keys: dict[bytes, SignerKey] = {}
         self._signed_data = SignedDataCache(CACHE_ENTRIES)
+        self._base64 = Base64Cache(CACHE_ENTRIES, self._signed_data.shared)
         self._lock = threading.Lock()
+
+    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
+        """:func:`~attest_service.verify.document.decode_input` with this verifier's base64 cache.
+
+        The same DER or the same error, sooner for documents of a layout this verifier parsed before.
+        """
+        return decode_input(response, self._base64)
 
     def _candidate(self, der: bytes) -> _Candidate:
         found = self._candidates.get(der)

@@ -7,6 +7,7 @@ that sits close to the fast path's pattern, and on arbitrary input (Hypothesis).
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import json
 
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attest_service.errors import AttestError
-from attest_service.verify import der, document
+from attest_service.verify import VerificationPolicy, der, document
 from attest_service.verify.document import decode_document
 from attest_service.verify.pkcs7 import SignedDataCache, parse_signed_data, parse_signed_data_cached
 
@@ -213,3 +214,94 @@ def test_mutants_parse_as_by_the_general_walk(mutant: tuple[Fixture, bytes]) -> 
 
 
 _WARM = _warm_cache()
+
+
+# --- Base64Cache.decode against strict a2b_base64 -----------------------------------------------------
+
+
+def _strict_outcome(text: str) -> tuple[str, object]:
+    try:
+        return "ok", binascii.a2b_base64(text, strict_mode=True)
+    except ValueError as exc:
+        return type(exc).__name__, str(exc)
+
+
+def _cache_outcome(cache: document.Base64Cache, text: str) -> tuple[str, object]:
+    try:
+        return "ok", cache.decode(text)
+    except ValueError as exc:
+        return type(exc).__name__, str(exc)
+
+
+#: The signatures the stretch tests start from: a real document's and a generated one's.
+_TEXTS = [base64.b64encode(FIXTURES[-1].der).decode("ascii"), base64.b64encode(FIXTURES[0].der).decode("ascii")]
+
+
+def _learned(text: str, start: int, stop: int) -> document.Base64Cache:
+    """A cache that has learned ``text``'s bytes ``start:stop`` as shared."""
+    cache = document.Base64Cache(16, lambda data: (start, stop))
+    assert cache.decode(text) == binascii.a2b_base64(text)
+    return cache
+
+
+#: Single characters to put anywhere: padding, whitespace, the other base64 alphabets, non-ASCII.
+_CHARACTERS = ["=", " ", "\n", "\r", "\t", "-", "_", ".", "\x00", "é", "\u0660", "A", "/", "+"]
+
+
+@st.composite
+def _near_texts(draw: st.DrawFn) -> tuple[str, int, int, str]:
+    text = draw(st.sampled_from(_TEXTS))
+    length = len(text) // 4 * 3
+    start = draw(st.integers(0, length // 2))
+    stop = draw(st.integers(start + 400, length))
+    changed = text
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.sampled_from([0, 1, 2, 3, start * 4 // 3, stop * 4 // 3, len(text) - 1, len(text) - 2,
+                                   len(text) - 3, draw(st.integers(0, len(text) - 1))]))
+        at = max(0, min(len(text) - 1, at + draw(st.integers(-4, 4))))
+        kind = draw(st.sampled_from(["replace", "shift", "pad"]))
+        if kind == "replace":
+            changed = changed[:at] + draw(st.sampled_from(_CHARACTERS)) + changed[at + 1:]
+        elif kind == "shift":
+            # Same length: one character out here, one in elsewhere.
+            other = draw(st.integers(0, len(text) - 1))
+            changed = changed[:at] + changed[at + 1:]
+            changed = changed[:other] + draw(st.sampled_from(_CHARACTERS)) + changed[other:]
+        else:
+            changed = changed[:at] + "=" * draw(st.integers(1, 3)) + changed[at + 3:]
+            changed = changed[:len(text)]
+    return text, start, stop, changed
+
+
+@PROPERTY_SETTINGS
+@given(_near_texts())
+def test_texts_near_a_learned_stretch_decode_as_strict_base64(case: tuple[str, int, int, str]) -> None:
+    text, start, stop, changed = case
+    cache = _learned(text, start, stop)
+    assert _cache_outcome(cache, changed) == _strict_outcome(changed)
+
+
+def test_a_learned_stretch_is_used_for_a_signature_of_the_same_length() -> None:
+    text = _TEXTS[0]
+    cache = _learned(text, 30, 2000)
+    # A different signature value at the end, the same stretch: the decode uses it (learning nothing new).
+    other = text[:-12] + text[-12:-4][::-1] + text[-4:]
+    assert cache.decode(other) == binascii.a2b_base64(other, strict_mode=True)
+    # A miss would have learned the stretch a second time.
+    assert len(cache._stretches[len(text)]) == 1
+    for index in range(len(text)):
+        for character in ("=", "-", " "):
+            changed = text[:index] + character + text[index + 1:]
+            assert _cache_outcome(cache, changed) == _strict_outcome(changed), index
+
+
+def test_the_verifier_decodes_as_decode_input() -> None:
+    for fixture in FIXTURES:
+        encoded = base64.b64encode(fixture.der).decode("ascii")
+        response = json.dumps({"encoding": "pkcs7", "signature": encoded})
+        for _ in range(3):
+            assert fixture.verifier.decode(response) == decode_document(response) == fixture.der
+            fixture.verifier.verify(fixture.verifier.decode(response), policy=VerificationPolicy(), now=fixture.now)
+        flipped = encoded[:-8] + encoded[-8:-4][::-1] + encoded[-4:]
+        response = json.dumps({"encoding": "pkcs7", "signature": flipped})
+        assert _outcome(fixture.verifier.decode, response) == _outcome(decode_document, response)
