@@ -10,13 +10,14 @@ import base64
 import binascii
 import dataclasses
 import json
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attest_service.errors import AttestError
-from attest_service.verify import VerificationPolicy, der, document
+from attest_service.errors import AttestError, MalformedDocument
+from attest_service.verify import VerificationPolicy, claims, der, document
 from attest_service.verify.document import decode_document
 from attest_service.verify.pkcs7 import SignedDataCache, parse_signed_data, parse_signed_data_cached
 
@@ -305,3 +306,44 @@ def test_the_verifier_decodes_as_decode_input() -> None:
         flipped = encoded[:-8] + encoded[-8:-4][::-1] + encoded[-4:]
         response = json.dumps({"encoding": "pkcs7", "signature": flipped})
         assert _outcome(fixture.verifier.decode, response) == _outcome(decode_document, response)
+
+
+# --- parse_timestamp against the constructor it replaced -----------------------------------------------
+
+
+def _timestamp_by_constructor(text: str, what: str) -> datetime:
+    match = claims._TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise MalformedDocument(f"{what}: {text[:40]!r} is not in IMDS's MM/DD/YY HH:MM:SS -0000 format")
+    month, day, year, hour, minute, second = map(int, match.groups())
+    try:
+        return datetime(2000 + year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError as exc:
+        raise MalformedDocument(f"{what}: {text!r} is not a real instant") from exc
+
+
+def _assert_same_timestamp(text: str) -> None:
+    expected = _outcome(_timestamp_by_constructor, text, "createdOn")
+    assert _outcome(claims.parse_timestamp, text, "createdOn") == expected
+    if expected[0] == "ok":
+        assert claims.parse_timestamp(text, "createdOn").tzinfo is UTC
+
+
+def test_every_day_of_leap_and_common_years_and_every_edge_field_parses_as_by_the_constructor() -> None:
+    for year in (0, 23, 24, 26, 99):
+        for month in range(14):
+            for day in range(33):
+                _assert_same_timestamp(f"{month:02}/{day:02}/{year:02} 12:00:00 -0000")
+    for hour in (0, 23, 24, 99):
+        for minute in (0, 59, 60, 99):
+            for second in (0, 59, 60, 61, 99):
+                _assert_same_timestamp(f"02/29/24 {hour:02}:{minute:02}:{second:02} -0000")
+
+
+_TIMESTAMP_LIKE = st.from_regex(r"[0-9]{2}/[0-9]{2}/[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} -0000", fullmatch=True)
+
+
+@PROPERTY_SETTINGS
+@given(_TIMESTAMP_LIKE | st.text(max_size=30))
+def test_timestamps_parse_as_by_the_constructor(text: str) -> None:
+    _assert_same_timestamp(text)
