@@ -94,7 +94,8 @@ class Base64Cache:
             return
         stretch = _Stretch(start, text[start:stop], data[first * 3:last * 3])
         with self._lock:
-            if len(self._stretches) >= self._entries:
+            # At most ``entries`` stretches (about 5 KiB each) in all.
+            if len(self._stretches) >= max(1, self._entries // STRETCHES_PER_LENGTH):
                 self._stretches.clear()
             known = self._stretches.get(len(text), ())
             self._stretches[len(text)] = (stretch, *known[:STRETCHES_PER_LENGTH - 1])

@@ -339,7 +339,8 @@ class SignedDataCache:
     bytes each time: a *tail*, remembered by its length. What precedes the content (about 60 bytes of
     headers, the digest algorithms and the content type) is the same too when the content has the same
     length, as it has for the documents of one image with nonces of one length: with the tail, a
-    *layout*, remembered by the document's length. Thread-safe.
+    *layout*, remembered by the document's length. At most ``entries`` tails and ``entries`` lengths of
+    layouts are kept (a few MiB at most, whatever the input). Thread-safe.
     """
 
     def __init__(self, entries: int) -> None:
@@ -389,7 +390,8 @@ class SignedDataCache:
                          signed.content_type, tail)
         with self._lock:
             if new_tail:
-                _keep(self._tails, tail.length, tail, self._entries)
+                # Tails are the large entries (about 2.5 KiB each): at most ``entries`` of them in all.
+                _keep(self._tails, tail.length, tail, max(1, self._entries // PER_LENGTH))
             _keep(self._layouts, len(data), layout, self._entries)
 
 

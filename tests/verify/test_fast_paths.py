@@ -347,3 +347,20 @@ _TIMESTAMP_LIKE = st.from_regex(r"[0-9]{2}/[0-9]{2}/[0-9]{2} [0-9]{2}:[0-9]{2}:[
 @given(_TIMESTAMP_LIKE | st.text(max_size=30))
 def test_timestamps_parse_as_by_the_constructor(text: str) -> None:
     _assert_same_timestamp(text)
+
+
+def test_the_caches_stay_within_their_bounds_whatever_the_input() -> None:
+    cache = SignedDataCache(8)
+    stretches = document.Base64Cache(8, cache.shared)
+    base = FIXTURES[-1].der
+    content = parse_signed_data(base).content
+    for size in range(40):
+        data = _with_content(base, content + b" " * size)
+        for _ in range(2):
+            text = base64.b64encode(data).decode("ascii")
+            assert stretches.decode(text) == data
+            assert parse_signed_data_cached(data, cache) == parse_signed_data(data)
+        tails = sum(map(len, cache._tails.values()))
+        assert tails <= 8
+        assert len(cache._layouts) <= 8
+        assert sum(map(len, stretches._stretches.values())) <= 8
