@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from attest_service.errors import MalformedDocument, UnsupportedDocument, VerificationError
+from attest_service.errors import MalformedDocument, UnsupportedDocument
 from attest_service.verify import der
 from attest_service.verify.der import (
     CLASS_CONTEXT,
@@ -261,9 +261,13 @@ class _Tail:
     signature_algorithm: AlgorithmIdentifier
 
 
-def _parse(data: bytes) -> tuple[SignedData, _Tail]:
-    """The general walk: every header of the structures read, strictly, in document order."""
-    signed_data = _signed_data_span(data)
+def _parse(data: bytes, signed_data: Span | None = None) -> tuple[SignedData, _Tail]:
+    """The general walk: every header of the structures read, strictly, in document order.
+
+    ``signed_data`` is what :func:`_signed_data_span` gives for ``data``, when the caller has it already.
+    """
+    if signed_data is None:
+        signed_data = _signed_data_span(data)
     fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
     if len(fields) < 4:
         raise MalformedDocument("SignedData: too few fields")
@@ -412,9 +416,8 @@ def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
     Otherwise the walk up to the end of encapContentInfo runs as always (the same code in the same order)
     and SignedData's fields from there on are a remembered tail's, when the bytes from there to the end
     of SignedData (which is the end of the document) are that tail's but for the signature: SignedData
-    then holds the same number of fields, and the general walk would read them to the same values. A miss,
-    or any error on the way, goes to the general walk, which gives the answer (and its error, with its
-    message).
+    then holds the same number of fields, and the general walk would read them to the same values. A miss
+    goes on with the general walk, from the SignedData element already found.
     """
     layout = cache.layout(data)
     if layout is not None:
@@ -423,20 +426,20 @@ def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
         signature_end = len(data) - len(tail.after)
         return _signed(layout.digest_algorithms, layout.content_type, data[len(layout.prefix):content_end], tail,
                        data[signature_end - tail.signature_length:signature_end])
-    try:
-        signed_data = _signed_data_span(data)
-        head = der.spans(data, signed_data[2], signed_data[3], "SignedData", limit=3)
-        found = cache.tail(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
-        if found is not None:
-            digest_algorithms, content_type, content = _head(data, head)
-            signature_end = len(data) - len(found.after)
-            signed = _signed(digest_algorithms, content_type, content, found,
-                             data[signature_end - found.signature_length:signature_end])
-            cache.remember(data, signed, found, new_tail=False)
-            return signed
-    except VerificationError:
-        pass
-    signed, tail = _parse(data)
+    # Each step below raises exactly the error the general walk would: the general walk starts with the
+    # same call; it walks SignedData's fields in order, so an error among the first three is its first
+    # error too; and with a remembered tail it has the same fields and reads the first three with _head.
+    signed_data = _signed_data_span(data)
+    head = der.spans(data, signed_data[2], signed_data[3], "SignedData", limit=3)
+    found = cache.tail(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
+    if found is not None:
+        digest_algorithms, content_type, content = _head(data, head)
+        signature_end = len(data) - len(found.after)
+        signed = _signed(digest_algorithms, content_type, content, found,
+                         data[signature_end - found.signature_length:signature_end])
+        cache.remember(data, signed, found, new_tail=False)
+        return signed
+    signed, tail = _parse(data, signed_data)
     cache.remember(data, signed, tail, new_tail=True)
     return signed
 
