@@ -198,10 +198,13 @@ _FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, Attribute
 class Verifier:
     """Verifies attested documents against one :class:`TrustStore`.
 
-    Holds no mutable state but bounded caches: of parsed signer certificates and their checked keys, of
-    the SignedData tails (:class:`~attest_service.verify.pkcs7.SignedDataCache`), and of validated chains,
-    each used only at instants inside the validity window of every certificate on that chain, so a
-    cached answer is the answer a fresh validation would give. A trust reload builds a new Verifier.
+    Holds no mutable state but bounded caches: of parsed signer certificates and their checked keys; of
+    what documents of one signer share, parsed (:class:`~attest_service.verify.pkcs7.SignedDataCache`)
+    and base64-decoded (:class:`~attest_service.verify.document.Base64Cache`), each giving exactly what
+    the general code gives; and of validated chains, each used only at instants inside the validity
+    window of every certificate on that chain, so a cached answer is the answer a fresh validation would
+    give. Nothing is remembered of a document's own content or signature, and no decision but those
+    about the signer certificate (its key, its name, its chain). A trust reload builds a new Verifier.
     """
 
     def __init__(self, trust: TrustStore) -> None:
