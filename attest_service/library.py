@@ -19,12 +19,17 @@ import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
-from attest_service.clouds import AUTO
+from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.trust.loading import bundled_pinned_dir, load_trust
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument
 from attest_service.verify import Verifier as CoreVerifier
+
+#: The policy of a call without a nonce, per cloud: a policy is immutable, and building one checks its
+#: arguments again each time. Any other call builds its own (and an unknown cloud is refused there).
+_POLICIES: Final = {name: VerificationPolicy(cloud=name, clock_skew=DEFAULT_CLOCK_SKEW) for name in (AUTO, *CLOUDS)}
 
 
 class Verifier(CoreVerifier):
@@ -62,8 +67,10 @@ class Verifier(CoreVerifier):
             raise ConfigurationError(f"nonce must be a string or None, not {type(nonce).__name__}")
         if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
             raise ConfigurationError("at must be a timezone-aware datetime")
-        policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
-        der = decode_input(response)
+        policy = _POLICIES.get(cloud) if nonce is None else None
+        if policy is None:
+            policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
+        der = self.decode(response)
         return self.verify(der, policy=policy, now=at if at is not None else datetime.now(UTC))
 
 

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import MappingProxyType
 from typing import Final
 
@@ -126,12 +126,12 @@ def _freeze(value: object, depth: int) -> JsonValue:
 
 def parse_timestamp(text: str, what: str) -> datetime:
     """Parse IMDS's ``MM/DD/YY HH:MM:SS -0000`` (always UTC); anything else is malformed."""
-    match = _TIMESTAMP.fullmatch(text)
-    if match is None:
+    if _TIMESTAMP.fullmatch(text) is None:
         raise MalformedDocument(f"{what}: {text[:40]!r} is not in IMDS's MM/DD/YY HH:MM:SS -0000 format")
-    month, day, year, hour, minute, second = map(int, match.groups())
     try:
-        return datetime(2000 + year, month, day, hour, minute, second, tzinfo=UTC)
+        # The same instant as datetime(2000 + YY, MM, DD, HH, MM, SS, tzinfo=UTC), refused for the same
+        # fields out of range; the C parser of the ISO form costs half of six int() calls and the constructor.
+        return datetime.fromisoformat(f"20{text[6:8]}-{text[0:2]}-{text[3:5]}T{text[9:17]}+00:00")
     except ValueError as exc:
         raise MalformedDocument(f"{what}: {text!r} is not a real instant") from exc
 

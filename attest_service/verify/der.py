@@ -118,16 +118,18 @@ Span = tuple[int, int, int, int]
 HIGH_TAG: Final = -1
 
 
-def spans(data: bytes, start: int, stop: int, what: str) -> list[Span]:  # noqa: PLR0912 - one branch per X.690 rule
+def spans(data: bytes, start: int, stop: int, what: str,  # noqa: PLR0912 - one branch per X.690 rule
+          limit: int = MAX_ELEMENTS + 1) -> list[Span]:
     """Decode the headers of the elements filling ``data[start:stop]``, each strictly, copying nothing.
 
     The same X.690 rules as :func:`children` (definite, minimal lengths, minimal tag numbers, no element
     running past ``stop``): the verifier's hot path walks a document with this, and reads out only the
-    bytes it keeps.
+    bytes it keeps. With ``limit``, only the first ``limit`` elements are decoded (those are exactly the
+    first ones a full walk gives, or the error it raises among them); the rest is left unread.
     """
     items: list[Span] = []
     offset = start
-    while offset < stop:
+    while offset < stop and len(items) < limit:
         if stop - offset < 2:
             raise MalformedDocument(f"{what}: truncated")
         first = data[offset]

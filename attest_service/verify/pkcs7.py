@@ -12,8 +12,9 @@ Structures read (RFC 5652 sections 3, 5.1, 5.2, 5.3)::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from attest_service.errors import MalformedDocument, UnsupportedDocument
 from attest_service.verify import der
@@ -43,6 +44,10 @@ _CONTEXT_0: Final = der.identifier(CLASS_CONTEXT, 0, constructed=True)
 _CONTEXT_1: Final = der.identifier(CLASS_CONTEXT, 1, constructed=True)
 _CONTEXT_0_PRIMITIVE: Final = der.identifier(CLASS_CONTEXT, 0, constructed=False)
 
+_T = TypeVar("_T")
+
+#: Tails (and layouts) of one length a :class:`SignedDataCache` keeps.
+PER_LENGTH: Final = 4
 #: Certificates a document may carry. Azure's carry one (the signer); a few more are tolerated, a flood is not.
 MAX_CERTIFICATES: Final = 8
 
@@ -172,7 +177,7 @@ def _encapsulated_content(data: bytes, span: Span) -> tuple[str, bytes]:
 
 
 def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmIdentifier, bytes | None,
-                                                    AlgorithmIdentifier, bytes]:
+                                                    AlgorithmIdentifier, Span]:
     what = "SignerInfo"
     if span[0] != _SEQUENCE:
         raise MalformedDocument(f"{what}: unexpected element")
@@ -198,7 +203,6 @@ def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmId
     signature_span = parts[index + 1]
     if signature_span[0] != _OCTET_STRING:
         raise MalformedDocument(f"{what}.signature: unexpected element")
-    signature = data[signature_span[2]:signature_span[3]]
     index += 2
     if index < len(parts):
         if parts[index][0] != _CONTEXT_1:
@@ -206,15 +210,11 @@ def _signer_info(data: bytes, span: Span) -> tuple[SignerIdentifier, AlgorithmId
         index += 1
     if index != len(parts):
         raise MalformedDocument(f"{what}: unexpected trailing fields")
-    return signer, digest_algorithm, signed_attributes, signature_algorithm, signature
+    return signer, digest_algorithm, signed_attributes, signature_algorithm, signature_span
 
 
-def parse_signed_data(data: bytes) -> SignedData:
-    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument.
-
-    The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
-    fields it returns: it runs once per request, and the document is most of the request.
-    """
+def _signed_data_span(data: bytes) -> Span:
+    """The SignedData element: ContentInfo, its contentType and its [0] EXPLICIT wrapper checked on the way."""
     top = _only([der.whole(data, "ContentInfo")], _SEQUENCE, "ContentInfo")
     parts = der.spans(data, top[2], top[3], "ContentInfo")
     if len(parts) != 2:
@@ -223,10 +223,11 @@ def parse_signed_data(data: bytes) -> SignedData:
         raise UnsupportedDocument("ContentInfo: not PKCS7 SignedData")
     if parts[1][0] != _CONTEXT_0:
         raise MalformedDocument("ContentInfo.content: unexpected element")
-    signed_data = _only(der.spans(data, parts[1][2], parts[1][3], "ContentInfo.content"), _SEQUENCE, "SignedData")
-    fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
-    if len(fields) < 4:
-        raise MalformedDocument("SignedData: too few fields")
+    return _only(der.spans(data, parts[1][2], parts[1][3], "ContentInfo.content"), _SEQUENCE, "SignedData")
+
+
+def _head(data: bytes, fields: list[Span]) -> tuple[tuple[AlgorithmIdentifier, ...], str, bytes]:
+    """SignedData's version, digestAlgorithms and encapContentInfo (its first three fields)."""
     version = _integer(data, fields[0], "SignedData.version")
     if not 1 <= version <= 5:
         raise MalformedDocument(f"SignedData: version {version} is out of range")
@@ -235,6 +236,42 @@ def parse_signed_data(data: bytes) -> SignedData:
     digest_algorithms = tuple(_algorithm(data, item, "digestAlgorithms")
                               for item in der.spans(data, fields[1][2], fields[1][3], "digestAlgorithms"))
     content_type, content = _encapsulated_content(data, fields[2])
+    return digest_algorithms, content_type, content
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """What SignedData's fields after encapContentInfo (certificates, crls, signerInfos) parsed to.
+
+    ``before`` and ``after`` are the tail's exact bytes before and after the contents of the signature
+    OCTET STRING, ``signature_length`` the length of those contents. The parse of a tail reads the
+    signature's contents only to copy them out, so any tail with the same bytes around a signature of
+    the same length parses to the same fields, with that signature.
+    """
+
+    before: bytes
+    signature_length: int
+    after: bytes
+    #: ``len(before) + signature_length + len(after)``.
+    length: int
+    certificates: tuple[bytes, ...]
+    signer: SignerIdentifier
+    digest_algorithm: AlgorithmIdentifier
+    signed_attributes: bytes | None
+    signature_algorithm: AlgorithmIdentifier
+
+
+def _parse(data: bytes, signed_data: Span | None = None) -> tuple[SignedData, _Tail]:
+    """The general walk: every header of the structures read, strictly, in document order.
+
+    ``signed_data`` is what :func:`_signed_data_span` gives for ``data``, when the caller has it already.
+    """
+    if signed_data is None:
+        signed_data = _signed_data_span(data)
+    fields = der.spans(data, signed_data[2], signed_data[3], "SignedData")
+    if len(fields) < 4:
+        raise MalformedDocument("SignedData: too few fields")
+    digest_algorithms, content_type, content = _head(data, fields)
     index = 3
     certificates: tuple[bytes, ...] = ()
     if fields[index][0] == _CONTEXT_0:
@@ -255,17 +292,156 @@ def parse_signed_data(data: bytes) -> SignedData:
     if len(signer_infos) != 1:
         raise UnsupportedDocument(f"expected exactly one SignerInfo, found {len(signer_infos)}")
     signer, digest_algorithm, signed_attributes, signature_algorithm, signature = _signer_info(data, signer_infos[0])
+    tail = _Tail(data[fields[2][3]:signature[2]], signature[3] - signature[2], data[signature[3]:signed_data[3]],
+                 signed_data[3] - fields[2][3], certificates, signer, digest_algorithm, signed_attributes,
+                 signature_algorithm)
+    return _signed(digest_algorithms, content_type, content, tail, data[signature[2]:signature[3]]), tail
+
+
+def _signed(digest_algorithms: tuple[AlgorithmIdentifier, ...], content_type: str, content: bytes, tail: _Tail,
+            signature: bytes) -> SignedData:
     return SignedData(
         digest_algorithms=digest_algorithms,
         content_type=content_type,
         content=content,
-        certificates=certificates,
-        signer=signer,
-        digest_algorithm=digest_algorithm,
-        signed_attributes=signed_attributes,
-        signature_algorithm=signature_algorithm,
+        certificates=tail.certificates,
+        signer=tail.signer,
+        digest_algorithm=tail.digest_algorithm,
+        signed_attributes=tail.signed_attributes,
+        signature_algorithm=tail.signature_algorithm,
         signature=signature,
     )
+
+
+def parse_signed_data(data: bytes) -> SignedData:
+    """Parse a DER ContentInfo holding SignedData; raise MalformedDocument or UnsupportedDocument.
+
+    The walk locates elements by offset (:func:`~attest_service.verify.der.spans`) and copies out only the
+    fields it returns: it runs once per request, and the document is most of the request.
+    """
+    return _parse(data)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A whole document but for its content and signature.
+
+    The bytes before the content, what they parse to, and the tail after the content.
+    """
+
+    prefix: bytes
+    digest_algorithms: tuple[AlgorithmIdentifier, ...]
+    content_type: str
+    tail: _Tail
+
+
+class SignedDataCache:
+    """Bounded memory of the SignedData layouts one verifier parsed, for :func:`parse_signed_data_cached`.
+
+    Documents from one signer differ in their content and in the signature value; what follows the
+    content (the signer's certificate and the SignerInfo, about 2.5 KiB of an Azure document) is the same
+    bytes each time: a *tail*, remembered by its length. What precedes the content (about 60 bytes of
+    headers, the digest algorithms and the content type) is the same too when the content has the same
+    length, as it has for the documents of one image with nonces of one length: with the tail, a
+    *layout*, remembered by the document's length. At most ``entries`` tails and ``entries`` lengths of
+    layouts are kept (a few MiB at most, whatever the input). Thread-safe.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._tails: dict[int, tuple[_Tail, ...]] = {}
+        self._layouts: dict[int, tuple[_Layout, ...]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many tails and layouts are remembered."""
+        return sum(map(len, self._tails.values())) + sum(map(len, self._layouts.values()))
+
+    def tail(self, data: bytes, start: int) -> _Tail | None:
+        """The tail remembered for ``data[start:]``, when its bytes around the signature are the same."""
+        for tail in self._tails.get(len(data) - start, ()):
+            if data.startswith(tail.before, start) and data.endswith(tail.after):
+                return tail
+        return None
+
+    def layout(self, data: bytes) -> _Layout | None:
+        """The layout remembered for ``data``, when its bytes but the content's and the signature's are the same."""
+        for layout in self._layouts.get(len(data), ()):
+            tail = layout.tail
+            if (data.startswith(layout.prefix) and data.startswith(tail.before, len(data) - tail.length)
+                    and data.endswith(tail.after)):
+                return layout
+        return None
+
+    def shared(self, data: bytes) -> tuple[int, int] | None:
+        """Where the bytes all documents of ``data``'s layout share lie; None when the layout is not remembered.
+
+        That is the tail before the signature, which holds the certificates.
+        """
+        layout = self.layout(data)
+        if layout is None:
+            return None
+        start = len(data) - layout.tail.length
+        return start, start + len(layout.tail.before)
+
+    def remember(self, data: bytes, signed: SignedData, tail: _Tail, *, new_tail: bool) -> None:
+        """Keep the layout of ``data`` (which parsed to ``signed``), and its tail when ``new_tail``.
+
+        The latest few of each length are kept (the leaf certificates of one CA often have one length);
+        beyond the bound, each table starts afresh.
+        """
+        layout = _Layout(data[:len(data) - tail.length - len(signed.content)], signed.digest_algorithms,
+                         signed.content_type, tail)
+        with self._lock:
+            if new_tail:
+                # Tails are the large entries (about 2.5 KiB each): at most ``entries`` of them in all.
+                _keep(self._tails, tail.length, tail, max(1, self._entries // PER_LENGTH))
+            _keep(self._layouts, len(data), layout, self._entries)
+
+
+def _keep(table: dict[int, tuple[_T, ...]], length: int, item: _T, entries: int) -> None:
+    if len(table) >= entries:
+        table.clear()
+    table[length] = (item, *table.get(length, ())[:PER_LENGTH - 1])
+
+
+def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
+    """:func:`parse_signed_data`, taking what it can from ``cache``; exactly the same result or error.
+
+    The general walk reads the contents of the content's and the signature's OCTET STRINGs only to copy
+    them out (every other byte it reads is a header, or the contents of an OID, INTEGER or
+    AlgorithmIdentifier). So a document equal to one it parsed in every other byte, each at the same
+    place, parses to the same fields but for its own content and signature: a remembered layout gives them.
+
+    Otherwise the walk up to the end of encapContentInfo runs as always (the same code in the same order)
+    and SignedData's fields from there on are a remembered tail's, when the bytes from there to the end
+    of SignedData (which is the end of the document) are that tail's but for the signature: SignedData
+    then holds the same number of fields, and the general walk would read them to the same values. A miss
+    goes on with the general walk, from the SignedData element already found.
+    """
+    layout = cache.layout(data)
+    if layout is not None:
+        tail = layout.tail
+        content_end = len(data) - tail.length
+        signature_end = len(data) - len(tail.after)
+        return _signed(layout.digest_algorithms, layout.content_type, data[len(layout.prefix):content_end], tail,
+                       data[signature_end - tail.signature_length:signature_end])
+    # Each step below raises exactly the error the general walk would: the general walk starts with the
+    # same call; it walks SignedData's fields in order, so an error among the first three is its first
+    # error too; and with a remembered tail it has the same fields and reads the first three with _head.
+    signed_data = _signed_data_span(data)
+    head = der.spans(data, signed_data[2], signed_data[3], "SignedData", limit=3)
+    found = cache.tail(data, head[2][3]) if len(head) == 3 and signed_data[3] == len(data) else None
+    if found is not None:
+        digest_algorithms, content_type, content = _head(data, head)
+        signature_end = len(data) - len(found.after)
+        signed = _signed(digest_algorithms, content_type, content, found,
+                         data[signature_end - found.signature_length:signature_end])
+        cache.remember(data, signed, found, new_tail=False)
+        return signed
+    signed, tail = _parse(data, signed_data)
+    cache.remember(data, signed, tail, new_tail=True)
+    return signed
 
 
 def parameters_absent_or_null(algorithm: AlgorithmIdentifier) -> bool:

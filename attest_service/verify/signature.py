@@ -122,7 +122,11 @@ def _signed_attributes_message(signed: SignedData, digest: str) -> bytes:
     return message
 
 
-def signer_key(signer: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+#: A public key of a kind Azure signs with (see :func:`signer_key`).
+SignerKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def signer_key(signer: x509.Certificate) -> SignerKey:
     """The signer's public key, when it is of a kind Azure signs with; raise UnsupportedDocument otherwise.
 
     The signature is checked (step 4) before the name and the chain (steps 5 and 6), so the key is still the
@@ -150,11 +154,14 @@ def signer_key(signer: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurveP
     raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({type(key).__name__})")
 
 
-def verify_signature(signed: SignedData, signer: x509.Certificate) -> str:
+def verify_signature(signed: SignedData, signer: x509.Certificate, *,
+                     key_of: Callable[[x509.Certificate], SignerKey] = signer_key) -> str:
     """Verify the SignerInfo's signature with ``signer``'s key; return the digest name used.
 
     Raises UnsupportedDocument for algorithms or keys outside the supported set (:func:`signer_key`),
     SignatureInvalid when the signature does not verify, MalformedDocument for broken signed attributes.
+    ``key_of`` gives the key and refuses unsupported ones as :func:`signer_key` does (the verifier passes a
+    per-certificate cache of it); it is called at the same point, so the first error found is the same.
     """
     digest = digest_of(signed)
     family, implied = SIGNATURE_ALGORITHMS.get(signed.signature_algorithm.oid, ("", None))
@@ -165,7 +172,7 @@ def verify_signature(signed: SignedData, signer: x509.Certificate) -> str:
     if implied is not None and implied != digest:
         raise MalformedDocument("signatureAlgorithm and digestAlgorithm name different hashes")
     # Before any expensive operation: refuse keys outside what Azure uses.
-    key = signer_key(signer)
+    key = key_of(signer)
     message = signed.content
     if signed.signed_attributes is not None:
         message = _signed_attributes_message(signed, digest)

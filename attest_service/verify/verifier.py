@@ -24,7 +24,7 @@ Nothing here reads files, the network, the environment or the clock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -43,9 +43,16 @@ from attest_service.errors import (
 )
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
+from attest_service.verify.document import Base64Cache, decode_input
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
-from attest_service.verify.pkcs7 import OID_DATA, SignedData, parse_signed_data
-from attest_service.verify.signature import verify_signature
+from attest_service.verify.pkcs7 import (
+    OID_DATA,
+    SignedData,
+    SignedDataCache,
+    parse_signed_data,
+    parse_signed_data_cached,
+)
+from attest_service.verify.signature import SignerKey, signer_key, verify_signature
 from attest_service.verify.trust import TrustStore, fingerprint
 
 #: Default tolerance between the verifier's clock and IMDS's, applied to createdOn and expiresOn.
@@ -191,9 +198,13 @@ _FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, Attribute
 class Verifier:
     """Verifies attested documents against one :class:`TrustStore`.
 
-    Holds no mutable state but a bounded cache of parsed signer certificates and of validated chains,
-    each used only at instants inside the validity window of every certificate on that chain, so a
-    cached answer is the answer a fresh validation would give. A trust reload builds a new Verifier.
+    Holds no mutable state but bounded caches: of parsed signer certificates and their checked keys; of
+    what documents of one signer share, parsed (:class:`~attest_service.verify.pkcs7.SignedDataCache`)
+    and base64-decoded (:class:`~attest_service.verify.document.Base64Cache`), each giving exactly what
+    the general code gives; and of validated chains, each used only at instants inside the validity
+    window of every certificate on that chain, so a cached answer is the answer a fresh validation would
+    give. Nothing is remembered of a document's own content or signature, and no decision but those
+    about the signer certificate (its key, its name, its chain). A trust reload builds a new Verifier.
     """
 
     def __init__(self, trust: TrustStore) -> None:
@@ -201,7 +212,17 @@ class Verifier:
         self._candidates: dict[bytes, _Candidate] = {}
         self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
         self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
+        self._keys: dict[bytes, SignerKey] = {}
+        self._signed_data = SignedDataCache(CACHE_ENTRIES)
+        self._base64 = Base64Cache(CACHE_ENTRIES, self._signed_data.shared)
         self._lock = threading.Lock()
+
+    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
+        """:func:`~attest_service.verify.document.decode_input` with this verifier's base64 cache.
+
+        The same DER or the same error, sooner for documents of a layout this verifier parsed before.
+        """
+        return decode_input(response, self._base64)
 
     def _candidate(self, der: bytes) -> _Candidate:
         found = self._candidates.get(der)
@@ -213,6 +234,18 @@ class Verifier:
                 self._candidates[der] = found
         return found
 
+    def _key(self, der: bytes, signer: x509.Certificate) -> SignerKey:
+        # The key and the checks of its kind and size depend on the certificate alone: a key that passed
+        # them is remembered per signer DER (reading the RSA exponent builds Python integers each time).
+        # A refusal is not remembered, and is raised afresh each time.
+        found = self._keys.get(der)
+        if found is None:
+            found = signer_key(signer)
+            with self._lock:
+                if len(self._keys) >= CACHE_ENTRIES:
+                    self._keys.clear()
+                self._keys[der] = found
+        return found
 
     def _cloud(self, der: bytes, signer: x509.Certificate, requested: str) -> CloudProfile:
         # The name rule depends on the certificate and the requested cloud only, so its (successful) outcome
@@ -260,13 +293,13 @@ class Verifier:
 
     def _verify(self, der: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
-        signed = parse_signed_data(der)
+        signed = parse_signed_data_cached(der, self._signed_data)
         if signed.content_type != OID_DATA:
             raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
         # Step 3: the signer is the certificate the SignerInfo names.
         signer_der, signer = resolve_signer(signed, self._candidate)
         # Step 4: the signature, under that certificate only.
-        digest = verify_signature(signed, signer)
+        digest = verify_signature(signed, signer, key_of=lambda certificate: self._key(signer_der, certificate))
         # Step 5: the name decides (or must fit) the cloud.
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
