@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
@@ -123,6 +123,10 @@ class Attestor:
                  challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
                  events: AttestationEvents | None = None) -> None:
         self.verifier = verifier
+        # A Verifier (or the service's reloading holder) decodes with its caches; any other verifier gets
+        # the plain decoder, which gives the same DER or the same error.
+        self._decode: Callable[[Mapping[str, object] | str | bytes], bytes] = getattr(verifier, "decode",
+                                                                                     decode_input)
         self.store = store
         self.clock_skew = clock_skew
         self.challenge_ttl = challenge_ttl
@@ -159,7 +163,11 @@ class Attestor:
         :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``, ``NonceReplayed``,
         ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted.
         """
-        return self.attest_der(decode_input(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
+        return self.attest_der(self.decode(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
+
+    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
+        """The DER of ``response`` (any form :func:`~attest_service.verify.decode_input` takes), or its error."""
+        return self._decode(response)
 
     def attest_der(self, der: bytes, *, nonce: str | None = None, cloud: str = AUTO,
                    caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:

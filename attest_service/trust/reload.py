@@ -46,7 +46,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -337,6 +337,10 @@ class TrustHolder:
         _publish(self)
 
     # --- verification ---------------------------------------------------------------------------
+
+    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
+        """The DER of ``response`` (:meth:`Verifier.decode`, with the current verifier's caches), or its error."""
+        return self.verifier().decode(response)
 
     def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         """Verify with the current trust; on an unpinned issuer, try the AIA fallback when enabled.

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -28,11 +29,7 @@ from flask import Blueprint, Response, jsonify, request
 from attest_service.access import ANONYMOUS
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
-from attest_service.verify import (
-    MAX_NONCE_LENGTH,
-    decode_response,
-    decode_signature,
-)
+from attest_service.verify import MAX_NONCE_LENGTH, decode_response
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
 from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized
@@ -93,8 +90,13 @@ class VerifyRequest:
     cloud: str
 
 
-def parse_verify_request(body: dict[str, object]) -> VerifyRequest:
-    """Check the body's shape; raise MalformedRequest, or MalformedDocument when the base64 is unusable."""
+def parse_verify_request(body: dict[str, object],
+                         decode: Callable[[Mapping[str, object]], bytes] = decode_response) -> VerifyRequest:
+    """Check the body's shape; raise MalformedRequest, or MalformedDocument when the base64 is unusable.
+
+    ``decode`` turns the IMDS response object into DER (the attestation step's, which has the verifier's
+    caches); a bare ``signature`` is decoded as the response object carrying it.
+    """
     unknown = set(body) - VERIFY_KEYS
     if unknown:
         raise MalformedRequest(f"unknown field(s): {', '.join(sorted(name[:40] for name in unknown))}")
@@ -110,12 +112,12 @@ def parse_verify_request(body: dict[str, object]) -> VerifyRequest:
         document = body["document"]
         if not isinstance(document, dict):
             raise MalformedRequest("'document' must be the IMDS response object {\"encoding\", \"signature\"}")
-        der = decode_response(document)
+        der = decode(document)
     else:
         signature = body["signature"]
         if not isinstance(signature, str):
             raise MalformedRequest("'signature' must be a base64 string")
-        der = decode_signature(signature)
+        der = decode({"encoding": "pkcs7", "signature": signature})
     return VerifyRequest(document=der, nonce=nonce, cloud=cloud)
 
 
@@ -196,7 +198,7 @@ def verify() -> Response:
         service = current_service()
         caller = _caller(service)
         # Step 1: parse the request.
-        parsed = parse_verify_request(_json_body())
+        parsed = parse_verify_request(_json_body(), service.attestor.decode)
         # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, now=service.clock(), nonce=parsed.nonce,

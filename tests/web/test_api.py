@@ -67,6 +67,15 @@ def test_bare_signature_with_caller_nonce(client: FlaskClient, test_pki: Generat
     assert error_of(replay, 409) == "nonce_replayed"
 
 
+def test_a_bare_signature_is_base64_only(client: FlaskClient, test_pki: GeneratedPki) -> None:
+    # The response object written into 'signature' is not unwrapped: 'signature' is the base64 itself.
+    wrapped = json.dumps({"encoding": "pkcs7", "signature": test_pki.signature(nonce="wrapped-nonce")})
+    assert error_of(client.post("/v1/verify", json={"signature": wrapped}), 422) == "malformed_document"
+    # Whitespace around it is allowed, as always; the document still verifies once.
+    padded = "\n " + test_pki.signature(nonce="padded-nonce") + " \n"
+    assert client.post("/v1/verify", json={"signature": padded}).status_code == 200
+
+
 def test_explicit_cloud(client: FlaskClient, test_pki: GeneratedPki) -> None:
     response = client.post("/v1/verify", json={"signature": test_pki.signature(), "cloud": "public"})
     assert response.status_code == 200
