@@ -53,10 +53,6 @@ loglevel: Final = (os.environ.get("ATTEST_LOG_LEVEL") or "info").lower()
 control_socket_disable: Final = True
 worker_tmp_dir: Final = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, by design
 
-#: Requests answered on one keep-alive connection before the answer asks the client to reconnect (see
-#: pre_request).
-REQUESTS_PER_CONNECTION: Final = 100
-
 #: File names prometheus-client writes in PROMETHEUS_MULTIPROC_DIR.
 _METRIC_FILE: Final = re.compile(r"(counter|gauge_[a-z]+|gauge|histogram|summary)_\d+\.db")
 
@@ -115,19 +111,6 @@ def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook sig
     request_reload = getattr(getattr(holder, "trust", None), "request_reload", None)
     if callable(request_reload):
         signal.signal(signal.SIGHUP, lambda _signum, _frame: request_reload())
-
-
-def pre_request(worker: Any, req: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
-    """Answer every ``REQUESTS_PER_CONNECTION``-th request of a connection with ``Connection: close``.
-
-    A keep-alive connection stays with the worker that accepted it, and a client that opens its pool in a
-    burst can leave one worker with most of them (16 to 4, 3 to 23 were measured) and the latency of a
-    saturated worker while the other idles. A client that reconnects is accepted by whichever worker gets
-    to the listening socket first, which is the less busy one, so reconnecting now and then spreads the
-    connections by load: one TCP handshake per hundred requests.
-    """
-    if req.req_number >= REQUESTS_PER_CONNECTION:
-        req.must_close = True
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook

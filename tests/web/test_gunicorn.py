@@ -5,7 +5,6 @@ The service runs with the system clock, so the documents come from a PKI generat
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from attest_service.web import gunicorn_conf
 from tests.support.redis_server import RedisServer, redis_available, redis_server
 from tests.web.conftest import GeneratedPki
 from tests.web.live import LiveService, live_service
@@ -116,30 +114,6 @@ def test_redis_outage_fails_closed_and_recovers(live_pki: GeneratedPki, redis_fo
         assert service.json("POST", "/v1/verify", during)[0] == 409
         with_challenge = service.json("POST", "/v1/challenges")
         assert with_challenge[0] == 201
-
-
-def test_a_keep_alive_connection_is_closed_after_its_hundredth_request(live_pki: GeneratedPki,
-                                                                       tmp_path: Path) -> None:
-    # So that connections opened in a burst on one worker are spread by load when clients reconnect.
-    env = {"ATTEST_PINNED_CERTS": str(live_pki.pinned_dir),
-           "ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'nonces.sqlite3'}"}
-    with live_service(env, tmp_path, workers=2) as service:
-        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
-        connection.connect()
-        first_socket = connection.sock
-        answers = []
-        for _ in range(gunicorn_conf.REQUESTS_PER_CONNECTION):
-            connection.request("GET", "/healthz")
-            response = connection.getresponse()
-            response.read()
-            answers.append((response.status, response.getheader("Connection")))
-            assert connection.sock is first_socket or len(answers) == gunicorn_conf.REQUESTS_PER_CONNECTION
-        assert answers[:-1] == [(200, "keep-alive")] * (gunicorn_conf.REQUESTS_PER_CONNECTION - 1)
-        assert answers[-1] == (200, "close")
-        # The client reconnects and is served as before.
-        connection.request("GET", "/healthz")
-        assert connection.getresponse().status == 200
-        connection.close()
 
 
 @pytest.mark.parametrize(("variable", "value", "fragment"), [
