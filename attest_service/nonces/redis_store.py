@@ -263,18 +263,24 @@ class DirectConnections:
                 connection.send_packed_command([packed], check_health=False)
                 reply = connection.read_response()
         except ResponseError:
-            self._idle.append(connection)
+            self._release(connection)
             raise
         except BaseException:
-            # Timed out or broken mid-reply: the connection may still carry part of an answer; never reuse it.
+            # Timed out or broken mid-reply: the socket may still carry part of an answer, so it is closed; the
+            # connection object is kept and connects afresh when next used. (Dropping it would leak one of the
+            # pool's max_connections objects per failure: the pool counts every connection it ever made.)
             connection.disconnect()
+            self._release(connection)
             raise
+        self._release(connection)
+        return reply
+
+    def _release(self, connection: ConnectionInterface) -> None:
         with self._lock:
             if self._closed:
                 connection.disconnect()
             else:
                 self._idle.append(connection)
-        return reply
 
     def close(self) -> None:
         """Disconnect every idle connection; later connections are disconnected after their one use."""

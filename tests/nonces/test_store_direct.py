@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from attest_service.errors import NonceReplayed
+from attest_service.errors import NonceReplayed, StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
 from attest_service.nonces.redis_store import (
     _ACCEPT_SCRIPT,
@@ -125,3 +125,20 @@ def test_a_resent_claim_of_a_vm_with_its_own_key_is_its_acceptance(server: Redis
     assert _ACCEPT_SCRIPT.run(client, keys, args) == [b"accepted", b"0"]
     assert _ACCEPT_SCRIPT.run(client, keys, [*args[:3], "another-token", *args[4:]])[0] == b"replayed"
     client.close()
+
+
+def test_an_outage_longer_than_the_pool_recovers(server: RedisServer) -> None:
+    # Every failed call during an outage used to cost one of the pool's 100 connection objects for good:
+    # after the outage the store answered "Too many connections" for ever.
+    store = open_store(server.url, timeout_seconds=TIMEOUT_SECONDS)
+    try:
+        accept(store, "before")
+        server.stop()
+        for index in range(250):
+            with pytest.raises(StoreUnavailable) as refused:
+                accept(store, f"down-{index}")
+            assert "Too many connections" not in refused.value.message
+        server.start()
+        assert accept(store, "after") == Acceptance(challenge=False)
+    finally:
+        store.close()
