@@ -76,10 +76,13 @@ _LOG: Final = logging.getLogger(__name__)
 #   "N|<token>|<client id>"  a caller-chosen nonce claimed without a scope: refuses every later claim;
 #   "V|<tag>:<token>[,<tag>:<token>...]"  a caller-chosen nonce claimed for each VM listed (tag: the scope's
 #                            digest), at most MAX_LISTED_SCOPES of them: refuses later claims of those VMs
-#                            only, and claims without a scope. Further VMs of the nonce get a key each
+#                            only, and claims without a scope;
+#   "W|<tag>:<token>,..."    the same list once full: further VMs of the nonce get a key each
 #                            (attest:{<digest>}:seen:<tag>, holding the token), with its own lifetime, so that
 #                            a nonce many VMs share (a vendor's fixed nonce) costs one small key per VM and
-#                            O(1) per claim, not a value that grows with the fleet and is rewritten each time;
+#                            O(1) per claim, not a value that grows with the fleet and is rewritten each time.
+#                            The previous release reads "V" lists but not these keys; to it "W" is an unknown
+#                            kind, which it refuses as replayed, so a rolling upgrade cannot accept a VM twice;
 #   "0|<client id>", "1|<client id>"  written before claims carried a token or a scope: refuse every claim.
 # Releases before scoping read any value as "replayed", so during a rolling upgrade they refuse what this one
 # accepted (as they always did), and this one refuses what they accepted.
@@ -111,7 +114,7 @@ if seen then
       return {'accepted', challenge}
     end
     return {'replayed', challenge, string.sub(seen, sep + 1)}
-  elseif kind == 'V' then
+  elseif kind == 'V' or kind == 'W' then
     if ARGV[5] == '' then
       return {'replayed', '0', ''}
     end
@@ -132,8 +135,12 @@ if seen then
       end
       return {'replayed', '0', ''}
     end
-    local _, commas = string.gsub(seen, ',', ',')
-    listed = commas + 1
+    if kind == 'W' then
+      listed = -1
+    else
+      local _, commas = string.gsub(seen, ',', ',')
+      listed = commas + 1
+    end
   else
     local sep = string.find(seen, '|', 1, true)
     return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
@@ -156,12 +163,13 @@ if ARGV[5] == '' then
   record('N|' .. ARGV[4] .. '|' .. ARGV[1], seen)
 elseif not seen then
   record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
-elseif listed < tonumber(ARGV[6]) then
+elseif listed >= 0 and listed < tonumber(ARGV[6]) then
   record(seen .. ',' .. ARGV[5] .. ':' .. ARGV[4], seen)
 else
-  -- The list is full: this VM's claim gets a key of its own; the list lives as long as the longest claim.
+  -- The list is full: this VM's claim gets a key of its own, and the list, marked full ("W"), lives as long
+  -- as the longest claim.
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
-  record(seen, seen)
+  record('W' .. string.sub(seen, 2), seen)
 end
 return {'seen'}
 """
@@ -223,6 +231,16 @@ def pack_command(*args: str | int) -> bytes:
     return b"*%d\r\n%b" % (len(parts), b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts))
 
 
+#: Connections one store holds for its direct use. They count against the client pool's max_connections (100
+#: by default), which also serves the other commands (challenges, readiness); past this many at once, a script
+#: goes through the pool as any command does.
+MAX_DIRECT_CONNECTIONS: Final = 32
+
+
+class _AllDirectConnectionsBusy(Exception):
+    """Every direct connection is in use (or there are none): send through the client instead."""
+
+
 class DirectConnections:
     """Connections of one redis-py client's pool, used directly for the store's two per-request scripts.
 
@@ -238,6 +256,7 @@ class DirectConnections:
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._idle: list[ConnectionInterface] = []
+        self._made = 0
         self._lock = threading.Lock()
         self._closed = False
 
@@ -246,7 +265,16 @@ class DirectConnections:
         try:
             connection = self._idle.pop()
         except IndexError:
-            connection = self._pool.make_connection()
+            with self._lock:
+                if self._made >= MAX_DIRECT_CONNECTIONS:
+                    raise _AllDirectConnectionsBusy from None
+                self._made += 1
+            try:
+                connection = self._pool.make_connection()
+            except BaseException:
+                with self._lock:
+                    self._made -= 1
+                raise
         try:
             try:
                 # connect() is where a Sentinel-managed connection asks for the master; sending on an
@@ -308,13 +336,16 @@ class _LuaScript:
     def run(self, client: RedisClient, keys: Sequence[str], args: Sequence[str | int],
             direct: DirectConnections | None = None) -> list[bytes | int]:
         """Run with ``keys`` and ``args`` (on ``direct`` connections when given); returns the array reply."""
-        reply: object
+        reply: object = None
         if direct is not None:
             try:
-                reply = direct.run(pack_command("EVALSHA", self.sha1, len(keys), *keys, *args))
-            except NoScriptError:
-                reply = direct.run(pack_command("EVAL", self.source, len(keys), *keys, *args))
-        else:
+                try:
+                    reply = direct.run(pack_command("EVALSHA", self.sha1, len(keys), *keys, *args))
+                except NoScriptError:
+                    reply = direct.run(pack_command("EVAL", self.source, len(keys), *keys, *args))
+            except _AllDirectConnectionsBusy:
+                direct = None
+        if direct is None:
             try:
                 reply = client.execute_command("EVALSHA", self.sha1, len(keys), *keys, *args)
             except NoScriptError:

@@ -128,6 +128,9 @@ def parse_timestamp(text: str, what: str) -> datetime:
     """Parse IMDS's ``MM/DD/YY HH:MM:SS -0000`` (always UTC); anything else is malformed."""
     if _TIMESTAMP.fullmatch(text) is None:
         raise MalformedDocument(f"{what}: {text[:40]!r} is not in IMDS's MM/DD/YY HH:MM:SS -0000 format")
+    if text[9:11] == "24":
+        # The constructor refuses hour 24; newer Pythons' fromisoformat reads 24:00:00 as the next midnight.
+        raise MalformedDocument(f"{what}: {text!r} is not a real instant")
     try:
         # The same instant as datetime(2000 + YY, MM, DD, HH, MM, SS, tzinfo=UTC), refused for the same
         # fields out of range; the C parser of the ISO form costs half of six int() calls and the constructor.

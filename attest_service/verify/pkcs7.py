@@ -13,6 +13,7 @@ Structures read (RFC 5652 sections 3, 5.1, 5.2, 5.3)::
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -405,8 +406,13 @@ def _keep(table: dict[int, tuple[_T, ...]], length: int, item: _T, entries: int)
     table[length] = (item, *table.get(length, ())[:PER_LENGTH - 1])
 
 
-def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
+def parse_signed_data_cached(data: bytes, cache: SignedDataCache,
+                             deferred: list[Callable[[], None]] | None = None) -> SignedData:
     """:func:`parse_signed_data`, taking what it can from ``cache``; exactly the same result or error.
+
+    A document of a layout ``cache`` does not hold yet is remembered at once, or, with ``deferred``, by the
+    function appended to it: the verifier calls it once the document verified up to its chain, so that only
+    what Azure signed takes room in the cache (a document need only parse to be remembered otherwise).
 
     The general walk reads the contents of the content's and the signature's OCTET STRINGs only to copy
     them out (every other byte it reads is a header, or the contents of an OID, INTEGER or
@@ -437,11 +443,19 @@ def parse_signed_data_cached(data: bytes, cache: SignedDataCache) -> SignedData:
         signature_end = len(data) - len(found.after)
         signed = _signed(digest_algorithms, content_type, content, found,
                          data[signature_end - found.signature_length:signature_end])
-        cache.remember(data, signed, found, new_tail=False)
+        _remember(cache, deferred, data, signed, found, new_tail=False)
         return signed
     signed, tail = _parse(data, signed_data)
-    cache.remember(data, signed, tail, new_tail=True)
+    _remember(cache, deferred, data, signed, tail, new_tail=True)
     return signed
+
+
+def _remember(cache: SignedDataCache, deferred: list[Callable[[], None]] | None, data: bytes, signed: SignedData,
+              tail: _Tail, *, new_tail: bool) -> None:
+    if deferred is None:
+        cache.remember(data, signed, tail, new_tail=new_tail)
+    else:
+        deferred.append(lambda: cache.remember(data, signed, tail, new_tail=new_tail))
 
 
 def parameters_absent_or_null(algorithm: AlgorithmIdentifier) -> bool:

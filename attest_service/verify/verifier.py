@@ -293,7 +293,10 @@ class Verifier:
 
     def _verify(self, der: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
-        signed = parse_signed_data_cached(der, self._signed_data)
+        # A new layout is remembered only once the document is signed by a certificate that chains to the pins
+        # (after step 6): one that need only parse, or that its sender signed with a key of its own, is not kept.
+        deferred: list[Callable[[], None]] = []
+        signed = parse_signed_data_cached(der, self._signed_data, deferred)
         if signed.content_type != OID_DATA:
             raise UnsupportedDocument(f"content type {signed.content_type} is not id-data")
         # Step 3: the signer is the certificate the SignerInfo names.
@@ -304,6 +307,8 @@ class Verifier:
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
         described = self._chain(signer_der, signer, cloud, now)
+        for remember in deferred:
+            remember()
         # Step 7: the signed content.
         claims = parse_claims(signed.content)
         # Step 8: the validity window, within the allowed skew.

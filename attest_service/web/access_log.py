@@ -64,11 +64,12 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
         """The access log's one handler when writing to it directly writes exactly what logging would.
 
         That is gunicorn's own setup (``accesslog``: one stream or file handler with its ``%(message)s``
-        formatter, no filters, INFO enabled). Logging's path for one line (the caller lookup, a LogRecord, the
-        formatter) cost a twentieth of a request; any other setup (a logconfig, syslog, filters) takes it.
+        formatter, no filters, not propagated, INFO enabled). Logging's path for one line (the caller lookup,
+        a LogRecord, the formatter) cost a twentieth of a request; any other setup (a logconfig, syslog,
+        filters) takes it.
         """
         log: logging.Logger = self.access_log
-        if len(log.handlers) != 1 or log.filters or not log.isEnabledFor(logging.INFO):
+        if len(log.handlers) != 1 or log.filters or log.propagate or not log.isEnabledFor(logging.INFO):
             return None
         handler = log.handlers[0]
         if not isinstance(handler, logging.StreamHandler) or type(handler) not in _PLAIN_HANDLERS:

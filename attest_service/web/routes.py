@@ -138,16 +138,28 @@ def _rate_limit(service: Service, caller: Caller) -> None:
         raise
 
 
+#: Longest X-Forwarded-For text (all its headers) whose source is remembered; longer ones are parsed each time.
+MAX_REMEMBERED_FORWARDED_CHARS: Final = 512
+
+
 def _source(service: Service) -> str:
-    return _source_of(request.remote_addr, tuple(request.headers.getlist("X-Forwarded-For")),
-                      service.settings.trusted_proxies)
+    proxies = service.settings.trusted_proxies
+    if not proxies:
+        # X-Forwarded-For is not read without trusted proxies: the peer alone is the source.
+        return _source_of(request.remote_addr, (), ())
+    forwarded = tuple(request.headers.getlist("X-Forwarded-For"))
+    if sum(len(value) for value in forwarded) > MAX_REMEMBERED_FORWARDED_CHARS:
+        # The header is the caller's to write, up to gunicorn's limits: never a cache key of that size.
+        return source_key(client_address(request.remote_addr, forwarded, proxies))
+    return _source_of(request.remote_addr, forwarded, proxies)
 
 
 @functools.lru_cache(maxsize=4096)
 def _source_of(peer: str | None, forwarded_for: tuple[str, ...], proxies: tuple[IPNetwork, ...]) -> str:
     # A pure function of its arguments, remembered: parsing addresses with ipaddress cost 5 % of a request,
     # and a client sends the same peer and headers request after request. The cache is bounded (least
-    # recently used entries go first), so a flood of distinct sources costs only the parse it always cost.
+    # recently used entries go first, keys of at most MAX_REMEMBERED_FORWARDED_CHARS), so a flood of distinct
+    # sources costs only the parse it always cost, and a few MiB at most.
     return source_key(client_address(peer, forwarded_for, proxies))
 
 

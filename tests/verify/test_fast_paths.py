@@ -11,17 +11,22 @@ import binascii
 import dataclasses
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from attest_service.errors import AttestError, MalformedDocument
+from attest_service.library import Verifier
+from attest_service.trust import load_trust
 from attest_service.verify import VerificationPolicy, claims, der, document
 from attest_service.verify.document import decode_document
 from attest_service.verify.pkcs7 import SignedDataCache, parse_signed_data, parse_signed_data_cached
 
 from .test_properties import FIXTURES, PROPERTY_SETTINGS, Fixture, mutants
+
+TESTCASES = Path(__file__).resolve().parents[1] / "assets" / "testcases"
 
 
 def _outcome(function: object, *args: object) -> tuple[str, object]:
@@ -364,3 +369,23 @@ def test_the_caches_stay_within_their_bounds_whatever_the_input() -> None:
         assert tails <= 8
         assert len(cache._layouts) <= 8
         assert sum(map(len, stretches._stretches.values())) <= 8
+
+
+# --- what the verifier's caches keep ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["wrong-signature", "attack-own-cert-first", "attack-lookalike-chain",
+                                  "attack-genuine-sid-attacker-key", "leaf-is-ca"])
+def test_only_documents_that_chain_to_the_pins_take_room_in_the_caches(case: str) -> None:
+    # A document need only parse, or be signed with its sender's own key, to reach the signature check:
+    # such documents must not fill the layout caches (each entry holds a whole document).
+    index = json.loads((TESTCASES / "index.json").read_text(encoding="utf-8"))["cases"]
+    verifier = Verifier(load_trust(TESTCASES / "pinned"))
+    refused = index[case]
+    at = datetime.fromisoformat(refused["at"])
+    with pytest.raises(AttestError) as caught:
+        verifier.verify_response((TESTCASES / refused["file"]).read_bytes(), at=at)
+    assert caught.value.code == refused["expect"]
+    assert len(verifier._signed_data) == 0
+    genuine = index["ok-rsa"]
+    verifier.verify_response((TESTCASES / genuine["file"]).read_bytes(), at=datetime.fromisoformat(genuine["at"]))
+    assert len(verifier._signed_data) > 0

@@ -28,6 +28,7 @@ def _close_access_handlers() -> Iterator[None]:
             log.removeHandler(handler)
             handler.close()
         log.filters.clear()
+        log.propagate = False
 
 
 def logger(path: Path) -> JsonAccessLogger:
@@ -75,7 +76,7 @@ def test_gunicorns_setup_is_written_directly_and_reads_the_same(tmp_path: Path) 
     assert first["status"] == 200
 
 
-@pytest.mark.parametrize("change", ["level", "formatter", "second handler", "logger filter"])
+@pytest.mark.parametrize("change", ["level", "formatter", "second handler", "logger filter", "propagate"])
 def test_any_other_setup_goes_through_logging(tmp_path: Path, change: str) -> None:
     log = logger(tmp_path / "access.log")
     handler = log.access_log.handlers[0]
@@ -85,6 +86,8 @@ def test_any_other_setup_goes_through_logging(tmp_path: Path, change: str) -> No
         handler.setFormatter(logging.Formatter("access %(message)s"))
     elif change == "second handler":
         log.access_log.addHandler(logging.FileHandler(tmp_path / "copy.log"))
+    elif change == "propagate":
+        log.access_log.propagate = True
     else:
         log.access_log.addFilter(lambda record: True)
     assert log._plain_handler() is None
