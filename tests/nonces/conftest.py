@@ -45,6 +45,21 @@ def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
         yield server
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A standalone server of the test's own, for tests that stop, freeze or flush it."""
+    with redis_server(tmp_path / "redis") as running:
+        yield running
+
+
+@pytest.fixture
+def redis_store(server: RedisServer) -> Iterator[NonceStore]:
+    """A store on the test's own server (:func:`server`), closed after the test."""
+    opened = open_store(server.url, timeout_seconds=TIMEOUT_SECONDS)
+    yield opened
+    opened.close()
+
+
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
     """One three-master cluster shared by the contract tests."""

@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from attest_service.errors import StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
 from attest_service.nonces.redis_store import seen_key
-from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster, redis_server
+from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow
 
@@ -38,19 +38,6 @@ def refused_within(store: NonceStore, nonce: str, seconds: float) -> float:
     elapsed = time.monotonic() - started
     assert elapsed < seconds, f"StoreUnavailable took {elapsed:.2f} s"
     return elapsed
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path / "redis") as running:
-        yield running
-
-
-@pytest.fixture
-def redis_store(server: RedisServer) -> Iterator[NonceStore]:
-    store = open_store(server.url, timeout_seconds=TIMEOUT_SECONDS)
-    yield store
-    store.close()
 
 
 # --- standalone Redis ----------------------------------------------------------------------------------

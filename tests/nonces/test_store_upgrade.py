@@ -1,4 +1,6 @@
-"""A rolling upgrade runs the release before claim tokens and scopes beside this one, on one store.
+"""A rolling upgrade runs an earlier release beside this one, on one store.
+
+The release before claim tokens and scopes, and the one that listed every VM of a nonce in its seen value.
 
 Both directions must refuse replays: a record the previous release wrote refuses every claim of this one, and
 a record this one wrote (a per-VM claim included) is a replay to the previous release. The previous release is
@@ -18,8 +20,14 @@ import redis
 
 from attest_service.errors import NonceReplayed
 from attest_service.nonces import NonceStore, open_store
-from attest_service.nonces.redis_store import challenge_key, seen_key
-from attest_service.nonces.store import epoch_ms
+from attest_service.nonces.redis_store import (
+    _ACCEPT_SCRIPT,
+    MAX_LISTED_SCOPES,
+    challenge_key,
+    scoped_seen_key,
+    seen_key,
+)
+from attest_service.nonces.store import epoch_ms, scope_tag
 from tests.support.redis_server import RedisServer
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow
@@ -162,3 +170,89 @@ def test_sqlite_rows_of_this_release_are_replays_to_the_previous(tmp_path: Path,
         now_ms = epoch_ms(utcnow())
         for nonce in (caller_nonce, consumed):
             assert previous.execute(PREVIOUS_SEEN_QUERY, (nonce, now_ms)).fetchone() is not None, nonce
+
+
+# The accept script of the release before per-VM keys (it lists every VM of a nonce in its seen value), verbatim:
+# a rolling upgrade runs it beside this release's.
+LISTING_RELEASE_ACCEPT_LUA: Final = """
+local function record(value, previous)
+  local ttl = tonumber(ARGV[3])
+  if previous then
+    local left = redis.call('PTTL', KEYS[2])
+    if left > ttl then ttl = left end
+  end
+  redis.call('SET', KEYS[2], value, 'PX', ttl)
+end
+local seen = redis.call('GET', KEYS[2])
+if seen then
+  local kind = string.sub(seen, 1, 1)
+  if kind == 'C' or kind == 'N' then
+    local sep = string.find(seen, '|', 3, true)
+    local challenge = kind == 'C' and '1' or '0'
+    if string.sub(seen, 3, sep - 1) == ARGV[4] then
+      redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+      return {'accepted', challenge}
+    end
+    return {'replayed', challenge, string.sub(seen, sep + 1)}
+  elseif kind == 'V' then
+    if ARGV[5] == '' then
+      return {'replayed', '0', ''}
+    end
+    local at = string.find(seen, ARGV[5] .. ':', 3, true)
+    if at then
+      local entry = ARGV[5] .. ':' .. ARGV[4]
+      if string.sub(seen, at, at + #entry - 1) == entry then
+        redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+        return {'accepted', '0'}
+      end
+      return {'replayed', '0', ''}
+    end
+  else
+    local sep = string.find(seen, '|', 1, true)
+    return {'replayed', string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)}
+  end
+end
+local challenge = redis.call('GET', KEYS[1])
+if challenge then
+  local sep = string.find(challenge, '|', 1, true)
+  if string.sub(challenge, sep + 1) ~= ARGV[1] then
+    return {'foreign'}
+  end
+  redis.call('DEL', KEYS[1])
+  record('C|' .. ARGV[4] .. '|' .. ARGV[1], seen)
+  return {'challenge'}
+end
+if ARGV[2] == '1' then
+  return {'unknown'}
+end
+if ARGV[5] == '' then
+  record('N|' .. ARGV[4] .. '|' .. ARGV[1], seen)
+elseif seen then
+  record(seen .. ',' .. ARGV[5] .. ':' .. ARGV[4], seen)
+else
+  record('V|' .. ARGV[5] .. ':' .. ARGV[4], seen)
+end
+return {'seen'}
+"""
+
+
+def test_a_vm_with_its_own_key_is_a_replay_to_the_listing_release(server: RedisServer) -> None:
+    # Nine VMs on one nonce: the ninth has its own key, which the listing release does not read. It must not
+    # accept that VM's document again: it sees the full list's kind as unknown and refuses it as a replay.
+    client = server.client()
+    nonce = "fleet-nonce"
+    vms = [f"vm-{index}" for index in range(MAX_LISTED_SCOPES + 1)]
+    for index, vm in enumerate(vms):
+        keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, vm)]
+        assert _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(vm),
+                                                 MAX_LISTED_SCOPES]) == [b"seen"]
+    for vm in (vms[0], vms[-1], "vm-new"):
+        reply = client.eval(LISTING_RELEASE_ACCEPT_LUA, 2, challenge_key(nonce), seen_key(nonce), "c", "0",
+                            "60000", "other-token", scope_tag(vm))
+        assert reply[0] == b"replayed", (vm, reply)
+    # This release still tells the listed VMs, the VMs with a key and new VMs apart.
+    for vm, expected in ((vms[0], b"replayed"), (vms[-1], b"replayed"), ("vm-new", b"seen")):
+        keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, vm)]
+        assert _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", "again", scope_tag(vm),
+                                                 MAX_LISTED_SCOPES])[0] == expected
+    client.close()
