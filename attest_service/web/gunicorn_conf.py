@@ -136,6 +136,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
 
 
 #: Any delay above zero: gevent then resumes the greenlet from a timer, after the loop's next I/O poll.
+#: (Under gevent's libuv loop, GEVENT_LOOP=libuv, timers are rounded up to 1 ms; the shipped loop is libev.)
 _NEXT_LOOP_ITERATION: Final = 1e-6
 
 
