@@ -13,10 +13,12 @@ made lazily and remade on the next call, so the store recovers by itself when Re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +32,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import ConnectionInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -231,92 +234,155 @@ def pack_command(*args: str | int) -> bytes:
     return b"*%d\r\n%b" % (len(parts), b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts))
 
 
-#: Connections one store holds for its direct use. They count against the client pool's max_connections (100
-#: by default), which also serves the other commands (challenges, readiness); past this many at once, a script
-#: goes through the pool as any command does.
-MAX_DIRECT_CONNECTIONS: Final = 32
+#: Commands sent together at most, in one write; more waiting ones go in the following batches.
+MAX_BATCH: Final = 64
 
 
-class _AllDirectConnectionsBusy(Exception):
-    """Every direct connection is in use (or there are none): send through the client instead."""
+class _Queued:
+    """One command waiting for its batch: filled in by whichever caller sends that batch."""
+
+    __slots__ = ("answered", "done", "error", "lead", "packed", "reply")
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+        self.done = threading.Event()
+        self.answered = False
+        self.lead = False
+        self.reply: object = None
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        # Each caller raises an exception object of its own (callers in other threads or greenlets add their
+        # own tracebacks to it).
+        self.error = copy.copy(error)
+        self.answered = True
+
+    def result(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.reply
 
 
 class DirectConnections:
-    """Connections of one redis-py client's pool, used directly for the store's two per-request scripts.
+    """One connection of a redis-py client's pool, used directly for the store's two per-request scripts.
 
     Why not ``execute_command``: around the one socket exchange it checks a connection out of the pool
     with a readiness poll, wraps the call in its retry and observability layers, packs the command
     argument by argument and looks up response callbacks; that costs 43 us of CPU per script here,
     against 18 us for the same exchange on a held connection (and more under gevent, where each of those
-    layers also yields). The connections are still redis-py's (made by the client's pool, so Sentinel's
-    follow the master), and replies are read by its parser. Failure handling is the client's: one
-    immediate retry, on the same connection reconnected, when the connection broke; none on a timeout.
+    layers also yields). The connection is still redis-py's (made by the client's pool, so Sentinel's
+    follows the master), and replies are read by its parser.
+
+    Commands that arrive while a batch is out wait for it and then go together, in one write, as the next
+    batch (group commit); the replies come back in order. Under load a worker's concurrent claims then cost
+    Redis one read and one write between them instead of one each: Redis's CPU per claim was 37.5 us one at
+    a time, 22.5 us two at a time and 13.7 us four at a time. Each script is atomic on its own, so sending
+    several at once changes no outcome. Failure handling is the client's: one immediate resend of the
+    commands not yet answered, on the same connection reconnected, when it broke (the scripts recognise
+    their own resend); none on a timeout, which also fails the commands waiting behind it (Redis is not
+    answering; they would only time out in turn).
     """
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
-        self._idle: list[ConnectionInterface] = []
-        self._made = 0
+        self._connection: ConnectionInterface | None = None
+        self._queue: deque[_Queued] = deque()
+        self._sending = False
         self._lock = threading.Lock()
         self._closed = False
 
     def run(self, packed: bytes) -> object:
         """Send one packed command and return its reply; a Redis error reply is raised (ResponseError)."""
+        queued = _Queued(packed)
+        with self._lock:
+            self._queue.append(queued)
+            lead = not self._sending
+            self._sending = True
+        if not lead:
+            # The caller sending the batch in flight answers this one, or hands the next batch to it.
+            queued.done.wait()
+            lead = queued.lead
+        if lead:
+            self._send_batch()
+        return queued.result()
+
+    def _send_batch(self) -> None:
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+        timed_out = False
         try:
-            connection = self._idle.pop()
-        except IndexError:
+            self._exchange(batch)
+        except RedisTimeoutError:
+            timed_out = True
+        finally:
+            for queued in batch:
+                queued.done.set()
             with self._lock:
-                if self._made >= MAX_DIRECT_CONNECTIONS:
-                    raise _AllDirectConnectionsBusy from None
-                self._made += 1
-            try:
-                connection = self._pool.make_connection()
-            except BaseException:
-                with self._lock:
-                    self._made -= 1
-                raise
+                waiting = list(self._queue) if timed_out else []
+                if timed_out:
+                    self._queue.clear()
+                if self._queue:
+                    # The next batch is sent by the first of its callers, so nobody waits for others' answers.
+                    self._queue[0].lead = True
+                    self._queue[0].done.set()
+                else:
+                    self._sending = False
+            for queued in waiting:
+                queued.fail(RedisTimeoutError("a command sent before this one timed out"))
+                queued.done.set()
+
+    def _exchange(self, batch: list[_Queued]) -> None:
+        """Send ``batch`` in one write and read its replies; every command of it ends answered or failed."""
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._pool.make_connection()
         try:
             try:
                 # connect() is where a Sentinel-managed connection asks for the master; sending on an
-                # unconnected one would open the default address instead. Idle connections are connected.
+                # unconnected one would open the default address instead.
                 if not connection.is_connected:
                     connection.connect()
-                connection.send_packed_command([packed], check_health=False)
-                reply = connection.read_response()
+                self._send_and_read(connection, batch)
             except RedisConnectionError:
-                # The server restarted or a proxy dropped the connection: once more, on a new connection.
-                # The scripts recognise their own resend (see _ACCEPT_LUA), as they do redis-py's.
+                # The server restarted or a proxy dropped the connection: once more, on a new connection, for
+                # the commands not answered yet. The scripts recognise their own resend (see _ACCEPT_LUA).
                 connection.disconnect()
                 connection.connect()
-                connection.send_packed_command([packed], check_health=False)
-                reply = connection.read_response()
-        except ResponseError:
-            self._release(connection)
-            raise
-        except BaseException:
+                self._send_and_read(connection, [queued for queued in batch if not queued.answered])
+        except BaseException as exc:
             # Timed out or broken mid-reply: the socket may still carry part of an answer, so it is closed; the
             # connection object is kept and connects afresh when next used. (Dropping it would leak one of the
             # pool's max_connections objects per failure: the pool counts every connection it ever made.)
             connection.disconnect()
-            self._release(connection)
-            raise
-        self._release(connection)
-        return reply
-
-    def _release(self, connection: ConnectionInterface) -> None:
-        with self._lock:
+            for queued in batch:
+                if not queued.answered:
+                    queued.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, RedisTimeoutError):
+                raise
+        finally:
             if self._closed:
                 connection.disconnect()
-            else:
-                self._idle.append(connection)
+
+    @staticmethod
+    def _send_and_read(connection: ConnectionInterface, batch: list[_Queued]) -> None:
+        # One write for the whole batch (redis-py writes each item of a list separately).
+        connection.send_packed_command([b"".join(queued.packed for queued in batch)], check_health=False)
+        for queued in batch:
+            try:
+                queued.reply = connection.read_response()
+            except ResponseError as exc:
+                queued.error = exc  # this command's error reply; the connection carries on with the next
+            queued.answered = True
 
     def close(self) -> None:
-        """Disconnect every idle connection; later connections are disconnected after their one use."""
+        """Disconnect; a batch in flight disconnects its connection when it is done."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.disconnect()
+            idle = None if self._sending else self._connection
+        if idle is not None:
+            idle.disconnect()
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,13 +405,10 @@ class _LuaScript:
         reply: object = None
         if direct is not None:
             try:
-                try:
-                    reply = direct.run(pack_command("EVALSHA", self.sha1, len(keys), *keys, *args))
-                except NoScriptError:
-                    reply = direct.run(pack_command("EVAL", self.source, len(keys), *keys, *args))
-            except _AllDirectConnectionsBusy:
-                direct = None
-        if direct is None:
+                reply = direct.run(pack_command("EVALSHA", self.sha1, len(keys), *keys, *args))
+            except NoScriptError:
+                reply = direct.run(pack_command("EVAL", self.source, len(keys), *keys, *args))
+        else:
             try:
                 reply = client.execute_command("EVALSHA", self.sha1, len(keys), *keys, *args)
             except NoScriptError:

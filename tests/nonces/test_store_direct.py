@@ -153,3 +153,80 @@ def test_many_claims_at_once_leave_the_pool_to_the_other_commands(server: RedisS
         store.issue_challenge("after-many", client_id="client", expires_at=now + timedelta(minutes=5), now=now)
     finally:
         store.close()
+
+
+def claim_all_while_frozen(store: NonceStore, server: RedisServer, nonces: list[str], *,
+                           frozen_seconds: float = 0.3) -> list[object]:
+    """Start a claim per nonce while the server is frozen (the first is sent, the rest queue behind it), thaw
+    it after ``frozen_seconds``, and return each claim's acceptance or error, in order."""
+    results: list[object] = [None] * len(nonces)
+
+    def claim(index: int) -> None:
+        try:
+            results[index] = accept(store, nonces[index])
+        except StoreUnavailable as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=claim, args=(index,)) for index in range(len(nonces))]
+    with server.frozen():
+        for thread in threads:
+            thread.start()
+        time.sleep(frozen_seconds)
+    for thread in threads:
+        thread.join(timeout=10)
+    return results
+
+
+def test_claims_waiting_behind_one_go_together_on_one_connection(server: RedisServer) -> None:
+    store = open_store(server.url, timeout_seconds=5.0)
+    observer = server.client()
+    try:
+        accept(store, "warm")
+        connections = observer.info("stats")["total_connections_received"]
+        observer.config_resetstat()
+        results = claim_all_while_frozen(store, server, [f"together-{index}" for index in range(16)])
+        assert results == [Acceptance(challenge=False)] * 16
+        # One connection carried them all (the observer's INFO call is the one other connection counted).
+        assert observer.info("stats")["total_connections_received"] - connections <= 1
+        assert observer.info("commandstats")["cmdstat_evalsha"]["calls"] == 16
+        with pytest.raises(NonceReplayed):
+            accept(store, "together-3")
+    finally:
+        observer.close()
+        store.close()
+
+
+def test_a_timeout_fails_the_claims_waiting_behind_it_unsent(server: RedisServer) -> None:
+    store = open_store(server.url, timeout_seconds=0.5)
+    try:
+        accept(store, "warm")
+        nonces = [f"behind-{index}" for index in range(8)]
+        started = time.monotonic()
+        results = claim_all_while_frozen(store, server, nonces, frozen_seconds=1.5)
+        # One timeout for all of them, not one after the other (8 x 0.5 s).
+        assert time.monotonic() - started < 3.0
+        assert all(isinstance(result, StoreUnavailable) for result in results), results
+        # The claims sent before the timeout are recorded once the server runs again: their documents are
+        # refused. The ones that waited were never sent: they are accepted when tried again.
+        outcomes: list[str] = []
+        for nonce in nonces:
+            try:
+                accept(store, nonce)
+                outcomes.append("accepted")
+            except NonceReplayed:
+                outcomes.append("replayed")
+        assert "replayed" in outcomes
+        assert "accepted" in outcomes
+    finally:
+        store.close()
+
+
+def test_a_batch_the_server_has_no_script_for_is_sent_again_in_full(server: RedisServer) -> None:
+    store = open_store(server.url, timeout_seconds=5.0)
+    try:
+        accept(store, "warm")
+        server.client().script_flush()
+        results = claim_all_while_frozen(store, server, [f"flushed-{index}" for index in range(8)])
+        assert results == [Acceptance(challenge=False)] * 8
+    finally:
+        store.close()
