@@ -300,11 +300,29 @@ class DirectConnections:
             self._sending = True
         if not lead:
             # The caller sending the batch in flight answers this one, or hands the next batch to it.
-            queued.done.wait()
+            try:
+                queued.done.wait()
+            except BaseException:
+                self._leave(queued)  # killed while waiting (a greenlet at shutdown): nobody may wait for it
+                raise
             lead = queued.lead
         if lead:
             self._send_batch()
         return queued.result()
+
+    def _leave(self, queued: _Queued) -> None:
+        """Take ``queued`` out of the queue; when it was to send the next batch, the next caller sends it."""
+        with self._lock:
+            if queued not in self._queue:
+                return
+            self._queue.remove(queued)
+            if not queued.lead:
+                return
+            if self._queue:
+                self._queue[0].lead = True
+                self._queue[0].done.set()
+            else:
+                self._sending = False
 
     def _send_batch(self) -> None:
         with self._lock:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from datetime import timedelta
@@ -230,3 +233,47 @@ def test_a_batch_the_server_has_no_script_for_is_sent_again_in_full(server: Redi
         assert results == [Acceptance(challenge=False)] * 8
     finally:
         store.close()
+
+
+_KILLED_WHILE_QUEUED = textwrap.dedent("""
+    import gevent.monkey
+    gevent.monkey.patch_all()
+
+    import os
+    import signal
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    import gevent
+
+    from attest_service.nonces import open_store
+
+    url, pid = sys.argv[1], int(sys.argv[2])
+    store = open_store(url, timeout_seconds=5.0)
+
+    def accept(nonce):
+        now = datetime.now(UTC)
+        return store.accept(nonce, client_id="client", expires_at=now + timedelta(minutes=5),
+                            require_challenge=False, now=now, scope="vm")
+
+    accept("warm")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first = gevent.spawn(accept, "sent-first")
+        gevent.sleep(0.05)  # sent; the frozen server does not answer
+        second, third = gevent.spawn(accept, "queued-second"), gevent.spawn(accept, "queued-third")
+        gevent.sleep(0.05)  # both wait behind the first; the second would send the next batch
+        second.kill()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    gevent.joinall([first, third], timeout=5)
+    print(first.value, third.value)
+""")
+
+
+def test_a_caller_killed_while_queued_does_not_hold_up_the_others(server: RedisServer) -> None:
+    pid = server.client().info("server")["process_id"]
+    result = subprocess.run([sys.executable, "-c", _KILLED_WHILE_QUEUED, server.url, str(pid)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Acceptance(challenge=False)"] * 2, result.stdout
