@@ -258,6 +258,8 @@ class _Queued:
         self.answered = True
 
     def result(self) -> object:
+        if not self.answered:
+            raise RedisConnectionError("the command was not sent")  # never expected: fail closed regardless
         if self.error is not None:
             raise self.error
         return self.reply
@@ -277,10 +279,13 @@ class DirectConnections:
     batch (group commit); the replies come back in order. Under load a worker's concurrent claims then cost
     Redis one read and one write between them instead of one each: Redis's CPU per claim was 37.5 us one at
     a time, 22.5 us two at a time and 13.7 us four at a time. Each script is atomic on its own, so sending
-    several at once changes no outcome. Failure handling is the client's: one immediate resend of the
-    commands not yet answered, on the same connection reconnected, when it broke (the scripts recognise
-    their own resend); none on a timeout, which also fails the commands waiting behind it (Redis is not
-    answering; they would only time out in turn).
+    several at once changes no outcome.
+
+    Failure handling is the client's: one immediate resend of the commands not yet answered, on the same
+    connection reconnected, when it broke (the scripts recognise their own resend); none on a timeout. A
+    batch that fails also fails the commands waiting behind it, unsent: Redis is not answering, and they
+    would only wait for their own failure in turn. A caller also stops waiting for its batch after twice the
+    connection's timeouts.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -290,70 +295,96 @@ class DirectConnections:
         self._sending = False
         self._lock = threading.Lock()
         self._closed = False
+        options = self._pool.connection_kwargs
+        timeouts = [options.get("socket_timeout"), options.get("socket_connect_timeout")]
+        known = [float(value) for value in timeouts if value]
+        #: How long a caller waits for the batches before its own to be answered (None: as long as they take).
+        self._wait_seconds = 2 * sum(known) if known else None
 
     def run(self, packed: bytes) -> object:
         """Send one packed command and return its reply; a Redis error reply is raised (ResponseError)."""
         queued = _Queued(packed)
         with self._lock:
+            if self._closed:
+                raise RedisConnectionError("the nonce store was closed")
             self._queue.append(queued)
             lead = not self._sending
             self._sending = True
         if not lead:
             # The caller sending the batch in flight answers this one, or hands the next batch to it.
             try:
-                queued.done.wait()
+                woken = queued.done.wait(self._wait_seconds)
             except BaseException:
                 self._leave(queued)  # killed while waiting (a greenlet at shutdown): nobody may wait for it
                 raise
+            if not woken and self._leave(queued):
+                raise RedisTimeoutError(f"no answer to the commands sent before this one in {self._wait_seconds} s")
+            if not woken:
+                queued.done.wait()  # already sent: its own batch is bounded by the connection's timeouts
             lead = queued.lead
         if lead:
             self._send_batch()
         return queued.result()
 
-    def _leave(self, queued: _Queued) -> None:
-        """Take ``queued`` out of the queue; when it was to send the next batch, the next caller sends it."""
+    def _leave(self, queued: _Queued) -> bool:
+        """Take ``queued`` out of the queue if it is still there (unsent); returns whether it was there.
+
+        When it was to send the next batch, the next caller in the queue sends it.
+        """
         with self._lock:
             if queued not in self._queue:
-                return
+                return False
             self._queue.remove(queued)
-            if not queued.lead:
-                return
-            if self._queue:
-                self._queue[0].lead = True
-                self._queue[0].done.set()
-            else:
-                self._sending = False
+            if queued.lead:
+                self._hand_on()
+            return True
+
+    def _hand_on(self) -> None:
+        # Called with the lock held: the next batch is sent by the first of its callers, so nobody waits for
+        # others' answers.
+        if self._queue:
+            self._queue[0].lead = True
+            self._queue[0].done.set()
+        else:
+            self._sending = False
 
     def _send_batch(self) -> None:
         with self._lock:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-        timed_out = False
+        failure: BaseException | None = None
         try:
             self._exchange(batch)
-        except RedisTimeoutError:
-            timed_out = True
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            if failure is not None and not isinstance(failure, Exception):
+                # Only this caller was interrupted (GreenletExit, KeyboardInterrupt): the others get an
+                # ordinary store failure, not its interruption.
+                failure = RedisConnectionError("the caller sending this batch was interrupted")
             for queued in batch:
+                if not queued.answered:
+                    queued.fail(failure or RedisConnectionError("the command was not answered"))
                 queued.done.set()
             with self._lock:
-                waiting = list(self._queue) if timed_out else []
-                if timed_out:
+                waiting = list(self._queue) if failure is not None else []
+                if failure is not None:
                     self._queue.clear()
-                if self._queue:
-                    # The next batch is sent by the first of its callers, so nobody waits for others' answers.
-                    self._queue[0].lead = True
-                    self._queue[0].done.set()
-                else:
-                    self._sending = False
+                self._hand_on()
             for queued in waiting:
-                queued.fail(RedisTimeoutError("a command sent before this one timed out"))
+                queued.fail(RedisConnectionError(f"a command sent before this one failed: {failure}"))
                 queued.done.set()
 
     def _exchange(self, batch: list[_Queued]) -> None:
-        """Send ``batch`` in one write and read its replies; every command of it ends answered or failed."""
-        connection = self._connection
-        if connection is None:
-            connection = self._connection = self._pool.make_connection()
+        """Send ``batch`` in one write and read its replies; raises when the exchange failed."""
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = self._pool.make_connection()
+        except BaseException as exc:
+            for queued in batch:
+                queued.fail(exc)
+            raise
         try:
             try:
                 # connect() is where a Sentinel-managed connection asks for the master; sending on an
@@ -372,16 +403,15 @@ class DirectConnections:
             # connection object is kept and connects afresh when next used. (Dropping it would leak one of the
             # pool's max_connections objects per failure: the pool counts every connection it ever made.)
             connection.disconnect()
-            for queued in batch:
-                if not queued.answered:
-                    queued.fail(exc)
-            if not isinstance(exc, Exception):
-                raise
-            if isinstance(exc, RedisTimeoutError):
-                raise
+            if isinstance(exc, Exception):
+                for queued in batch:
+                    if not queued.answered:
+                        queued.fail(exc)
+            raise
         finally:
-            if self._closed:
-                connection.disconnect()
+            with self._lock:
+                if self._closed:
+                    connection.disconnect()
 
     @staticmethod
     def _send_and_read(connection: ConnectionInterface, batch: list[_Queued]) -> None:
@@ -395,12 +425,11 @@ class DirectConnections:
             queued.answered = True
 
     def close(self) -> None:
-        """Disconnect; a batch in flight disconnects its connection when it is done."""
+        """Disconnect; a batch in flight disconnects its connection when it is done, and no more are sent."""
         with self._lock:
             self._closed = True
-            idle = None if self._sending else self._connection
-        if idle is not None:
-            idle.disconnect()
+            if not self._sending and self._connection is not None:
+                self._connection.disconnect()
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,3 +277,51 @@ def test_a_caller_killed_while_queued_does_not_hold_up_the_others(server: RedisS
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["Acceptance(challenge=False)"] * 2, result.stdout
+
+
+_LEADER_KILLED = textwrap.dedent("""
+    import gevent.monkey
+    gevent.monkey.patch_all()
+
+    import os
+    import signal
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    import gevent
+
+    from attest_service.errors import StoreUnavailable
+    from attest_service.nonces import open_store
+
+    url, pid = sys.argv[1], int(sys.argv[2])
+    store = open_store(url, timeout_seconds=5.0)
+
+    def accept(nonce):
+        now = datetime.now(UTC)
+        try:
+            return store.accept(nonce, client_id="client", expires_at=now + timedelta(minutes=5),
+                                require_challenge=False, now=now, scope="vm")
+        except StoreUnavailable:
+            return "StoreUnavailable"
+
+    accept("warm")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sender = gevent.spawn(accept, "sent")
+        gevent.sleep(0.05)  # sent; the frozen server does not answer
+        waiting = [gevent.spawn(accept, f"waiting-{index}") for index in range(3)]
+        gevent.sleep(0.05)
+        sender.kill()  # interrupted mid-read: the others must get a store failure, not its GreenletExit
+        gevent.joinall(waiting, timeout=5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print(*[greenlet.value for greenlet in waiting], accept("after"))
+""")
+
+
+def test_a_caller_killed_while_sending_fails_the_others_as_a_store_failure(server: RedisServer) -> None:
+    pid = server.client().info("server")["process_id"]
+    result = subprocess.run([sys.executable, "-c", _LEADER_KILLED, server.url, str(pid)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["StoreUnavailable"] * 3 + ["Acceptance(challenge=False)"], result.stdout
