@@ -26,7 +26,8 @@ from attest_service.web.settings import Settings
 wsgi_app: Final = "attest_service.web:create_app()"
 bind: Final = ["127.0.0.1:8080"]
 workers: Final = 2
-worker_class: Final = "gevent"
+#: gunicorn's gevent worker, sharing new connections out evenly over the workers (web/workers.py).
+worker_class: Final = "attest_service.web.workers.GeventWorker"
 #: Connections one worker holds open at once (slow clients included); beyond it the kernel queues them.
 worker_connections: Final = 1000
 #: Seconds a worker may be silent before the master restarts it.
@@ -93,7 +94,14 @@ def post_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunic
 
 
 def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
-    """Tell prometheus-client that a worker is gone, so its live gauges stop being reported."""
+    """Forget a worker that is gone: its slot in the connection counts, its live gauges.
+
+    The slot is freed for the next worker (:mod:`attest_service.web.workers`); prometheus-client stops
+    reporting the worker's live gauges.
+    """
+    release = getattr(worker, "release_connection_slot", None)
+    if callable(release):
+        release()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
@@ -141,5 +149,5 @@ _NEXT_LOOP_ITERATION: Final = 1e-6
 
 
 def worker_class_is_gevent(worker: Any) -> bool:  # noqa: ANN401 - gunicorn's worker
-    """Whether ``worker`` is one of gunicorn's gevent workers (the shipped class)."""
-    return type(worker).__module__.startswith("gunicorn.workers.ggevent")
+    """Whether ``worker`` is one of gunicorn's gevent workers or derives from one (the shipped class does)."""
+    return any(cls.__module__.startswith("gunicorn.workers.ggevent") for cls in type(worker).__mro__)
