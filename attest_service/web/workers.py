@@ -10,9 +10,11 @@ Each worker counts its open connections in a page of memory shared by the master
 anonymous shared mapping made when gunicorn loads this class, before it forks). A worker that holds more
 connections than the least loaded other worker leaves a new connection to it: it stops watching the
 listening socket for :data:`DEFER_SECONDS` and looks again. A connection left for :data:`MAX_DEFER_SECONDS`
-without another worker taking it is taken anyway, so a stuck or busy worker never holds new clients back
-for longer than that. gunicorn has no hook for this: its gevent worker builds its server inside ``run()``,
-so :meth:`GeventWorker.run` here is gunicorn's loop around a server class of ours.
+without another worker taking it is taken anyway, and a worker whose event loop has not run for
+:data:`STALE_MS` (blocked, stopped, dead and not yet reaped) is left nothing, so a stuck worker holds new
+clients back for one connection's 20 ms at most. gunicorn has no hook for this: its gevent worker builds
+its server inside ``run()``, so :meth:`GeventWorker.run` here is gunicorn's loop around a server class of
+ours.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ MAX_DEFER_SECONDS: Final = 0.02
 #: Workers counted at once (a reload briefly runs old and new ones side by side); beyond, a worker accepts
 #: as gunicorn's own does.
 SLOTS: Final = 256
-_SLOT_BYTES: Final = 16  # two signed 64-bit integers: the worker's pid (0: free), its open connections
+#: Milliseconds between a worker's signs of life in its slot; a worker silent for STALE_MS (blocked, stopped,
+#: or dead and not yet reaped) is not left any connection.
+BEAT_MS: Final = 10
+STALE_MS: Final = 100
+#: Per slot, three signed 64-bit integers: the worker's pid (0: free), its open connections, and when its
+#: event loop last ran (CLOCK_MONOTONIC, one clock for every process of the machine, in ms).
+_FIELDS: Final = 3
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
 
 
 class ConnectionCounts:
@@ -48,14 +60,14 @@ class ConnectionCounts:
     """
 
     def __init__(self, slots: int = SLOTS) -> None:
-        self._memory = mmap.mmap(-1, slots * _SLOT_BYTES)  # MAP_SHARED | MAP_ANONYMOUS
+        self._memory = mmap.mmap(-1, slots * _FIELDS * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self._values = memoryview(self._memory).cast("q")
         self._claimed: set[int] = set()  # the master's own bookkeeping
 
     @property
     def slots(self) -> int:
         """How many workers can be counted."""
-        return len(self._values) // 2
+        return len(self._values) // _FIELDS
 
     def claim(self) -> int | None:
         """In the master, before a fork: a free slot for the new worker (None when all are taken)."""
@@ -67,29 +79,38 @@ class ConnectionCounts:
 
     def release(self, slot: int) -> None:
         """In the master, once the worker is gone: the slot counts nobody."""
-        self._values[2 * slot] = 0
-        self._values[2 * slot + 1] = 0
+        self._values[_FIELDS * slot] = 0
+        self._values[_FIELDS * slot + 1] = 0
         self._claimed.discard(slot)
 
-    def join(self, slot: int, pid: int) -> None:
+    def join(self, slot: int, pid: int, now_ms: int) -> None:
         """In the worker, when it starts accepting: counted, with no connections yet."""
-        self._values[2 * slot + 1] = 0
-        self._values[2 * slot] = pid
+        self._values[_FIELDS * slot + 1] = 0
+        self._values[_FIELDS * slot + 2] = now_ms
+        self._values[_FIELDS * slot] = pid
 
     def leave(self, slot: int) -> None:
         """In the worker, when it stops accepting: the others no longer leave connections to it."""
-        self._values[2 * slot] = 0
+        self._values[_FIELDS * slot] = 0
+
+    def beat(self, slot: int, now_ms: int) -> None:
+        """In the worker, from its event loop: it is running."""
+        self._values[_FIELDS * slot + 2] = now_ms
 
     def add(self, slot: int, delta: int) -> None:
         """In the worker: a connection opened (+1) or closed (-1)."""
-        self._values[2 * slot + 1] += delta
+        self._values[_FIELDS * slot + 1] += delta
 
-    def busier_than_another(self, slot: int) -> bool:
-        """Whether another accepting worker holds fewer open connections than the one in ``slot``."""
-        mine = self._values[2 * slot + 1]
+    def busier_than_another(self, slot: int, now_ms: int) -> bool:
+        """Whether another accepting worker, running lately, holds fewer open connections than ``slot``'s."""
         values = self._values
-        return any(values[2 * other] and values[2 * other + 1] < mine
-                   for other in range(self.slots) if other != slot)
+        mine = values[_FIELDS * slot + 1]
+        for other in range(self.slots):
+            base = _FIELDS * other
+            if (other != slot and values[base] and values[base + 1] < mine
+                    and now_ms - values[base + 2] < STALE_MS):
+                return True
+        return False
 
 
 #: The counts of this master's workers (made in the master when gunicorn loads the worker class).
@@ -106,7 +127,7 @@ class Deferral:
 
     def leave_to_others(self, now: float) -> bool:
         """Whether to leave the waiting connection to a less loaded worker at instant ``now`` (monotonic)."""
-        if not self._counts.busier_than_another(self._slot):
+        if not self._counts.busier_than_another(self._slot, int(now * 1000)):
             self._since = None
             return False
         if self._since is None:
@@ -133,8 +154,9 @@ class _BalancedServer(StreamServer):  # type: ignore[misc]  # gevent ships no ty
         """Accept a waiting connection, unless a less loaded worker should take it."""
         if self._deferral.leave_to_others(time.monotonic()):
             self.stop_accepting()
-            self._resume = self.loop.timer(DEFER_SECONDS)
-            self._resume.start(self._look_again)
+            if self._resume is None:
+                self._resume = self.loop.timer(DEFER_SECONDS)
+                self._resume.start(self._look_again)
             return None
         accepted = super().do_read()
         if accepted is not None:
@@ -188,7 +210,9 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn ship
             if self.cfg.workers > 1:
                 server.max_accept = 1
             servers.append(server)
-        COUNTS.join(slot, os.getpid())
+        COUNTS.join(slot, os.getpid(), _now_ms())
+        beat = gevent.get_hub().loop.timer(BEAT_MS / 1000, BEAT_MS / 1000)
+        beat.start(lambda: COUNTS.beat(slot, _now_ms()))
         for server in servers:
             server.start()
         try:
@@ -197,6 +221,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn ship
                 gevent.sleep(1.0)
         finally:
             COUNTS.leave(slot)
+            beat.close()
         try:
             self._stop(servers)
         except Exception:  # gunicorn's own loop ignores these too: the worker exits either way

@@ -9,53 +9,68 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from attest_service.web.workers import MAX_DEFER_SECONDS, ConnectionCounts, Deferral
+from attest_service.web.workers import MAX_DEFER_SECONDS, STALE_MS, ConnectionCounts, Deferral
 from tests.support.service import DocumentFactory, ServiceProcess, running_service
+
+#: An instant, in milliseconds of the monotonic clock.
+NOW = 1_000_000
 
 
 def test_counts_say_which_worker_holds_more_connections() -> None:
     counts = ConnectionCounts(slots=4)
     first, second = counts.claim(), counts.claim()
     assert (first, second) == (0, 1)
-    counts.join(first, pid=101)
-    assert not counts.busier_than_another(first)  # alone
-    counts.join(second, pid=102)
+    counts.join(first, pid=101, now_ms=NOW)
+    assert not counts.busier_than_another(first, NOW)  # alone
+    counts.join(second, pid=102, now_ms=NOW)
     counts.add(first, 1)
-    assert counts.busier_than_another(first)
-    assert not counts.busier_than_another(second)
+    assert counts.busier_than_another(first, NOW)
+    assert not counts.busier_than_another(second, NOW)
     counts.add(second, 1)
-    assert not counts.busier_than_another(first)
+    assert not counts.busier_than_another(first, NOW)
     counts.add(second, -1)
     counts.leave(second)  # stopping: not counted, so nothing is left to it
-    assert not counts.busier_than_another(first)
+    assert not counts.busier_than_another(first, NOW)
 
 
 def test_a_released_slot_is_claimed_again_and_counts_nobody() -> None:
     counts = ConnectionCounts(slots=2)
     first, second = counts.claim(), counts.claim()
     assert counts.claim() is None  # all taken: that worker accepts as gunicorn's own does
-    counts.join(first, pid=101)
-    counts.join(second, pid=102)
+    counts.join(first, pid=101, now_ms=NOW)
+    counts.join(second, pid=102, now_ms=NOW)
     counts.add(first, 3)
     counts.release(second)  # the worker died without leaving
-    assert not counts.busier_than_another(first)
+    assert not counts.busier_than_another(first, NOW)
     assert counts.claim() == second
+
+
+def test_a_worker_whose_loop_stopped_running_is_left_nothing() -> None:
+    counts = ConnectionCounts(slots=2)
+    busy, stuck = counts.claim(), counts.claim()
+    counts.join(busy, pid=101, now_ms=NOW)
+    counts.join(stuck, pid=102, now_ms=NOW)
+    counts.add(busy, 5)
+    assert counts.busier_than_another(busy, NOW + STALE_MS - 1)
+    assert not counts.busier_than_another(busy, NOW + STALE_MS)  # silent for too long: a blocked loop
+    counts.beat(stuck, NOW + STALE_MS)
+    assert counts.busier_than_another(busy, NOW + STALE_MS + 1)
 
 
 def test_a_connection_is_left_to_others_for_a_bounded_time() -> None:
     counts = ConnectionCounts(slots=2)
     busy, idle = counts.claim(), counts.claim()
-    counts.join(busy, pid=101)
-    counts.join(idle, pid=102)
+    counts.join(busy, pid=101, now_ms=NOW)
+    counts.join(idle, pid=102, now_ms=NOW)
     counts.add(busy, 1)
     deferral = Deferral(counts, busy)
-    assert deferral.leave_to_others(now=10.0)
-    assert deferral.leave_to_others(now=10.0 + MAX_DEFER_SECONDS / 2)
-    assert not deferral.leave_to_others(now=10.0 + MAX_DEFER_SECONDS * 1.01)  # nobody took it: taken here
+    assert deferral.leave_to_others(now=NOW / 1000)
+    assert deferral.leave_to_others(now=NOW / 1000 + MAX_DEFER_SECONDS / 2)
+    assert not deferral.leave_to_others(now=NOW / 1000 + MAX_DEFER_SECONDS * 1.01)  # nobody took it: taken here
     deferral.taken()
-    assert deferral.leave_to_others(now=20.0)  # a new connection is left again
+    assert deferral.leave_to_others(now=NOW / 1000 + 0.05)  # a new connection is left again
     counts.add(idle, 1)
-    assert not deferral.leave_to_others(now=20.001)  # as loaded as the other: accepts
+    assert not deferral.leave_to_others(now=NOW / 1000 + 0.051)  # as loaded as the other: accepts
 
 
 def access_lines(service: ServiceProcess, prefix: str) -> list[dict[str, object]]:
