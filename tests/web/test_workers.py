@@ -45,12 +45,20 @@ def test_a_released_slot_is_claimed_again_and_counts_nobody() -> None:
     assert counts.claim() == second
 
 
-def test_a_worker_whose_loop_stopped_running_is_left_nothing() -> None:
+def two_workers(busy_connections: int) -> tuple[ConnectionCounts, int, int]:
+    """Counts of two running workers, the first (``busy``) holding ``busy_connections``, the other none."""
     counts = ConnectionCounts(slots=2)
-    busy, stuck = counts.claim(), counts.claim()
+    busy, other = counts.claim(), counts.claim()
+    assert busy is not None
+    assert other is not None
     counts.join(busy, pid=101, now_ms=NOW)
-    counts.join(stuck, pid=102, now_ms=NOW)
-    counts.add(busy, 5)
+    counts.join(other, pid=102, now_ms=NOW)
+    counts.add(busy, busy_connections)
+    return counts, busy, other
+
+
+def test_a_worker_whose_loop_stopped_running_is_left_nothing() -> None:
+    counts, busy, stuck = two_workers(busy_connections=5)
     assert counts.busier_than_another(busy, NOW + STALE_MS - 1)
     assert not counts.busier_than_another(busy, NOW + STALE_MS)  # silent for too long: a blocked loop
     counts.beat(stuck, NOW + STALE_MS)
@@ -58,11 +66,7 @@ def test_a_worker_whose_loop_stopped_running_is_left_nothing() -> None:
 
 
 def test_a_connection_is_left_to_others_for_a_bounded_time() -> None:
-    counts = ConnectionCounts(slots=2)
-    busy, idle = counts.claim(), counts.claim()
-    counts.join(busy, pid=101, now_ms=NOW)
-    counts.join(idle, pid=102, now_ms=NOW)
-    counts.add(busy, 1)
+    counts, busy, idle = two_workers(busy_connections=1)
     deferral = Deferral(counts, busy)
     assert deferral.leave_to_others(now=NOW / 1000)
     assert deferral.leave_to_others(now=NOW / 1000 + MAX_DEFER_SECONDS / 2)
