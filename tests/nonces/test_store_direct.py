@@ -235,54 +235,13 @@ def test_a_batch_the_server_has_no_script_for_is_sent_again_in_full(server: Redi
         store.close()
 
 
-_KILLED_WHILE_QUEUED = textwrap.dedent("""
+#: Claims under gevent (monkey patched, as in a worker) on a server whose pid is argv[2]: ``accept(nonce)``
+#: returns the acceptance, or "StoreUnavailable"; ``frozen()`` suspends the server for its ``with`` block.
+_UNDER_GEVENT = textwrap.dedent("""
     import gevent.monkey
     gevent.monkey.patch_all()
 
-    import os
-    import signal
-    import sys
-    from datetime import UTC, datetime, timedelta
-
-    import gevent
-
-    from attest_service.nonces import open_store
-
-    url, pid = sys.argv[1], int(sys.argv[2])
-    store = open_store(url, timeout_seconds=5.0)
-
-    def accept(nonce):
-        now = datetime.now(UTC)
-        return store.accept(nonce, client_id="client", expires_at=now + timedelta(minutes=5),
-                            require_challenge=False, now=now, scope="vm")
-
-    accept("warm")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        first = gevent.spawn(accept, "sent-first")
-        gevent.sleep(0.05)  # sent; the frozen server does not answer
-        second, third = gevent.spawn(accept, "queued-second"), gevent.spawn(accept, "queued-third")
-        gevent.sleep(0.05)  # both wait behind the first; the second would send the next batch
-        second.kill()
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    gevent.joinall([first, third], timeout=5)
-    print(first.value, third.value)
-""")
-
-
-def test_a_caller_killed_while_queued_does_not_hold_up_the_others(server: RedisServer) -> None:
-    pid = server.client().info("server")["process_id"]
-    result = subprocess.run([sys.executable, "-c", _KILLED_WHILE_QUEUED, server.url, str(pid)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["Acceptance(challenge=False)"] * 2, result.stdout
-
-
-_LEADER_KILLED = textwrap.dedent("""
-    import gevent.monkey
-    gevent.monkey.patch_all()
-
+    import contextlib
     import os
     import signal
     import sys
@@ -304,24 +263,51 @@ _LEADER_KILLED = textwrap.dedent("""
         except StoreUnavailable:
             return "StoreUnavailable"
 
+    @contextlib.contextmanager
+    def frozen():
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     accept("warm")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        sender = gevent.spawn(accept, "sent")
-        gevent.sleep(0.05)  # sent; the frozen server does not answer
-        waiting = [gevent.spawn(accept, f"waiting-{index}") for index in range(3)]
-        gevent.sleep(0.05)
-        sender.kill()  # interrupted mid-read: the others must get a store failure, not its GreenletExit
-        gevent.joinall(waiting, timeout=5)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    print(*[greenlet.value for greenlet in waiting], accept("after"))
 """)
 
 
-def test_a_caller_killed_while_sending_fails_the_others_as_a_store_failure(server: RedisServer) -> None:
+def under_gevent(server: RedisServer, scenario: str) -> list[str]:
+    """What ``scenario`` (after :data:`_UNDER_GEVENT`) prints, split into words."""
     pid = server.client().info("server")["process_id"]
-    result = subprocess.run([sys.executable, "-c", _LEADER_KILLED, server.url, str(pid)],
+    script = _UNDER_GEVENT + textwrap.dedent(scenario)
+    result = subprocess.run([sys.executable, "-c", script, server.url, str(pid)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["StoreUnavailable"] * 3 + ["Acceptance(challenge=False)"], result.stdout
+    return result.stdout.split()
+
+
+def test_a_caller_killed_while_queued_does_not_hold_up_the_others(server: RedisServer) -> None:
+    printed = under_gevent(server, """
+        with frozen():
+            first = gevent.spawn(accept, "sent-first")
+            gevent.sleep(0.05)  # sent; the frozen server does not answer
+            second, third = gevent.spawn(accept, "queued-second"), gevent.spawn(accept, "queued-third")
+            gevent.sleep(0.05)  # both wait behind the first; the second would send the next batch
+            second.kill()
+        gevent.joinall([first, third], timeout=5)
+        print(first.value, third.value)
+    """)
+    assert printed == ["Acceptance(challenge=False)"] * 2
+
+
+def test_a_caller_killed_while_sending_fails_the_others_as_a_store_failure(server: RedisServer) -> None:
+    printed = under_gevent(server, """
+        with frozen():
+            sender = gevent.spawn(accept, "sent")
+            gevent.sleep(0.05)  # sent; the frozen server does not answer
+            waiting = [gevent.spawn(accept, f"waiting-{index}") for index in range(3)]
+            gevent.sleep(0.05)
+            sender.kill()  # interrupted mid-read: the others must get a store failure, not its GreenletExit
+            gevent.joinall(waiting, timeout=5)
+        print(*[greenlet.value for greenlet in waiting], accept("after"))
+    """)
+    assert printed == ["StoreUnavailable"] * 3 + ["Acceptance(challenge=False)"]
