@@ -10,7 +10,6 @@ to boot and halting the server.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from typing import Final
 
@@ -25,23 +24,21 @@ from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
 from attest_service.web import master, metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
+from attest_service.web.fastpath import VerifyFastPath
 from attest_service.web.leases import RateLeases
 from attest_service.web.routes import api
 from attest_service.web.service import (
     MAX_BODY_BYTES,
+    REQUEST_ID_HEADER,
     Clock,
     Service,
     install,
+    request_id,
     system_clock,
 )
 from attest_service.web.settings import Settings
 
-#: Header carrying the request id, accepted from the caller (or a proxy) and echoed in every answer.
 LOG: Final = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER: Final = "X-Request-Id"
-#: A caller's request id is kept only when it is short and plain, so it cannot forge log lines.
-_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
@@ -73,9 +70,7 @@ def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tupl
 
 
 def _assign_request_id() -> None:
-    offered = request.headers.get(REQUEST_ID_HEADER, "")
-    # 32 hex digits of 128 random bits, as uuid4().hex gives but without building a UUID for each request.
-    g.request_id = offered if offered and _REQUEST_ID.fullmatch(offered) else secrets.token_hex(16)
+    g.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
     # Refuse an announced oversized body before reading any of it (Flask would only refuse while reading).
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestTooLarge(f"request body of {request.content_length} bytes is over the limit of "
@@ -123,13 +118,16 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     app.json.sort_keys = False  # type: ignore[attr-defined]
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
                         events=metrics.MetricEvents())
-    install(app, Service(settings=settings, store=store, attestor=attestor, access=access,
-                         clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
-                         rate_leases=RateLeases(store)))
+    service = Service(settings=settings, store=store, attestor=attestor, access=access,
+                      clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
+                      rate_leases=RateLeases(store))
+    install(app, service)
     register_error_handlers(app)
     app.before_request(_assign_request_id)
     app.after_request(_finish)
     app.register_blueprint(api)
+    # In front of Flask, as WSGI middleware is installed (Flask's documentation of wsgi_app).
+    app.wsgi_app = VerifyFastPath(service, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 

@@ -8,11 +8,12 @@ answer that is not a success has the same JSON shape.
 
 from __future__ import annotations
 
+import json
 import logging
 from types import MappingProxyType
 from typing import Final
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from attest_service.errors import AttestError, ConfigurationError, RateLimited, StoreUnavailable
@@ -73,6 +74,25 @@ STATUS_BY_CODE: Final = MappingProxyType(status_by_code())
 WWW_AUTHENTICATE: Final = 'Bearer realm="attest-service"'
 
 
+#: Compact, ASCII only, keys in the order given: the JSON that Flask's jsonify writes outside debug mode.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def json_bytes(value: object) -> bytes:
+    """``value`` (JSON types only) as the API writes every JSON body, as jsonify does: one line and a newline."""
+    return (_ENCODER.encode(value) + "\n").encode("ascii")
+
+
+def json_answer(body: bytes, status: int = 200) -> Response:
+    """A response carrying ``body``, JSON from :func:`json_bytes`; needs no application context."""
+    return Response(body, status=status, mimetype="application/json")
+
+
+def json_response(value: object, status: int) -> Response:
+    """:func:`json_answer` of ``value``."""
+    return json_answer(json_bytes(value), status)
+
+
 def error_body(code: str, message: str) -> dict[str, object]:
     """The contract's error body."""
     return {"verified": False, "error": {"code": code, "message": message}}
@@ -84,15 +104,15 @@ def error_response(error: AttestError) -> Response:
     if status == 500:
         # A configuration error (or the base class) at request time is a bug; say nothing more to the caller.
         _LOG.error("unmapped error reached the API: %s: %s", error.code, error.message)
-        response = jsonify(error_body("internal_error", "internal error"))
+        response = json_response(error_body("internal_error", "internal error"), status)
     elif isinstance(error, StoreUnavailable):
         # The detail names the store's address (and whatever the operator put in its URL): it is for the
         # operator's log, not for callers.
         _LOG.warning("nonce store unavailable: %s", error.message)
-        response = jsonify(error_body(error.code, "the nonce store is unavailable; nothing was accepted"))
+        response = json_response(error_body(error.code, "the nonce store is unavailable; nothing was accepted"),
+                                 status)
     else:
-        response = jsonify(error_body(error.code, error.message))
-    response.status_code = status
+        response = json_response(error_body(error.code, error.message), status)
     if status == 401:
         response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     if isinstance(error, RateLimited):
@@ -109,27 +129,22 @@ def _http_exception(exc: HTTPException) -> Response:
     code = _HTTP_CODES.get(status)
     if code is None:
         _LOG.error("unexpected HTTP exception %s", exc)
-        response = jsonify(error_body("internal_error", "internal error"))
-        response.status_code = 500
-        return response
-    response = jsonify(error_body(code, exc.description or code.replace("_", " ")))
-    response.status_code = status
+        return json_response(error_body("internal_error", "internal error"), 500)
+    response = json_response(error_body(code, exc.description or code.replace("_", " ")), status)
     if status == 405:
         # Werkzeug computed the allowed methods for this route; RFC 9110 requires them on a 405.
         response.headers.update({key: value for key, value in exc.get_headers() if key == "Allow"})
     return response
 
 
-def _unexpected(exc: Exception) -> Response:
-    # The last resort: a bug. Log the traceback for the operator, tell the caller nothing about internals.
+def unexpected_error(exc: Exception) -> Response:
+    """The last resort, for a bug: the traceback goes to the operator's log, the caller learns nothing of it."""
     _LOG.exception("unexpected error while answering a request", exc_info=exc)
-    response = jsonify(error_body("internal_error", "internal error"))
-    response.status_code = 500
-    return response
+    return json_response(error_body("internal_error", "internal error"), 500)
 
 
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers that turn every exception a view can raise into a JSON answer."""
     app.register_error_handler(AttestError, error_response)
     app.register_error_handler(HTTPException, _http_exception)
-    app.register_error_handler(Exception, _unexpected)
+    app.register_error_handler(Exception, unexpected_error)

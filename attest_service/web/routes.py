@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -32,12 +32,15 @@ from attest_service.errors import AttestError, RateLimited, StoreUnavailable
 from attest_service.verify import MAX_NONCE_LENGTH, decode_response
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
-from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized
+from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized, json_answer, json_bytes
 from attest_service.web.openapi import openapi_document
 from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
 from attest_service.web.settings import IPNetwork
 from attest_service.web.sources import client_address, source_key
 from attest_service.web.throttle import FAILED_AUTH_PREFIX
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 #: The rate-limit window, in seconds; the limit is per minute.
 RATE_WINDOW_SECONDS: Final = 60
@@ -45,6 +48,8 @@ RATE_WINDOW_SECONDS: Final = 60
 ANONYMOUS_CHALLENGES_PREFIX: Final = "-challenges@"
 #: What ``/readyz`` says when the store does not answer (the detail is logged, never answered).
 READYZ_UNAVAILABLE_MESSAGE: Final = "the nonce store does not answer"
+#: The verification route.
+VERIFY_PATH: Final = "/v1/verify"
 #: Keys a verify request may carry.
 VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
 
@@ -59,17 +64,21 @@ def _iso(instant: datetime) -> str:
 _BODY_DECODER: Final = strict_decoder(MalformedRequest, "request body")
 
 
-def _json_body() -> dict[str, object]:
+def _request_bytes() -> bytes:
     if request.content_length is not None:
         # Announced lengths over the limit were refused before the view; this reads exactly that many bytes.
-        data = request.get_data(cache=False)
-    else:
-        # A chunked body has no announced length, and werkzeug cuts its stream at MAX_CONTENT_LENGTH without
-        # an error: read one byte past the limit from the server's own stream, so that an oversized body is
-        # refused as too large rather than parsed, truncated, as broken JSON.
-        data = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
-        if len(data) > MAX_BODY_BYTES:
-            raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
+        return request.get_data(cache=False)
+    # A chunked body has no announced length, and werkzeug cuts its stream at MAX_CONTENT_LENGTH without an
+    # error: read one byte past the limit from the server's own stream, so that an oversized body is refused
+    # as too large rather than parsed, truncated, as broken JSON.
+    data: bytes = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+    if len(data) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
+    return data
+
+
+def json_object(data: bytes) -> dict[str, object]:
+    """The request body as a JSON object; raises MalformedRequest when it is not one (strictly parsed)."""
     try:
         body = _BODY_DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -142,16 +151,19 @@ def _rate_limit(service: Service, caller: Caller) -> None:
 MAX_REMEMBERED_FORWARDED_CHARS: Final = 512
 
 
-def _source(service: Service) -> str:
+def _source(service: Service, environ: WSGIEnvironment) -> str:
     proxies = service.settings.trusted_proxies
+    peer = environ.get("REMOTE_ADDR")
     if not proxies:
         # X-Forwarded-For is not read without trusted proxies: the peer alone is the source.
-        return _source_of(request.remote_addr, (), ())
-    forwarded = tuple(request.headers.getlist("X-Forwarded-For"))
+        return _source_of(peer, (), ())
+    # The WSGI server joins repeated headers into one value, as werkzeug's headers.getlist() sees them too.
+    header = environ.get("HTTP_X_FORWARDED_FOR")
+    forwarded: tuple[str, ...] = () if header is None else (header,)
     if sum(len(value) for value in forwarded) > MAX_REMEMBERED_FORWARDED_CHARS:
         # The header is the caller's to write, up to gunicorn's limits: never a cache key of that size.
-        return source_key(client_address(request.remote_addr, forwarded, proxies))
-    return _source_of(request.remote_addr, forwarded, proxies)
+        return source_key(client_address(peer, forwarded, proxies))
+    return _source_of(peer, forwarded, proxies)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,13 +175,13 @@ def _source_of(peer: str | None, forwarded_for: tuple[str, ...], proxies: tuple[
     return source_key(client_address(peer, forwarded_for, proxies))
 
 
-def _authenticate(service: Service, source: str) -> Caller:
+def _authenticate(service: Service, environ: WSGIEnvironment, source: str) -> Caller:
     # A valid key is served whatever its source did: a blocked source behind a shared proxy or NAT must not
     # lock out the clients with valid keys beside it. Keys are 128 random bits or more (README), so telling a
     # right guess from a wrong one does not help guessing; a source past its budget of failures is answered
     # 429 for every wrong or missing key until its block ends.
     try:
-        caller = service.authenticate(request.headers.get("Authorization"), source)
+        caller = service.authenticate(environ.get("HTTP_AUTHORIZATION"), source)
     except Unauthorized:
         service.failed_auth.check(source, service.clock())
         try:
@@ -180,57 +192,68 @@ def _authenticate(service: Service, source: str) -> Caller:
             raise RateLimited("too many failed authentications from this source",
                               retry_after=limited.retry_after) from None
         raise
-    return _without_open_access_through_a_proxy(service, caller)
+    return _without_open_access_through_a_proxy(service, environ, caller)
 
 
-def _without_open_access_through_a_proxy(service: Service, caller: Caller) -> Caller:
+def _without_open_access_through_a_proxy(service: Service, environ: WSGIEnvironment, caller: Caller) -> Caller:
     # Open access on loopback is for callers on this machine. A request that came through a proxy (it says
     # so in X-Forwarded-For or Forwarded) may be anyone's: it must present a challenge unless the operator
     # opened the service explicitly.
     policy = caller.policy
     if caller.client_id != ANONYMOUS or policy.require_challenge or service.settings.allow_open:
         return caller
-    if request.headers.get("X-Forwarded-For") is None and request.headers.get("Forwarded") is None:
+    if environ.get("HTTP_X_FORWARDED_FOR") is None and environ.get("HTTP_FORWARDED") is None:
         return caller
     return dataclasses.replace(caller, policy=dataclasses.replace(policy, require_challenge=True))
 
 
-def _caller(service: Service) -> Caller:
-    caller = _authenticate(service, _source(service))
+def _caller(service: Service, environ: WSGIEnvironment) -> Caller:
+    caller = _authenticate(service, environ, _source(service, environ))
     _rate_limit(service, caller)
     return caller
 
 
-@api.post("/v1/verify")
-def verify() -> Response:
-    """Verify an attested document and accept its nonce once."""
+def verification_body(service: Service, environ: WSGIEnvironment, read_body: Callable[[], bytes]) -> bytes:
+    """Answer one ``POST /v1/verify``: the success body as JSON bytes; raises AttestError for every refusal.
+
+    The whole of the route but the HTTP envelope, shared by the Flask view and the direct WSGI path
+    (:mod:`attest_service.web.fastpath`): ``environ`` gives the headers and the peer, ``read_body`` the body.
+    The metrics of the verification are recorded here, whichever the outcome.
+    """
     started = time.perf_counter()
     code: str | None = "internal_error"
     try:
-        service = current_service()
-        caller = _caller(service)
+        caller = _caller(service, environ)
         # Step 1: parse the request.
-        parsed = parse_verify_request(_json_body(), service.attestor.decode)
+        parsed = parse_verify_request(json_object(read_body()), service.attestor.decode)
         # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, now=service.clock(), nonce=parsed.nonce,
                                                cloud=parsed.cloud, caller=caller.policy)
         # Step 4: serialise.
-        code = None
-        return jsonify(attested.to_dict())
+        body = json_bytes(attested.to_dict())
     except AttestError as exc:
         code = exc.code
         raise
+    else:
+        code = None
+        return body
     finally:
         metrics.record_verification(code)
         metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
+
+
+@api.post(VERIFY_PATH)
+def verify() -> Response:
+    """Verify an attested document and accept its nonce once."""
+    return json_answer(verification_body(current_service(), request.environ, _request_bytes))
 
 
 @api.post("/v1/challenges")
 def issue_challenge() -> tuple[Response, int]:
     """Issue a single-use nonce for the caller to have IMDS sign."""
     service = current_service()
-    caller = _caller(service)
+    caller = _caller(service, request.environ)
     if caller.anonymous:
         # Each challenge is a record the store keeps for its lifetime; an anonymous source is not accountable
         # for them, so their number is bounded per source.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +30,20 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 #: Key of the service state in ``app.extensions``.
 EXTENSION: Final = "attest_service"
 
+#: Header carrying the request id, accepted from the caller (or a proxy) and echoed in every answer.
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+#: A caller's request id is kept only when it is short and plain, so it cannot forge log lines.
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
 Clock = Callable[[], datetime]
+
+
+def request_id(offered: str | None) -> str:
+    """The id of a request: the one the caller offered (``X-Request-Id``) when it is plain, else a new one."""
+    if offered and _REQUEST_ID.fullmatch(offered):
+        return offered
+    # 32 hex digits of 128 random bits, as uuid4().hex gives but without building a UUID for each request.
+    return secrets.token_hex(16)
 
 
 def system_clock() -> datetime:

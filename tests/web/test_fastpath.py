@@ -1,0 +1,266 @@
+"""The direct WSGI path of ``POST /v1/verify`` answers exactly as the Flask view does, and takes only plain requests.
+
+Each scenario runs the same requests through two applications built alike: one answered by the direct path
+(``app.wsgi_app``), one by the Flask application behind it (``app.wsgi_app.flask_app``). Status, headers,
+bodies and the metrics they record must be the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, request_started
+from prometheus_client import REGISTRY
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+from attest_service.web import create_app
+from attest_service.web.fastpath import VerifyFastPath, announced_length
+from attest_service.web.service import MAX_BODY_BYTES
+from tests.web.conftest import API_KEYS_ENV, KEYS, Clock, GeneratedPki, settings_for
+
+#: The request id the tests offer; a generated one is 32 hex digits.
+OFFERED_ID = "req-0001"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def call(app: Callable[..., Any], body: bytes | None, headers: dict[str, str] | None = None, *,
+         method: str = "POST", path: str = "/v1/verify", environ: dict[str, object] | None = None) -> Answer:
+    builder = EnvironBuilder(path=path, method=method, data=body, headers=headers or {},
+                             content_type="application/json", environ_overrides=environ or {})
+    try:
+        iterable, status, response_headers = run_wsgi_app(app, builder.get_environ())
+        return Answer(status, list(response_headers.items()), b"".join(iterable))
+    finally:
+        builder.close()
+
+
+def verification_samples() -> dict[tuple[str, ...], float]:
+    """The verification and HTTP counters of ``/v1/verify`` now, by labels."""
+    samples: dict[tuple[str, ...], float] = {}
+    for family in REGISTRY.collect():
+        if family.name not in ("attest_verifications", "attest_http_requests"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("route", "/v1/verify") == "/v1/verify":
+                samples[(sample.name, *sorted(sample.labels.values()))] = sample.value
+    return samples
+
+
+@dataclass
+class Pair:
+    """Two applications built alike: ``direct`` answered by the direct path, ``flask`` by Flask alone."""
+
+    direct: VerifyFastPath
+    flask: Callable[..., Any]
+    apps: tuple[Flask, Flask]
+
+    def both(self, body: bytes | None, headers: dict[str, str] | None = None) -> tuple[Answer, Answer]:
+        before = verification_samples()
+        direct = call(self.direct, body, headers)
+        between = verification_samples()
+        flask = call(self.flask, body, headers)
+        after = verification_samples()
+        recorded_direct = {key: value - before.get(key, 0) for key, value in between.items()}
+        recorded_flask = {key: value - between.get(key, 0) for key, value in after.items()}
+        assert {k: v for k, v in recorded_direct.items() if v} == {k: v for k, v in recorded_flask.items() if v}
+        assert any(recorded_direct.values()), "nothing was counted"
+        return direct, flask
+
+
+@pytest.fixture
+def make_pair(test_pki: GeneratedPki, tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    apps: list[Flask] = []
+
+    def factory(store: str = "sqlite", **env: str) -> Pair:
+        built = []
+        for side in ("direct", "flask"):
+            url = f"sqlite:///{tmp_path / f'{side}-{len(apps)}.sqlite3'}" if store == "sqlite" else store
+            app = create_app(settings_for(test_pki, url, **env), clock=Clock())
+            apps.append(app)
+            built.append(app)
+        direct = built[0].wsgi_app
+        assert isinstance(direct, VerifyFastPath)
+        flask_side = built[1].wsgi_app
+        assert isinstance(flask_side, VerifyFastPath)
+        return Pair(direct=direct, flask=flask_side.flask_app, apps=(built[0], built[1]))
+
+    yield factory
+    for app in apps:
+        app.extensions["attest_service"].store.close()
+
+
+def assert_same(direct: Answer, flask: Answer, *, status: str) -> None:
+    assert direct.status == flask.status == status, (direct, flask)
+    assert direct.body == flask.body
+    assert direct.headers == flask.headers
+    assert dict(direct.headers)["X-Request-Id"] == OFFERED_ID
+
+
+def body_of(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+KEYED = {"ATTEST_API_KEYS": API_KEYS_ENV}
+AUTH = {"Authorization": f"Bearer {KEYS['license-server']}", "X-Request-Id": OFFERED_ID}
+
+
+def test_a_verification_then_its_replay(make_pair: Callable[..., Pair], test_pki: GeneratedPki) -> None:
+    pair = make_pair(**KEYED)
+    body = body_of(document=test_pki.document(nonce="nonce-0001"), nonce="nonce-0001")
+    assert_same(*pair.both(body, AUTH), status="200 OK")
+    assert_same(*pair.both(body, AUTH), status="409 CONFLICT")
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[1, 2]", b'{"document": 1}', b'{"unknown": 1, "signature": "x"}', b'{"signature": "***"}',
+    b'{"signature": "' + base64.b64encode(b"\x30\x03\x02\x01\x01") + b'"}', b"\xff\xfe", b"",
+    b'{"signature": "a", "signature": "b"}', b"[" * 10_000,
+])
+def test_refused_bodies(make_pair: Callable[..., Pair], body: bytes) -> None:
+    direct, flask = make_pair(**KEYED).both(body, AUTH)
+    assert_same(direct, flask, status=direct.status)
+    assert direct.status[:3] in ("400", "422")
+
+
+def test_document_refusals(make_pair: Callable[..., Pair], test_pki: GeneratedPki) -> None:
+    pair = make_pair(**KEYED)
+    mismatch = body_of(document=test_pki.document(nonce="nonce-0002"), nonce="another")
+    assert_same(*pair.both(mismatch, AUTH), status="422 UNPROCESSABLE ENTITY")
+    der = bytearray(base64.b64decode(test_pki.signature(nonce="nonce-0003")))
+    der[-10] ^= 1  # inside the signature value
+    forged = body_of(signature=base64.b64encode(bytes(der)).decode())
+    direct, flask = pair.both(forged, AUTH)
+    assert_same(direct, flask, status=direct.status)
+    assert json.loads(direct.body)["error"]["code"] == "signature_invalid"
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Request-Id": OFFERED_ID},
+    {"Authorization": "Bearer wrong", "X-Request-Id": OFFERED_ID},
+    {"Authorization": "Basic abc", "X-Request-Id": OFFERED_ID},
+])
+def test_unauthorized(make_pair: Callable[..., Pair], headers: dict[str, str]) -> None:
+    direct, flask = make_pair(**KEYED).both(b"{}", headers)
+    assert_same(direct, flask, status="401 UNAUTHORIZED")
+    assert dict(direct.headers)["WWW-Authenticate"] == 'Bearer realm="attest-service"'
+
+
+def test_rate_limited(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(ATTEST_RATE_LIMIT_PER_MINUTE="1", **KEYED)
+    assert_same(*pair.both(b"{}", AUTH), status="400 BAD REQUEST")
+    direct, flask = pair.both(b"{}", AUTH)
+    assert_same(direct, flask, status="429 TOO MANY REQUESTS")
+    assert "Retry-After" in dict(direct.headers)
+
+
+def test_a_proxied_anonymous_caller_must_present_a_challenge(make_pair: Callable[..., Pair],
+                                                            test_pki: GeneratedPki) -> None:
+    pair = make_pair(ATTEST_ALLOW_OPEN="0")
+    body = body_of(document=test_pki.document(nonce="nonce-0004"), nonce="nonce-0004")
+    proxied = {"X-Request-Id": OFFERED_ID, "X-Forwarded-For": "203.0.113.9"}
+    direct, flask = pair.both(body, proxied)
+    assert_same(direct, flask, status=direct.status)
+    assert json.loads(direct.body)["error"]["code"] == "nonce_unknown"
+
+
+def test_store_unavailable(make_pair: Callable[..., Pair], test_pki: GeneratedPki) -> None:
+    pair = make_pair("redis://127.0.0.1:1/0", ATTEST_STORE_TIMEOUT_SECONDS="0.2", **KEYED)
+    body = body_of(document=test_pki.document(nonce="nonce-0005"), nonce="nonce-0005")
+    assert_same(*pair.both(body, AUTH), status="503 SERVICE UNAVAILABLE")
+
+
+def test_a_bug_is_answered_500_without_detail(make_pair: Callable[..., Pair], test_pki: GeneratedPki,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_pair(**KEYED)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug with a secret in its message")
+
+    for app in pair.apps:
+        monkeypatch.setattr(app.extensions["attest_service"].attestor, "attest_der", broken)
+    body = body_of(document=test_pki.document(nonce="nonce-0006"), nonce="nonce-0006")
+    direct, flask = pair.both(body, AUTH)
+    assert_same(direct, flask, status="500 INTERNAL SERVER ERROR")
+    assert b"secret" not in direct.body
+
+
+def test_a_request_id_is_generated_when_none_or_a_bad_one_is_offered(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(**KEYED)
+    for offered in ({}, {"X-Request-Id": "bad id \"forged\""}):
+        headers = {"Authorization": AUTH["Authorization"], **offered}
+        direct, flask = pair.both(b"{}", headers)
+        assert direct.status == flask.status == "400 BAD REQUEST"
+        assert direct.body == flask.body
+        ids = [dict(answer.headers)["X-Request-Id"] for answer in (direct, flask)]
+        assert all(len(value) == 32 and int(value, 16) >= 0 for value in ids)
+        assert ids[0] != ids[1]
+
+
+# --- which requests the direct path takes -----------------------------------------------------------
+
+
+@pytest.fixture
+def counted_flask_requests() -> Iterator[list[object]]:
+    seen: list[object] = []
+
+    def count(sender: object, **extra: object) -> None:
+        seen.append(sender)
+
+    request_started.connect(count)
+    yield seen
+    request_started.disconnect(count)
+
+
+def test_a_plain_verify_request_does_not_reach_flask(make_pair: Callable[..., Pair],
+                                                     counted_flask_requests: list[object]) -> None:
+    pair = make_pair(**KEYED)
+    assert call(pair.direct, b"{}", AUTH).status == "400 BAD REQUEST"
+    assert counted_flask_requests == []
+    assert call(pair.flask, b"{}", AUTH).status == "400 BAD REQUEST"
+    assert len(counted_flask_requests) == 1
+
+
+@pytest.mark.parametrize(("method", "path", "environ", "status"), [
+    ("GET", "/v1/verify", {}, "405 METHOD NOT ALLOWED"),
+    ("PUT", "/v1/verify", {}, "405 METHOD NOT ALLOWED"),
+    ("POST", "/v1/verify/", {}, "404 NOT FOUND"),
+    ("POST", "/v1/verify", {"CONTENT_LENGTH": ""}, "400 BAD REQUEST"),
+    ("POST", "/v1/verify", {"CONTENT_LENGTH": str(MAX_BODY_BYTES + 1)}, "413 REQUEST ENTITY TOO LARGE"),
+    ("POST", "/v1/verify", {"CONTENT_LENGTH": "1" + "0" * 30}, "413 REQUEST ENTITY TOO LARGE"),
+    ("POST", "/healthz", {}, "405 METHOD NOT ALLOWED"),
+])
+def test_every_other_request_is_flasks(make_pair: Callable[..., Pair], counted_flask_requests: list[object],
+                                       method: str, path: str, environ: dict[str, object], status: str) -> None:
+    pair = make_pair(**KEYED)
+    answer = call(pair.direct, b"{}", AUTH, method=method, path=path, environ=environ)
+    assert answer.status == status
+    assert len(counted_flask_requests) == 1
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("0", 0), ("12", 12), (str(MAX_BODY_BYTES), MAX_BODY_BYTES), ("007", 7),
+    (None, None), ("", None), ("-1", None), ("+1", None), (" 1", None), ("1 ", None), ("1.0", None), ("١٢", None),
+    ("²", None), (str(MAX_BODY_BYTES + 1), None), ("9" * 100, None),
+])
+def test_announced_length(text: str | None, expected: int | None) -> None:
+    environ = {} if text is None else {"CONTENT_LENGTH": text}
+    assert announced_length(environ) == expected  # type: ignore[arg-type]
+
+
+def test_a_body_shorter_than_announced_is_malformed(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(**KEYED)
+    answer = call(pair.direct, b"{}", AUTH, environ={"CONTENT_LENGTH": "10"})
+    assert answer.status == "400 BAD REQUEST"
+    assert json.loads(answer.body)["error"]["code"] == "malformed_request"
