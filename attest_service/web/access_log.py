@@ -45,7 +45,7 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
             "pid": os.getpid(),
         }
         try:
-            line = json.dumps(record, ensure_ascii=False)
+            line = _LINE_ENCODER.encode(record)
             handler = self._plain_handler()
             if handler is None:
                 self.access_log.info(line)
@@ -81,6 +81,8 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
         return handler
 
 
+#: One encoder for every line: json.dumps with an option makes a new encoder for each call.
+_LINE_ENCODER: Final = json.JSONEncoder(ensure_ascii=False)
 #: Handler classes whose emit() is exactly "format, write, terminator, flush".
 _PLAIN_HANDLERS: Final = (logging.StreamHandler, logging.FileHandler)
 #: The access formatter gunicorn installs.

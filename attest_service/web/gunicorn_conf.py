@@ -150,4 +150,13 @@ _NEXT_LOOP_ITERATION: Final = 1e-6
 
 def worker_class_is_gevent(worker: Any) -> bool:  # noqa: ANN401 - gunicorn's worker
     """Whether ``worker`` is one of gunicorn's gevent workers or derives from one (the shipped class does)."""
-    return any(cls.__module__.startswith("gunicorn.workers.ggevent") for cls in type(worker).__mro__)
+    worker_class: type[Any] = type(worker)
+    known = _GEVENT_CLASSES.get(worker_class)
+    if known is None:
+        known = _GEVENT_CLASSES[worker_class] = any(
+            cls.__module__.startswith("gunicorn.workers.ggevent") for cls in worker_class.__mro__)
+    return known
+
+
+#: The answer for each worker class asked about: it is asked after every request, and never changes.
+_GEVENT_CLASSES: Final[dict[type[Any], bool]] = {}
