@@ -24,7 +24,7 @@ from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
 from attest_service.web import master, metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
-from attest_service.web.fastpath import VerifyFastPath
+from attest_service.web.fastpath import VerifyFastPath, finish_response
 from attest_service.web.leases import RateLeases
 from attest_service.web.routes import api
 from attest_service.web.service import (
@@ -78,13 +78,8 @@ def _assign_request_id() -> None:
 
 
 def _finish(response: Response) -> Response:
-    response.headers[REQUEST_ID_HEADER] = g.get("request_id") or secrets.token_hex(16)
-    if response.status_code == 413:
-        # The unread body is still on the connection; closing it keeps the next request from reading junk.
-        response.headers["Connection"] = "close"
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.record_http_request(rule, response.status_code)
-    return response
+    return finish_response(response, g.get("request_id") or secrets.token_hex(16), rule)
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,

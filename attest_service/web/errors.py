@@ -120,7 +120,8 @@ def error_response(error: AttestError) -> Response:
     return response
 
 
-def _http_exception(exc: HTTPException) -> Response:
+def http_error_response(exc: HTTPException) -> Response:
+    """The JSON answer for one of werkzeug's HTTP exceptions (unknown route, wrong method, oversized body)."""
     if isinstance(exc, RequestEntityTooLarge):
         return error_response(RequestTooLarge("request body larger than the limit"))
     status = exc.code or 500
@@ -146,5 +147,5 @@ def unexpected_error(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers that turn every exception a view can raise into a JSON answer."""
     app.register_error_handler(AttestError, error_response)
-    app.register_error_handler(HTTPException, _http_exception)
+    app.register_error_handler(HTTPException, http_error_response)
     app.register_error_handler(Exception, unexpected_error)

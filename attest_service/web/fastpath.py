@@ -8,21 +8,24 @@ application's hooks do (the request id, the request metrics) with the same helpe
 the same :func:`~attest_service.web.errors.error_response`.
 
 It takes only the plain shape of the request: ``POST`` to exactly ``/v1/verify`` with an announced
-``Content-Length`` within the limit. Everything else (other routes and methods, chunked bodies, lengths over
-the limit or not a plain number) goes to Flask untouched, which answers it as it always did. Flask's signals
-are not sent for the requests answered here; the service connects nothing to them.
+``Content-Length`` within the limit and no ``Transfer-Encoding``. Everything else (other routes and methods,
+chunked bodies, lengths over the limit or not a plain number) goes to Flask untouched, which answers it as it
+always did. (A request with both a length and a transfer coding is framed by the coding, RFC 9112 section
+6.3; gunicorn refuses such requests, and any that reach the application go to Flask, which reads them so.)
+Flask's signals are not sent for the requests answered here; the service connects nothing to them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from werkzeug import Response
+from werkzeug.exceptions import HTTPException
 
 from attest_service.errors import AttestError
 from attest_service.web import metrics
-from attest_service.web.errors import MalformedRequest, error_response, unexpected_error
+from attest_service.web.errors import MalformedRequest, error_response, http_error_response, unexpected_error
 from attest_service.web.routes import VERIFY_PATH, verification_body
 from attest_service.web.service import MAX_BODY_BYTES, REQUEST_ID_HEADER, Service, request_id
 
@@ -55,7 +58,7 @@ class VerifyFastPath:
         if environ.get("PATH_INFO") != VERIFY_PATH or environ.get("REQUEST_METHOD") != "POST":
             return self.flask_app(environ, start_response)
         length = announced_length(environ)
-        if length is None:
+        if length is None or "HTTP_TRANSFER_ENCODING" in environ:
             return self.flask_app(environ, start_response)
         identifier = request_id(environ.get("HTTP_X_REQUEST_ID"))
 
@@ -68,20 +71,40 @@ class VerifyFastPath:
 
         try:
             body = verification_body(self._service, environ, read_body)
-        except AttestError as exc:
-            response = error_response(exc)
-        except Exception as exc:  # noqa: BLE001 - what Flask's last-resort handler answers, here too
-            response = unexpected_error(exc)
+        except Exception as exc:  # noqa: BLE001 - answered as Flask's error handlers answer it
+            response = _refusal(exc)
         else:
             metrics.record_http_request(VERIFY_PATH, 200)
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                       (REQUEST_ID_HEADER, identifier)])
             return [body]
-        return _finished(response, identifier)(environ, start_response)
+        return finish_response(response, identifier, VERIFY_PATH)(environ, start_response)
 
 
-def _finished(response: Response, identifier: str) -> Response:
-    # What the application's after-request hook adds to every answer (app._finish).
+def _refusal(exc: Exception) -> Response:
+    # The handlers the application registers (errors.register_error_handlers), and, as in Flask, the
+    # last-resort one when a handler itself fails.
+    try:
+        if isinstance(exc, AttestError):
+            return error_response(exc)
+        if isinstance(exc, HTTPException):
+            return http_error_response(exc)
+    except Exception as bug:  # noqa: BLE001 - a failing handler is a bug like any other
+        return unexpected_error(bug)
+    return unexpected_error(exc)
+
+
+_Answer = TypeVar("_Answer", bound=Response)
+
+
+def finish_response(response: _Answer, identifier: str, route: str) -> _Answer:
+    """What every answer gets, from Flask's after-request hook or here: its request id, and its count.
+
+    An answer to a request whose body was not read (413) also closes the connection: the unread body is
+    still on it, and would otherwise be read as the next request.
+    """
     response.headers[REQUEST_ID_HEADER] = identifier
-    metrics.record_http_request(VERIFY_PATH, response.status_code)
+    if response.status_code == 413:
+        response.headers["Connection"] = "close"
+    metrics.record_http_request(route, response.status_code)
     return response

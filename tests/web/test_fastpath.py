@@ -19,7 +19,8 @@ from flask import Flask, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from attest_service.web import create_app
+from attest_service.web import app as app_module
+from attest_service.web import create_app, master
 from attest_service.web.fastpath import VerifyFastPath, announced_length
 from attest_service.web.service import MAX_BODY_BYTES
 from tests.web.conftest import API_KEYS_ENV, KEYS, Clock, GeneratedPki, settings_for
@@ -37,8 +38,10 @@ class Answer:
 
 def call(app: Callable[..., Any], body: bytes | None, headers: dict[str, str] | None = None, *,
          method: str = "POST", path: str = "/v1/verify", environ: dict[str, object] | None = None) -> Answer:
+    # The peer is always known under a WSGI server (gunicorn sets REMOTE_ADDR and REMOTE_PORT).
     builder = EnvironBuilder(path=path, method=method, data=body, headers=headers or {},
-                             content_type="application/json", environ_overrides=environ or {})
+                             content_type="application/json", environ_overrides=environ or {},
+                             environ_base={"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "50000"})
     try:
         iterable, status, response_headers = run_wsgi_app(app, builder.get_environ())
         return Answer(status, list(response_headers.items()), b"".join(iterable))
@@ -84,9 +87,16 @@ def make_pair(test_pki: GeneratedPki, tmp_path: Path) -> Iterator[Callable[..., 
     apps: list[Flask] = []
 
     def factory(store: str = "sqlite", **env: str) -> Pair:
+        """``store``: "sqlite" (one database each), "shared" (one for both) or a store URL for both."""
         built = []
+        shared = f"sqlite:///{tmp_path / f'shared-{len(apps)}.sqlite3'}"
         for side in ("direct", "flask"):
-            url = f"sqlite:///{tmp_path / f'{side}-{len(apps)}.sqlite3'}" if store == "sqlite" else store
+            if store == "sqlite":
+                url = f"sqlite:///{tmp_path / f'{side}-{len(apps)}.sqlite3'}"
+            elif store == "shared":
+                url = shared
+            else:
+                url = store
             app = create_app(settings_for(test_pki, url, **env), clock=Clock())
             apps.append(app)
             built.append(app)
@@ -165,14 +175,57 @@ def test_rate_limited(make_pair: Callable[..., Pair]) -> None:
     assert "Retry-After" in dict(direct.headers)
 
 
-def test_a_proxied_anonymous_caller_must_present_a_challenge(make_pair: Callable[..., Pair],
-                                                            test_pki: GeneratedPki) -> None:
-    pair = make_pair(ATTEST_ALLOW_OPEN="0")
-    body = body_of(document=test_pki.document(nonce="nonce-0004"), nonce="nonce-0004")
-    proxied = {"X-Request-Id": OFFERED_ID, "X-Forwarded-For": "203.0.113.9"}
-    direct, flask = pair.both(body, proxied)
-    assert_same(direct, flask, status=direct.status)
+def test_the_replay_of_a_document_accepted_here_is_refused_by_flask(make_pair: Callable[..., Pair],
+                                                                   test_pki: GeneratedPki) -> None:
+    pair = make_pair("shared", **KEYED)
+    body = body_of(document=test_pki.document(nonce="nonce-0007"), nonce="nonce-0007")
+    assert call(pair.direct, body, AUTH).status == "200 OK"
+    assert call(pair.flask, body, AUTH).status == "409 CONFLICT"
+    assert call(pair.direct, body, AUTH).status == "409 CONFLICT"
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded"])
+def test_open_access_on_loopback_asks_a_proxied_caller_for_a_challenge(
+        make_pair: Callable[..., Pair], test_pki: GeneratedPki, monkeypatch: pytest.MonkeyPatch, header: str) -> None:
+    # As under gunicorn listening on loopback only: anonymous callers may bring their own nonces.
+    monkeypatch.setattr(app_module, "_access_policy",
+                        lambda settings, snapshot: (master.access_policy(settings, loopback=True), False))
+    pair = make_pair()
+    direct_only = body_of(document=test_pki.document(nonce="nonce-0008"), nonce="nonce-0008")
+    assert call(pair.direct, direct_only, {"X-Request-Id": OFFERED_ID}).status == "200 OK"
+    body = body_of(document=test_pki.document(nonce="nonce-0009"), nonce="nonce-0009")
+    direct, flask = pair.both(body, {"X-Request-Id": OFFERED_ID, header: "for=203.0.113.9"})
+    assert_same(direct, flask, status="422 UNPROCESSABLE ENTITY")
     assert json.loads(direct.body)["error"]["code"] == "nonce_unknown"
+
+
+def test_anonymous_callers_behind_a_trusted_proxy_are_limited_per_client(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(ATTEST_ALLOW_OPEN="1", ATTEST_TRUSTED_PROXIES="127.0.0.1", ATTEST_RATE_LIMIT_PER_MINUTE="1")
+    first, second = ({"X-Request-Id": OFFERED_ID, "X-Forwarded-For": client} for client in ("203.0.113.1",
+                                                                                          "203.0.113.2"))
+    assert_same(*pair.both(b"{}", first), status="400 BAD REQUEST")
+    assert_same(*pair.both(b"{}", second), status="400 BAD REQUEST")
+    # Repeated headers arrive joined by the server: the client is the last address no trusted proxy wrote.
+    joined = {"X-Request-Id": OFFERED_ID, "X-Forwarded-For": "6.6.6.6, 203.0.113.1,127.0.0.1"}
+    assert_same(*pair.both(b"{}", joined), status="429 TOO MANY REQUESTS")
+    # Without the proxy's header the peer itself is the source, with a budget of its own.
+    assert_same(*pair.both(b"{}", {"X-Request-Id": OFFERED_ID}), status="400 BAD REQUEST")
+
+
+def test_an_interruption_is_not_answered(make_pair: Callable[..., Pair], test_pki: GeneratedPki,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_pair(**KEYED)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(pair.apps[0].extensions["attest_service"].attestor, "attest_der", interrupted)
+    body = body_of(document=test_pki.document(nonce="nonce-0010"), nonce="nonce-0010")
+    with pytest.raises(Interrupted):
+        call(pair.direct, body, AUTH)
 
 
 def test_store_unavailable(make_pair: Callable[..., Pair], test_pki: GeneratedPki) -> None:
@@ -239,6 +292,10 @@ def test_a_plain_verify_request_does_not_reach_flask(make_pair: Callable[..., Pa
     ("POST", "/v1/verify", {"CONTENT_LENGTH": ""}, "400 BAD REQUEST"),
     ("POST", "/v1/verify", {"CONTENT_LENGTH": str(MAX_BODY_BYTES + 1)}, "413 REQUEST ENTITY TOO LARGE"),
     ("POST", "/v1/verify", {"CONTENT_LENGTH": "1" + "0" * 30}, "413 REQUEST ENTITY TOO LARGE"),
+    ("POST", "/v1/verify", {"HTTP_TRANSFER_ENCODING": "chunked"}, "400 BAD REQUEST"),
+    ("HEAD", "/v1/verify", {}, "405 METHOD NOT ALLOWED"),
+    ("post", "/v1/verify", {}, "400 BAD REQUEST"),
+    ("POST", "//v1/verify", {}, "404 NOT FOUND"),
     ("POST", "/healthz", {}, "405 METHOD NOT ALLOWED"),
 ])
 def test_every_other_request_is_flasks(make_pair: Callable[..., Pair], counted_flask_requests: list[object],
@@ -247,6 +304,7 @@ def test_every_other_request_is_flasks(make_pair: Callable[..., Pair], counted_f
     answer = call(pair.direct, b"{}", AUTH, method=method, path=path, environ=environ)
     assert answer.status == status
     assert len(counted_flask_requests) == 1
+    assert dict(answer.headers).get("Connection") == ("close" if status.startswith("413") else None)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -261,6 +319,7 @@ def test_announced_length(text: str | None, expected: int | None) -> None:
 
 def test_a_body_shorter_than_announced_is_malformed(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair(**KEYED)
-    answer = call(pair.direct, b"{}", AUTH, environ={"CONTENT_LENGTH": "10"})
-    assert answer.status == "400 BAD REQUEST"
-    assert json.loads(answer.body)["error"]["code"] == "malformed_request"
+    for side in (pair.direct, pair.flask):
+        answer = call(side, b"{}", AUTH, environ={"CONTENT_LENGTH": "10"})
+        assert answer.status == "400 BAD REQUEST"
+        assert json.loads(answer.body)["error"]["code"] == "malformed_request"
