@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import signal
 import subprocess
 import sys
 import textwrap
+import types
+
+from prometheus_client import REGISTRY
+
+from attest_service.web.gunicorn_conf import post_worker_init
+from tests.web.conftest import AppFactory, GeneratedPki
 
 #: A busy keep-alive connection (its next request always waiting) and a quiet one whose request has
 #: arrived: the index at which the quiet one is served, with the shipped post_request hook between the
@@ -44,3 +52,26 @@ def test_post_request_lets_a_waiting_request_in_after_one_turn() -> None:
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 10, result.stdout
 
+
+
+def test_sighup_to_a_worker_reloads_its_pinned_trust_on_the_next_request(make_client: AppFactory,
+                                                                       test_pki: GeneratedPki) -> None:
+    client = make_client()
+    worker = types.SimpleNamespace(wsgi=client.application)  # the hook reads only the worker's application
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def reloads() -> float:
+        return REGISTRY.get_sample_value("attest_trust_reload_total", {"result": "success"}) or 0.0
+
+    try:
+        post_worker_init(worker)
+        assert signal.getsignal(signal.SIGHUP) is not previous
+        before = reloads()
+        signal.raise_signal(signal.SIGHUP)
+        response = client.post("/v1/verify", json={"document": test_pki.document(nonce="sighup-0001"),
+                                                   "nonce": "sighup-0001"})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert reloads() == before + 1
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        gc.unfreeze()
