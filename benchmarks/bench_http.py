@@ -210,10 +210,20 @@ def cpu_seconds(pid: int) -> float:
     return 0.0
 
 
+def _machine_fields() -> list[int]:
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal (guest times are within user).
+    return [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine spent busy so far (``/proc/stat``: all but idle and iowait)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLOCK_TICKS
+    """CPU seconds every core of the machine spent busy so far (``/proc/stat``: all but idle, iowait, steal)."""
+    fields = _machine_fields()
+    return (sum(fields[:7]) - fields[3] - fields[4]) / _CLOCK_TICKS
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor ran something else while this machine's cores wanted to run (steal)."""
+    return _machine_fields()[7] / _CLOCK_TICKS
 
 
 def own_seconds() -> float:
@@ -226,13 +236,15 @@ class OtherLoad:
     """CPU the rest of the machine (other users' work) took while a measurement ran, in cores.
 
     Busy time of the whole machine minus that of the processes measured here: the servers' workers,
-    redis-server, wrk and this process. On a shared machine it tells which runs were disturbed.
+    redis-server, wrk and this process. On a shared machine it tells which runs were disturbed; so does the
+    time the hypervisor took from this virtual machine's cores (steal), which stalls every process at once.
     """
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.started = time.monotonic()
         self.machine = machine_busy_seconds()
+        self.stolen = stolen_seconds()
         self.ours = self._ours()
 
     def _ours(self) -> float:
@@ -243,6 +255,15 @@ class OtherLoad:
         elapsed = time.monotonic() - self.started
         other = (machine_busy_seconds() - self.machine) - (self._ours() - self.ours)
         return max(0.0, other / elapsed) if elapsed > 0 else 0.0
+
+    def stolen_cores(self) -> float:
+        """Average cores the hypervisor took from this machine since construction."""
+        elapsed = time.monotonic() - self.started
+        return (stolen_seconds() - self.stolen) / elapsed if elapsed > 0 else 0.0
+
+    def describe(self) -> str:
+        """Both, for a figure's line."""
+        return f"other load {self.cores():.2f} cores, host steal {self.stolen_cores():.2f} cores"
 
 
 def _socket_inodes(port: int) -> set[str]:
@@ -417,7 +438,8 @@ class Saturation:
     redis_cpu: float = 0.0
     redis_commands: dict[str, int] = field(default_factory=dict)
     spread: tuple[list[int], int] = ([], 0)
-    other_cores: float = 0.0
+    #: What else took the machine's CPU meanwhile (OtherLoad.describe).
+    disturbance: str = ""
 
     @property
     def good(self) -> int:
@@ -467,14 +489,14 @@ class Bench:
         sampler.join()
         worker_cpu = server.cpu() - cpu_before
         redis_cpu = cpu_seconds(self.redis_pid) - redis_before
-        other_cores = other.cores()
+        disturbance = other.describe()
         stats = self.client.info("commandstats")
         commands = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
                     if not name.startswith(("cmdstat_config", "cmdstat_info", "cmdstat_flushall"))}
         return Saturation(server.name, load, result, worker_cpu, redis_cpu, commands, spread[0] if spread else ([], 0),
-                          other_cores)
+                          disturbance)
 
-    def paced(self, server: Server, rate: float, seconds: float) -> tuple[Result, tuple[list[int], int], float]:
+    def paced(self, server: Server, rate: float, seconds: float) -> tuple[Result, tuple[list[int], int], str]:
         """The open-loop client alone at ``rate`` for ``seconds``; the connection spread half-way; other load."""
         self.fresh()
         other = OtherLoad([*server.workers(), self.redis_pid])
@@ -484,7 +506,7 @@ class Bench:
         result = run_paced(LOOPBACK, server.port, self.requests, rate=rate, seconds=seconds,
                            connections=WRK_CONNECTIONS, max_connections=64)
         sampler.join()
-        return result, spread[0] if spread else ([], 0), other.cores()
+        return result, spread[0] if spread else ([], 0), other.describe()
 
 
 def describe_spread(spread: tuple[list[int], int]) -> str:
@@ -497,7 +519,7 @@ def print_saturation(run: Saturation, verify: bool) -> None:
     line = (f"  {run.server:13s} {run.wrk.rate:8,.0f}/s  wrk non-2xx {run.wrk.non_2xx}, socket errors "
             f"{run.wrk.socket_errors}; connections per worker {describe_spread(run.spread)}; "
             f"worker CPU {run.worker_cpu / max(run.good, 1) * 1e3:.3f} ms/request; "
-            f"other load {run.other_cores:.2f} cores")
+            f"{run.disturbance}")
     print(line)
     if run.probe.answered:
         print(f"  {'':13s} probe every 20 ms: {distribution(run.probe.latencies_ms)}, non-2xx {run.probe.failures}")
@@ -565,14 +587,14 @@ def main() -> int:
                       f"{args.half_duration:.0f} s):", flush=True)
                 for kind, server in servers.items():
                     rate = best[kind].wrk.rate / 2
-                    result, spread, other_cores = bench.paced(server, rate, args.half_duration)
+                    result, spread, disturbance = bench.paced(server, rate, args.half_duration)
                     half[kind] = (rate, result)
                     print(f"  {server.name:13s} at {rate:6,.0f}/s: {distribution(result.latencies_ms)}, non-2xx "
                           f"{result.failures}", flush=True)
                     print(f"  {'':13s} client late p99 {percentile(result.late_ms, 0.99):.2f} ms, waited for a "
                           f"connection p99 {percentile(result.send_lag_ms, 0.99):.2f} ms, "
                           f"{result.connections_opened} connections opened; connections per worker "
-                          f"{describe_spread(spread)}; other load {other_cores:.2f} cores", flush=True)
+                          f"{describe_spread(spread)}; {disturbance}", flush=True)
         scaling: dict[int, Saturation] = {}
         if "verify" in kinds and args.scale:
             print(f"throughput by workers (verify, {args.scale_duration:.0f} s each):", flush=True)
