@@ -1,8 +1,8 @@
 """``POST /v1/verify`` answered straight from WSGI, in front of the Flask application.
 
 Why: verification is the route under load, and Flask's request machinery around it (the request and
-application contexts, URL matching, the before and after hooks, the response object) cost about a fifth of
-the application's CPU per verification, more than the signature check. The direct path runs the very same
+application contexts, URL matching, the before and after hooks, the response object) was a third of the
+application's instructions per verification, more than the signature check. The direct path runs the very same
 function as the Flask view (:func:`~attest_service.web.routes.verification_body`), and does what the
 application's hooks do (the request id, the request metrics) with the same helpers; errors are answered by
 the same :func:`~attest_service.web.errors.error_response`.
@@ -100,8 +100,8 @@ _Answer = TypeVar("_Answer", bound=Response)
 def finish_response(response: _Answer, identifier: str, route: str) -> _Answer:
     """What every answer gets, from Flask's after-request hook or here: its request id, and its count.
 
-    An answer to a request whose body was not read (413) also closes the connection: the unread body is
-    still on it, and would otherwise be read as the next request.
+    An answer to a request whose body was not read (413) also asks for the connection to be closed: the
+    unread body is still on it. (gunicorn drops that header and reads the body off the connection instead.)
     """
     response.headers[REQUEST_ID_HEADER] = identifier
     if response.status_code == 413:

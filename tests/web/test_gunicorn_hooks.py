@@ -53,7 +53,6 @@ def test_post_request_lets_a_waiting_request_in_after_one_turn() -> None:
     assert int(result.stdout) < 10, result.stdout
 
 
-
 def test_sighup_to_a_worker_reloads_its_pinned_trust_on_the_next_request(make_client: AppFactory,
                                                                        test_pki: GeneratedPki) -> None:
     client = make_client()
