@@ -210,6 +210,14 @@ def cpu_seconds(pid: int) -> float:
     return 0.0
 
 
+def schedstat_seconds(pid: int) -> tuple[float, float]:
+    """Seconds ``pid`` has run on a core and spent runnable waiting for one (``/proc/<pid>/schedstat``)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+    return 0.0, 0.0
+
+
 def _machine_fields() -> list[int]:
     # /proc/stat's first line: user nice system idle iowait irq softirq steal (guest times are within user).
     return [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -238,14 +246,22 @@ class OtherLoad:
     Busy time of the whole machine minus that of the processes measured here: the servers' workers,
     redis-server, wrk and this process. On a shared machine it tells which runs were disturbed; so does the
     time the hypervisor took from this virtual machine's cores (steal), which stalls every process at once.
+    The workers' time runnable but waiting for a core, beside their time running, tells how much of their
+    latency is a queue for the cores rather than their own work.
     """
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], workers: Sequence[int] = ()) -> None:
         self.pids = list(pids)
+        self.workers = list(workers)
         self.started = time.monotonic()
         self.machine = machine_busy_seconds()
         self.stolen = stolen_seconds()
         self.ours = self._ours()
+        self.scheduled = self._scheduled()
+
+    def _scheduled(self) -> tuple[float, float]:
+        times = [schedstat_seconds(pid) for pid in self.workers]
+        return sum(run for run, _ in times), sum(wait for _, wait in times)
 
     def _ours(self) -> float:
         return own_seconds() + sum(cpu_seconds(pid) for pid in self.pids)
@@ -261,9 +277,17 @@ class OtherLoad:
         elapsed = time.monotonic() - self.started
         return (stolen_seconds() - self.stolen) / elapsed if elapsed > 0 else 0.0
 
+    def waited_share(self) -> float:
+        """The workers' seconds waiting for a core per second they ran, since construction (nan: no workers)."""
+        run, wait = (now - before for now, before in zip(self._scheduled(), self.scheduled, strict=True))
+        return wait / run if run > 0 else float("nan")
+
     def describe(self) -> str:
-        """Both, for a figure's line."""
-        return f"other load {self.cores():.2f} cores, host steal {self.stolen_cores():.2f} cores"
+        """All three, for a figure's line."""
+        text = f"other load {self.cores():.2f} cores, host steal {self.stolen_cores():.2f} cores"
+        if self.workers:
+            text += f"; workers waited for a core {self.waited_share():.0%} of their run time"
+        return text
 
 
 def _socket_inodes(port: int) -> set[str]:
@@ -475,7 +499,7 @@ class Bench:
         self.fresh()
         self.client.config_resetstat()
         redis_before, cpu_before = cpu_seconds(self.redis_pid), server.cpu()
-        other = OtherLoad([*server.workers(), self.redis_pid])
+        other = OtherLoad([*server.workers(), self.redis_pid], server.workers())
         spread: list[tuple[list[int], int]] = []
         sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
         wrk = start_wrk(server.port, seconds, self.script)
@@ -499,14 +523,18 @@ class Bench:
     def paced(self, server: Server, rate: float, seconds: float) -> tuple[Result, tuple[list[int], int], str]:
         """The open-loop client alone at ``rate`` for ``seconds``; the connection spread half-way; other load."""
         self.fresh()
-        other = OtherLoad([*server.workers(), self.redis_pid])
+        other = OtherLoad([*server.workers(), self.redis_pid], server.workers())
         spread: list[tuple[list[int], int]] = []
         sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
         sampler.start()
+        client_before = own_seconds()
         result = run_paced(LOOPBACK, server.port, self.requests, rate=rate, seconds=seconds,
                            connections=WRK_CONNECTIONS, max_connections=64)
+        client_cpu = own_seconds() - client_before
         sampler.join()
-        return result, spread[0] if spread else ([], 0), other.describe()
+        disturbance = (f"client CPU {client_cpu / max(result.scheduled, 1) * 1e6:.0f} us/request; "
+                       f"{other.describe()}")
+        return result, spread[0] if spread else ([], 0), disturbance
 
 
 def describe_spread(spread: tuple[list[int], int]) -> str:
