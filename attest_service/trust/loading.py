@@ -38,7 +38,9 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import os
 import re
+import stat
 import warnings
 from collections.abc import Mapping
 from importlib import resources
@@ -340,3 +342,40 @@ def manifest_entry(pin: PinnedCertificate, source: str) -> dict[str, str]:
         "not_after": pin.not_after.isoformat(),
         "source": source,
     }
+
+
+#: Files looked at per fingerprint; a pinned directory holds tens. Beyond this the directory is refused
+#: rather than walked for ever (a mount pointed at the wrong tree).
+MAX_DIRECTORY_ENTRIES: Final = 10_000
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def directory_fingerprint(directory: Path) -> Fingerprint:
+    """Names, sizes, inodes and modification times of every file under ``directory`` (symlinks followed).
+
+    Cheap (one ``stat`` per file) and changed by every way of editing the directory: in-place writes,
+    ``os.replace``, and the symlink swap of a Kubernetes ConfigMap volume (recorded with its target).
+    Raises ConfigurationError when the directory cannot be read or is implausibly large.
+    """
+    entries: list[tuple[str, int, int, int]] = []
+    try:
+        for root, dirs, files in os.walk(directory, followlinks=False):
+            base = Path(root)
+            for name in (*dirs, *files):
+                path = base / name
+                relative = path.relative_to(directory).as_posix()
+                if path.is_symlink():
+                    entries.append((f"{relative} -> {path.readlink()}", 0, 0, 0))
+                if name in dirs:
+                    continue
+                info = path.stat()
+                if stat.S_ISREG(info.st_mode):
+                    entries.append((relative, info.st_size, info.st_ino, info.st_mtime_ns))
+            if len(entries) > MAX_DIRECTORY_ENTRIES:
+                raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
+    except OSError as exc:
+        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
+    if not entries and not directory.is_dir():
+        raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
+    return tuple(sorted(entries))

@@ -42,8 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -64,7 +62,13 @@ from attest_service.errors import AttestError, ConfigurationError, UntrustedChai
 from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import AiaPolicy
-from attest_service.trust.loading import excluded_message, read_removed, without_removed
+from attest_service.trust.loading import (
+    Fingerprint,
+    directory_fingerprint,
+    excluded_message,
+    read_removed,
+    without_removed,
+)
 from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
 
 if TYPE_CHECKING:
@@ -72,9 +76,6 @@ if TYPE_CHECKING:
 
 LOG: Final = logging.getLogger(__name__)
 
-#: Files looked at per fingerprint; a pinned directory holds tens. Beyond this the directory is refused
-#: rather than walked for ever (a mount pointed at the wrong tree).
-MAX_DIRECTORY_ENTRIES: Final = 10_000
 #: Distinct ``issuer`` label values of ``attest_unpinned_issuer_total``; the issuer name of a refused
 #: document is chosen by whoever made it, so later names are counted under ``other``.
 MAX_UNPINNED_ISSUER_LABELS: Final = 32
@@ -104,39 +105,6 @@ VERIFICATIONS_BY_ISSUER: Final = Counter("attest_verifications_by_issuer",
 UNPINNED_ISSUER: Final = Counter("attest_unpinned_issuer",
                                  "Documents whose signer's issuing CA is not pinned (untrusted_chain): a rotation "
                                  "warning.", ["issuer"])
-
-Fingerprint = tuple[tuple[str, int, int, int], ...]
-
-
-def directory_fingerprint(directory: Path) -> Fingerprint:
-    """Names, sizes, inodes and modification times of every file under ``directory`` (symlinks followed).
-
-    Cheap (one ``stat`` per file) and changed by every way of editing the directory: in-place writes,
-    ``os.replace``, and the symlink swap of a Kubernetes ConfigMap volume (recorded with its target).
-    Raises ConfigurationError when the directory cannot be read or is implausibly large.
-    """
-    entries: list[tuple[str, int, int, int]] = []
-    try:
-        for root, dirs, files in os.walk(directory, followlinks=False):
-            base = Path(root)
-            for name in (*dirs, *files):
-                path = base / name
-                relative = path.relative_to(directory).as_posix()
-                if path.is_symlink():
-                    entries.append((f"{relative} -> {path.readlink()}", 0, 0, 0))
-                if name in dirs:
-                    continue
-                info = path.stat()
-                if stat.S_ISREG(info.st_mode):
-                    entries.append((relative, info.st_size, info.st_ino, info.st_mtime_ns))
-            if len(entries) > MAX_DIRECTORY_ENTRIES:
-                raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
-    except OSError as exc:
-        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
-    if not entries and not directory.is_dir():
-        raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
-    return tuple(sorted(entries))
-
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
