@@ -44,7 +44,8 @@ class Target:
         return f"{self.name + ':':<34} {shown:>10}   target {operator} {self.bound:g}{unit}{aim}   {verdict}{tail}"
 
 
-#: (a) verified documents per second over the bare echo's requests per second, same machine, same run.
+#: (a) verified documents per second over the bare echo's requests per second under gunicorn's default (sync)
+#: workers, same machine, same run.
 RATIO_TO_ECHO: Final = Target(name="verify/echo ratio", bound=0.6, aim=0.75, higher=True)
 #: (b) latency of a separate paced client while the load saturates the service.
 P99_UNDER_LOAD_MS: Final = Target(name="p99 under load", bound=50, aim=25, higher=False, unit="ms")
