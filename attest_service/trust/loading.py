@@ -264,7 +264,11 @@ def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
     pins: list[PinnedCertificate] = []
     if not directory.is_dir():
         return pins
-    for path in sorted(directory.iterdir()):
+    try:
+        listing = sorted(directory.iterdir())
+    except OSError as exc:  # unreadable: a load that fails, not an exception out of the master's timer
+        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
+    for path in listing:
         relative = path.relative_to(base).as_posix()
         if path.name.startswith("."):
             continue
@@ -348,34 +352,55 @@ def manifest_entry(pin: PinnedCertificate, source: str) -> dict[str, str]:
 #: rather than walked for ever (a mount pointed at the wrong tree).
 MAX_DIRECTORY_ENTRIES: Final = 10_000
 
-Fingerprint = tuple[tuple[str, int, int, int], ...]
+#: One file: its path (or ``path -> target`` for a symbolic link), size, device, inode, mtime and ctime.
+FingerprintEntry = tuple[str, int, int, int, int, int]
+Fingerprint = tuple[FingerprintEntry, ...]
 
 
 def directory_fingerprint(directory: Path) -> Fingerprint:
-    """Names, sizes, inodes and modification times of every file under ``directory`` (symlinks followed).
+    """Names, sizes, devices, inodes, modification and change times of every file under ``directory``.
 
-    Cheap (one ``stat`` per file) and changed by every way of editing the directory: in-place writes,
-    ``os.replace``, and the symlink swap of a Kubernetes ConfigMap volume (recorded with its target).
-    Raises ConfigurationError when the directory cannot be read or is implausibly large.
+    Cheap (one ``stat`` per file and directory) and changed by every way of editing the directory: in-place
+    writes (the change time moves even when the size and modification time are put back), ``os.replace``,
+    and the symlink swap of a Kubernetes ConfigMap volume (each link recorded with its target). Symbolic
+    links are followed, into directories too, because the loader follows them: a pin removed from a linked
+    ``intermediates/`` must change the fingerprint. A directory reached twice (a second link to it, a link
+    back up the tree) is walked once. Raises ConfigurationError when the directory cannot be read or is
+    implausibly large.
     """
-    entries: list[tuple[str, int, int, int]] = []
+    if not directory.is_dir():
+        raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
+    entries: list[FingerprintEntry] = []
     try:
-        for root, dirs, files in os.walk(directory, followlinks=False):
+        top = directory.stat()
+        visited = {(top.st_dev, top.st_ino)}
+        for root, dirs, files in os.walk(directory, onerror=_raise, followlinks=True):
             base = Path(root)
+            dirs.sort()  # the walk's order, and so the fingerprint, must not depend on the directory's order
             for name in (*dirs, *files):
                 path = base / name
-                relative = path.relative_to(directory).as_posix()
                 if path.is_symlink():
-                    entries.append((f"{relative} -> {path.readlink()}", 0, 0, 0))
-                if name in dirs:
-                    continue
+                    entries.append((f"{path.relative_to(directory).as_posix()} -> {path.readlink()}",
+                                    0, 0, 0, 0, 0))
+            for name in list(dirs):
+                info = (base / name).stat()
+                if (info.st_dev, info.st_ino) in visited:
+                    dirs.remove(name)
+                else:
+                    visited.add((info.st_dev, info.st_ino))
+            for name in files:
+                path = base / name
                 info = path.stat()
                 if stat.S_ISREG(info.st_mode):
-                    entries.append((relative, info.st_size, info.st_ino, info.st_mtime_ns))
-            if len(entries) > MAX_DIRECTORY_ENTRIES:
+                    entries.append((path.relative_to(directory).as_posix(), info.st_size, info.st_dev,
+                                    info.st_ino, info.st_mtime_ns, info.st_ctime_ns))
+            if len(entries) + len(visited) > MAX_DIRECTORY_ENTRIES:
                 raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
     except OSError as exc:
         raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
-    if not entries and not directory.is_dir():
-        raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
     return tuple(sorted(entries))
+
+
+def _raise(error: OSError) -> None:
+    # os.walk skips a directory it cannot list unless told otherwise; the loader would not skip it.
+    raise error
