@@ -27,8 +27,10 @@ BROKEN_PEM = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICA
 def no_snapshot() -> Iterator[None]:
     """Each test starts as a master that has loaded nothing, and leaves none behind."""
     master._current = None  # the module's one snapshot
+    master._logged.clear()  # and the failures it has logged
     yield
     master._current = None
+    master._logged.clear()
 
 
 @pytest.fixture
@@ -101,7 +103,7 @@ def test_a_broken_change_keeps_the_last_good_trust_and_is_tried_again(pinned: Pa
     broken = pinned / "public" / "intermediates" / "broken.pem"
     broken.write_bytes(BROKEN_PEM)
     assert master.refresh(listener, _env(pinned)).trust is first.trust
-    # Fixed by adding a good CA beside it: the kept trust must not pass for the fixed directory's.
+    # Fixed, with a good CA added: loaded, with the new CA.
     broken.unlink()
     (pinned / "public" / "intermediates" / "issuing-b.pem").write_bytes(_another_issuing_ca())
     fixed = master.refresh(listener, _env(pinned))
@@ -124,3 +126,15 @@ def test_a_vanished_directory_keeps_the_last_good_trust(pinned: Path, tmp_path: 
     moved.rename(pinned)
     # Back with the same files: the fingerprint is the one loaded, so nothing is loaded again.
     assert master.refresh(listener, _env(pinned)).trust is first.trust
+
+
+def test_a_breakage_after_a_return_to_the_loaded_files_is_logged_again(pinned: Path, listener: list[socket.socket],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    master.refresh(listener, _env(pinned))
+    broken = pinned / "public" / "intermediates" / "broken.pem"
+    for _ in range(2):
+        broken.write_bytes(BROKEN_PEM)
+        master.refresh(listener, _env(pinned))
+        broken.unlink()
+        master.refresh(listener, _env(pinned))  # the files loaded last: nothing to load
+    assert sum("is unusable" in record.getMessage() for record in caplog.records) == 2
