@@ -212,11 +212,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def schedstat_seconds(pid: int) -> tuple[float, float]:
-    """Seconds ``pid`` has run on a core and spent runnable waiting for one (``/proc/<pid>/schedstat``)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
-        return int(fields[0]) / 1e9, int(fields[1]) / 1e9
-    return 0.0, 0.0
+    """Seconds the threads of ``pid`` have run on a core and spent runnable waiting for one (schedstat)."""
+    run = wait = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (task / "schedstat").read_text().split()
+                run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run / 1e9, wait / 1e9
 
 
 def _machine_fields() -> list[int]:
@@ -528,10 +531,10 @@ class Bench:
         spread: list[tuple[list[int], int]] = []
         sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
         sampler.start()
-        client_before = own_seconds()
+        client_before = time.thread_time()  # the client runs in this thread; the sampler in another
         result = run_paced(LOOPBACK, server.port, self.requests, rate=rate, seconds=seconds,
                            connections=WRK_CONNECTIONS, max_connections=64)
-        client_cpu = own_seconds() - client_before
+        client_cpu = time.thread_time() - client_before
         sampler.join()
         disturbance = (f"client CPU {client_cpu / max(result.scheduled, 1) * 1e6:.0f} us/request; "
                        f"{other.describe()}")

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-#: Seconds an answer may take before the request counts as timed out (status 0).
+#: Seconds the client waits, after the last request is due, for the answers still out; those that have not
+#: come then count as timed out (status 0).
 TIMEOUT_SECONDS: Final = 10.0
 _HEADER_END: Final = b"\r\n\r\n"
 
@@ -240,7 +241,9 @@ class _Client:
             if connection.due is not None and connection.parse():
                 due, connection.due = connection.due, None
                 self._record(due, connection.status, now)
-                if connection.close_after or connection.status == 0:
+                # An answer that came before its request was all sent (an early 413, say) leaves the rest of
+                # the request unsent: the connection cannot carry another one.
+                if connection.close_after or connection.pending:
                     self._lost(connection, now)
                 else:
                     self._ready(connection, now)
@@ -282,7 +285,7 @@ def run_paced(host: str, port: int, requests: Sequence[bytes], *, rate: float, s
                 client.submit(start + index / rate, requests[index], now)
                 index += 1
             if index < count:
-                client.poll(start + index / rate - now)
+                client.poll(start + index / rate - time.monotonic())
         result.scheduled = count
         finish = time.monotonic() + TIMEOUT_SECONDS
         while result.answered < count and time.monotonic() < finish:

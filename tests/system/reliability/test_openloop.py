@@ -1,7 +1,7 @@
 """The benchmarks' open-loop client (benchmarks/openloop.py) measures what it says it measures.
 
 Its latency figures are the half-capacity and under-load figures of ``make bench``, so it is tested like
-the product: real sockets, a real HTTP server in a thread, answers that stall, close or never come.
+the product: real sockets, a real HTTP server in a thread, answers that stall or close, a port that refuses.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_a_busy_pool_opens_another_connection_and_the_stall_stays_with_its_reque
         assert result.statuses == {200: 40}
         assert 2 <= result.connections_opened <= 3
         # The spare connection answered while the first stalled: only the stalled request took the stall.
-        assert sorted(result.latencies_ms)[-2] < STALL_MS * 0.5
+        assert sorted(result.latencies_ms)[-2] < STALL_MS * 0.8
 
 
 def test_no_more_connections_than_the_limit_and_the_queue_counts() -> None:
