@@ -38,7 +38,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import os
 import re
 import stat
 import warnings
@@ -264,11 +263,7 @@ def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
     pins: list[PinnedCertificate] = []
     if not directory.is_dir():
         return pins
-    try:
-        listing = sorted(directory.iterdir())
-    except OSError as exc:  # unreadable: a load that fails, not an exception out of the master's timer
-        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
-    for path in listing:
+    for path in sorted(directory.iterdir()):
         relative = path.relative_to(base).as_posix()
         if path.name.startswith("."):
             continue
@@ -288,6 +283,13 @@ def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
 
 def load_trust(directory: Path) -> TrustStore:
     """Load the pinned directory; raise ConfigurationError if it is missing or holds an unusable file."""
+    try:
+        return _load_trust(directory)
+    except OSError as exc:  # a folder or list that cannot be read: a failed load, never an exception past it
+        raise ConfigurationError(f"{exc.filename or directory}: cannot read ({exc.strerror})") from exc
+
+
+def _load_trust(directory: Path) -> TrustStore:
     if not directory.is_dir():
         raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
     certifi_index: dict[str, bytes] | None = None
@@ -348,59 +350,62 @@ def manifest_entry(pin: PinnedCertificate, source: str) -> dict[str, str]:
     }
 
 
-#: Files looked at per fingerprint; a pinned directory holds tens. Beyond this the directory is refused
-#: rather than walked for ever (a mount pointed at the wrong tree).
+#: Entries looked at per fingerprint; a pinned directory holds tens. Beyond this the directory is refused
+#: rather than read for ever (a mount pointed at the wrong tree).
 MAX_DIRECTORY_ENTRIES: Final = 10_000
 
-#: One file: its path (or ``path -> target`` for a symbolic link), size, device, inode, mtime and ctime.
-FingerprintEntry = tuple[str, int, int, int, int, int]
+#: One entry the loader reads: its path (``path -> target`` for a symbolic link, ``path/`` for a folder),
+#: file type, size, device, inode, modification and change times (-1 throughout: absent).
+FingerprintEntry = tuple[str, int, int, int, int, int, int]
 Fingerprint = tuple[FingerprintEntry, ...]
+_ABSENT: Final = (-1, -1, -1, -1, -1, -1)
 
 
 def directory_fingerprint(directory: Path) -> Fingerprint:
-    """Names, sizes, devices, inodes, modification and change times of every file under ``directory``.
+    """What :func:`load_trust` would read from ``directory``, in the metadata of each entry: a cheap check.
 
-    Cheap (one ``stat`` per file and directory) and changed by every way of editing the directory: in-place
-    writes (the change time moves even when the size and modification time are put back), ``os.replace``,
-    and the symlink swap of a Kubernetes ConfigMap volume (each link recorded with its target). Symbolic
-    links are followed, into directories too, because the loader follows them: a pin removed from a linked
-    ``intermediates/`` must change the fingerprint. A directory reached twice (a second link to it, a link
-    back up the tree) is walked once. Raises ConfigurationError when the directory cannot be read or is
-    implausibly large.
+    For each cloud, the folders ``roots/`` and ``intermediates/`` (which directory each resolves to,
+    through any symbolic link: a retargeted link is a change) and every entry directly in them but hidden
+    ones, as the loader lists them: file type, size, device, inode, modification and change time, and each
+    symbolic link's target. That changes with every way of editing the pins: in-place writes (the change
+    time moves even when the size and modification time are put back), ``os.replace``, the symlink swap of a
+    Kubernetes ConfigMap volume, a folder mounted from elsewhere. Nothing the loader does not read is looked
+    at, so an unreadable or huge tree beside the pins changes nothing. Every fingerprint has an entry per
+    cloud and folder, so the empty tuple is none. Raises ConfigurationError when the directory is missing or
+    what the loader reads cannot be listed.
     """
     if not directory.is_dir():
         raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
     entries: list[FingerprintEntry] = []
     try:
-        top = directory.stat()
-        visited = {(top.st_dev, top.st_ino)}
-        for root, dirs, files in os.walk(directory, onerror=_raise, followlinks=True):
-            base = Path(root)
-            dirs.sort()  # the walk's order, and so the fingerprint, must not depend on the directory's order
-            for name in (*dirs, *files):
-                path = base / name
-                if path.is_symlink():
-                    entries.append((f"{path.relative_to(directory).as_posix()} -> {path.readlink()}",
-                                    0, 0, 0, 0, 0))
-            for name in list(dirs):
-                info = (base / name).stat()
-                if (info.st_dev, info.st_ino) in visited:
-                    dirs.remove(name)
-                else:
-                    visited.add((info.st_dev, info.st_ino))
-            for name in files:
-                path = base / name
-                info = path.stat()
-                if stat.S_ISREG(info.st_mode):
-                    entries.append((path.relative_to(directory).as_posix(), info.st_size, info.st_dev,
-                                    info.st_ino, info.st_mtime_ns, info.st_ctime_ns))
-            if len(entries) + len(visited) > MAX_DIRECTORY_ENTRIES:
-                raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
+        for cloud in CLOUDS:
+            for part in ("roots", "intermediates"):
+                folder = directory / cloud / part
+                label = f"{cloud}/{part}/"
+                if not folder.is_dir():
+                    entries.append((label, *_ABSENT))
+                    continue
+                # Which directory the folder is, not its times: those move for a hidden editor file too.
+                kind, _size, device, inode, _mtime, _ctime = _metadata(folder)
+                entries.append((label, kind, 0, device, inode, 0, 0))
+                for path in sorted(folder.iterdir()):
+                    if path.name.startswith("."):
+                        continue  # the loader skips hidden entries
+                    name = label + path.name
+                    if path.is_symlink():
+                        entries.append((f"{name} -> {path.readlink()}", *_ABSENT))
+                    entries.append((name, *_metadata(path)))
+                    if len(entries) > MAX_DIRECTORY_ENTRIES:
+                        raise ConfigurationError(f"{directory}: more than {MAX_DIRECTORY_ENTRIES} entries")
     except OSError as exc:
-        raise ConfigurationError(f"{directory}: cannot read ({exc.strerror})") from exc
-    return tuple(sorted(entries))
+        raise ConfigurationError(f"{exc.filename or directory}: cannot read ({exc.strerror})") from exc
+    return tuple(entries)
 
 
-def _raise(error: OSError) -> None:
-    # os.walk skips a directory it cannot list unless told otherwise; the loader would not skip it.
-    raise error
+def _metadata(path: Path) -> tuple[int, int, int, int, int, int]:
+    try:
+        info = path.stat()  # through symbolic links, as the loader reads
+    except FileNotFoundError:
+        return _ABSENT  # a dangling link: recorded with its target; the load that follows reports it
+    return (stat.S_IFMT(info.st_mode), info.st_size, info.st_dev, info.st_ino, info.st_mtime_ns,
+            info.st_ctime_ns)

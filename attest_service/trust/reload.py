@@ -2,7 +2,8 @@
 
 A :class:`TrustHolder` owns the current :class:`~attest_service.verify.Verifier`. At most once per
 interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
-(the names, sizes, inodes and modification times of its files); when it changed, the directory is loaded
+(:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader
+reads); when it changed, the directory is loaded
 in full and the new Verifier replaces the old one in a single assignment, so a request sees the old trust
 or the new trust, never a mixture. A directory that fails to load leaves the last good trust in place,
 logs the reason, counts ``attest_trust_reload_total{result="failure"}`` and raises the
@@ -186,8 +187,8 @@ class TrustHolder:
             if last_good is None:
                 raise
             # A worker respawned while the directory is broken serves the last good trust rather than not
-            # booting (gunicorn halts when a worker cannot boot). The empty fingerprint differs from any
-            # directory's, so the first good content found later is loaded.
+            # booting (gunicorn halts when a worker cannot boot). No directory's fingerprint is empty
+            # (there is an entry per cloud and folder), so the first good content found later is loaded.
             self._loaded = _Loaded(Verifier(last_good), ())
             boot_failure = exc
         self._failing = False

@@ -69,12 +69,70 @@ def test_the_configmap_swap_changes_it_and_the_same_content_keeps_it(pinned: Pat
     assert directory_fingerprint(volume) != first
 
 
-def test_a_link_back_up_the_tree_is_walked_once(pinned: Path) -> None:
+def test_a_folder_retargeted_outside_the_tree_changes_it(pinned: Path, tmp_path: Path) -> None:
+    # intermediates/ links to a "current" link outside the tree, which is swapped from one copy of the pins
+    # to another with one pin fewer: only the folder the path resolves to tells the two apart.
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(pinned / "public" / "intermediates", first)
+    shutil.copytree(pinned / "public" / "intermediates", second)
+    next(second.glob("*.pem")).unlink()
+    shutil.rmtree(pinned / "public" / "intermediates")
+    current = tmp_path / "current"
+    current.symlink_to(first, target_is_directory=True)
+    (pinned / "public" / "intermediates").symlink_to(current, target_is_directory=True)
+    before, pins = directory_fingerprint(pinned), _pins(pinned)
+    (tmp_path / "next").symlink_to(second, target_is_directory=True)
+    (tmp_path / "next").rename(current)
+    assert _pins(pinned) == pins - 1
+    assert directory_fingerprint(pinned) != before
+
+
+def test_a_new_folder_or_fifo_among_the_pins_changes_it(pinned: Path) -> None:
+    before = directory_fingerprint(pinned)
+    (pinned / "public" / "roots" / "nested").mkdir()
+    assert directory_fingerprint(pinned) != before
+    before = directory_fingerprint(pinned)
+    os.mkfifo(pinned / "public" / "intermediates" / "pipe.pem")
+    assert directory_fingerprint(pinned) != before
+
+
+def test_what_the_loader_does_not_read_is_not_looked_at(pinned: Path, tmp_path: Path) -> None:
+    before = directory_fingerprint(pinned)
+    # A link to a huge tree beside the pins, a loop, hidden editor files (a dangling lock link among them):
+    # none of it is read by the loader, none of it may fail or change the check.
+    (pinned / "usr").symlink_to("/usr", target_is_directory=True)
     (pinned / "public" / "loop").symlink_to("..", target_is_directory=True)
-    fingerprint = directory_fingerprint(pinned)
-    assert sum(1 for name, *_ in fingerprint if name.startswith("public/loop")) == 1  # the link itself
+    (pinned / "public" / "intermediates" / ".#removed.txt").symlink_to("root@host.1234")
+    (pinned / "public" / "intermediates" / ".swap").write_bytes(b"x")
+    assert directory_fingerprint(pinned) == before
+    assert _pins(pinned) > 0
+
+
+def test_a_dangling_link_among_the_pins_is_recorded_not_raised(pinned: Path) -> None:
+    link = pinned / "public" / "intermediates" / "next.pem"
+    link.symlink_to("absent.pem")
+    dangling = directory_fingerprint(pinned)
+    real = next(path for path in (pinned / "public" / "intermediates").glob("*.pem") if not path.is_symlink())
+    shutil.copy(real, pinned / "public" / "intermediates" / "absent.pem")
+    assert directory_fingerprint(pinned) != dangling
+
+
+def test_an_empty_directory_has_a_fingerprint_that_is_not_empty(tmp_path: Path) -> None:
+    # The reload uses () for "matches no directory": no real directory may fingerprint to it.
+    (tmp_path / "empty").mkdir()
+    assert directory_fingerprint(tmp_path / "empty") != ()
 
 
 def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         directory_fingerprint(tmp_path / "absent")
+
+
+def test_a_pin_that_cannot_be_read_fails_the_check_and_the_load_alike(pinned: Path) -> None:
+    # A link to itself: neither may escape as an OSError (the master would stop, a worker would fail every
+    # request); both refuse with a ConfigurationError, which keeps the last good trust.
+    (pinned / "public" / "intermediates" / "self.pem").symlink_to("self.pem")
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        directory_fingerprint(pinned)
+    with pytest.raises(ConfigurationError):
+        load_trust(pinned)
