@@ -136,3 +136,10 @@ def test_a_pin_that_cannot_be_read_fails_the_check_and_the_load_alike(pinned: Pa
         directory_fingerprint(pinned)
     with pytest.raises(ConfigurationError):
         load_trust(pinned)
+
+
+def test_a_fifo_under_a_pin_name_is_refused_without_waiting(pinned: Path) -> None:
+    # Opening a FIFO with no writer blocks; the loader must refuse it at once (the test's timeout guards).
+    os.mkfifo(pinned / "public" / "intermediates" / "pipe.pem")
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        load_trust(pinned)
