@@ -18,8 +18,8 @@ Everything not named here is the service's own and may change between releases. 
 loads neither the web stack (Flask, gunicorn) nor a store backend (redis, sqlite3): those load on use.
 """
 
-from attest_service.access import CallerPolicy, Plan
 from attest_service.attestation import Attested, Attestor, Challenge
+from attest_service.callers.policy import CallerPolicy, Plan
 from attest_service.errors import (
     AttestError,
     ConfigurationError,

@@ -4,7 +4,7 @@ The verification core (:mod:`attest_service.verify`) proves a document genuine; 
 the product's guarantee, *each nonce is accepted once, ever*, without any web framework:
 
 1. verify the document with the core, at the caller's instant (steps 1 to 9);
-2. check the caller's allow-lists (:class:`~attest_service.access.CallerPolicy`): a genuine document
+2. check the caller's allow-lists (:class:`~attest_service.callers.policy.CallerPolicy`): a genuine document
    outside them is refused with ``policy_denied`` and keeps its nonce;
 3. claim the nonce in the nonce store (:class:`~attest_service.nonces.NonceStore`), atomically, only now
    that everything above passed, so junk or a denied document can never burn a nonce;
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
-from attest_service.access import CallerPolicy
+from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
 from attest_service.errors import ConfigurationError, NonceMismatch, NonceReplayed, StoreUnavailable
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore

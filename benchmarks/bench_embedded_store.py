@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import attest_service.nonces.sqlite_store as sqlite_store  # noqa: E402
 from attest_service.errors import StoreUnavailable  # noqa: E402
 from attest_service.nonces import DEFAULT_TIMEOUT_SECONDS, SQLiteNonceStore  # noqa: E402
-from attest_service.web import gunicorn_conf  # noqa: E402
+from attest_service.server import gunicorn_conf  # noqa: E402
 from tests.support.redis_server import redis_server  # noqa: E402
 from tests.support.service import DocumentFactory, ServiceProcess  # noqa: E402
 

@@ -69,8 +69,8 @@ from openloop import Result, distribution, percentile, post_request, run_paced  
 
 from attest_service.cli import serve as serve_command  # noqa: E402
 from attest_service.imds import pki  # noqa: E402
+from attest_service.server import gunicorn_conf, serve  # noqa: E402
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
-from attest_service.web import gunicorn_conf, serve  # noqa: E402
 from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: E402
 
 LOOPBACK: Final = "127.0.0.1"

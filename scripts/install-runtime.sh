@@ -47,7 +47,7 @@ case "$step" in
         # fails the build and not the container's start.
         PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -c '
 from gunicorn.util import load_class
-from attest_service.web import gunicorn_conf
+from attest_service.server import gunicorn_conf
 load_class(gunicorn_conf.worker_class)
 '
         ;;

@@ -28,9 +28,12 @@ REPO_ROOT = PACKAGE.parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("attest_service.cli", "attest_service.__main__"),
     ("attest_service.web", "attest_service.imds"),
+    ("attest_service.server",),
+    ("attest_service.callers",),
+    ("attest_service.settings",),
     ("attest_service", "attest_service.library"),
     ("attest_service.attestation",),
-    ("attest_service.access", "attest_service.nonces"),
+    ("attest_service.callers.policy", "attest_service.nonces"),
     ("attest_service.trust",),
     ("attest_service.files",),
     ("attest_service.verify",),

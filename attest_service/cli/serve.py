@@ -1,4 +1,4 @@
-"""The ``serve`` command: options, then the service's own start-up (:mod:`attest_service.web.serve`)."""
+"""The ``serve`` command: options, then the service's own start-up (:mod:`attest_service.server.serve`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Validate the configuration and replace this process with gunicorn; returns only on failure."""
     # The web stack (Flask, gunicorn, redis, prometheus-client) loads here, for this command only: the
     # offline commands share this parser and must start without it.
-    from attest_service.web.serve import exec_gunicorn  # noqa: PLC0415
+    from attest_service.server.serve import exec_gunicorn  # noqa: PLC0415
 
     exec_gunicorn(bind=args.bind, workers=args.workers)
 

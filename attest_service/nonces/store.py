@@ -80,7 +80,7 @@ class NonceStore(Protocol):
 
         The count is a sliding window of ``window_seconds`` (the previous fixed window weighted by how much of
         it still overlaps, plus the current one), shared by everything using the same store. ``count`` asks
-        for that many requests at once (a lease, see :mod:`attest_service.web.leases`): as many as still fit,
+        for that many requests at once (a lease, see :mod:`attest_service.callers.leases`): as many as still fit,
         at least one, are counted, and their number is returned. Refused requests are not counted.
         """
 

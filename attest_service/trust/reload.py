@@ -166,7 +166,7 @@ class TrustHolder:
 
     ``verifier()`` and ``verify()`` are safe to call from many threads. The first load happens in the
     constructor and raises ConfigurationError: a service must not start without its trust. With
-    ``last_good`` (the trust the gunicorn master loaded last, :mod:`attest_service.web.master`), a failed
+    ``last_good`` (the trust the gunicorn master loaded last, :mod:`attest_service.server.master`), a failed
     first load starts the holder on that trust instead, failing as after a failed reload.
     """
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from attest_service.nonces import NonceStore
+    from attest_service.settings import Settings
     from attest_service.web.service import Clock
-    from attest_service.web.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,

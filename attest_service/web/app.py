@@ -3,7 +3,7 @@
 Settings, the access policy and the pinned trust are read and validated here, once per process; a bad
 value raises :class:`~attest_service.errors.ConfigurationError` before any request is served. Under
 gunicorn a worker has a fallback: when its policy file or pinned directory does not load, it serves with
-what the master loaded last (:mod:`attest_service.web.master`) and reports the failure, instead of failing
+what the master loaded last (:mod:`attest_service.server.master`) and reports the failure, instead of failing
 to boot and halting the server.
 """
 
@@ -15,17 +15,19 @@ from typing import Final
 
 from flask import Flask, Response, g, request
 
-from attest_service.access import AccessPolicy
 from attest_service.attestation import Attestor
+from attest_service.callers.leases import RateLeases
+from attest_service.callers.policy import AccessPolicy
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import NonceStore, open_store
+from attest_service.server import master
+from attest_service.settings import Settings
 from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
-from attest_service.web import master, metrics
+from attest_service.web import metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
 from attest_service.web.fastpath import VerifyFastPath, finish_response
-from attest_service.web.leases import RateLeases
 from attest_service.web.routes import api
 from attest_service.web.service import (
     MAX_BODY_BYTES,
@@ -36,7 +38,6 @@ from attest_service.web.service import (
     request_id,
     system_clock,
 )
-from attest_service.web.settings import Settings
 
 LOG: Final = logging.getLogger(__name__)
 

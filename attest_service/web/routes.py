@@ -6,10 +6,10 @@ denied document can burn a nonce. Requests are checked in this order: size, key,
 
 Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per source
 for anonymous callers: the client's address, through trusted proxies, IPv6 by /64, see
-:mod:`attest_service.web.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
-so that it holds across workers and replicas (a busy caller's in leases, :mod:`attest_service.web.leases`).
+:mod:`attest_service.callers.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
+so that it holds across workers and replicas (a busy caller's in leases, :mod:`attest_service.callers.leases`).
 One attestation costs two requests (challenge, verify).
-Failed authentication has a budget of its own per source (:mod:`attest_service.web.throttle`), and an
+Failed authentication has a budget of its own per source (:mod:`attest_service.callers.throttle`), and an
 anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
 """
 
@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Final
 
 from flask import Blueprint, Response, jsonify, request
 
-from attest_service.access import ANONYMOUS
+from attest_service.callers.policy import ANONYMOUS
+from attest_service.callers.sources import client_address, source_key
+from attest_service.callers.throttle import FAILED_AUTH_PREFIX
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
+from attest_service.settings import IPNetwork
 from attest_service.verify import MAX_NONCE_LENGTH, decode_response
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
 from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized, json_answer, json_bytes
 from attest_service.web.openapi import openapi_document
 from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
-from attest_service.web.settings import IPNetwork
-from attest_service.web.sources import client_address, source_key
-from attest_service.web.throttle import FAILED_AUTH_PREFIX
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment

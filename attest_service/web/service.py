@@ -17,13 +17,13 @@ from typing import Final
 
 from flask import Flask, current_app
 
-from attest_service.access import ANONYMOUS, AccessPolicy, CallerPolicy
 from attest_service.attestation import Attestor
+from attest_service.callers.leases import RateLeases
+from attest_service.callers.policy import ANONYMOUS, AccessPolicy, CallerPolicy
+from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.nonces import NonceStore
+from attest_service.settings import Settings
 from attest_service.web.errors import Unauthorized
-from attest_service.web.leases import RateLeases
-from attest_service.web.settings import Settings
-from attest_service.web.throttle import FailedAuthBlocks
 
 #: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
 MAX_BODY_BYTES: Final = 1024 * 1024
@@ -58,7 +58,7 @@ class Caller:
     client_id: str
     rate_key: str
     policy: CallerPolicy
-    #: Where the request came from (:mod:`attest_service.web.sources`), for the anonymous challenge limit.
+    #: Where the request came from (:mod:`attest_service.callers.sources`), for the anonymous challenge limit.
     source: str
 
     @property
@@ -77,9 +77,9 @@ class Service:
     access: AccessPolicy
     clock: Clock
     api_keys: Mapping[str, bytes]
-    #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.web.leases`).
+    #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.callers.leases`).
     rate_leases: RateLeases
-    #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.web.throttle`).
+    #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.callers.throttle`).
     failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
 
     def authenticate(self, authorization: str | None, source: str) -> Caller:

@@ -1,6 +1,6 @@
 """The pinned directory's fingerprint changes with everything the loader reads, and only then.
 
-The workers (trust/reload.py) and the gunicorn master (web/master.py) skip a load when it is unchanged, so a
+The workers (trust/reload.py) and the gunicorn master (server/master.py) skip a load when it is unchanged, so a
 change it misses is a change of trust that never takes effect: a removed CA that stays trusted. Real files,
 real symbolic links, the layout of a Kubernetes ConfigMap volume.
 """

@@ -254,7 +254,7 @@ class DrillGunicorn(ServiceProcess):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
         env.update(self._env)
-        argv = [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.web.gunicorn_conf", "--bind",
+        argv = [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.server.gunicorn_conf", "--bind",
                 f"{self.host}:{self.port}", "--workers", str(self.workers), "tests.trust.drill_app:create_app()"]
         with self.log.open("ab") as output:
             self._process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output,

@@ -17,8 +17,8 @@ from flask.testing import FlaskClient
 
 from attest_service.imds import pki
 from attest_service.nonces import NonceStore, open_store
+from attest_service.settings import Settings
 from attest_service.web import create_app
-from attest_service.web.settings import Settings
 from tests.support.redis_server import RedisServer, redis_available, redis_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

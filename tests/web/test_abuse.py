@@ -13,11 +13,11 @@ from datetime import timedelta
 import pytest
 from flask.testing import FlaskClient
 
+from attest_service.callers.sources import client_address, source_key
+from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.errors import ConfigurationError, RateLimited
+from attest_service.settings import Settings, parse_trusted_proxies
 from attest_service.web import routes
-from attest_service.web.settings import Settings, parse_trusted_proxies
-from attest_service.web.sources import client_address, source_key
-from attest_service.web.throttle import FailedAuthBlocks
 from tests.support.redis_server import RedisServer
 from tests.web.conftest import API_KEYS_ENV, NOW, AppFactory, Clock, bearer
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config  # type: ignore[import-untyped]
 
-from attest_service.web.access_log import JsonAccessLogger
+from attest_service.server.access_log import JsonAccessLogger
 
 ENVIRON = {"REMOTE_ADDR": "192.0.2.7", "REQUEST_METHOD": "POST", "PATH_INFO": '/v1/"verify"\n',
            "QUERY_STRING": "a=%s%d", "HTTP_USER_AGENT": "agent ☃"}

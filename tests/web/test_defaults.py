@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from attest_service.errors import ConfigurationError
-from attest_service.web import create_app, master
-from attest_service.web.settings import Settings
+from attest_service.server import master
+from attest_service.settings import Settings
+from attest_service.web import create_app
 from tests.web.conftest import API_KEYS_ENV, Clock, GeneratedPki, settings_for
 from tests.web.live import LiveService, live_service
 

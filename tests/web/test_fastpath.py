@@ -19,8 +19,9 @@ from flask import Flask, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from attest_service.server import master
 from attest_service.web import app as app_module
-from attest_service.web import create_app, master
+from attest_service.web import create_app
 from attest_service.web.fastpath import VerifyFastPath, announced_length
 from attest_service.web.service import MAX_BODY_BYTES
 from tests.web.conftest import API_KEYS_ENV, KEYS, Clock, GeneratedPki, settings_for

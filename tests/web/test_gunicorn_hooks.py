@@ -11,7 +11,7 @@ import types
 
 from prometheus_client import REGISTRY
 
-from attest_service.web.gunicorn_conf import post_worker_init
+from attest_service.server.gunicorn_conf import post_worker_init
 from tests.web.conftest import AppFactory, GeneratedPki
 
 #: A busy keep-alive connection (its next request always waiting) and a quiet one whose request has
@@ -22,7 +22,7 @@ _TURNS = textwrap.dedent("""
     import gevent.socket
     from gunicorn.workers.ggevent import GeventWorker
 
-    from attest_service.web.gunicorn_conf import post_request
+    from attest_service.server.gunicorn_conf import post_request
 
     worker = object.__new__(GeventWorker)  # the hook reads only the worker's class
     sender, receiver = gevent.socket.socketpair()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from attest_service.callers.leases import LEASE_SECONDS, LEASE_SHARE, RateLeases
 from attest_service.errors import RateLimited, StoreUnavailable
 from attest_service.nonces import NonceStore, open_store
-from attest_service.web.leases import LEASE_SECONDS, LEASE_SHARE, RateLeases
 
 #: One fixed instant, so that every call falls in the same rate window.
 NOW = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """The master's snapshot: the pinned directory is loaded again when it changed, and only then.
 
-In-process, on real files: :func:`attest_service.web.master.refresh` is what gunicorn's master runs before
+In-process, on real files: :func:`attest_service.server.master.refresh` is what gunicorn's master runs before
 each fork and every ``ATTEST_TRUST_RELOAD_SECONDS``. The respawn tests (test_respawn.py) show the same
 snapshot reaching workers of a real gunicorn.
 """
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from attest_service.errors import ConfigurationError
 from attest_service.imds import pki
-from attest_service.web import master
+from attest_service.server import master
 
 BROKEN_PEM = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
 

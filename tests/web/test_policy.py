@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from attest_service.access import ANONYMOUS, AccessPolicy, load_policy, parse_policy
+from attest_service.callers.policy import ANONYMOUS, AccessPolicy, load_policy, parse_policy
 from attest_service.errors import ConfigurationError
 from tests.web.conftest import API_KEYS_ENV, SUBSCRIPTION, AppFactory, GeneratedPki, bearer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from attest_service.settings import Settings
 from attest_service.web import create_app
-from attest_service.web.settings import Settings
 from tests.support.azure_real import azure_real_dir, entry_params, real_documents, require
 from tests.web.conftest import Clock
 

@@ -1,7 +1,7 @@
 """A worker respawned while the pinned directory or the policy file is broken serves with the last good ones.
 
 Each worker loads the files when it boots; gunicorn halts when a worker cannot boot. The master keeps the
-last good trust and policy (attest_service/web/master.py), loaded before each fork and every
+last good trust and policy (attest_service/server/master.py), loaded before each fork and every
 ATTEST_TRUST_RELOAD_SECONDS, and a worker whose own load fails serves with them and reports the failure
 (attest_trust_reload_failing, attest_trust_reload_total{result="failure"}). Real gunicorn, one worker,
 killed with SIGKILL as the kernel's OOM killer would.

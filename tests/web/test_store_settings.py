@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attest_service.errors import ConfigurationError
-from attest_service.web.settings import Settings
+from attest_service.settings import Settings
 
 SENTINEL = "redis+sentinel://s1:26379/mymaster/0"
 

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from attest_service.web.workers import MAX_DEFER_SECONDS, STALE_MS, ConnectionCounts, Deferral
+from attest_service.server.workers import MAX_DEFER_SECONDS, STALE_MS, ConnectionCounts, Deferral
 from tests.support.service import DocumentFactory, ServiceProcess, running_service
 
 #: An instant, in milliseconds of the monotonic clock.

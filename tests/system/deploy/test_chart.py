@@ -9,9 +9,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from attest_service.access import AccessPolicy
-from attest_service.web import master
-from attest_service.web.settings import Settings
+from attest_service.callers.policy import AccessPolicy
+from attest_service.server import master
+from attest_service.settings import Settings
 
 from .common import CHART_DIR, HA_VALUES, NAMESPACE, REPO_ROOT, HelmFailed, by_kind, one
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from attest_service.web.settings import Settings
+from attest_service.settings import Settings
 
 from .common import HA_VALUES, one
 

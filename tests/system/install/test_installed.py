@@ -128,7 +128,7 @@ def test_serve_starts_with_the_bundled_pins(installation: Installation, tmp_path
 
 def test_serve_with_the_shipped_worker_verifies_once(deployment: Deployment) -> None:
     service = deployment.service
-    assert "Using worker: attest_service.web.workers.GeventWorker" in service.log_tail(characters=100_000), \
+    assert "Using worker: attest_service.server.workers.GeventWorker" in service.log_tail(characters=100_000), \
         service.log_tail()
     challenge = service.post("/v1/challenges")
     assert challenge.status == 201, challenge.body

@@ -263,7 +263,7 @@ def gunicorn_argv(variant: str, workers: int = 2) -> list[str] | None:
     extra = WORKER_VARIANTS[variant]
     if not extra:
         return None
-    return [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.web.gunicorn_conf",
+    return [sys.executable, "-m", "gunicorn", "--config", "python:attest_service.server.gunicorn_conf",
             "--bind", LOOPBACK + ":{port}", "--workers", str(workers), *extra, "attest_service.web:create_app()"]
 
 

@@ -85,7 +85,7 @@ def test_redis_commands_per_request(server: RedisServer, service: ServiceProcess
         for body in bodies:
             assert service.post("/v1/verify", body, key=key).status == 200
         # One round trip per verification, the accept script (GET the seen and challenge records, SET the seen
-        # record), and one per lease of rate budget: this client's budget is leased (web/leases.py), each rate
+        # record), and one per lease of rate budget: this client's budget is leased (callers/leases.py), each rate
         # script call (GET both windows, INCRBY, PEXPIREAT) counting a doubling lease, in each worker.
         n = VERIFICATIONS
         calls = measured(client)

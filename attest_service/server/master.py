@@ -4,7 +4,7 @@ Each worker reads the pinned directory and the policy file itself when it boots
 (:func:`attest_service.web.create_app`). Were that the only load, a worker that died (memory, timeout)
 while the mounted files were broken could not boot again: gunicorn halts when a worker fails to boot,
 and the pod would crash-loop. So the master loads both as well, just before it forks each worker
-(gunicorn's ``pre_fork`` hook, :mod:`attest_service.web.gunicorn_conf`) and every
+(gunicorn's ``pre_fork`` hook, :mod:`attest_service.server.gunicorn_conf`) and every
 ``ATTEST_TRUST_RELOAD_SECONDS`` in between, and keeps the last load that succeeded in this module; the
 worker inherits that snapshot through ``fork``. A worker whose own load fails serves with the snapshot and
 reports the failure through the trust reload metrics. Because the master keeps loading, a worker respawned
@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from attest_service.access import AccessPolicy, load_policy
+from attest_service.callers.policy import AccessPolicy, load_policy
 from attest_service.errors import ConfigurationError
+from attest_service.settings import Settings
 from attest_service.trust import TrustStore, load_trust
 from attest_service.trust.loading import Fingerprint, directory_fingerprint
-from attest_service.web.settings import Settings
 
 LOG: Final = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Final, NoReturn
 
-from attest_service.access import load_policy
+from attest_service.callers.policy import load_policy
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import open_store
+from attest_service.settings import Settings
 from attest_service.trust import load_trust
-from attest_service.web.settings import Settings
 
 #: The gunicorn configuration module (``python:`` form: imported, not read as a file path).
-GUNICORN_CONFIG: Final = "python:attest_service.web.gunicorn_conf"
+GUNICORN_CONFIG: Final = "python:attest_service.server.gunicorn_conf"
 #: The WSGI application gunicorn loads in each worker.
 WSGI_APP: Final = "attest_service.web:create_app()"
 #: Where prometheus-client keeps the workers' metric files.

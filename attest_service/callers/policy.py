@@ -20,7 +20,7 @@ An absent list means "no restriction on that field"; an empty list is a configur
 Without keys and without a policy file, keyless callers are admitted only with service-issued challenges
 (:meth:`AccessPolicy.challenges_only`): accepting their own nonces would let anyone replay a VM's captured
 document the first time it is seen. The fully open mode (:meth:`AccessPolicy.open`) is for a service that
-only its own machine can reach, or that the operator opened explicitly (``web/settings.py``).
+only its own machine can reach, or that the operator opened explicitly (``settings.py``).
 Checks run after the document verified and before its nonce is claimed, so a denied document keeps
 its nonce.
 """

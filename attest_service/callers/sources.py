@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from attest_service.web.settings import IPNetwork
+from attest_service.settings import IPNetwork
 
 #: Prefix length by which IPv6 sources are grouped (RFC 4291 2.5.1: interface identifiers are 64 bits).
 IPV6_SOURCE_PREFIX: Final = 64

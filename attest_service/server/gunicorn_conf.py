@@ -20,14 +20,14 @@ from typing import Any, Final
 
 from prometheus_client import multiprocess
 
-from attest_service.web import master
-from attest_service.web.settings import Settings
+from attest_service.server import master
+from attest_service.settings import Settings
 
 wsgi_app: Final = "attest_service.web:create_app()"
 bind: Final = ["127.0.0.1:8080"]
 workers: Final = 2
-#: gunicorn's gevent worker, sharing new connections out evenly over the workers (web/workers.py).
-worker_class: Final = "attest_service.web.workers.GeventWorker"
+#: gunicorn's gevent worker, sharing new connections out evenly over the workers (server/workers.py).
+worker_class: Final = "attest_service.server.workers.GeventWorker"
 #: Connections one worker holds open at once (slow clients included); beyond it the kernel queues them.
 worker_connections: Final = 1000
 #: Seconds a worker may be silent before the master restarts it.
@@ -45,7 +45,7 @@ limit_request_field_size: Final = 8190
 # Access lines as JSON on standard output; errors on standard error (twelve-factor style, for containers).
 accesslog: Final = "-"
 errorlog: Final = "-"
-logger_class: Final = "attest_service.web.access_log.JsonAccessLogger"
+logger_class: Final = "attest_service.server.access_log.JsonAccessLogger"
 loglevel: Final = (os.environ.get("ATTEST_LOG_LEVEL") or "info").lower()
 
 # The workers' heartbeat files belong in memory: a disk-backed /tmp can stall them and get workers killed.
@@ -76,7 +76,7 @@ def when_ready(server: Any) -> None:  # noqa: ANN401 - gunicorn's hook signature
     """Load trust and policy in the master, then again every ``ATTEST_TRUST_RELOAD_SECONDS``.
 
     Raises (and so stops the master) when they do not load now; later loads keep the last good snapshot
-    for what fails (:mod:`attest_service.web.master`).
+    for what fails (:mod:`attest_service.server.master`).
     """
     snapshot_settings = Settings.from_env()
     master.refresh(_sockets(server))
@@ -96,7 +96,7 @@ def post_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunic
 def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
     """Forget a worker that is gone: its slot in the connection counts, its live gauges.
 
-    The slot is freed for the next worker (:mod:`attest_service.web.workers`); prometheus-client stops
+    The slot is freed for the next worker (:mod:`attest_service.server.workers`); prometheus-client stops
     reporting the worker's live gauges.
     """
     release = getattr(worker, "release_connection_slot", None)
