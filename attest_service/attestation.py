@@ -39,7 +39,7 @@ CHALLENGE_ATTEMPTS: Final = 3
 DEFAULT_CLIENT_ID: Final = "default"
 
 
-class DocumentVerifier(Protocol):
+class VerifierProtocol(Protocol):
     """The verification core as the attestation step uses it: a Verifier, or the service's reloading holder."""
 
     def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
@@ -118,7 +118,7 @@ class Attestor:
     and the least time any accepted nonce is remembered.
     """
 
-    def __init__(self, verifier: DocumentVerifier, store: NonceStore, *,
+    def __init__(self, verifier: VerifierProtocol, store: NonceStore, *,
                  clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
                  challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
                  events: AttestationEvents | None = None) -> None:
@@ -222,5 +222,5 @@ __all__ = [
     "Attested",
     "Attestor",
     "Challenge",
-    "DocumentVerifier",
+    "VerifierProtocol",
 ]

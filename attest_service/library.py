@@ -1,8 +1,8 @@
 """The library's verifier: the verification core with the pinned trust loaded, for in-process use.
 
 ``from attest_service import Verifier`` gives this class. It is the core's
-:class:`~attest_service.verify.Verifier` (same algorithm, same caches, safe to share between threads) with
-the two ways of getting trust a Python license server needs, and one call that takes the IMDS response in
+:class:`~attest_service.verify.DocumentVerifier` (same algorithm, same caches, safe to share between
+threads) with the two ways of getting trust a Python license server needs, and one call that takes the IMDS response in
 whatever form the caller holds it::
 
     verifier = Verifier.bundled()
@@ -24,15 +24,14 @@ from typing import Final
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.trust.loading import bundled_pinned_dir, load_trust
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument
-from attest_service.verify import Verifier as CoreVerifier
+from attest_service.verify import DEFAULT_CLOCK_SKEW, DocumentVerifier, VerificationPolicy, VerifiedDocument
 
 #: The policy of a call without a nonce, per cloud: a policy is immutable, and building one checks its
 #: arguments again each time. Any other call builds its own (and an unknown cloud is refused there).
 _POLICIES: Final = {name: VerificationPolicy(cloud=name, clock_skew=DEFAULT_CLOCK_SKEW) for name in (AUTO, *CLOUDS)}
 
 
-class Verifier(CoreVerifier):
+class Verifier(DocumentVerifier):
     """Verifies IMDS attested documents against pinned trust; build it with :meth:`bundled` or :meth:`from_directory`.
 
     ``Verifier(trust_store)`` also works, with a :class:`~attest_service.verify.TrustStore` built by hand.

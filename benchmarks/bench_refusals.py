@@ -33,8 +33,8 @@ from attest_service.errors import VerificationError  # noqa: E402
 from attest_service.trust import load_trust  # noqa: E402
 from attest_service.verify import (  # noqa: E402
     CloudTrust,
+    DocumentVerifier,
     VerificationPolicy,
-    Verifier,
     chain,
     decode_document,
     signer_certificate,
@@ -49,7 +49,7 @@ COSTLY_KEY_CASES = ("key-rsa-huge-exponent", "key-rsa-8192", "key-rsa-e3")
 FAILING_CHAIN_CASES = ("intermediate-not-pinned", "attack-lookalike-chain", "leaf-expired")
 
 
-def refusal_rate(verifier: Verifier, der: bytes, now: datetime, seconds: float) -> float:
+def refusal_rate(verifier: DocumentVerifier, der: bytes, now: datetime, seconds: float) -> float:
     """Refusals per second of ``der`` (which must be refused)."""
     policy = VerificationPolicy()
 
@@ -66,7 +66,7 @@ def refusal_rate(verifier: Verifier, der: bytes, now: datetime, seconds: float) 
 def costly_refusals(seconds: float) -> None:
     """Print what refusing each costly generated case takes, and what it would have taken."""
     cases = json.loads((TESTCASES / "index.json").read_text(encoding="utf-8"))["cases"]
-    verifier = Verifier(load_trust(TESTCASES / "pinned"))
+    verifier = DocumentVerifier(load_trust(TESTCASES / "pinned"))
     for name in COSTLY_KEY_CASES:
         der = decode_document((TESTCASES / cases[name]["file"]).read_bytes())
         now = datetime.fromisoformat(cases[name]["at"])

@@ -6,7 +6,7 @@ the test pins) is verified over and over by one long-lived verifier, as the serv
 signer (the chain is validated once and cached), starting from the response JSON as a caller holds it.
 The entry point is the public library API, ``attest_service.Verifier.verify_response``, when the package
 has it, and otherwise the internal path the service uses (``decode_document`` then
-``attest_service.verify.Verifier.verify``); the output says which. In the same process, the same RSA-2048
+``attest_service.verify.DocumentVerifier.verify``); the output says which. In the same process, the same RSA-2048
 PKCS#1 v1.5 signature is verified bare. The two are measured in alternating rounds and the best round of
 each is kept, so that a burst of other work on the machine affects both alike. Prints documents/s, bare
 verifications/s and their ratio beside its target (at least 0.3, aim 0.4), then with ``--profile`` where a
@@ -54,7 +54,7 @@ import targets  # noqa: E402
 import attest_service  # noqa: E402
 from attest_service.imds import pki  # noqa: E402
 from attest_service.trust import bundled_pinned_dir, load_trust  # noqa: E402
-from attest_service.verify import VerificationPolicy, Verifier, decode_document  # noqa: E402
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document  # noqa: E402
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
 
 REAL_DOCUMENT = "tc-2026-04-23-microsoft-azure-rsa-tls-issuing-ca-04.json"
@@ -86,10 +86,10 @@ def document_operation(text: str, pinned: Path | None, now: datetime) -> tuple[s
         verifier.verify_response(text, at=now)
         return ("attest_service.Verifier.verify_response (public API)",
                 lambda: verifier.verify_response(text, at=now))
-    internal = Verifier(load_trust(pinned or bundled_pinned_dir()))
+    internal = DocumentVerifier(load_trust(pinned or bundled_pinned_dir()))
     policy = VerificationPolicy()
     internal.verify(decode_document(text), policy=policy, now=now)
-    internal_entry = ("attest_service.verify.Verifier.verify(decode_document(...)) "
+    internal_entry = ("attest_service.verify.DocumentVerifier.verify(decode_document(...)) "
                       "(internal path: this tree has no public Verifier.verify_response yet)")
     return (internal_entry,
             lambda: internal.verify(decode_document(text), policy=policy, now=now))

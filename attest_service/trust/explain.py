@@ -13,9 +13,9 @@ from attest_service.clouds import AUTO
 from attest_service.errors import AttestError, step_of
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.verify import (
+    DocumentVerifier,
     TrustStore,
     VerificationPolicy,
-    Verifier,
     cloud_for_signer,
     decode_document,
     signer_certificate,
@@ -54,7 +54,7 @@ def explain_document(data: bytes, trust: TrustStore, *, cloud: str = AUTO, now: 
     except AttestError as exc:
         return Explanation(verified=False, step=step_of(exc), error=exc.to_dict())
     try:
-        Verifier(trust).verify(document, policy=VerificationPolicy(cloud=cloud), now=now)
+        DocumentVerifier(trust).verify(document, policy=VerificationPolicy(cloud=cloud), now=now)
     except AttestError as exc:
         step = step_of(exc)
         if exc.code not in ("untrusted_chain", "certificate_expired"):

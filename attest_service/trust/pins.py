@@ -60,11 +60,11 @@ from attest_service.trust.loading import (
 )
 from attest_service.verify import (
     CloudTrust,
+    DocumentVerifier,
     FingerprintPin,
     PinnedCertificate,
     TrustStore,
     VerificationPolicy,
-    Verifier,
     common_name,
     decode_document,
     digests,
@@ -724,7 +724,7 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
     with_candidate = TrustStore(clouds={**trust.clouds, cloud: dataclasses.replace(
         cloud_trust, intermediates=(*cloud_trust.intermediates, candidate))}, directory=trust.directory)
     try:
-        Verifier(with_candidate).verify(der, policy=VerificationPolicy(cloud=cloud), now=now)
+        DocumentVerifier(with_candidate).verify(der, policy=VerificationPolicy(cloud=cloud), now=now)
     except (DocumentExpired, DocumentNotYetValid):
         pass  # every step up to the chain passed; the document's own validity window is not the question
     except AttestError as exc:

@@ -1,10 +1,10 @@
 """Hot reload of the pinned trust, with the metrics an operator rotates pins by.
 
-A :class:`TrustHolder` owns the current :class:`~attest_service.verify.Verifier`. At most once per
+A :class:`TrustHolder` owns the current :class:`~attest_service.verify.DocumentVerifier`. At most once per
 interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
 (:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader
 reads); when it changed, the directory is loaded
-in full and the new Verifier replaces the old one in a single assignment, so a request sees the old trust
+in full and the new DocumentVerifier replaces the old one in a single assignment, so a request sees the old trust
 or the new trust, never a mixture. A directory that fails to load leaves the last good trust in place,
 logs the reason, counts ``attest_trust_reload_total{result="failure"}`` and raises the
 ``attest_trust_reload_failing`` gauge until a later load succeeds, with one exception: the CAs the
@@ -70,7 +70,13 @@ from attest_service.trust.loading import (
     read_removed,
     without_removed,
 )
-from attest_service.verify import VerificationPolicy, VerifiedDocument, Verifier, cloud_for_signer, signer_certificate
+from attest_service.verify import (
+    DocumentVerifier,
+    VerificationPolicy,
+    VerifiedDocument,
+    cloud_for_signer,
+    signer_certificate,
+)
 
 if TYPE_CHECKING:
     from attest_service.trust.aia import AiaFetcher
@@ -109,17 +115,17 @@ UNPINNED_ISSUER: Final = Counter("attest_unpinned_issuer",
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    verifier: Verifier
+    verifier: DocumentVerifier
     fingerprint: Fingerprint
 
 
 @dataclass(frozen=True, slots=True)
 class _Augmented:
-    """A Verifier over the current trust plus CAs fetched through AIA, valid while ``base`` is current."""
+    """A DocumentVerifier over the current trust plus CAs fetched through AIA, valid while ``base`` is current."""
 
-    base: Verifier
+    base: DocumentVerifier
     extra: MappingProxyType[tuple[str, str], PinnedCertificate]
-    verifier: Verifier
+    verifier: DocumentVerifier
 
 
 def _load(directory: Path) -> TrustStore:
@@ -182,14 +188,14 @@ class TrustHolder:
         boot_failure: ConfigurationError | None = None
         try:
             seen = directory_fingerprint(directory)
-            self._loaded = _Loaded(Verifier(_load(directory)), seen)
+            self._loaded = _Loaded(DocumentVerifier(_load(directory)), seen)
         except ConfigurationError as exc:
             if last_good is None:
                 raise
             # A worker respawned while the directory is broken serves the last good trust rather than not
             # booting (gunicorn halts when a worker cannot boot). No directory's fingerprint is empty
             # (there is an entry per cloud and folder), so the first good content found later is loaded.
-            self._loaded = _Loaded(Verifier(last_good), ())
+            self._loaded = _Loaded(DocumentVerifier(last_good), ())
             boot_failure = exc
         self._failing = False
         self._failed: Fingerprint | None = None
@@ -225,8 +231,8 @@ class TrustHolder:
         """True while the directory's current content cannot be loaded."""
         return self._failing
 
-    def verifier(self) -> Verifier:
-        """The current Verifier, after reloading if the interval passed and the directory changed."""
+    def verifier(self) -> DocumentVerifier:
+        """The current DocumentVerifier, after reloading if the interval passed and the directory changed."""
         if self._reload_requested or self._clock() >= self._next_check:
             self._maybe_reload()
         return self._loaded.verifier
@@ -264,7 +270,7 @@ class TrustHolder:
         except ConfigurationError as exc:
             self._fail(exc, seen)
             return
-        self._loaded = _Loaded(Verifier(trust), seen)  # the one assignment that swaps the trust
+        self._loaded = _Loaded(DocumentVerifier(trust), seen)  # the one assignment that swaps the trust
         self._succeeded()
         LOG.info("pinned trust reloaded from %s: %d certificates", self.directory, sum(1 for _ in trust.all_pins()))
 
@@ -298,7 +304,7 @@ class TrustHolder:
             return
         # The empty fingerprint matches no directory: whatever good content comes next is loaded in full,
         # even the very content the last good trust came from.
-        self._loaded = _Loaded(Verifier(narrowed), ())
+        self._loaded = _Loaded(DocumentVerifier(narrowed), ())
         dropped = [f"{pin.cloud}: {pin.subject_cn} (sha256 {pin.sha256})" for cloud in narrowed.clouds.values()
                    for pin in cloud.excluded if pin not in current.for_cloud(pin.cloud).excluded]
         LOG.error("pinned directory %s: applied its removed.txt to the last good trust; no longer trusted: %s",
@@ -308,7 +314,7 @@ class TrustHolder:
     # --- verification ---------------------------------------------------------------------------
 
     def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
-        """The DER of ``response`` (:meth:`Verifier.decode`, with the current verifier's caches), or its error."""
+        """The DER of ``response`` (:meth:`DocumentVerifier.decode`, with the current verifier's caches)."""
         return self.verifier().decode(response)
 
     def verify(self, document: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
@@ -367,14 +373,14 @@ class TrustHolder:
                     signer.issuer.rfc4514_string()[:200], ", ".join(url[:200] for url in urls[:2]) or "none",
                     cloud, label, cloud)
 
-    def _verify_with_aia(self, verifier: Verifier, document: bytes, signer: x509.Certificate,
+    def _verify_with_aia(self, verifier: DocumentVerifier, document: bytes, signer: x509.Certificate,
                          cloud_trust: CloudTrust, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         assert self._aia is not None  # noqa: S101 - checked by the caller; narrows the type
         fetched = self._aia.issuer_for(signer, cloud_trust, now=now)
         return self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
             document, policy=policy, now=now)
 
-    def _augmented_verifier(self, base: Verifier, cloud: str, fetched: PinnedCertificate) -> Verifier:
+    def _augmented_verifier(self, base: DocumentVerifier, cloud: str, fetched: PinnedCertificate) -> DocumentVerifier:
         key = (cloud, fetched.sha256)
         with self._augment_lock:
             current = self._augmented
@@ -397,7 +403,7 @@ class TrustHolder:
                 clouds[name] = dataclasses.replace(trust, intermediates=(
                     *trust.intermediates, *(pin for pin in pins if pin not in trust.intermediates)))
             augmented = TrustStore(clouds=MappingProxyType(clouds), directory=base.trust.directory)
-            self._augmented = _Augmented(base, MappingProxyType(extra), Verifier(augmented))
+            self._augmented = _Augmented(base, MappingProxyType(extra), DocumentVerifier(augmented))
             return self._augmented.verifier
 
 

@@ -30,10 +30,10 @@ from attest_service.verify.trust import (
 from attest_service.verify.verifier import (
     DEFAULT_CLOCK_SKEW,
     MAX_NONCE_LENGTH,
+    DocumentVerifier,
     Signer,
     VerificationPolicy,
     VerifiedDocument,
-    Verifier,
     signer_certificate,
     verify_document,
 )
@@ -46,6 +46,7 @@ __all__ = [
     "MAX_SIGNATURE_CHARS",
     "CloudTrust",
     "DigestAlgorithm",
+    "DocumentVerifier",
     "FingerprintPin",
     "PinnedCertificate",
     "Role",
@@ -53,7 +54,6 @@ __all__ = [
     "TrustStore",
     "VerificationPolicy",
     "VerifiedDocument",
-    "Verifier",
     "cloud_for_signer",
     "common_name",
     "decode_document",

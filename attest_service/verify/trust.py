@@ -1,7 +1,7 @@
 """The trust model the core verifies against: pinned certificates, one cloud's trust, the whole store.
 
 Pure values, no I/O: :mod:`attest_service.trust` loads them from a pinned directory (and certifi), and
-:class:`~attest_service.verify.Verifier` receives them ready built.
+:class:`~attest_service.verify.DocumentVerifier` receives them ready built.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ DEFAULT_CLOCK_SKEW: Final = timedelta(seconds=60)
 MAX_CLOCK_SKEW: Final = timedelta(hours=1)
 #: Longest nonce IMDS accepts (IMDS documentation: "nonce ... up to 32 characters").
 MAX_NONCE_LENGTH: Final = 32
-#: Signer certificates (and their validated chains) remembered per Verifier. Azure signs with a
+#: Signer certificates (and their validated chains) remembered per DocumentVerifier. Azure signs with a
 #: handful of leaves at a time; the bound keeps hostile input from growing the cache.
 CACHE_ENTRIES: Final = 256
 
@@ -195,7 +195,7 @@ _FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, Attribute
                           UserWarning)
 
 
-class Verifier:
+class DocumentVerifier:
     """Verifies attested documents against one :class:`TrustStore`.
 
     Holds no mutable state but bounded caches: of parsed signer certificates and their checked keys; of
@@ -204,7 +204,7 @@ class Verifier:
     the general code gives; and of validated chains, each used only at instants inside the validity
     window of every certificate on that chain, so a cached answer is the answer a fresh validation would
     give. Nothing is remembered of a document's own content or signature, and no decision but those
-    about the signer certificate (its key, its name, its chain). A trust reload builds a new Verifier.
+    about the signer certificate (its key, its name, its chain). A trust reload builds a new one.
     """
 
     def __init__(self, trust: TrustStore) -> None:
@@ -338,9 +338,17 @@ def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:
 
 def verify_document(der: bytes, *, trust: TrustStore, policy: VerificationPolicy,
                     now: datetime) -> VerifiedDocument:
-    """One-shot form of :meth:`Verifier.verify` for callers without a long-lived Verifier."""
-    return Verifier(trust).verify(der, policy=policy, now=now)
+    """One-shot form of :meth:`DocumentVerifier.verify` for callers without a long-lived DocumentVerifier."""
+    return DocumentVerifier(trust).verify(der, policy=policy, now=now)
 
 
-__all__: Final = ["DEFAULT_CLOCK_SKEW", "MAX_NONCE_LENGTH", "Signer", "VerificationPolicy", "VerifiedDocument",
-                  "Verifier", "signer_certificate", "verify_document"]
+__all__: Final = [
+    "DEFAULT_CLOCK_SKEW",
+    "MAX_NONCE_LENGTH",
+    "DocumentVerifier",
+    "Signer",
+    "VerificationPolicy",
+    "VerifiedDocument",
+    "signer_certificate",
+    "verify_document",
+]

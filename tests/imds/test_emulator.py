@@ -27,7 +27,7 @@ from attest_service.imds.emulator import (
     parse_bind,
 )
 from attest_service.trust import load_trust
-from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
 
 from .conftest import REPO_ROOT
 from .servers import FakeClock, emulator, http_get
@@ -142,7 +142,7 @@ def test_attested_document_verifies_with_the_pinned_directory(imds, emulator_pki
     assert status == 200
     assert content_type.startswith("application/json")
     assert json.loads(body)["encoding"] == "pkcs7"
-    result = Verifier(load_trust(emulator_pki_dir)).verify(
+    result = DocumentVerifier(load_trust(emulator_pki_dir)).verify(
         decode_document(body),
         policy=VerificationPolicy(cloud="public", expected_nonce="challenge-1"),
         now=datetime.now(UTC),
@@ -320,7 +320,7 @@ def test_command_serves_the_instance_file_and_pins_its_pki(tmp_path: Path) -> No
         roots = list((pki_dir / "usgov" / "roots").glob("*.pem"))
         assert len(roots) == 1
         assert len(list((pki_dir / "usgov" / "intermediates").glob("*.pem"))) == 1
-        result = Verifier(load_trust(pki_dir)).verify(
+        result = DocumentVerifier(load_trust(pki_dir)).verify(
             decode_document(body), policy=VerificationPolicy(cloud="usgov"), now=datetime.now(UTC)
         )
         assert "usgovvirginia.metadata.azure.us" in result.to_dict()["signer"]["dnsNames"]

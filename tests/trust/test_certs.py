@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from attest_service.errors import UntrustedChain
 from attest_service.imds import pki
 from attest_service.trust import MANIFEST, fingerprint, load_trust
-from attest_service.verify import VerificationPolicy, Verifier
+from attest_service.verify import DocumentVerifier, VerificationPolicy
 from tests.support.azure_real import real_documents
 
 from .conftest import (
@@ -322,8 +322,8 @@ def test_a_root_listed_in_removed_txt_is_not_trusted(run_cli, pinned: Path, pki_
     assert trust.roots == ()
     assert [pin.subject_cn for pin in trust.excluded] == ["Ops Test Root"]
     with pytest.raises(UntrustedChain):
-        Verifier(load_trust(pinned)).verify(sign_document(pki_set.leaf, pki_set.now), policy=VerificationPolicy(),
-                                            now=pki_set.now)
+        DocumentVerifier(load_trust(pinned)).verify(sign_document(pki_set.leaf, pki_set.now),
+                                                    policy=VerificationPolicy(), now=pki_set.now)
     code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
     assert code == 1
     assert "removed_pinned: public: root Ops Test Root" in out

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore
-from attest_service.verify import CloudTrust, Verifier, chain, decode_document, signer_certificate
+from attest_service.verify import CloudTrust, DocumentVerifier, chain, decode_document, signer_certificate
 
 from .conftest import case_input, case_instant, case_policy, load_index
 
@@ -42,7 +42,8 @@ def path_runs(monkeypatch: pytest.MonkeyPatch) -> list[datetime]:
 def _code(name: str, trust: TrustStore) -> str:
     case = INDEX[name]
     with pytest.raises(VerificationError) as caught:
-        Verifier(trust).verify(decode_document(case_input(case)), policy=case_policy(case), now=case_instant(case))
+        DocumentVerifier(trust).verify(decode_document(case_input(case)), policy=case_policy(case),
+                                       now=case_instant(case))
     return caught.value.code
 
 

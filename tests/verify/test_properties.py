@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from attest_service.errors import VerificationError
 from attest_service.trust import bundled_pinned_dir, load_trust
-from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
 from attest_service.verify.pkcs7 import SignedData, parse_signed_data
 from tests.support.azure_real import azure_real_dir
 
@@ -40,14 +40,14 @@ class Fixture:
 
     name: str
     der: bytes
-    verifier: Verifier
+    verifier: DocumentVerifier
     now: datetime
     claims: object
     signer: str
 
 
 def _fixtures() -> list[Fixture]:
-    test_verifier = Verifier(load_trust(TESTCASES / "pinned"))
+    test_verifier = DocumentVerifier(load_trust(TESTCASES / "pinned"))
     fixtures = []
     seen: set[bytes] = set()
     for name, case in sorted(load_index().items()):
@@ -60,7 +60,7 @@ def _fixtures() -> list[Fixture]:
         fixtures.append(Fixture(name, der, test_verifier, case_instant(case), case["claims"], case["signer_sha256"]))
     expected = azure_real_dir() / "documents" / "expected.json"
     if expected.is_file():
-        real_verifier = Verifier(load_trust(bundled_pinned_dir()))
+        real_verifier = DocumentVerifier(load_trust(bundled_pinned_dir()))
         for entry in json.loads(expected.read_text(encoding="utf-8")):
             der = decode_document((expected.parent / entry["document"]).read_bytes())
             now = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
@@ -74,7 +74,7 @@ TEST_VERIFIER = FIXTURES[0].verifier
 NOW = FIXTURES[0].now
 
 
-def _verify_any(data: bytes | str, verifier: Verifier = TEST_VERIFIER, now: datetime = NOW) -> None:
+def _verify_any(data: bytes | str, verifier: DocumentVerifier = TEST_VERIFIER, now: datetime = NOW) -> None:
     """Decode and verify; only the verification error family may escape."""
     try:
         verifier.verify(decode_document(data), policy=VerificationPolicy(), now=now)

@@ -21,7 +21,7 @@ import pytest
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust, manifest_entry
-from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
 from attest_service.verify.claims import parse_claims
 from attest_service.verify.pkcs7 import parse_signed_data
 from tests.support.azure_real import azure_real_dir, entry_params, expected_entries, require
@@ -42,8 +42,8 @@ def bundled() -> TrustStore:
 
 
 @pytest.fixture(scope="module")
-def shared_verifier(bundled: TrustStore) -> Verifier:
-    return Verifier(bundled)
+def shared_verifier(bundled: TrustStore) -> DocumentVerifier:
+    return DocumentVerifier(bundled)
 
 
 def _document(real_documents: Path, entry: dict[str, Any]) -> bytes:
@@ -65,11 +65,11 @@ def test_expected_list_is_present(real_documents: Path) -> None:
 @pytest.mark.parametrize("cloud", ["auto", "public"])
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_real_document_verifies_at_its_instant(entry: dict[str, Any], cloud: str, real_documents: Path,
-                                                 bundled: TrustStore, shared_verifier: Verifier) -> None:
+                                                 bundled: TrustStore, shared_verifier: DocumentVerifier) -> None:
     instant = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
     policy = VerificationPolicy(cloud=cloud)
-    # A fresh Verifier and a long-lived one (with whatever the other documents left in its cache) agree.
-    for verifier in (Verifier(bundled), shared_verifier):
+    # A fresh DocumentVerifier and a long-lived one (with whatever the other documents left in its cache) agree.
+    for verifier in (DocumentVerifier(bundled), shared_verifier):
         result = verifier.verify(_document(real_documents, entry), policy=policy, now=instant)
         body = result.to_dict()
         assert body["cloud"] == entry["cloud"]
@@ -83,7 +83,7 @@ def test_real_document_verifies_at_its_instant(entry: dict[str, Any], cloud: str
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_real_document_nonce_and_cloud_checks(entry: dict[str, Any], real_documents: Path,
-                                              shared_verifier: Verifier) -> None:
+                                              shared_verifier: DocumentVerifier) -> None:
     instant = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
     document = _document(real_documents, entry)
     nonce = entry["claims"]["nonce"]
@@ -100,7 +100,7 @@ def test_real_document_nonce_and_cloud_checks(entry: dict[str, Any], real_docume
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_real_document_is_refused_now(entry: dict[str, Any], real_documents: Path, bundled: TrustStore) -> None:
     with pytest.raises(VerificationError) as caught:
-        Verifier(bundled).verify(_document(real_documents, entry), policy=VerificationPolicy(),
+        DocumentVerifier(bundled).verify(_document(real_documents, entry), policy=VerificationPolicy(),
                                  now=datetime.now(UTC))
     assert caught.value.code in {"certificate_expired", "document_expired"}
 
@@ -112,7 +112,7 @@ def _negative(name: str) -> Path:
 def _verify_at_creation(der: bytes, bundled: TrustStore, cloud: str = "auto") -> str:
     created = parse_claims(parse_signed_data(der).content).created_on
     with pytest.raises(VerificationError) as caught:
-        Verifier(bundled).verify(der, policy=VerificationPolicy(cloud=cloud), now=created)
+        DocumentVerifier(bundled).verify(der, policy=VerificationPolicy(cloud=cloud), now=created)
     return caught.value.code
 
 
@@ -122,7 +122,7 @@ TAMPERED_AT = datetime(2019, 12, 13, 0, 34, 40, tzinfo=UTC)
 
 def _tampered_code(der: bytes, bundled: TrustStore) -> str:
     with pytest.raises(VerificationError) as caught:
-        Verifier(bundled).verify(der, policy=VerificationPolicy(), now=TAMPERED_AT)
+        DocumentVerifier(bundled).verify(der, policy=VerificationPolicy(), now=TAMPERED_AT)
     return caught.value.code
 
 
@@ -132,7 +132,7 @@ def test_tampered_message_is_refused_for_its_trailing_byte(bundled: TrustStore) 
     der = decode_document(_negative("tc-2019-12-13-azure-message-bad.json").read_bytes())
     assert der.endswith(b"\n")
     with pytest.raises(VerificationError) as caught:
-        Verifier(bundled).verify(der, policy=VerificationPolicy(), now=TAMPERED_AT)
+        DocumentVerifier(bundled).verify(der, policy=VerificationPolicy(), now=TAMPERED_AT)
     assert caught.value.code == "malformed_document"
     assert "trailing" in caught.value.message
 

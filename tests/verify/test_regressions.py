@@ -10,7 +10,7 @@ import pytest
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore
-from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
 
 from .conftest import case_input, case_instant, load_index
 
@@ -46,5 +46,5 @@ def test_mutant_is_refused_with_our_error(name: str, test_trust: TrustStore) -> 
     case, find, offset, value, expected = MUTANTS[name]
     mutant = _mutate(case, find, offset, value)
     with pytest.raises(VerificationError) as caught:
-        Verifier(test_trust).verify(mutant, policy=VerificationPolicy(), now=case_instant(INDEX[case]))
+        DocumentVerifier(test_trust).verify(mutant, policy=VerificationPolicy(), now=case_instant(INDEX[case]))
     assert caught.value.code == expected

@@ -13,14 +13,14 @@ import pytest
 
 from attest_service import errors
 from attest_service.trust import TrustStore
-from attest_service.verify import Verifier, decode_document
+from attest_service.verify import DocumentVerifier, decode_document
 
 from .conftest import ASSETS, TESTCASES, case_input, case_instant, case_policy, load_index
 
 INDEX = load_index()
 
 
-def _outcome(verifier: Verifier, case: dict[str, Any]) -> str:
+def _outcome(verifier: DocumentVerifier, case: dict[str, Any]) -> str:
     try:
         verifier.verify(decode_document(case_input(case)), policy=case_policy(case), now=case_instant(case))
     except errors.VerificationError as exc:
@@ -31,7 +31,7 @@ def _outcome(verifier: Verifier, case: dict[str, Any]) -> str:
 @pytest.mark.parametrize("name", sorted(INDEX))
 def test_case(name: str, test_trust: TrustStore) -> None:
     case = INDEX[name]
-    verifier = Verifier(test_trust)
+    verifier = DocumentVerifier(test_trust)
     if case["expect"] != "ok":
         code = _outcome(verifier, case)
         assert code == case["expect"]
@@ -46,9 +46,9 @@ def test_case(name: str, test_trust: TrustStore) -> None:
 
 
 def test_one_verifier_gives_every_answer_in_any_order(test_trust: TrustStore) -> None:
-    # A long-lived Verifier caches signers and chains; the cache must never change an answer, whatever
+    # A long-lived DocumentVerifier caches signers and chains; the cache must never change an answer, whatever
     # instants and clouds came before.
-    verifier = Verifier(test_trust)
+    verifier = DocumentVerifier(test_trust)
     names = sorted(INDEX)
     for order in (names, names[::-1], names):
         outcomes = {name: _outcome(verifier, INDEX[name]) for name in order}

@@ -12,7 +12,7 @@ One fuzz input is one call of :func:`check_one`. Its first byte is a selector, t
   response JSON or bare base64).
 
 The input then goes through exactly what the service and the CLI run: ``decode_document`` and then
-``Verifier(trust).verify(...)``. Any exception other than
+``DocumentVerifier(trust).verify(...)``. Any exception other than
 :class:`~attest_service.errors.VerificationError` is a crash. Warnings are errors here, as in the test
 suite, so a warning escaping the core is reported too.
 
@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from attest_service.errors import VerificationError
 from attest_service.imds import pki
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust
-from attest_service.verify import VerificationPolicy, Verifier, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
 from tests.support.azure_real import azure_real_dir
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
@@ -160,16 +160,16 @@ def build_trust_dir(directory: Path) -> Path:
 
 
 _TRUST: TrustStore | None = None
-_VERIFIER: Verifier | None = None
+_VERIFIER: DocumentVerifier | None = None
 
 
-def verifier() -> Verifier:
-    """The Verifier every input goes through, built once per process (as a service worker does)."""
+def verifier() -> DocumentVerifier:
+    """The DocumentVerifier every input goes through, built once per process (as a service worker does)."""
     global _TRUST, _VERIFIER  # noqa: PLW0603 - one per process, like a worker's; built on first use
     if _VERIFIER is None:
         with tempfile.TemporaryDirectory(prefix="attest-fuzz-trust-") as tmp:
             _TRUST = load_trust(build_trust_dir(Path(tmp) / "pinned"))
-        _VERIFIER = Verifier(_TRUST)
+        _VERIFIER = DocumentVerifier(_TRUST)
     return _VERIFIER
 
 
