@@ -15,7 +15,8 @@ import pytest
 
 from attest_service import Attestor, CallerPolicy, NonceReplayed, Verifier, open_store
 from attest_service.imds import pki
-from tests.support.redis_server import RedisServer, redis_available, redis_server
+from tests.support import tools
+from tests.support.redis_server import RedisServer, redis_server
 
 VM_A = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
 VM_B = "9e8d7c6b-5a49-4382-9170-6f5e4d3c2b1a"
@@ -41,8 +42,7 @@ class Signer:
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed")
+    tools.require("redis-server", "redis-cli")
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
 

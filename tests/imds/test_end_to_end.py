@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from attest_service.imds.client import AttestClient, RetryPolicy
-from tests.support.redis_server import free_port, redis_available, redis_server
+from tests.support import tools
+from tests.support.redis_server import free_port, redis_server
 
 from .conftest import REPO_ROOT
 
@@ -134,7 +135,7 @@ def _post(url: str, body: object, *, key: str = API_KEY) -> tuple[int, dict[str,
 
 STORES = [
     "sqlite",
-    pytest.param("redis", marks=pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")),
+    pytest.param("redis", marks=tools.requires_redis),
 ]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from attest_service.imds import pki
+from tests.support import tools
 from tests.support.azure_real import azure_certs_dir, require
 
 from .conftest import FIXED_NOW, build_chain, sample_content
@@ -200,7 +200,7 @@ def test_signed_attributes_without_signing_time(rsa_chain: Chain) -> None:
 # --- openssl as an independent verifier -------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+@tools.requires_tool("openssl")
 @pytest.mark.parametrize("key_kind", ["rsa", "ec"])
 @pytest.mark.parametrize("signed_attributes", [False, True])
 def test_openssl_cms_verifies(

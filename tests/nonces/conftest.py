@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from attest_service.nonces import NonceStore, open_store
-from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_available, redis_cluster, redis_server
+from tests.support import tools
+from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster, redis_server
 
 #: Bound on a store round trip in these tests (seconds), the service's default.
 TIMEOUT_SECONDS = 0.5
 
-requires_redis = pytest.mark.skipif(not redis_available(), reason="redis-server/redis-cli are not installed")
+requires_redis = tools.requires_redis
 
 StoreFactory = Callable[..., NonceStore]
 
@@ -39,8 +40,7 @@ def unique() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One standalone server shared by the contract tests (tests that stop or freeze a server start their own)."""
-    if not redis_available():
-        pytest.skip("redis-server/redis-cli are not installed")
+    tools.require("redis-server", "redis-cli")
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -48,6 +48,7 @@ def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     """A standalone server of the test's own, for tests that stop, freeze or flush it."""
+    tools.require("redis-server", "redis-cli")
     with redis_server(tmp_path / "redis") as running:
         yield running
 
@@ -63,8 +64,7 @@ def redis_store(server: RedisServer) -> Iterator[NonceStore]:
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
     """One three-master cluster shared by the contract tests."""
-    if not redis_available():
-        pytest.skip("redis-server/redis-cli are not installed")
+    tools.require("redis-server", "redis-cli")
     with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
 

@@ -6,9 +6,9 @@ copied into it: ``$ATTEST_AZURE_REAL_DIR``, else ``../shared/azure-real`` beside
 its signer's validity and the exact signed claims.
 
 On a developer's machine a missing directory skips the tests that need it, saying where it was looked for.
-Under CI (``CI=true``) the material is beside the clone by construction, so a missing directory fails those
-tests instead: a green CI run has always verified real documents. Every test that needs the material goes
-through :func:`unavailable` (or :func:`require`, :func:`real_documents`), so that rule lives here only.
+Under CI (``CI=true``; :mod:`tests.support.tools` says which values count) the material is beside the clone by
+construction, so a missing directory fails those tests instead: a green CI run has always verified real documents.
+Every test that needs the material goes through :func:`unavailable` (or :func:`require`, :func:`real_documents`).
 
 Tests parametrized over the documents use :func:`entry_params`; when the list is absent it yields one
 placeholder parameter, and such tests must request a fixture that calls :func:`real_documents`, which skips
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import pytest
 
+from tests.support import tools
+
 if TYPE_CHECKING:
     from _pytest.mark import ParameterSet
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 #: Environment variable naming the directory of real Azure material.
 AZURE_REAL_ENV: Final = "ATTEST_AZURE_REAL_DIR"
-#: Values of ``CI`` that mean "this is a CI run" (GitHub Actions, GitLab and most others set ``true``).
-_CI_VALUES: Final = frozenset({"true", "1", "yes"})
 
 
 def azure_real_dir() -> Path:
@@ -47,7 +47,7 @@ def azure_certs_dir() -> Path:
 
 def required() -> bool:
     """Whether the real material must be present: under CI (``CI=true``) it is, so its absence is a failure."""
-    return os.environ.get("CI", "").strip().lower() in _CI_VALUES
+    return tools.under_ci()
 
 
 def unavailable(reason: str) -> NoReturn:

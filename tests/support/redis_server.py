@@ -22,15 +22,14 @@ each as a context manager that always stops what it started::
     with redis_server() as master, redis_sentinel(master) as sentinel:
         sentinel.url                          # "redis+sentinel://127.0.0.1:SPORT/attest"
 
-``redis_available()`` tells whether the binaries exist, for ``pytest.mark.skipif``. The binaries are
+``redis_available()`` tells whether the binaries exist; tests mark themselves with
+``tests.support.tools.requires_redis`` instead, which skips or (under CI) fails. The binaries are
 ``redis-server`` and ``redis-cli`` from ``PATH``, or the paths in ``ATTEST_REDIS_SERVER`` / ``ATTEST_REDIS_CLI``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +42,8 @@ from typing import Final
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from tests.support import tools
 
 LOOPBACK: Final = "127.0.0.1"
 #: How long a server may take to answer PING after being started (seconds).
@@ -62,12 +63,12 @@ _POLL_SECONDS: Final = 0.02
 
 def redis_server_binary() -> str | None:
     """Path of ``redis-server``, or ``None`` when it is not installed."""
-    return os.environ.get("ATTEST_REDIS_SERVER") or shutil.which("redis-server")
+    return tools.find("redis-server")
 
 
 def redis_cli_binary() -> str | None:
     """Path of ``redis-cli``, or ``None`` when it is not installed."""
-    return os.environ.get("ATTEST_REDIS_CLI") or shutil.which("redis-cli")
+    return tools.find("redis-cli")
 
 
 def redis_available() -> bool:

@@ -19,7 +19,8 @@ from attest_service.imds import pki
 from attest_service.nonces import NonceStore, open_store
 from attest_service.settings import Settings
 from attest_service.web import create_app
-from tests.support.redis_server import RedisServer, redis_available, redis_server
+from tests.support import tools
+from tests.support.redis_server import RedisServer, redis_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,8 +117,7 @@ class Clock:
 
 @pytest.fixture(scope="session")
 def redis() -> Iterator[RedisServer]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed")
+    tools.require("redis-server", "redis-cli")
     with redis_server() as server:
         yield server
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import RedisServer, redis_available, redis_server
+from tests.support import tools
+from tests.support.redis_server import RedisServer, redis_server
 from tests.web.conftest import GeneratedPki
 from tests.web.live import LiveService, live_service
 
@@ -31,8 +32,7 @@ RACERS = 32
 
 @pytest.fixture(scope="module")
 def redis_for_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed")
+    tools.require("redis-server", "redis-cli")
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
 

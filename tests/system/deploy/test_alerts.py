@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import tools
+
 from .common import CHART_DIR, HA_VALUES, RELEASE, HelmFailed, by_kind, one
 
 Render = Callable[..., list[dict[str, Any]]]
@@ -33,12 +35,7 @@ def promtool() -> Callable[..., subprocess.CompletedProcess[str]]:
     Missing promtool fails the test under CI=true: a green CI must mean the rules were tested. Elsewhere the
     test is skipped with the reason, so that a developer without the package can run the rest.
     """
-    binary = shutil.which("promtool")
-    if binary is None:
-        message = "promtool not found: `make test` installs it (apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = tools.require("promtool")
 
     def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([binary, *map(str, args)], capture_output=True, text=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import tools
 from tests.system.fuzz.target import OPEN_CRASHES, REGRESSIONS_DIR, REPO_ROOT, Crash, check_one, seed_inputs
 
 #: Length of the bounded fuzzing session inside the test suite, in seconds.
@@ -66,7 +67,7 @@ def test_generated_seeds_reach_the_end_of_the_document_path() -> None:
 
 @pytest.mark.slow
 def test_bounded_fuzz_run_finds_no_new_crash(tmp_path: Path) -> None:
-    pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
+    tools.require_module("atheris")
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tests" / "system" / "fuzz" / "fuzz_verify.py"),
          "--seconds", str(CI_FUZZ_SECONDS),

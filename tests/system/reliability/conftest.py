@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
+from tests.support import tools
 
-from tests.support.redis_server import redis_available
-
-requires_redis = pytest.mark.skipif(not redis_available(), reason="redis-server and redis-cli are not installed")
+requires_redis = tools.requires_redis

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import redis_available
 from tests.support.service import DocumentFactory, ServiceProcess
 
 from .properties import Pair, service_env
-
-if not redis_available():
-    pytest.skip("redis-server and redis-cli are not installed", allow_module_level=True)
 
 
 @pytest.fixture(scope="package")

@@ -23,13 +23,14 @@ from typing import Final
 import pytest
 
 from attest_service.nonces.redis_store import seen_key
+from tests.support import tools
 from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster
 from tests.support.service import DocumentFactory, Reply, ServiceProcess
 
 from . import properties
 from .conftest import service_pair
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, tools.requires_redis]
 
 #: Nonces accepted (and confirmed replicated) before the primary serving them is killed.
 DURABLE_NONCES: Final = 6

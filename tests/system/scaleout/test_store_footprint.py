@@ -20,12 +20,13 @@ import redis
 from attest_service.nonces import open_store
 from attest_service.nonces.redis_store import challenge_key, seen_key
 from attest_service.nonces.store import CLOCK_DISAGREEMENT_MARGIN_SECONDS
+from tests.support import tools
 from tests.support.redis_server import RedisServer, redis_server
 from tests.support.service import DocumentFactory, ServiceProcess, running_service
 
 from . import properties
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, tools.requires_redis]
 
 #: Verifications measured over HTTP for the command counts.
 VERIFICATIONS: Final = 20

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import tools
 from tests.support.redis_server import redis_server
 from tests.support.service import DocumentFactory
 
 from . import properties
 from .conftest import service_pair
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, tools.requires_redis]
 
 
 @pytest.fixture(scope="module")
