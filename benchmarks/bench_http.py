@@ -22,10 +22,14 @@ Figures (best of ``--rounds`` interleaved rounds, each round verify, echo(sync),
 3. latency at half capacity: the open-loop client alone at half of each server's measured capacity;
 4. throughput at 1 and 4 workers (2 come from the rounds), Redis CPU and commands per verification
    (``/proc/<pid>/stat``, ``INFO commandstats``), service CPU per verification, and how the connections were
-   spread over the workers.
+   spread over the workers;
+5. CPU per request: user plus system time of each server's processes (gunicorn master and workers, and for
+   verify the Redis server too) per 2xx answer, over all rounds, and echo's CPU per request over verify's.
 
 On a 2-core machine the load generator, the client and Redis share the cores with the servers: the ratio
-is the figure to compare, not the absolute rates. Prints figures; asserts nothing. Linux only (``/proc``).
+is the figure to compare, not the absolute rates. Of the two ratios, the CPU one holds best on a shared or
+virtual machine: others' work and the hypervisor's steal delay the servers (lowering their rates) but do not
+add to the CPU time each request takes. Prints figures; asserts nothing. Linux only (``/proc``).
 
 Run: ``python benchmarks/bench_http.py [--documents N] [--duration S] [--rounds N]`` (needs redis-server, wrk).
 """
@@ -326,6 +330,10 @@ class Server:
         """CPU seconds of the workers so far."""
         return sum(cpu_seconds(pid) for pid in self.workers())
 
+    def all_cpu(self) -> float:
+        """CPU seconds of the master and the workers so far: every process of this server."""
+        return cpu_seconds(self.process.pid) + self.cpu()
+
     def connections(self) -> tuple[list[int], int]:
         """Client connections held by each worker, and those established but accepted by none (queued)."""
         inodes = _socket_inodes(self.port)
@@ -464,6 +472,8 @@ class Saturation:
     probe: Result
     worker_cpu: float
     redis_cpu: float = 0.0
+    #: CPU seconds of the master and the workers (the workers' alone are ``worker_cpu``).
+    server_cpu: float = 0.0
     redis_commands: dict[str, int] = field(default_factory=dict)
     spread: tuple[list[int], int] = ([], 0)
     #: What else took the machine's CPU meanwhile (OtherLoad.describe).
@@ -473,6 +483,11 @@ class Saturation:
     def good(self) -> int:
         """2xx answers, wrk's and the probe's."""
         return self.wrk.requests - self.wrk.non_2xx + self.probe.answered - self.probe.failures
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds the request path took: the server's processes, and Redis for verify (0 for an echo)."""
+        return self.server_cpu + self.redis_cpu
 
 
 class Bench:
@@ -502,7 +517,7 @@ class Bench:
         """wrk for ``seconds``; with ``probe``, the paced probe beside it from the second second on."""
         self.fresh()
         self.client.config_resetstat()
-        redis_before, cpu_before = cpu_seconds(self.redis_pid), server.cpu()
+        redis_before, cpu_before, all_before = cpu_seconds(self.redis_pid), server.cpu(), server.all_cpu()
         other = OtherLoad([*server.workers(), self.redis_pid], server.workers())
         spread: list[tuple[list[int], int]] = []
         sampler = threading.Timer(seconds / 2, lambda: spread.append(server.connections()))
@@ -516,13 +531,15 @@ class Bench:
         load = finish_wrk(wrk)
         sampler.join()
         worker_cpu = server.cpu() - cpu_before
-        redis_cpu = cpu_seconds(self.redis_pid) - redis_before
+        server_cpu = server.all_cpu() - all_before
+        # Redis serves the service alone; the echoes never touch it, so its CPU is charged to verify only.
+        redis_cpu = cpu_seconds(self.redis_pid) - redis_before if server.name.startswith("verify") else 0.0
         disturbance = other.describe()
         stats = self.client.info("commandstats")
         commands = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
                     if not name.startswith(("cmdstat_config", "cmdstat_info", "cmdstat_flushall"))}
-        return Saturation(server.name, load, result, worker_cpu, redis_cpu, commands, spread[0] if spread else ([], 0),
-                          disturbance)
+        return Saturation(server.name, load, result, worker_cpu, redis_cpu, server_cpu, commands,
+                          spread[0] if spread else ([], 0), disturbance)
 
     def paced(self, server: Server, rate: float, seconds: float) -> tuple[Result, tuple[list[int], int], str]:
         """The open-loop client alone at ``rate`` for ``seconds``; the connection spread half-way; other load."""
@@ -550,7 +567,8 @@ def describe_spread(spread: tuple[list[int], int]) -> str:
 def print_saturation(run: Saturation, verify: bool) -> None:
     line = (f"  {run.server:13s} {run.wrk.rate:8,.0f}/s  wrk non-2xx {run.wrk.non_2xx}, socket errors "
             f"{run.wrk.socket_errors}; connections per worker {describe_spread(run.spread)}; "
-            f"worker CPU {run.worker_cpu / max(run.good, 1) * 1e3:.3f} ms/request; "
+            f"worker CPU {run.worker_cpu / max(run.good, 1) * 1e3:.3f} ms/request, "
+            f"CPU per request {run.cpu / max(run.good, 1) * 1e6:.0f} us; "
             f"{run.disturbance}")
     print(line)
     if run.probe.answered:
@@ -595,6 +613,7 @@ def main() -> int:
         print(f"signed {len(bodies):,} distinct documents in {time.monotonic() - started:.1f} s", flush=True)
         bench = Bench(redis, bodies, workdir)
         best: dict[str, Saturation] = {}
+        rounds: dict[str, list[Saturation]] = {}
         probes: dict[str, list[float]] = {}
         half: dict[str, tuple[float, Result]] = {}
         with contextlib.ExitStack() as stack:
@@ -612,6 +631,7 @@ def main() -> int:
                     print_saturation(run, kind == "verify")
                     sys.stdout.flush()
                     probes.setdefault(kind, []).extend(run.probe.latencies_ms)
+                    rounds.setdefault(kind, []).append(run)
                     if kind not in best or run.wrk.rate > best[kind].wrk.rate:
                         best[kind] = run
             if args.half_duration > 0:
@@ -638,7 +658,52 @@ def main() -> int:
                     sys.stdout.flush()
 
     print_figures(best, probes, half, scaling, rounds=args.rounds)
+    print_cpu_figures(rounds)
     return 0
+
+
+@dataclass(frozen=True)
+class CpuPerRequest:
+    """CPU seconds per 2xx answer of one server over all its capacity rounds, with the parts they come from."""
+
+    server: float
+    redis: float
+    answers: int
+
+    @classmethod
+    def of(cls, runs: Sequence[Saturation]) -> CpuPerRequest:
+        """Totals over ``runs``: a longer run weighs more, as it holds more requests."""
+        answers = max(1, sum(run.good for run in runs))
+        return cls(sum(run.server_cpu for run in runs) / answers, sum(run.redis_cpu for run in runs) / answers,
+                   answers)
+
+    @property
+    def total(self) -> float:
+        """CPU seconds per request, server and Redis."""
+        return self.server + self.redis
+
+
+def print_cpu_figures(rounds: dict[str, list[Saturation]]) -> None:
+    """CPU per request of each server and echo's over verify's: how much of a core's work verify leaves.
+
+    The ratio reads like the throughput ratio (1.0 would be a verification as cheap as an echo), but it counts
+    CPU time spent rather than requests per wall-clock second, so a busy neighbour or the hypervisor's steal,
+    which slow every server, change it far less.
+    """
+    if not rounds:
+        return
+    cpu = {kind: CpuPerRequest.of(runs) for kind, runs in rounds.items()}
+    print("\nCPU per request (user + system, all rounds; verify: service processes + Redis):")
+    for kind, figure in cpu.items():
+        parts = f" (service {figure.server * 1e6:.0f} us + Redis {figure.redis * 1e6:.0f} us)" if figure.redis else ""
+        print(f"  {rounds[kind][0].server:13s} {figure.total * 1e6:8.0f} us{parts} over {figure.answers:,} answers")
+    verify = cpu.get("verify")
+    if verify is None:
+        return
+    for kind in ("sync", "gevent"):
+        if kind in cpu:
+            print(f"{'CPU ratio echo(' + kind + ')/verify:':<34} {cpu[kind].total / verify.total:>10.2f}   "
+                  f"echo's CPU per request over verify's")
 
 
 def print_figures(best: dict[str, Saturation], probes: dict[str, list[float]], half: dict[str, tuple[float, Result]],
