@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/attest-service certs check --allow-retired --pinned-certs pinned_certs
+	$(BIN)/attest-service certs check --pinned-certs pinned_certs
 
 test: $(STAMP) redis-server-installed promtool-installed lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

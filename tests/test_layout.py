@@ -150,7 +150,7 @@ def _loaded_after(code: str) -> list[str]:
 @pytest.mark.parametrize("argv", [
     ["verify", "--at", "2026-01-01T00:00:00Z", "-"],
     ["certs", "list"],
-    ["certs", "check", "--allow-retired"],
+    ["certs", "check"],
 ], ids=lambda argv: " ".join(argv[:2]))
 def test_offline_commands_load_no_part_of_the_service_runtime(argv: list[str]) -> None:
     code = f"""

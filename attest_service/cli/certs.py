@@ -77,24 +77,28 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """``certs check``: exit 1 naming each problem, 0 when there is none."""
+    """``certs check``: exit 1 naming each problem, 0 when there is none.
+
+    Pins the manifest marks retired (expired CAs kept for ``verify --at``) are reported as retired and do not
+    fail the check unless ``--strict``; every other expired or expiring pin does.
+    """
     trust = load_trust_or_usage(args)
     if args.warn_days < 0:
         raise UsageError("--warn-days must not be negative")
-    report = check_pins(trust, now=_now(args), warn_days=args.warn_days, allow_retired=args.allow_retired)
+    report = check_pins(trust, now=_now(args), warn_days=args.warn_days, retired=args.retired)
     if args.json:
         _say(json.dumps({"ok": report.ok, "problems": [p.to_dict() for p in report.problems],
                          "retired": [p.to_dict() for p in report.notes],
                          "awaitingFetch": [p.to_dict() for p in report.awaiting]}, indent=1))
     else:
         for note in report.notes:
-            _say(f"retired (allowed): {note.cloud}: {note.message}")
+            _say(f"retired: {note.cloud}: {note.message}")
         for waiting in report.awaiting:
             _say(f"awaiting fetch: {waiting.cloud}: {waiting.message}")
         for problem in report.problems:
             _say(str(problem))
         count = sum(1 for _ in trust.all_pins())
-        _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired pins allowed, "
+        _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired, "
              f"{len(report.awaiting)} fingerprint pins awaiting fetch")
     return EXIT_VERIFIED if report.ok else EXIT_REFUSED
 
@@ -216,8 +220,11 @@ def register(subparsers: Subparsers) -> None:
     check = actions.add_parser("check", help="exit non-zero naming each problem of the pins")
     check.add_argument("--warn-days", type=int, default=DEFAULT_WARN_DAYS, metavar="D",
                        help=f"report pins expiring within D days (default {DEFAULT_WARN_DAYS})")
-    check.add_argument("--allow-retired", action="store_true",
-                       help="expired pins kept for verify --at are notes, not problems, if they still chain")
+    view = check.add_mutually_exclusive_group()
+    view.add_argument("--strict", dest="retired", action="store_const", const="strict", default="marked",
+                      help="report retired pins (marked \"retired\" in manifest.json) as problems too")
+    view.add_argument("--allow-retired", dest="retired", action="store_const", const="any",
+                      help="treat every expired pin that still chains as retired, marked or not")
     check.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     check.add_argument("--at", type=parse_instant, metavar="TIME", help="instant to check at (default: now)")
     add_pinned_certs_option(check)

@@ -8,9 +8,10 @@ serve the CLI, the tests and a CI gate:
 - :func:`check_pins`: the problems an operator must act on (expired, expiring, unchained, not a CA,
   duplicate, certifi root missing, a file that is not loaded, a removed CA still pinned, a fingerprint pin
   the fallback cannot fetch, a line of ``removed.txt`` that is not a fingerprint, manifest out of sync).
-  Expired pins are *retired*: they are kept on purpose so old documents can be verified at their own
-  instant (``verify --at``), so ``allow_retired`` turns them into notes, as long as each still chains to a
-  root inside its own validity.
+  A pin whose manifest entry carries ``"retired"`` (why it is kept) is *retired*: an expired CA kept on
+  purpose so that old documents can be verified at their own instant (``verify --at``). Its expiry is a
+  note, not a problem, as long as it still chains to a root inside its own validity; an expired pin that
+  is not marked so is a problem (an active pin the operator forgot to renew). See :data:`RetiredView`.
 - :func:`add_pins` / :func:`add_fingerprint_pin` / :func:`add_from_document` / :func:`remove_pin`: change one
   cloud's intermediates atomically (temporary file and ``os.replace``) and keep ``manifest.json`` in step; a
   refused change leaves the directory untouched. :func:`remove_pin` records the removed fingerprint in
@@ -81,6 +82,13 @@ Status = Literal["active", "expiring", "retired", "not_yet_valid"]
 ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest",
                       "not_loaded", "removed_pinned", "removed_list", "fingerprint", "awaiting_fetch"]
 FingerprintStatus = Literal["awaiting_fetch", "pinned"]
+#: How ``certs check`` treats expired pins kept on purpose. ``marked`` (default): the pins the manifest marks
+#: ``retired`` are notes, any other expired or expiring pin is a problem. ``strict``: every expired or expiring
+#: pin is a problem, marked or not (the complete view). ``any``: every expired pin that still chains is a note,
+#: marked or not (for a directory whose manifest marks nothing).
+RetiredView = Literal["marked", "strict", "any"]
+#: Key of a manifest entry that marks its pin retired; its value says why the pin is kept.
+RETIRED_KEY: Final = "retired"
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -205,8 +213,8 @@ class Problem:
 class CheckReport:
     """What ``certs check`` found: ``problems`` fail the check, the other two do not.
 
-    ``notes`` are retired pins allowed; ``awaiting`` are fingerprint pins whose certificate is not in the
-    directory yet.
+    ``notes`` are the expiry findings of retired pins (see :data:`RetiredView`); ``awaiting`` are fingerprint
+    pins whose certificate is not in the directory yet.
     """
 
     problems: tuple[Problem, ...]
@@ -387,17 +395,45 @@ def _fingerprint_problems(trust: CloudTrust, policy: AiaPolicy) -> tuple[list[Pr
     return problems, awaiting
 
 
+def retired_marks(directory: Path | None) -> dict[tuple[str, str], str]:
+    """``(cloud, sha256) -> why it is kept`` of the pins the manifest of ``directory`` marks retired.
+
+    A directory without a readable manifest marks nothing (the manifest problem is reported on its own).
+    """
+    if directory is None:
+        return {}
+    try:
+        entries = read_manifest(directory) or []
+    except ConfigurationError:
+        return {}
+    return {(e.get("cloud", ""), e.get("sha256", "")): e[RETIRED_KEY]
+            for e in entries if e.get(RETIRED_KEY, "").strip()}
+
+
 def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WARN_DAYS,
-               allow_retired: bool = False) -> CheckReport:
-    """Every problem of the pinned trust at ``now``; see the module docstring for ``allow_retired``."""
+               retired: RetiredView = "marked") -> CheckReport:
+    """Every problem of the pinned trust at ``now``; ``retired`` says how expired pins count (:data:`RetiredView`)."""
     warn = timedelta(days=warn_days)
     problems: list[Problem] = []
+    notes: list[Problem] = []
     awaiting: list[Problem] = []
     policy = AiaPolicy.azure()
+    marks = retired_marks(trust.directory) if retired == "marked" else {}
     for cloud_trust in trust.clouds.values():
         cloud = cloud_trust.profile.name
         for pin in (*cloud_trust.roots, *cloud_trust.intermediates):
-            problems.extend(_pin_problems(pin, cloud_trust, now, warn))
+            reason = marks.get((pin.cloud, pin.sha256))
+            # A retired pin's expiry needs no action; whether it still chains (in its own validity) does.
+            noted = {"expired", "expiring"} if reason is not None else {"expired"} if retired == "any" else set()
+            for found in _pin_problems(pin, cloud_trust, now, warn):
+                if found.kind not in noted:
+                    problems.append(found if found.kind != "expired" or retired == "strict" else dataclasses.replace(
+                        found, message=f"{found.message}: pin its successor and remove it, or mark it "
+                                       f"\"{RETIRED_KEY}\" in {MANIFEST} if it is kept to verify old documents"))
+                elif reason is not None:
+                    notes.append(dataclasses.replace(found, message=f"{found.message} (retired: {reason})"))
+                else:
+                    notes.append(found)
         problems.extend(Problem(kind="removed_pinned", cloud=cloud, subject=pin.subject_cn, sha256=pin.sha256,
                                 message=excluded_message(pin)) for pin in cloud_trust.excluded)
         problems.extend(Problem(kind="removed_list", cloud=cloud, subject=message.partition(": ")[0], sha256="-",
@@ -411,11 +447,7 @@ def check_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WAR
         problems.extend(fingerprint_problems)
         awaiting.extend(fingerprint_awaiting)
     problems.extend(_manifest_problems(trust))
-    if not allow_retired:
-        return CheckReport(problems=tuple(problems), awaiting=tuple(awaiting))
-    retired = tuple(p for p in problems if p.kind == "expired")
-    return CheckReport(problems=tuple(p for p in problems if p.kind != "expired"), notes=retired,
-                       awaiting=tuple(awaiting))
+    return CheckReport(problems=tuple(problems), notes=tuple(notes), awaiting=tuple(awaiting))
 
 
 # --- add and remove -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -69,14 +69,91 @@ def test_check_passes_on_a_healthy_directory(run_cli, pinned: Path) -> None:
     assert "0 problems" in out
 
 
-def test_check_bundled_pins_passes_only_with_retired_pins_allowed(run_cli) -> None:
-    # The bundled directory keeps expired issuing CAs on purpose (verify --at of old documents).
+def test_check_bundled_pins_passes_with_retired_pins_reported_as_retired(run_cli) -> None:
+    # The bundled directory keeps expired issuing CAs on purpose (verify --at of old documents), each marked
+    # "retired" in its manifest: they are reported, and only --strict fails on them.
     code, out, _ = run_cli("certs", "check", "--pinned-certs", str(BUNDLED))
+    assert code == 0, out
+    assert "retired: public: intermediate Microsoft IT TLS CA 4" in out
+    assert "retired: public: root Baltimore CyberTrust Root" in out
+    assert "pins checked: 0 problems, 30 retired," in out
+    code, out, _ = run_cli("certs", "check", "--strict", "--pinned-certs", str(BUNDLED))
     assert code == 1
     assert "expired: public: intermediate Microsoft IT TLS CA 4" in out
-    code, out, _ = run_cli("certs", "check", "--allow-retired", "--pinned-certs", str(BUNDLED))
+    assert "pins checked: 30 problems, 0 retired," in out
+
+
+def _retire(directory: Path, subject: str, reason: str = "kept for verify --at") -> None:
+    document = json.loads((directory / MANIFEST).read_text())
+    for entry in document["certificates"]:
+        if f"CN={subject}," in entry["subject"]:
+            entry["retired"] = reason
+    (directory / MANIFEST).write_text(json.dumps(document))
+
+
+def _pin_expired_ca(pinned: Path, name: str, now: datetime) -> None:
+    """Pin a CA that expired a year ago under a root pinned with it, so that it chains in its own validity."""
+    old_root = make_root(f"{name} Root", now - timedelta(days=500))
+    old = make_ca(name, old_root, now, days=30, start=now - timedelta(days=400))
+    (pinned / "public" / "roots" / "old-root.pem").write_bytes(pem(old_root.certificate))
+    (pinned / "public" / "intermediates" / "old.pem").write_bytes(pem(old.certificate))
+    write_manifest(pinned)
+
+
+def test_check_fails_on_an_expired_pin_not_marked_retired(run_cli, pinned: Path, pki_set: Pki) -> None:
+    _pin_expired_ca(pinned, "Ops Old CA", pki_set.now)
+    # An active pin that expired: the operator must act (the contract's certs check).
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "expired: public: intermediate Ops Old CA" in out
+    assert 'mark it "retired" in manifest.json' in out
+    # Marked retired: reported as retired, and the check passes; --strict still fails on it.
+    _retire(pinned, "Ops Old CA", "signed the 2025 fleet")
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
     assert code == 0, out
-    assert "retired (allowed): public: root Baltimore CyberTrust Root" in out
+    assert "retired: public: intermediate Ops Old CA" in out
+    assert "(retired: signed the 2025 fleet)" in out
+    code, out, _ = run_cli("certs", "check", "--json", "--pinned-certs", str(pinned))
+    report = json.loads(out)
+    assert (report["ok"], report["problems"], [r["subject"] for r in report["retired"]]) == (True, [], ["Ops Old CA"])
+    code, out, _ = run_cli("certs", "check", "--strict", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "expired: public: intermediate Ops Old CA" in out
+
+
+def test_check_fails_on_a_retired_pin_that_no_longer_chains(run_cli, pinned: Path, pki_set: Pki) -> None:
+    now = pki_set.now
+    stranger_root = make_root("Ops Gone Root", now - timedelta(days=500))
+    old = make_ca("Ops Orphan CA", stranger_root, now, days=30, start=now - timedelta(days=400))
+    (pinned / "public" / "intermediates" / "orphan.pem").write_bytes(pem(old.certificate))
+    write_manifest(pinned)
+    _retire(pinned, "Ops Orphan CA")
+    # Retiring excuses the expiry only: a pin that cannot verify even old documents is a problem.
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "unchained: public: intermediate Ops Orphan CA" in out
+
+
+def test_check_with_allow_retired_treats_every_expired_pin_as_retired(run_cli, pinned: Path, pki_set: Pki) -> None:
+    _pin_expired_ca(pinned, "Ops Unmarked CA", pki_set.now)
+    code, out, _ = run_cli("certs", "check", "--allow-retired", "--pinned-certs", str(pinned))
+    assert code == 0, out
+    assert "retired: public: intermediate Ops Unmarked CA" in out
+    code, _, err = run_cli("certs", "check", "--allow-retired", "--strict", "--pinned-certs", str(pinned))
+    assert code == 2, err
+
+
+def test_check_fails_on_an_expiring_active_pin_but_not_on_a_retired_one(run_cli, pinned: Path, pki_set: Pki) -> None:
+    soon = make_ca("Ops Soon CA", pki_set.root, pki_set.now, days=10)
+    (pinned / "public" / "intermediates" / "soon.pem").write_bytes(pem(soon.certificate))
+    write_manifest(pinned)
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 1
+    assert "expiring: public: intermediate Ops Soon CA" in out
+    _retire(pinned, "Ops Soon CA")
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(pinned))
+    assert code == 0, out
+    assert "retired: public: intermediate Ops Soon CA" in out
 
 
 def test_check_reports_expiring_pins_within_warn_days(run_cli, pinned: Path, pki_set: Pki) -> None:
@@ -306,7 +383,7 @@ def test_explain_real_document_with_its_issuer_unpinned(run_cli, tmp_path: Path)
 
 
 def test_console_entry_point_runs_certs_check() -> None:
-    result = subprocess.run([sys.executable, "-m", "attest_service", "certs", "check", "--allow-retired",
+    result = subprocess.run([sys.executable, "-m", "attest_service", "certs", "check",
                              "--pinned-certs", str(BUNDLED)], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

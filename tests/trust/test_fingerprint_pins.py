@@ -283,6 +283,6 @@ def test_the_bundled_china_pins_are_its_two_issuing_cas_by_fingerprint(run_cli) 
     # Their issuers, DigiCert Global Root CA and G2, are China's pinned roots.
     assert {pin.subject_cn for pin in china.roots} >= {"DigiCert Global Root CA", "DigiCert Global Root G2"}
     assert AiaPolicy.azure().allowed("china", basic.url)
-    code, out, _ = run_cli("certs", "check", "--allow-retired", "--pinned-certs", str(BUNDLED))
+    code, out, _ = run_cli("certs", "check", "--pinned-certs", str(BUNDLED))
     assert code == 0, out
     assert out.count("awaiting fetch: china:") == 2

@@ -2,8 +2,8 @@
 
 For the image's environment and for a plain ``pip install <wheel>`` (tests/system/install/conftest.py): ``verify``
 of real documents through the pins bundled in the wheel (no flag, no variable), ``verify`` of an emulator's
-document through that emulator's pins, ``certs list``, ``serve`` with the shipped worker class answering a
-challenge, a verification and a replay, and the ``imds-emulator`` -> ``attest`` round trip.
+document through that emulator's pins, ``certs list``, ``certs check``, ``serve`` with the shipped worker class
+answering a challenge, a verification and a replay, and the ``imds-emulator`` -> ``attest`` round trip.
 """
 
 from __future__ import annotations
@@ -115,6 +115,17 @@ def test_certs_list_shows_every_bundled_pin(installation: Installation) -> None:
     pinned = Path(__file__).resolve().parents[3] / "pinned_certs"
     for pem in sorted(pinned.glob("*/*/*.pem")):
         assert f"file:{pem.relative_to(pinned).as_posix()}" in result.stdout, pem
+
+
+def test_certs_check_passes_on_the_bundled_pins(installation: Installation) -> None:
+    # What a new operator runs first: the expired CAs kept to verify old documents are retired, not problems.
+    result = installation.run("certs", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "retired: public: intermediate Microsoft IT TLS CA 4" in result.stdout
+    assert " 0 problems, " in result.stdout
+    strict = installation.run("certs", "check", "--strict")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "expired: public: intermediate Microsoft IT TLS CA 4" in strict.stdout
 
 
 def test_serve_starts_with_the_bundled_pins(installation: Installation, tmp_path: Path) -> None:
