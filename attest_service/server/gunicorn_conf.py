@@ -20,8 +20,13 @@ from typing import Any, Final
 
 from prometheus_client import multiprocess
 
+from attest_service.callers import throttle
 from attest_service.server import master
 from attest_service.settings import Settings
+
+#: The table of sources blocked for failed authentication, made here in the master before it forks, so that
+#: its workers share it (callers/throttle.py).
+_BLOCKED_SOURCES: Final = throttle.SHARED_BLOCKS
 
 wsgi_app: Final = "attest_service.web:create_app()"
 bind: Final = ["127.0.0.1:8080"]

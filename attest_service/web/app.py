@@ -16,8 +16,10 @@ from typing import Final
 from flask import Flask, Response, g, request
 
 from attest_service.attestation import Attestor
+from attest_service.callers import throttle
 from attest_service.callers.leases import RateLeases
 from attest_service.callers.policy import AccessPolicy
+from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import NonceStore, open_store
 from attest_service.server import master
@@ -116,7 +118,10 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
                         events=metrics.MetricEvents())
     service = Service(settings=settings, store=store, attestor=attestor, access=access,
                       clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
-                      rate_leases=RateLeases(store))
+                      rate_leases=RateLeases(store),
+                      # Under gunicorn, the table the master made before it forked: a source blocked by one
+                      # worker is blocked by all. Elsewhere (tests, embedding), the application's own.
+                      failed_auth=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks())
     install(app, service)
     register_error_handlers(app)
     app.before_request(_assign_request_id)

@@ -28,7 +28,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from attest_service.callers.policy import ANONYMOUS
 from attest_service.callers.sources import client_address, source_key
-from attest_service.callers.throttle import FAILED_AUTH_PREFIX
+from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
 from attest_service.settings import IPNetwork
@@ -176,21 +176,19 @@ def _source_of(peer: str | None, forwarded_for: tuple[str, ...], proxies: tuple[
 
 
 def _authenticate(service: Service, environ: WSGIEnvironment, source: str) -> Caller:
-    # A valid key is served whatever its source did: a blocked source behind a shared proxy or NAT must not
-    # lock out the clients with valid keys beside it. Keys are 128 random bits or more (README), so telling a
-    # right guess from a wrong one does not help guessing; a source past its budget of failures is answered
-    # 429 for every wrong or missing key until its block ends.
+    # A source past its budget of failed authentications is answered 429 before its key is looked at, a
+    # right key as a wrong one: otherwise the 429 tells a guesser which guess was right. Behind a NAT or a
+    # proxy that is not a trusted proxy, the clients sharing the address share the block (README).
+    service.failed_auth.check(source, service.clock())
     try:
         caller = service.authenticate(environ.get("HTTP_AUTHORIZATION"), source)
     except Unauthorized:
-        service.failed_auth.check(source, service.clock())
         try:
             _hit(service, FAILED_AUTH_PREFIX + source, limit=service.settings.auth_failures_per_minute,
                  window_seconds=RATE_WINDOW_SECONDS)
         except RateLimited as limited:
             service.failed_auth.block(source, service.clock(), limited.retry_after)
-            raise RateLimited("too many failed authentications from this source",
-                              retry_after=limited.retry_after) from None
+            raise RateLimited(BLOCKED_MESSAGE, retry_after=limited.retry_after) from None
         raise
     return _without_open_access_through_a_proxy(service, environ, caller)
 

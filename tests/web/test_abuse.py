@@ -7,6 +7,7 @@ counted by the real SQLite and Redis stores.
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from datetime import timedelta
 
@@ -125,11 +126,16 @@ def test_failed_authentication_is_throttled_per_source(make_client: AppFactory, 
     assert response.get_json()["error"]["code"] == "rate_limited"
     retry_after = int(response.headers["Retry-After"])
     assert 1 <= retry_after <= 120
-    # While blocked, every wrong or missing key is answered 429; a valid key is still served, so a guesser
-    # behind a shared proxy or NAT cannot lock out the clients beside it.
-    assert _from(client, "/v1/challenges", "192.0.2.10", headers=wrong) == 429
-    assert _from(client, "/v1/challenges", "192.0.2.10") == 429
-    assert _from(client, "/v1/challenges", "192.0.2.10", headers=bearer("billing")) == 201
+    # While blocked, every request from the source is answered 429 before its key is looked at: a right key
+    # as a wrong or missing one, so the answer tells a guesser nothing, on both routes and both paths.
+    for headers in (wrong, {}, bearer("billing"), bearer("license-server")):
+        blocked = client.post("/v1/challenges", headers=headers, environ_base={"REMOTE_ADDR": "192.0.2.10"})
+        assert blocked.status_code == 429
+        assert blocked.get_json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(blocked.headers["Retry-After"]) <= retry_after
+        verify = client.post("/v1/verify", json={"signature": "AAAA"}, headers=headers,
+                             environ_base={"REMOTE_ADDR": "192.0.2.10"})
+        assert verify.status_code == 429
     # Other sources are not affected, and the block ends with its Retry-After.
     assert _from(client, "/v1/challenges", "192.0.2.11", headers=bearer("billing")) == 201
     clock.now = NOW + timedelta(seconds=retry_after)
@@ -173,10 +179,27 @@ def test_what_an_anonymous_caller_leaves_in_redis_expires(make_client: AppFactor
 
 
 def test_the_block_table_is_bounded() -> None:
-    blocks = FailedAuthBlocks(capacity=3)
-    for index in range(10):
-        blocks.block(f"192.0.2.{index}", NOW, 60)
-    assert len(blocks) == 3
-    blocks.check("192.0.2.0", NOW)  # evicted first: no longer blocked
+    blocks = FailedAuthBlocks(capacity=16)
+    for index in range(200):
+        blocks.block(f"192.0.2.{index}", NOW + timedelta(milliseconds=index), 60)
+    # A flood of sources takes the places of the blocks ending soonest; the table never grows.
+    assert blocks.blocked_count(NOW) == 16
     with pytest.raises(RateLimited, match="too many failed authentications"):
-        blocks.check("192.0.2.9", NOW)
+        blocks.check("192.0.2.199", NOW)
+    blocks.check("192.0.2.199", NOW + timedelta(seconds=61))  # the block has ended
+
+
+def test_a_block_is_seen_by_every_process_forked_after_the_table_was_made() -> None:
+    blocks = FailedAuthBlocks()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child blocks a source, as a worker does, and exits
+        blocks.block("198.51.100.9", NOW, 30)
+        os.write(writer, b"x")
+        os._exit(0)
+    os.read(reader, 1)
+    os.waitpid(child, 0)
+    with pytest.raises(RateLimited) as blocked:
+        blocks.check("198.51.100.9", NOW + timedelta(seconds=10))
+    assert blocked.value.retry_after == 20
+    blocks.check("198.51.100.8", NOW)
