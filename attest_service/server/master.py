@@ -60,6 +60,12 @@ _current: Snapshot | None = None
 _refreshing = False
 
 
+#: What the loopback open mode takes for granted, said in its warning.
+LOOPBACK_ASSUMPTION: Final = ("this assumes nothing on this host forwards requests to it: a reverse proxy on this "
+                              "host that adds no X-Forwarded-For or Forwarded header makes every caller look local "
+                              "and opens the service to whoever reaches the proxy")
+
+
 def inherited() -> Snapshot | None:
     """The snapshot this process received from the gunicorn master; None outside gunicorn."""
     return _current
@@ -177,7 +183,11 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
         _refreshing = False
     if previous is None and open_access(settings, loopback=loopback):
         # Said once, by the master: the open mode accepts any captured document once, first come first served.
-        why = "ATTEST_ALLOW_OPEN=1" if settings.allow_open else "the service listens on loopback only"
+        # Loopback only means "callers on this machine" only while nothing on the machine forwards to the
+        # socket: a reverse proxy here that adds no X-Forwarded-For or Forwarded header makes every caller
+        # look local, and the open mode then serves the whole network.
+        why = ("ATTEST_ALLOW_OPEN=1" if settings.allow_open else
+               f"the service listens on loopback only; {LOOPBACK_ASSUMPTION}")
         LOG.warning("no API keys and no policy file: callers need no key and may use their own nonces (%s); "
                     "set ATTEST_API_KEYS or ATTEST_POLICY_FILE before exposing the service", why)
     _current = Snapshot(trust=trust, access=access, loopback_only=loopback, trust_source=source)

@@ -114,6 +114,8 @@ def test_serve_on_loopback_stays_open_and_says_so(live_pki: GeneratedPki, tmp_pa
             assert (status, isinstance(error, dict) and error["code"]) == (422, "nonce_unknown")
     assert OPEN_WARNING in service.log.read_text()
     assert "listens on loopback only" in service.log.read_text()
+    # The warning says what loopback-only assumes: nothing on the host forwards to it without saying so.
+    assert "a reverse proxy on this host that adds no X-Forwarded-For or Forwarded header" in service.log.read_text()
 
 
 @pytest.mark.slow
