@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
@@ -27,7 +27,7 @@ from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
 from attest_service.errors import ConfigurationError, NonceMismatch, NonceReplayed, StoreUnavailable
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, decode_input
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument
 
 #: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
 CHALLENGE_BYTES: Final = 18
@@ -40,7 +40,11 @@ DEFAULT_CLIENT_ID: Final = "default"
 
 
 class VerifierProtocol(Protocol):
-    """The verification core as the attestation step uses it: a Verifier, or the service's reloading holder."""
+    """The verification core as the attestation step uses it: a DocumentVerifier or a ReloadingVerifier."""
+
+    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
+        """The DER of what a caller holds (:func:`~attest_service.verify.decode`); raise MalformedDocument."""
+        ...
 
     def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         """Verify DER ``der`` at ``now``; raise a VerificationError subclass when it fails."""
@@ -123,10 +127,6 @@ class Attestor:
                  challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
                  events: AttestationEvents | None = None) -> None:
         self.verifier = verifier
-        # A Verifier (or the service's reloading holder) decodes with its caches; any other verifier gets
-        # the plain decoder, which gives the same DER or the same error.
-        self._decode: Callable[[Mapping[str, object] | str | bytes], bytes] = getattr(verifier, "decode",
-                                                                                     decode_input)
         self.store = store
         self.clock_skew = clock_skew
         self.challenge_ttl = challenge_ttl
@@ -155,7 +155,7 @@ class Attestor:
 
     def attest(self, response: Mapping[str, object] | str | bytes, *, nonce: str | None = None, cloud: str = AUTO,
                caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:
-        """Verify ``response`` (any form :func:`~attest_service.verify.decode_input` takes) and accept its nonce.
+        """Verify ``response`` (any form :func:`~attest_service.verify.decode` takes) and accept its nonce.
 
         ``nonce`` is the nonce the caller expects (a challenge it was issued, or its own); ``caller`` holds
         the caller's allow-lists and client id (default: one unrestricted client); ``now`` is the instant of
@@ -163,11 +163,7 @@ class Attestor:
         :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``, ``NonceReplayed``,
         ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted.
         """
-        return self.attest_der(self.decode(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
-
-    def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
-        """The DER of ``response`` (any form :func:`~attest_service.verify.decode_input` takes), or its error."""
-        return self._decode(response)
+        return self.attest_der(self.verifier.decode(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
 
     def attest_der(self, der: bytes, *, nonce: str | None = None, cloud: str = AUTO,
                    caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:

@@ -36,7 +36,7 @@ from attest_service.verify import (  # noqa: E402
     DocumentVerifier,
     VerificationPolicy,
     chain,
-    decode_document,
+    decode,
     signer_certificate,
 )
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
@@ -68,7 +68,7 @@ def costly_refusals(seconds: float) -> None:
     cases = json.loads((TESTCASES / "index.json").read_text(encoding="utf-8"))["cases"]
     verifier = DocumentVerifier(load_trust(TESTCASES / "pinned"))
     for name in COSTLY_KEY_CASES:
-        der = decode_document((TESTCASES / cases[name]["file"]).read_bytes())
+        der = decode((TESTCASES / cases[name]["file"]).read_bytes())
         now = datetime.fromisoformat(cases[name]["at"])
         signed = parse_signed_data(der)
         key = signer_certificate(der).public_key()
@@ -90,7 +90,7 @@ def costly_refusals(seconds: float) -> None:
         return real(signer, trust, instant)
 
     for name in FAILING_CHAIN_CASES:
-        der = decode_document((TESTCASES / cases[name]["file"]).read_bytes())
+        der = decode((TESTCASES / cases[name]["file"]).read_bytes())
         now = datetime.fromisoformat(cases[name]["at"])
         chain._attempt = counted
         try:

@@ -5,7 +5,7 @@ verified at its own instant with the bundled pins; without it, the generated RSA
 the test pins) is verified over and over by one long-lived verifier, as the service does for a repeat
 signer (the chain is validated once and cached), starting from the response JSON as a caller holds it.
 The entry point is the public library API, ``attest_service.Verifier.verify_response``, when the package
-has it, and otherwise the internal path the service uses (``decode_document`` then
+has it, and otherwise the internal path the service uses (``decode`` then
 ``attest_service.verify.DocumentVerifier.verify``); the output says which. In the same process, the same RSA-2048
 PKCS#1 v1.5 signature is verified bare. The two are measured in alternating rounds and the best round of
 each is kept, so that a burst of other work on the machine affects both alike. Prints documents/s, bare
@@ -54,7 +54,7 @@ import targets  # noqa: E402
 import attest_service  # noqa: E402
 from attest_service.imds import pki  # noqa: E402
 from attest_service.trust import bundled_pinned_dir, load_trust  # noqa: E402
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document  # noqa: E402
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode  # noqa: E402
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
 
 REAL_DOCUMENT = "tc-2026-04-23-microsoft-azure-rsa-tls-issuing-ca-04.json"
@@ -88,11 +88,11 @@ def document_operation(text: str, pinned: Path | None, now: datetime) -> tuple[s
                 lambda: verifier.verify_response(text, at=now))
     internal = DocumentVerifier(load_trust(pinned or bundled_pinned_dir()))
     policy = VerificationPolicy()
-    internal.verify(decode_document(text), policy=policy, now=now)
-    internal_entry = ("attest_service.verify.DocumentVerifier.verify(decode_document(...)) "
+    internal.verify(decode(text), policy=policy, now=now)
+    internal_entry = ("attest_service.verify.DocumentVerifier.verify(decode(...)) "
                       "(internal path: this tree has no public Verifier.verify_response yet)")
     return (internal_entry,
-            lambda: internal.verify(decode_document(text), policy=policy, now=now))
+            lambda: internal.verify(decode(text), policy=policy, now=now))
 
 
 def distinct_documents(count: int, seconds: float, rounds: int) -> tuple[float, float]:
@@ -112,7 +112,7 @@ def distinct_documents(count: int, seconds: float, rounds: int) -> tuple[float, 
         pki.write_pinned_dir(Path(pinned), "public", root=root.certificate, intermediates=[issuing_ca.certificate])
         verifier = attest_service.Verifier.from_directory(pinned)
     documents = itertools.cycle(texts)
-    signed = parse_signed_data(decode_document(texts[0]))
+    signed = parse_signed_data(decode(texts[0]))
     key = leaf.certificate.public_key()
     assert isinstance(key, rsa.RSAPublicKey)
 
@@ -164,7 +164,7 @@ def main() -> int:
             verify_document()
         return 0
 
-    signed = parse_signed_data(decode_document(text))
+    signed = parse_signed_data(decode(text))
     # Azure's documents (and the generated base one) carry the signer certificate only.
     signer_key = x509.load_der_x509_certificate(signed.certificates[0]).public_key()
     if not isinstance(signer_key, rsa.RSAPublicKey):

@@ -19,7 +19,7 @@ from attest_service.cli.common import (
 )
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError
-from attest_service.verify import MAX_SIGNATURE_CHARS, DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import MAX_SIGNATURE_CHARS, DocumentVerifier, VerificationPolicy, decode
 
 if TYPE_CHECKING:
     from attest_service.cli.common import Subparsers
@@ -47,7 +47,7 @@ def run_verify(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else datetime.now(UTC)
     policy = VerificationPolicy(cloud=args.cloud, expected_nonce=args.nonce)
     try:
-        result = DocumentVerifier(trust).verify(decode_document(data), policy=policy, now=now)
+        result = DocumentVerifier(trust).verify(decode(data), policy=policy, now=now)
     except AttestError as exc:
         _emit({"verified": False, "error": exc.to_dict()})
         return EXIT_REFUSED

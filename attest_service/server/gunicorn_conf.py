@@ -121,7 +121,7 @@ def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook sig
     gc.freeze()
     app = getattr(worker, "wsgi", None)
     service = getattr(app, "extensions", {}).get("attest_service")
-    # The reloading trust holder is the attestation step's verifier (web.app.document_verifier).
+    # The ReloadingVerifier is the attestation step's verifier (web.app.document_verifier).
     request_reload = getattr(getattr(getattr(service, "attestor", None), "verifier", None), "request_reload", None)
     if callable(request_reload):
         signal.signal(signal.SIGHUP, lambda _signum, _frame: request_reload())

@@ -6,12 +6,13 @@
   path validation, AIA URLs).
 - :mod:`~attest_service.trust.pins`: list, check, add and remove pins (the ``certs`` command's library).
 - :mod:`~attest_service.trust.explain`: which step a document fails and what the trust lacks.
-- :mod:`~attest_service.trust.reload`: the running service's hot-reloading holder of the trust.
+- :mod:`~attest_service.trust.reload`: the running service's verifier that reloads the pinned directory
+  (:class:`~attest_service.trust.reload.ReloadingVerifier`).
 - :mod:`~attest_service.trust.aia`: the optional fallback that fetches an unpinned issuer from an
   allow-listed AIA URL.
 
 This package imports only the loading names below: the offline commands and the library never pull in the
-service's runtime (the reload holder and the AIA fallback export Prometheus metrics).
+service's runtime (the reloading verifier and the AIA fallback export Prometheus metrics).
 """
 
 from attest_service.trust.loading import (

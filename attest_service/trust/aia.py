@@ -29,7 +29,7 @@ fallback treats every document as possibly forged:
    flood of forged URLs cannot keep a CA the operator staged from being fetched. No lock is held across
    network I/O: a slow repository delays only the documents waiting for that URL.
 
-A fetched CA is trusted by :class:`~attest_service.trust.reload.TrustHolder` alongside the pins until the
+A fetched CA is trusted by :class:`~attest_service.trust.reload.ReloadingVerifier` alongside the pins until the
 pins reload; after a reload it is taken from this fetcher's cache again, re-checked against the new pins,
 without a new fetch.
 """

@@ -17,7 +17,7 @@ from attest_service.verify import (
     TrustStore,
     VerificationPolicy,
     cloud_for_signer,
-    decode_document,
+    decode,
     signer_certificate,
 )
 
@@ -50,7 +50,7 @@ class Explanation:
 def explain_document(data: bytes, trust: TrustStore, *, cloud: str = AUTO, now: datetime) -> Explanation:
     """Run the verification core on ``data`` (as ``verify`` reads it) and explain the outcome; no network."""
     try:
-        document = decode_document(data)
+        document = decode(data)
     except AttestError as exc:
         return Explanation(verified=False, step=step_of(exc), error=exc.to_dict())
     try:

@@ -67,7 +67,7 @@ from attest_service.verify import (
     TrustStore,
     VerificationPolicy,
     common_name,
-    decode_document,
+    decode,
     digests,
     fingerprint,
     signer_certificate,
@@ -719,7 +719,7 @@ def add_from_document(directory: Path, cloud: str, document: bytes, *, now: date
     trust = load_trust(directory)
     cloud_trust = trust.for_cloud(cloud)
     try:
-        der = decode_document(document)
+        der = decode(document)
         signer = signer_certificate(der)
     except AttestError as exc:
         raise ConfigurationError(f"not an attested document: {exc.code}: {exc.message}") from exc

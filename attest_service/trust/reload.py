@@ -1,21 +1,21 @@
 """Hot reload of the pinned trust, with the metrics an operator rotates pins by.
 
-A :class:`TrustHolder` owns the current :class:`~attest_service.verify.DocumentVerifier`. At most once per
-interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
-(:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader
-reads); when it changed, the directory is loaded
-in full and the new DocumentVerifier replaces the old one in a single assignment, so a request sees the old trust
-or the new trust, never a mixture. A directory that fails to load leaves the last good trust in place,
-logs the reason, counts ``attest_trust_reload_total{result="failure"}`` and raises the
-``attest_trust_reload_failing`` gauge until a later load succeeds, with one exception: the CAs the
-directory's ``removed.txt`` files name are taken out of it all the same (a removal only narrows the trust,
-and must not wait for the rest of the directory to be fixed).
+A :class:`ReloadingVerifier` owns the current :class:`~attest_service.verify.DocumentVerifier`. At most once
+per interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
+(:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader reads);
+when it changed, the directory is loaded in full and the new DocumentVerifier replaces the old one in a
+single assignment, so a request sees the old trust or the new trust, never a mixture. A directory that fails
+to load leaves the last good trust in place, logs the reason, counts
+``attest_trust_reload_total{result="failure"}`` and raises the ``attest_trust_reload_failing`` gauge until a
+later load succeeds, with one exception: the CAs the directory's ``removed.txt`` files name are taken out of
+it all the same (a removal only narrows the trust, and must not wait for the rest of the directory to be
+fixed).
 
-SIGHUP: :meth:`TrustHolder.request_reload` only sets a flag (safe in a signal handler); the next request
+SIGHUP: :meth:`ReloadingVerifier.request_reload` only sets a flag (safe in a signal handler); the next request
 reloads whether or not the fingerprint changed. The web application installs the handler in each gunicorn
 worker (``post_worker_init``), because gunicorn resets SIGHUP to its default (terminate) in workers::
 
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: holder.request_reload())
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: verifier.request_reload())
 
 Sending SIGHUP to the gunicorn *master* instead restarts the workers gracefully, which also reloads.
 
@@ -167,13 +167,13 @@ def _label_of_string(issuer: str) -> str:
     return common_name(name)[:MAX_ISSUER_LABEL_CHARS]
 
 
-class TrustHolder:
+class ReloadingVerifier:
     """The current trust of a process, reloaded when the pinned directory changes.
 
     ``verifier()`` and ``verify()`` are safe to call from many threads. The first load happens in the
     constructor and raises ConfigurationError: a service must not start without its trust. With
     ``last_good`` (the trust the gunicorn master loaded last, :mod:`attest_service.server.master`), a failed
-    first load starts the holder on that trust instead, failing as after a failed reload.
+    first load starts the verifier on that trust instead, failing as after a failed reload.
     """
 
     def __init__(self, directory: Path, *, interval_seconds: float, aia: AiaFetcher | None = None,
@@ -409,30 +409,30 @@ class TrustHolder:
 
 # --- the per-pin expiry gauges ----------------------------------------------------------------------
 
-_published: TrustHolder | None = None
+_published: ReloadingVerifier | None = None
 
 
-def _publish(holder: TrustHolder) -> None:
-    global _published  # noqa: PLW0603 - one trust per process is exposed; the newest holder is it
-    _published = holder
-    TRUST_PROBLEMS.set(len(_problems(holder.trust)))
+def _publish(verifier: ReloadingVerifier) -> None:
+    global _published  # noqa: PLW0603 - one trust per process is exposed; the newest verifier is it
+    _published = verifier
+    TRUST_PROBLEMS.set(len(_problems(verifier.trust)))
 
 
 class PinnedCertificateCollector(Collector):
-    """``attest_pinned_certificate_not_after_seconds`` for the trust of the newest TrustHolder.
+    """``attest_pinned_certificate_not_after_seconds`` for the trust of the newest ReloadingVerifier.
 
     A collector rather than a Gauge: an unpinned certificate must disappear from ``/metrics``, which
     multiprocess Gauge files cannot express.
     """
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the gauge family (empty before any holder exists)."""
+        """Yield the gauge family (empty before any verifier exists)."""
         family = GaugeMetricFamily("attest_pinned_certificate_not_after_seconds",
                                    "Expiry (Unix time) of each pinned certificate.",
                                    labels=["cloud", "role", "subject", "sha256"])
-        holder = _published
-        if holder is not None:
-            for pin in holder.trust.all_pins():
+        verifier = _published
+        if verifier is not None:
+            for pin in verifier.trust.all_pins():
                 family.add_metric([pin.cloud, pin.role, pin.subject_cn, pin.sha256], pin.not_after.timestamp())
         yield family
 

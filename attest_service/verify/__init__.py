@@ -7,13 +7,7 @@ The names below are the core's interface to the rest of the package.
 """
 
 from attest_service.verify.chain import CA_POLICY, MAX_INTERMEDIATES
-from attest_service.verify.document import (
-    MAX_SIGNATURE_CHARS,
-    decode_document,
-    decode_input,
-    decode_response,
-    decode_signature,
-)
+from attest_service.verify.document import MAX_SIGNATURE_CHARS, decode
 from attest_service.verify.names import cloud_for_signer
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.verify.trust import (
@@ -56,10 +50,7 @@ __all__ = [
     "VerifiedDocument",
     "cloud_for_signer",
     "common_name",
-    "decode_document",
-    "decode_input",
-    "decode_response",
-    "decode_signature",
+    "decode",
     "digests",
     "fingerprint",
     "signer_certificate",

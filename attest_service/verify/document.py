@@ -101,7 +101,7 @@ class Base64Cache:
             self._stretches[len(text)] = (stretch, *known[:STRETCHES_PER_LENGTH - 1])
 
 
-def decode_signature(signature: str, cache: Base64Cache | None = None) -> bytes:
+def _decode_signature(signature: str, cache: Base64Cache | None = None) -> bytes:
     """Decode the base64 ``signature`` strictly; raise MalformedDocument for anything else.
 
     ``cache`` (a verifier's) decodes the same, faster for the signatures of documents it saw the layout of.
@@ -118,7 +118,7 @@ def decode_signature(signature: str, cache: Base64Cache | None = None) -> bytes:
         raise MalformedDocument(f"signature: not strict base64 ({exc})") from exc
 
 
-def decode_response(response: Mapping[str, object], cache: Base64Cache | None = None) -> bytes:
+def _decode_response(response: Mapping[str, object], cache: Base64Cache | None = None) -> bytes:
     """Decode an IMDS attested-document response object: ``encoding`` must be ``pkcs7``."""
     encoding = response.get("encoding")
     signature = response.get("signature")
@@ -128,13 +128,13 @@ def decode_response(response: Mapping[str, object], cache: Base64Cache | None = 
         if isinstance(encoding, str):
             raise UnsupportedDocument(f"document: encoding {encoding[:32]!r} is not 'pkcs7'")
         raise MalformedDocument("document: 'encoding' is missing or not a string")
-    return decode_signature(signature, cache)
+    return _decode_signature(signature, cache)
 
 
 def _exact_response(text: str, cache: Base64Cache | None = None) -> bytes | None:
     """The DER of a response in one of the exact forms above, or None to take the general path.
 
-    Returns only what the general path (strict JSON, then :func:`decode_response`) returns for the same
+    Returns only what the general path (strict JSON, then :func:`_decode_response`) returns for the same
     text, and None for everything else, errors included, so that every refusal comes from the general path
     with its own message. It skips the JSON scan of the 4 KiB signature: when the strict base64 decode of
     the text between the prefix and the suffix succeeds, that text holds only base64 characters (no quote,
@@ -158,7 +158,7 @@ def _exact_response(text: str, cache: Base64Cache | None = None) -> bytes | None
 
 
 def _decode_json(text: str, cache: Base64Cache | None = None) -> bytes:
-    """The general path for a response object as JSON text (stripped): strict JSON, then decode_response."""
+    """The general path for a response object as JSON text (stripped): strict JSON, then _decode_response."""
     if len(text) > MAX_SIGNATURE_CHARS * 2:
         raise MalformedDocument("document: too large")
     try:
@@ -169,11 +169,11 @@ def _decode_json(text: str, cache: Base64Cache | None = None) -> bytes:
         raise MalformedDocument(f"document: not JSON ({exc})") from exc
     if not isinstance(response, dict):
         raise MalformedDocument("document: not a JSON object")
-    return decode_response(response, cache)
+    return _decode_response(response, cache)
 
 
-def decode_document(data: bytes | str, cache: Base64Cache | None = None) -> bytes:
-    """Decode either accepted form (as read from a file or standard input) to DER (``cache``: see decode_signature)."""
+def _decode_document(data: bytes | str, cache: Base64Cache | None = None) -> bytes:
+    """Decode either text form (as read from a file or standard input) to DER."""
     if isinstance(data, bytes):
         if len(data) > MAX_SIGNATURE_CHARS * 2:
             raise MalformedDocument("document: too large")
@@ -185,20 +185,20 @@ def decode_document(data: bytes | str, cache: Base64Cache | None = None) -> byte
     if text.startswith("{"):
         exact = _exact_response(text, cache)
         return exact if exact is not None else _decode_json(text, cache)
-    return decode_signature(text, cache)
+    return _decode_signature(text, cache)
 
 
-def decode_input(response: Mapping[str, object] | str | bytes, cache: Base64Cache | None = None) -> bytes:
+def decode(response: Mapping[str, object] | str | bytes, cache: Base64Cache | None = None) -> bytes:
     """Decode what a caller holds to DER: the IMDS response as a mapping, as JSON text or bytes, or bare base64.
 
-    This is the library's one entry for documents; anything else (a list, a number, ``None``) is malformed.
-    ``cache``: see :func:`decode_signature`.
+    This is the one entry for documents; anything else (a list, a number, ``None``) is malformed. ``cache``
+    (a verifier's) decodes the same, faster for the signatures of documents it saw the layout of.
     """
     if type(response) is str:
         # The common case first, by exact type: a str is never a Mapping, and the ABC check costs more.
-        return decode_document(response, cache)
+        return _decode_document(response, cache)
     if isinstance(response, Mapping):
-        return decode_response(response, cache)
+        return _decode_response(response, cache)
     if isinstance(response, str | bytes):
-        return decode_document(response, cache)
+        return _decode_document(response, cache)
     raise MalformedDocument(f"document: expected the IMDS response or its signature, not {type(response).__name__}")

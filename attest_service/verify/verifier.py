@@ -43,7 +43,7 @@ from attest_service.errors import (
 )
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
-from attest_service.verify.document import Base64Cache, decode_input
+from attest_service.verify.document import Base64Cache, decode
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
 from attest_service.verify.pkcs7 import (
     OID_DATA,
@@ -218,11 +218,11 @@ class DocumentVerifier:
         self._lock = threading.Lock()
 
     def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
-        """:func:`~attest_service.verify.document.decode_input` with this verifier's base64 cache.
+        """:func:`~attest_service.verify.decode` with this verifier's base64 cache.
 
         The same DER or the same error, sooner for documents of a layout this verifier parsed before.
         """
-        return decode_input(response, self._base64)
+        return decode(response, self._base64)
 
     def _candidate(self, der: bytes) -> _Candidate:
         found = self._candidates.get(der)

@@ -26,7 +26,7 @@ from attest_service.server import master
 from attest_service.settings import Settings
 from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
-from attest_service.trust.reload import RELOAD_FAILING, RELOADS, TrustHolder
+from attest_service.trust.reload import RELOAD_FAILING, RELOADS, ReloadingVerifier
 from attest_service.web import metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
 from attest_service.web.fastpath import VerifyFastPath, finish_response
@@ -45,15 +45,15 @@ LOG: Final = logging.getLogger(__name__)
 
 
 def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
-                      last_good: TrustStore | None = None) -> TrustHolder:
+                      last_good: TrustStore | None = None) -> ReloadingVerifier:
     """The verification core over the pinned directory of ``settings``, reloaded when the directory changes.
 
     ``aia`` is the fetcher used when the AIA fallback is on (default: Azure's allow-list, public addresses);
-    ``last_good`` is served when the directory does not load now (see :class:`TrustHolder`).
+    ``last_good`` is served when the directory does not load now (see :class:`ReloadingVerifier`).
     """
     # The AIA fallback is off unless the operator turns it on: it is the one path that reaches the network.
     fetcher = (aia if aia is not None else AiaFetcher()) if settings.aia_fetch else None
-    return TrustHolder(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher,
+    return ReloadingVerifier(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher,
                        last_good=last_good)
 
 

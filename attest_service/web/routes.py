@@ -32,7 +32,7 @@ from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
 from attest_service.settings import IPNetwork
-from attest_service.verify import MAX_NONCE_LENGTH, decode_response
+from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
 from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized, json_answer, json_bytes
@@ -100,7 +100,7 @@ class VerifyRequest:
 
 
 def parse_verify_request(body: dict[str, object],
-                         decode: Callable[[Mapping[str, object]], bytes] = decode_response) -> VerifyRequest:
+                         decode: Callable[[Mapping[str, object]], bytes] = decode) -> VerifyRequest:
     """Check the body's shape; raise MalformedRequest, or MalformedDocument when the base64 is unusable.
 
     ``decode`` turns the IMDS response object into DER (the attestation step's, which has the verifier's
@@ -223,7 +223,7 @@ def verification_body(service: Service, environ: WSGIEnvironment, read_body: Cal
     try:
         caller = _caller(service, environ)
         # Step 1: parse the request.
-        parsed = parse_verify_request(json_object(read_body()), service.attestor.decode)
+        parsed = parse_verify_request(json_object(read_body()), service.attestor.verifier.decode)
         # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, now=service.clock(), nonce=parsed.nonce,

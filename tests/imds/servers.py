@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 from attest_service.errors import AttestError
 from attest_service.imds.emulator import EmulatorPki, EmulatorSettings, RunningEmulator, create_app
 from attest_service.trust import load_trust
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_response
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 
 
 class FakeClock:
@@ -94,7 +94,7 @@ def verification_app(pki_dir: Path, *, api_key: str | None = None) -> Flask:
         nonce = body["nonce"]
         try:
             result = DocumentVerifier(load_trust(pki_dir)).verify(
-                decode_response(body["document"]),
+                decode(body["document"]),
                 policy=VerificationPolicy(cloud=body["cloud"], expected_nonce=nonce),
                 now=datetime.now(UTC),
             )

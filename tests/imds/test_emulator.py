@@ -27,7 +27,7 @@ from attest_service.imds.emulator import (
     parse_bind,
 )
 from attest_service.trust import load_trust
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 
 from .conftest import REPO_ROOT
 from .servers import FakeClock, emulator, http_get
@@ -143,7 +143,7 @@ def test_attested_document_verifies_with_the_pinned_directory(imds, emulator_pki
     assert content_type.startswith("application/json")
     assert json.loads(body)["encoding"] == "pkcs7"
     result = DocumentVerifier(load_trust(emulator_pki_dir)).verify(
-        decode_document(body),
+        decode(body),
         policy=VerificationPolicy(cloud="public", expected_nonce="challenge-1"),
         now=datetime.now(UTC),
     )
@@ -321,7 +321,7 @@ def test_command_serves_the_instance_file_and_pins_its_pki(tmp_path: Path) -> No
         assert len(roots) == 1
         assert len(list((pki_dir / "usgov" / "intermediates").glob("*.pem"))) == 1
         result = DocumentVerifier(load_trust(pki_dir)).verify(
-            decode_document(body), policy=VerificationPolicy(cloud="usgov"), now=datetime.now(UTC)
+            decode(body), policy=VerificationPolicy(cloud="usgov"), now=datetime.now(UTC)
         )
         assert "usgovvirginia.metadata.azure.us" in result.to_dict()["signer"]["dnsNames"]
     finally:

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from attest_service.errors import UntrustedChain
 from attest_service.trust import load_trust
 from attest_service.trust.aia import MAX_CACHE_ENTRIES, AiaFetcher, AiaPolicy, AllowRule, is_public_address
-from attest_service.trust.reload import TrustHolder
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
 from .conftest import CaServer, Pki, make_ca, make_leaf, make_root, sign_document
@@ -45,7 +45,7 @@ def test_allow_listed_issuer_is_fetched_validated_and_cached(server: CaServer, p
     document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
     server.routes[path] = (200, {"Content-Type": "application/pkix-cert"}, der)
     fetched, cached = _fetches("fetched"), _fetches("cached")
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     result = holder.verify(document, policy=POLICY, now=pki_set.now)
     assert result.signer.issuer.startswith("CN=Ops Issuing CA 42")
     holder.verify(document, policy=POLICY, now=pki_set.now)
@@ -61,7 +61,7 @@ def test_without_the_fallback_the_document_is_refused(server: CaServer, pinned: 
     document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
     server.routes[path] = (200, {}, der)
     with pytest.raises(UntrustedChain):
-        TrustHolder(pinned, interval_seconds=10).verify(document, policy=POLICY, now=pki_set.now)
+        ReloadingVerifier(pinned, interval_seconds=10).verify(document, policy=POLICY, now=pki_set.now)
     assert server.hits[path] == 0
 
 
@@ -70,7 +70,7 @@ def test_url_outside_the_allow_list_is_not_fetched(server: CaServer, pinned: Pat
     document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
     server.routes[path] = (200, {}, der)
     before = _fetches("not_allowed")
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     with pytest.raises(UntrustedChain, match="not allowed"):
         holder.verify(document, policy=POLICY, now=pki_set.now)
     assert server.hits[path] == 0
@@ -82,7 +82,7 @@ def test_loopback_is_refused_by_the_default_address_check(server: CaServer, pinn
     path = PREFIX + "ops-issuing-ca-42.crt"
     document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
     server.routes[path] = (200, {}, der)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, allow_address=is_public_address))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server, allow_address=is_public_address))
     with pytest.raises(UntrustedChain, match="non-public address"):
         holder.verify(document, policy=POLICY, now=pki_set.now)
     assert server.hits[path] == 0
@@ -123,7 +123,7 @@ def test_bad_answers_are_refused_and_fetched_once(server: CaServer, pinned: Path
         server.routes[path] = (200, {}, make_ca("Ops Issuing CA 42", pki_set.root, pki_set.now).certificate
                                .public_bytes(serialization.Encoding.DER))
     fetcher = _fetcher(server, max_bytes=len(der) - 1) if case == "oversize_undeclared" else _fetcher(server)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=fetcher)
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=fetcher)
     before, negative = _fetches(expected[case]), _fetches("negative_cached")
     for _ in range(2):
         with pytest.raises(UntrustedChain):
@@ -145,7 +145,7 @@ def test_negative_cache_expires(server: CaServer, pinned: Path, pki_set: Pki, le
     path = PREFIX + "ops-issuing-ca-42.crt"
     document, der = _unpinned_document(pki_set, leaf_key, server.url(path))
     moment = [0.0]
-    holder = TrustHolder(pinned, interval_seconds=10,
+    holder = ReloadingVerifier(pinned, interval_seconds=10,
                          aia=_fetcher(server, negative_ttl_seconds=60, clock=lambda: moment[0]))
     with pytest.raises(UntrustedChain):
         holder.verify(document, policy=POLICY, now=pki_set.now)  # 404: not published yet
@@ -208,5 +208,5 @@ def test_a_ca_of_another_organisation_is_refused_even_when_it_chains(server: CaS
     fetcher = AiaFetcher(policy, allow_address=lambda address: address.is_loopback)
     before = _fetches("invalid")
     with pytest.raises(UntrustedChain, match="organisation"):
-        TrustHolder(pinned, interval_seconds=10, aia=fetcher).verify(document, policy=POLICY, now=pki_set.now)
+        ReloadingVerifier(pinned, interval_seconds=10, aia=fetcher).verify(document, policy=POLICY, now=pki_set.now)
     assert _fetches("invalid") == before + 1

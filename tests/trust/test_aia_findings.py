@@ -22,7 +22,7 @@ from attest_service.imds import pki
 from attest_service.trust import fingerprint
 from attest_service.trust.aia import AiaFetcher, AiaPolicy, AllowRule
 from attest_service.trust.pins import remove_pin
-from attest_service.trust.reload import TrustHolder
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
 from .conftest import CaServer, Pki, digicert_name, make_ca, make_leaf, make_named_ca, make_root, sign_document
@@ -64,7 +64,7 @@ def test_a_second_fetched_ca_keeps_the_first_trusted(server: CaServer, pinned: P
         ca = make_ca(f"Ops Issuing CA {number}", pki_set.root, pki_set.now)
         url = server.publish(f"{PREFIX}ca{number}.crt", _der(ca))
         documents.append(sign_document(make_leaf(ca, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now))
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     for document in (*documents, *documents):
         holder.verify(document, policy=POLICY, now=pki_set.now)
     assert sum(server.hits.values()) == 3  # each CA fetched once, then reused
@@ -75,7 +75,7 @@ def test_after_a_reload_a_fetched_ca_is_rechecked_from_the_cache_not_fetched_aga
     ca = make_ca("Ops Issuing CA 44", pki_set.root, pki_set.now)
     url = server.publish(PREFIX + "ca44.crt", _der(ca))
     document = sign_document(make_leaf(ca, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     holder.verify(document, policy=POLICY, now=pki_set.now)
     holder.request_reload()
     holder.verify(document, policy=POLICY, now=pki_set.now)
@@ -93,7 +93,7 @@ def test_a_forged_document_naming_the_real_url_does_not_shut_the_fallback(server
     genuine = sign_document(make_leaf(genuine_ca, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
     impostor = make_ca("Ops Issuing CA 42", make_root("Ops Forger Root", pki_set.now), pki_set.now)
     forged = sign_document(make_leaf(impostor, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     for _ in range(3):
         with pytest.raises(UntrustedChain):
             holder.verify(forged, policy=POLICY, now=pki_set.now)
@@ -108,7 +108,7 @@ def test_forged_documents_with_random_paths_cost_a_bounded_number_of_fetches(ser
                                                                             pki_set: Pki, leaf_key) -> None:
     forger = make_ca("Ops Issuing CA 66", make_root("Ops Forger Root", pki_set.now), pki_set.now)
     # A clock that stands still: the bound must not depend on how fast this machine signs documents.
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, clock=lambda: 0.0))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server, clock=lambda: 0.0))
     for index in range(3 * FETCH_BOUND):
         leaf = make_leaf(forger, leaf_key, pki_set.now, ca_issuers=[server.url(f"{PREFIX}random-{index}.crt")])
         with pytest.raises(UntrustedChain):
@@ -124,7 +124,7 @@ def test_a_slow_fetch_does_not_hold_up_other_documents(server: CaServer, pinned:
     fast_url = server.publish(PREFIX + "fast.crt", _der(fast_ca))
     slow = sign_document(make_leaf(slow_ca, leaf_key, pki_set.now, ca_issuers=[slow_url]), pki_set.now)
     fast = sign_document(make_leaf(fast_ca, leaf_key, pki_set.now, ca_issuers=[fast_url]), pki_set.now)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     errors: list[BaseException] = []
 
     def verify_slow() -> None:
@@ -152,7 +152,7 @@ def test_concurrent_documents_under_one_new_ca_fetch_it_once(server: CaServer, p
     url = server.publish(PREFIX + "ca53.crt", _der(ca))
     server.delays[PREFIX + "ca53.crt"] = 0.5
     document = sign_document(make_leaf(ca, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server))
     errors: list[BaseException] = []
 
     def verify() -> None:
@@ -183,7 +183,7 @@ def test_china_does_not_trust_digicert_public_cas(server: CaServer, tmp_path: Pa
     pki.write_pinned_dir(directory, "china", root=root.certificate, intermediates=[])
     url = server.publish(PREFIX + "public-dv.crt", _der(public_ca))
     leaf = make_leaf(public_ca, leaf_key, now, ca_issuers=[url], domain="metadata.azure.cn")
-    holder = TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, cloud="china"))
+    holder = ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, cloud="china"))
     with pytest.raises(UntrustedChain):
         holder.verify(sign_document(leaf, now), policy=VerificationPolicy(cloud="china"), now=now)
 
@@ -194,7 +194,7 @@ def test_a_removed_pin_stays_distrusted_with_the_fallback_on(server: CaServer, p
     url = server.publish(PREFIX + "issuing-01.crt", _der(pki_set.issuing))
     document = sign_document(make_leaf(pki_set.issuing, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server), clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server), clock=clock)
     holder.verify(document, policy=POLICY, now=pki_set.now)
     remove_pin(pinned, "public", fingerprint(pki_set.issuing.certificate))
     clock.now += 10

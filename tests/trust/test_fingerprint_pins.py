@@ -14,7 +14,7 @@ from attest_service.imds import pki
 from attest_service.trust import MANIFEST, fingerprint, load_trust
 from attest_service.trust.aia import FETCH_BURST, AiaFetcher, AiaPolicy, AllowRule
 from attest_service.trust.pins import add_fingerprint_pin, add_pins, remove_pin
-from attest_service.trust.reload import TrustHolder
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
 from .conftest import (
@@ -87,7 +87,7 @@ def test_china_takes_the_ca_pinned_by_sha256_from_its_url(server: CaServer, chin
     # Another DigiCert CA under the same root, published on the same allowed host: not pinned.
     public_ca = make_named_ca(digicert_name("Ops DigiCert Public DV CA"), root, now)
     other_url = server.publish("/OpsPublicDV.crt", _der(public_ca))
-    holder = TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china"))
+    holder = ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china"))
     result = holder.verify(_china_document(issuing, leaf_key, url), policy=CHINA, now=now)
     assert result.signer.issuer.startswith("CN=Ops DigiCert Basic RSA CN CA G2")
     with pytest.raises(UntrustedChain, match="pinned by fingerprint"):
@@ -101,7 +101,7 @@ def test_a_sha1_pin_without_url_takes_exactly_that_certificate(server: CaServer,
     now = datetime.now(UTC)
     issuing = make_named_ca(digicert_name("Ops DigiCert Basic OV G2 TLS CN CA1"), root, now)
     _pin(directory, "china", _sha1(issuing).upper(), None, server)
-    holder = TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china"))
+    holder = ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china"))
     url = server.publish("/any/allowed/path.crt", _der(issuing))
     holder.verify(_china_document(issuing, leaf_key, url), policy=CHINA, now=now)
     # Same name, other key, chaining to the same root: the fingerprint tells them apart.
@@ -118,7 +118,7 @@ def test_a_fingerprint_pin_still_needs_a_chain_to_a_pinned_root(server: CaServer
                              make_named_ca(digicert_name("Ops Unpinned Root"), None, now), now)
     url = server.publish("/stranger.crt", _der(stranger))
     _pin(directory, "china", fingerprint(stranger.certificate), url, server)
-    holder = TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china"))
+    holder = ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china"))
     with pytest.raises(UntrustedChain, match="does not chain"):
         holder.verify(_china_document(stranger, leaf_key, url), policy=CHINA, now=now)
 
@@ -130,10 +130,10 @@ def test_a_fingerprint_pin_admits_a_ca_the_organisation_rule_would_refuse(server
     url = server.publish(PREFIX + "digicert-for-azure.crt", _der(other))
     document = sign_document(make_leaf(other, leaf_key, pki_set.now, ca_issuers=[url]), pki_set.now)
     with pytest.raises(UntrustedChain, match="organisation"):
-        TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, "public")).verify(
+        ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server, "public")).verify(
             document, policy=PUBLIC, now=pki_set.now)
     _pin(pinned, "public", fingerprint(other.certificate), url, server)
-    TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, "public")).verify(
+    ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server, "public")).verify(
         document, policy=PUBLIC, now=pki_set.now)
 
 
@@ -143,7 +143,7 @@ def test_a_staged_fingerprint_pin_is_fetched_even_when_forged_urls_spent_the_bud
     url = server.publish(PREFIX + "ca61.crt", _der(successor))
     _pin(pinned, "public", fingerprint(successor.certificate), url, server)
     # A clock that stands still: the budget does not refill while the test runs, however slow the machine.
-    holder = TrustHolder(pinned, interval_seconds=10, aia=_fetcher(server, "public", clock=lambda: 0.0))
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=_fetcher(server, "public", clock=lambda: 0.0))
     forger = make_ca("Ops Issuing CA 66", make_root("Ops Forger Root", pki_set.now), pki_set.now)
     for index in range(FETCH_BURST + 2):
         leaf = make_leaf(forger, leaf_key, pki_set.now, ca_issuers=[server.url(f"{PREFIX}forged-{index}.crt")])
@@ -163,15 +163,17 @@ def test_removing_a_fingerprint_pin_distrusts_it_and_adding_it_back_trusts_it_ag
     digest = fingerprint(issuing.certificate)
     _pin(directory, "china", digest, url, server)
     document = _china_document(issuing, leaf_key, url)
-    TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(document, policy=CHINA, now=now)
+    ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(document, policy=CHINA,
+                                                                                      now=now)
     remove_pin(directory, "china", digest)
     assert digest in load_trust(directory).for_cloud("china").removed
     with pytest.raises(UntrustedChain):
-        TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(
+        ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(
             document, policy=CHINA, now=now)
     _pin(directory, "china", digest, url, server)
     assert not load_trust(directory).for_cloud("china").removed
-    TrustHolder(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(document, policy=CHINA, now=now)
+    ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, "china")).verify(document, policy=CHINA,
+                                                                                      now=now)
 
 
 def test_a_removed_file_pin_is_refused_from_the_cache_too_and_certs_add_takes_it_back(server: CaServer, pinned: Path,
@@ -182,7 +184,7 @@ def test_a_removed_file_pin_is_refused_from_the_cache_too_and_certs_add_takes_it
     now = datetime.now(UTC)
     fetcher = _fetcher(server, "public")
     add_pins(pinned, "public", pem(successor.certificate), origin="ca62.pem", now=now)
-    holder = TrustHolder(pinned, interval_seconds=10, aia=fetcher)
+    holder = ReloadingVerifier(pinned, interval_seconds=10, aia=fetcher)
     holder.verify(document, policy=PUBLIC, now=pki_set.now)
     remove_pin(pinned, "public", fingerprint(successor.certificate))
     holder.request_reload()

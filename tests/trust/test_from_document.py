@@ -14,7 +14,7 @@ from attest_service.imds import pki
 from attest_service.trust import MANIFEST, fingerprint, load_trust
 from attest_service.trust.issuers import AiaPolicy, AllowRule, CertificateFetcher
 from attest_service.trust.pins import add_from_document, check_pins, remove_pin
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 
 from .conftest import CaServer, Pki, make_ca, make_leaf, make_root, pem, response_json, sign_document, tree_digest
 
@@ -45,7 +45,7 @@ def test_the_issuer_is_fetched_checked_and_pinned(server: CaServer, pinned: Path
                  if e["sha256"] == fingerprint(successor.certificate))
     assert url in entry["source"]
     assert check_pins(trust, now=now).ok
-    DocumentVerifier(trust).verify(decode_document(document), policy=VerificationPolicy(cloud="public"),
+    DocumentVerifier(trust).verify(decode(document), policy=VerificationPolicy(cloud="public"),
                                    now=pki_set.now)
 
 

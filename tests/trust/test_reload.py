@@ -1,4 +1,4 @@
-"""Hot reload of the pinned directory by TrustHolder, and the trust metrics."""
+"""Hot reload of the pinned directory by ReloadingVerifier, and the trust metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from attest_service.errors import ConfigurationError, SignatureInvalid, Untruste
 from attest_service.imds import pki
 from attest_service.trust import fingerprint, load_trust
 from attest_service.trust.pins import add_pins, remove_pin
-from attest_service.trust.reload import TrustHolder
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
 from .conftest import (
@@ -53,7 +53,7 @@ def _add(pinned: Path, certificate) -> None:  # type: ignore[no-untyped-def]
 
 def test_new_pin_is_seen_after_the_interval_and_not_before(pinned: Path, pki_set: Pki, leaf_key) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=10, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=10, clock=clock)
     successor = make_ca("Ops Test Issuing CA 02", pki_set.root, pki_set.now)
     document = sign_document(make_leaf(successor, leaf_key, pki_set.now), pki_set.now)
     with pytest.raises(UntrustedChain):
@@ -71,7 +71,7 @@ def test_new_pin_is_seen_after_the_interval_and_not_before(pinned: Path, pki_set
 
 def test_unchanged_directory_keeps_the_same_verifier(pinned: Path) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     first = holder.verifier()
     successes = _sample("attest_trust_reload_total", result="success")
     clock.now += 5
@@ -82,7 +82,7 @@ def test_unchanged_directory_keeps_the_same_verifier(pinned: Path) -> None:
 def test_broken_directory_keeps_the_last_good_trust(pinned: Path, pki_set: Pki,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     good = holder.verifier()
     failures = _sample("attest_trust_reload_total", result="failure")
     garbage = pinned / "public" / "intermediates" / "garbage.pem"
@@ -106,7 +106,7 @@ def test_broken_directory_keeps_the_last_good_trust(pinned: Path, pki_set: Pki,
 
 def test_removed_directory_keeps_the_last_good_trust(pinned: Path, tmp_path: Path) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     good = holder.verifier()
     moved = tmp_path / "moved"
     pinned.rename(moved)
@@ -120,7 +120,7 @@ def test_removed_directory_keeps_the_last_good_trust(pinned: Path, tmp_path: Pat
 
 
 def test_request_reload_forces_a_load(pinned: Path) -> None:
-    holder = TrustHolder(pinned, interval_seconds=30, clock=FakeClock())
+    holder = ReloadingVerifier(pinned, interval_seconds=30, clock=FakeClock())
     first = holder.verifier()
     holder.request_reload()
     assert holder.verifier() is not first
@@ -128,15 +128,15 @@ def test_request_reload_forces_a_load(pinned: Path) -> None:
 
 def test_start_up_without_trust_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError):
-        TrustHolder(tmp_path / "absent", interval_seconds=1)
+        ReloadingVerifier(tmp_path / "absent", interval_seconds=1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigurationError, match="no pinned certificate"):
-        TrustHolder(tmp_path / "empty", interval_seconds=1)
+        ReloadingVerifier(tmp_path / "empty", interval_seconds=1)
 
 
 def test_pinned_expiry_gauges_follow_the_trust(pinned: Path, pki_set: Pki) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     issuing = pki_set.issuing.certificate
     labels = {"cloud": "public", "role": "intermediate", "subject": "Ops Test Issuing CA 01",
               "sha256": fingerprint(issuing)}
@@ -158,7 +158,7 @@ def _rotation_document(pki_set: Pki, leaf_key, name: str, *, url: str | None = N
 
 def test_unpinned_issuer_is_counted_and_logged_with_its_url(pinned: Path, pki_set: Pki, leaf_key,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
+    holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
     document = _rotation_document(pki_set, leaf_key, "Ops Rotation CA 77")
     before = _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 77")
     with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
@@ -177,7 +177,7 @@ def test_forged_issuer_names_cannot_take_the_labels_of_a_real_rotation(pinned: P
                                                                       leaf_key) -> None:
     # Anyone can sign a document whose signer names any issuer: a stream of made-up names used to take
     # every label slot, and the real rotation that followed showed only as "other".
-    holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
+    holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
     forger = make_root("Ops Forger Root", pki_set.now)
     unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
     for index in range(40):
@@ -205,7 +205,7 @@ def test_a_document_with_a_bad_signature_is_not_counted_as_unpinned(pinned: Path
     ca = make_ca("Ops Rotation CA 79", pki_set.root, pki_set.now)
     leaf = make_leaf(ca, leaf_key, pki_set.now, ca_issuers=["http://www.microsoft.com/pkiops/certs/ca79.crt"])
     wrong_key = pki.CertifiedKey(certificate=leaf.certificate, private_key=pki.new_key("rsa"))
-    holder = TrustHolder(pinned, interval_seconds=10, clock=FakeClock())
+    holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
     unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
     with pytest.raises(SignatureInvalid):
         holder.verify(sign_document(wrong_key, pki_set.now), policy=POLICY, now=pki_set.now)
@@ -221,7 +221,7 @@ def test_a_document_with_a_bad_signature_is_not_counted_as_unpinned(pinned: Path
 def test_a_pin_saved_under_another_extension_is_reported(pinned: Path, pki_set: Pki, leaf_key, run_cli,
                                                          caplog: pytest.LogCaptureFixture, name: str) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     successor = make_ca("Ops Test Issuing CA 02", pki_set.root, pki_set.now)
     (pinned / "public" / "intermediates" / name).write_bytes(pem(successor.certificate))
     (pinned / "public" / "intermediates" / ".editor-swap.tmp").write_bytes(b"hidden files are passed over")
@@ -239,7 +239,7 @@ def test_a_pin_saved_under_another_extension_is_reported(pinned: Path, pki_set: 
 
 def test_a_root_certifi_no_longer_carries_is_logged_on_reload(pinned: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     (pinned / "public" / "roots" / "certifi.txt").write_text("ab" * 32 + "  a root certifi dropped\n")
     with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
         clock.now += 1
@@ -250,7 +250,7 @@ def test_a_root_certifi_no_longer_carries_is_logged_on_reload(pinned: Path, capl
 
 def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_key) -> None:
     # Real clock, short interval: verifying threads run while pins are added and removed underneath.
-    holder = TrustHolder(pinned, interval_seconds=0.01)
+    holder = ReloadingVerifier(pinned, interval_seconds=0.01)
     document = sign_document(pki_set.leaf, pki_set.now)
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -289,7 +289,7 @@ def test_a_removed_pin_copied_back_by_hand_stays_distrusted_until_certs_add(pinn
     # Loading used to consult removed.txt for the AIA fallback only: a removed CA whose file came back (by
     # hand, from a backup) was trusted again without anyone deciding so.
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     document = sign_document(pki_set.leaf, pki_set.now)
     holder.verify(document, policy=POLICY, now=pki_set.now)
     [path] = (pinned / "public" / "intermediates").glob("*.pem")
@@ -327,7 +327,7 @@ def test_a_removal_applies_even_when_removed_txt_has_a_broken_line(pinned: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A broken line used to fail the whole load, and the last good trust, with the CA in it, stayed in use.
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     document = sign_document(pki_set.leaf, pki_set.now)
     holder.verify(document, policy=POLICY, now=pki_set.now)
     digest = fingerprint(pki_set.issuing.certificate)
@@ -361,7 +361,7 @@ def test_a_removal_applies_even_when_removed_txt_has_a_broken_line(pinned: Path,
 def test_a_removal_applies_to_the_last_good_trust_when_the_directory_does_not_load(
         pinned: Path, pki_set: Pki, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    holder = TrustHolder(pinned, interval_seconds=1, clock=clock)
+    holder = ReloadingVerifier(pinned, interval_seconds=1, clock=clock)
     document = sign_document(pki_set.leaf, pki_set.now)
     holder.verify(document, policy=POLICY, now=pki_set.now)
     intermediates = pinned / "public" / "intermediates"

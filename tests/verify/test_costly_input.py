@@ -18,7 +18,7 @@ from cryptography import x509
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore
-from attest_service.verify import CloudTrust, DocumentVerifier, chain, decode_document, signer_certificate
+from attest_service.verify import CloudTrust, DocumentVerifier, chain, decode, signer_certificate
 
 from .conftest import case_input, case_instant, case_policy, load_index
 
@@ -42,7 +42,7 @@ def path_runs(monkeypatch: pytest.MonkeyPatch) -> list[datetime]:
 def _code(name: str, trust: TrustStore) -> str:
     case = INDEX[name]
     with pytest.raises(VerificationError) as caught:
-        DocumentVerifier(trust).verify(decode_document(case_input(case)), policy=case_policy(case),
+        DocumentVerifier(trust).verify(decode(case_input(case)), policy=case_policy(case),
                                        now=case_instant(case))
     return caught.value.code
 
@@ -66,7 +66,7 @@ def test_a_failing_chain_is_retried_a_bounded_number_of_times(name: str, code: s
 
 
 def test_probe_instants_lie_inside_the_signer_validity_and_skip_the_failed_instant() -> None:
-    der = decode_document(case_input(INDEX["leaf-expired"]))
+    der = decode(case_input(INDEX["leaf-expired"]))
     signer = signer_certificate(der)
     start, end = signer.not_valid_before_utc, signer.not_valid_after_utc
     probes = chain.probe_instants(signer, start + (end - start) / 2)

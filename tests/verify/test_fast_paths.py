@@ -21,7 +21,7 @@ from attest_service.errors import AttestError, MalformedDocument
 from attest_service.library import Verifier
 from attest_service.trust import load_trust
 from attest_service.verify import VerificationPolicy, claims, der, document
-from attest_service.verify.document import decode_document
+from attest_service.verify.document import _decode_document
 from attest_service.verify.pkcs7 import SignedDataCache, parse_signed_data, parse_signed_data_cached
 
 from .test_properties import FIXTURES, PROPERTY_SETTINGS, Fixture, mutants
@@ -37,7 +37,7 @@ def _outcome(function: object, *args: object) -> tuple[str, object]:
 
 
 def _general_document(data: bytes | str) -> tuple[str, object]:
-    """decode_document as it was before the exact-response path: strip, strict JSON, decode_response."""
+    """_decode_document as it was before the exact-response path: strip, strict JSON, _decode_response."""
     def general() -> bytes:
         text = data
         if isinstance(text, bytes):
@@ -50,16 +50,16 @@ def _general_document(data: bytes | str) -> tuple[str, object]:
         text = text.strip()
         if text.startswith("{"):
             return document._decode_json(text)
-        return document.decode_signature(text)
+        return document._decode_signature(text)
     return _outcome(general)
 
 
 def _assert_same(data: str) -> None:
     expected = _general_document(data)
-    assert _outcome(decode_document, data) == expected
-    assert _outcome(decode_document, data.encode("utf-8", "surrogatepass")) == _general_document(
+    assert _outcome(_decode_document, data) == expected
+    assert _outcome(_decode_document, data.encode("utf-8", "surrogatepass")) == _general_document(
         data.encode("utf-8", "surrogatepass"))
-    assert _outcome(document.decode_input, data) == expected
+    assert _outcome(document.decode, data) == expected
 
 
 #: Characters that mean something to JSON, to base64 or to str.strip(), to put inside the signature.
@@ -303,16 +303,16 @@ def test_a_learned_stretch_is_used_for_a_signature_of_the_same_length() -> None:
             assert _cache_outcome(cache, changed) == _strict_outcome(changed), index
 
 
-def test_the_verifier_decodes_as_decode_input() -> None:
+def test_the_verifier_decodes_as_decode() -> None:
     for fixture in FIXTURES:
         encoded = base64.b64encode(fixture.der).decode("ascii")
         response = json.dumps({"encoding": "pkcs7", "signature": encoded})
         for _ in range(3):
-            assert fixture.verifier.decode(response) == decode_document(response) == fixture.der
+            assert fixture.verifier.decode(response) == _decode_document(response) == fixture.der
             fixture.verifier.verify(fixture.verifier.decode(response), policy=VerificationPolicy(), now=fixture.now)
         flipped = encoded[:-8] + encoded[-8:-4][::-1] + encoded[-4:]
         response = json.dumps({"encoding": "pkcs7", "signature": flipped})
-        assert _outcome(fixture.verifier.decode, response) == _outcome(decode_document, response)
+        assert _outcome(fixture.verifier.decode, response) == _outcome(_decode_document, response)
 
 
 # --- parse_timestamp against the constructor it replaced -----------------------------------------------

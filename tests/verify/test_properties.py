@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from attest_service.errors import VerificationError
 from attest_service.trust import bundled_pinned_dir, load_trust
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 from attest_service.verify.pkcs7 import SignedData, parse_signed_data
 from tests.support.azure_real import azure_real_dir
 
@@ -53,7 +53,7 @@ def _fixtures() -> list[Fixture]:
     for name, case in sorted(load_index().items()):
         if case["expect"] != "ok" or case["policy"]["nonce"] is not None:
             continue
-        der = decode_document(case_input(case))
+        der = decode(case_input(case))
         if der in seen:
             continue
         seen.add(der)
@@ -62,7 +62,7 @@ def _fixtures() -> list[Fixture]:
     if expected.is_file():
         real_verifier = DocumentVerifier(load_trust(bundled_pinned_dir()))
         for entry in json.loads(expected.read_text(encoding="utf-8")):
-            der = decode_document((expected.parent / entry["document"]).read_bytes())
+            der = decode((expected.parent / entry["document"]).read_bytes())
             now = datetime.fromisoformat(entry["verify_at"].replace("Z", "+00:00"))
             signer = real_verifier.verify(der, policy=VerificationPolicy(), now=now).signer.sha256
             fixtures.append(Fixture(entry["document"], der, real_verifier, now, entry["claims"], signer))
@@ -77,7 +77,7 @@ NOW = FIXTURES[0].now
 def _verify_any(data: bytes | str, verifier: DocumentVerifier = TEST_VERIFIER, now: datetime = NOW) -> None:
     """Decode and verify; only the verification error family may escape."""
     try:
-        verifier.verify(decode_document(data), policy=VerificationPolicy(), now=now)
+        verifier.verify(decode(data), policy=VerificationPolicy(), now=now)
     except VerificationError:
         return
 
@@ -268,7 +268,7 @@ def test_der_walker_agrees_with_asn1crypto_on_every_generated_document() -> None
     compared = 0
     for case in load_index().values():
         try:
-            der = decode_document(case_input(case))
+            der = decode(case_input(case))
             ours = parse_signed_data(der)
         except VerificationError:
             continue

@@ -21,7 +21,7 @@ import pytest
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust, manifest_entry
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 from attest_service.verify.claims import parse_claims
 from attest_service.verify.pkcs7 import parse_signed_data
 from tests.support.azure_real import azure_real_dir, entry_params, expected_entries, require
@@ -47,7 +47,7 @@ def shared_verifier(bundled: TrustStore) -> DocumentVerifier:
 
 
 def _document(real_documents: Path, entry: dict[str, Any]) -> bytes:
-    return decode_document((real_documents / entry["document"]).read_bytes())
+    return decode((real_documents / entry["document"]).read_bytes())
 
 
 def _issuer_cn(rfc4514: str) -> str:
@@ -129,7 +129,7 @@ def _tampered_code(der: bytes, bundled: TrustStore) -> str:
 def test_tampered_message_is_refused_for_its_trailing_byte(bundled: TrustStore) -> None:
     # The published copy's base64 also encodes a newline after the ContentInfo (its provenance note: "1 byte
     # longer"): strict DER refuses it at step 2, before the changed vmId could be noticed.
-    der = decode_document(_negative("tc-2019-12-13-azure-message-bad.json").read_bytes())
+    der = decode(_negative("tc-2019-12-13-azure-message-bad.json").read_bytes())
     assert der.endswith(b"\n")
     with pytest.raises(VerificationError) as caught:
         DocumentVerifier(bundled).verify(der, policy=VerificationPolicy(), now=TAMPERED_AT)
@@ -140,12 +140,12 @@ def test_tampered_message_is_refused_for_its_trailing_byte(bundled: TrustStore) 
 def test_tampered_message_without_its_trailing_byte_fails_the_signature(bundled: TrustStore) -> None:
     # Without the newline the DER is the genuine document's but for one vmId character: only step 4 can
     # tell: the signature no longer verifies over the changed content.
-    der = decode_document(_negative("tc-2019-12-13-azure-message-bad.json").read_bytes())
+    der = decode(_negative("tc-2019-12-13-azure-message-bad.json").read_bytes())
     assert _tampered_code(der[:-1], bundled) == "signature_invalid"
 
 
 def test_tampered_signature_is_refused(bundled: TrustStore) -> None:
-    der = decode_document(_negative("tc-2019-12-13-azure-signature-bad.json").read_bytes())
+    der = decode(_negative("tc-2019-12-13-azure-signature-bad.json").read_bytes())
     assert _tampered_code(der, bundled) == "signature_invalid"
     assert _verify_at_creation(der, bundled) == "signature_invalid"
 

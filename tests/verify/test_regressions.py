@@ -10,7 +10,7 @@ import pytest
 
 from attest_service.errors import VerificationError
 from attest_service.trust import TrustStore
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 
 from .conftest import case_input, case_instant, load_index
 
@@ -18,7 +18,7 @@ INDEX = load_index()
 
 
 def _mutate(case: str, find: bytes, offset: int, value: int) -> bytes:
-    der = decode_document(case_input(INDEX[case]))
+    der = decode(case_input(INDEX[case]))
     index = der.find(find)
     assert index >= 0
     position = index + offset

@@ -13,7 +13,7 @@ import pytest
 
 from attest_service import errors
 from attest_service.trust import TrustStore
-from attest_service.verify import DocumentVerifier, decode_document
+from attest_service.verify import DocumentVerifier, decode
 
 from .conftest import ASSETS, TESTCASES, case_input, case_instant, case_policy, load_index
 
@@ -22,7 +22,7 @@ INDEX = load_index()
 
 def _outcome(verifier: DocumentVerifier, case: dict[str, Any]) -> str:
     try:
-        verifier.verify(decode_document(case_input(case)), policy=case_policy(case), now=case_instant(case))
+        verifier.verify(decode(case_input(case)), policy=case_policy(case), now=case_instant(case))
     except errors.VerificationError as exc:
         return exc.code
     return "ok"
@@ -36,7 +36,7 @@ def test_case(name: str, test_trust: TrustStore) -> None:
         code = _outcome(verifier, case)
         assert code == case["expect"]
         return
-    result = verifier.verify(decode_document(case_input(case)), policy=case_policy(case), now=case_instant(case))
+    result = verifier.verify(decode(case_input(case)), policy=case_policy(case), now=case_instant(case))
     body = result.to_dict()
     assert body["verified"] is True
     assert body["cloud"] == case["cloud"]

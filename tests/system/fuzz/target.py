@@ -11,7 +11,7 @@ One fuzz input is one call of :func:`check_one`. Its first byte is a selector, t
   the ASN.1, not in the base64 alphabet); clear, the rest is what a caller would send as is (the IMDS
   response JSON or bare base64).
 
-The input then goes through exactly what the service and the CLI run: ``decode_document`` and then
+The input then goes through exactly what the service and the CLI run: ``decode`` and then
 ``DocumentVerifier(trust).verify(...)``. Any exception other than
 :class:`~attest_service.errors.VerificationError` is a crash. Warnings are errors here, as in the test
 suite, so a warning escaping the core is reported too.
@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from attest_service.errors import VerificationError
 from attest_service.imds import pki
 from attest_service.trust import TrustStore, bundled_pinned_dir, load_trust
-from attest_service.verify import DocumentVerifier, VerificationPolicy, decode_document
+from attest_service.verify import DocumentVerifier, VerificationPolicy, decode
 from tests.support.azure_real import azure_real_dir
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
@@ -194,7 +194,7 @@ def check_one(data: bytes) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            der = decode_document(document)
+            der = decode(document)
             verifier().verify(der, policy=policy, now=instant)
     except VerificationError as exc:
         return exc.code
@@ -282,7 +282,7 @@ def _testcase_documents() -> Iterator[tuple[str, bytes, int]]:
                        cloud=cloud if cloud in CLOUD_CHOICES else "auto", der=False)
         data = (TESTCASES_DIR / case["file"]).read_bytes()
         try:
-            der = decode_document(data)
+            der = decode(data)
         except VerificationError:
             # Cases about the input layer (bad base64, wrong encoding) are seeds in the caller's form only.
             yield "testcase-" + name, data, sel
