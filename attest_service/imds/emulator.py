@@ -3,15 +3,15 @@
 It serves the three routes a vendor's VM code touches and keeps the rules real IMDS enforces (from the
 IMDS documentation, "Azure Instance Metadata Service" and "Attested data"):
 
-1. every request must carry ``Metadata: true`` and must not carry ``X-Forwarded-For`` (400), so that
-   IMDS cannot be reached through a proxy or by server-side request forgery;
-2. ``api-version`` is required (except on ``/metadata/versions``); missing or unknown, the answer is 400
-   with the ``newest-versions`` list;
-3. a query parameter given twice is refused (400);
-4. more than 5 requests per second are throttled with 429;
-5. ``/metadata/attested/document`` signs the VM's identity and the caller's ``nonce`` (default: the
-   expiry instant as ``YYYYMMDD-HHMMSS``); ``/metadata/instance`` supports route-parameter filtering
-   (``/metadata/instance/compute/vmId``) and ``format=text`` on leaves only.
+- every request must carry ``Metadata: true`` and must not carry ``X-Forwarded-For`` (400), so that
+  IMDS cannot be reached through a proxy or by server-side request forgery;
+- ``api-version`` is required (except on ``/metadata/versions``); missing or unknown, the answer is 400
+  with the ``newest-versions`` list;
+- a query parameter given twice is refused (400);
+- more than 5 requests per second are throttled with 429;
+- ``/metadata/attested/document`` signs the VM's identity and the caller's ``nonce`` (default: the
+  expiry instant as ``YYYYMMDD-HHMMSS``); ``/metadata/instance`` supports route-parameter filtering
+  (``/metadata/instance/compute/vmId``) and ``format=text`` on leaves only.
 
 Faults can be injected to exercise a client's retries: ``410`` (IMDS answers 410 Gone while it starts),
 ``500`` (transient server errors) and ``cached-nonce`` (IMDS hands back a cached document signed over an
@@ -233,13 +233,13 @@ def _select(instance: object, path: str) -> tuple[bool, object]:
 
 
 def _protocol_refusal() -> Response | None:
-    """Steps 1 to 3 of the module docstring, for the current request: the 400 answer, or None."""
-    # Step 1: IMDS refuses anything that may have come through a proxy.
+    """The protocol rules of the module docstring (headers, version, repeats): the 400 answer, or None."""
+    # The headers: IMDS refuses anything that may have come through a proxy.
     if request.headers.get("Metadata", "").lower() != "true":
         return _bad_request("Required metadata header not specified")
     if "X-Forwarded-For" in request.headers:
         return _bad_request("Request contains the X-Forwarded-For header, which is not allowed")
-    # Step 3: a repeated parameter is ambiguous, so IMDS refuses it rather than pick one.
+    # Repeated parameters: one is ambiguous, so IMDS refuses it rather than pick one.
     for name in request.args:
         if len(request.args.getlist(name)) > 1:
             return _bad_request(f"Query parameter {name} is specified more than once")
@@ -247,7 +247,7 @@ def _protocol_refusal() -> Response | None:
 
 
 def _version_refusal() -> Response | None:
-    """Step 2: every route but the version list needs a known api-version."""
+    """The version rule: every route but the version list needs a known api-version."""
     if request.path.rstrip("/") == "/metadata/versions":
         return None
     version = request.args.get("api-version")
@@ -289,7 +289,7 @@ def create_app(
 
     @app.before_request
     def imds_rules() -> Response | None:
-        # Step 4 first: IMDS counts every request against the VM's rate, even refused ones.
+        # The rate rule first: IMDS counts every request against the VM's rate, even refused ones.
         if state.throttled(monotonic(), settings.max_requests_per_second):
             return _json({"error": "Too many requests"}, 429)
         refusal = _protocol_refusal()
