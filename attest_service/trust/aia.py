@@ -48,6 +48,7 @@ from cryptography import x509
 from prometheus_client import Counter
 
 from attest_service.errors import UntrustedChain
+from attest_service.logsafe import loggable
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import (
     FETCH_TIMEOUT_SECONDS,
@@ -186,15 +187,16 @@ class AiaFetcher:
         except FetchRefused as exc:
             where = f" from {url[:200]}" if url else ""
             FETCHES.labels(result=exc.result).inc()
-            LOG.warning("AIA: %s: %s%s: %s", exc.result, cloud, where, exc.message)
+            # The URL and the message (which may quote the URL and certificate names) are the sender's text.
+            LOG.warning("AIA: %s: %s%s: %s", exc.result, cloud, loggable(where), loggable(exc.message, 400))
             raise UntrustedChain(f"the signer's issuer is not pinned and the AIA fallback did not help{where}: "
                                  f"{exc.message}") from exc
         FETCHES.labels(result=how).inc()
         pin = PinnedCertificate(cloud=cloud, role="intermediate", certificate=certificate, source=f"aia:{url}")
         if how == "fetched":
-            LOG.warning("AIA: fetched unpinned issuing CA %r (sha256 %s) from %s for %s; pin it: "
+            LOG.warning("AIA: fetched unpinned issuing CA '%s' (sha256 %s) from %s for %s; pin it: "
                         "attest-service certs add --cloud %s --from-document DOCUMENT",
-                        pin.certificate.subject.rfc4514_string(), pin.sha256, url, cloud, cloud)
+                        loggable(pin.certificate.subject.rfc4514_string()), pin.sha256, loggable(url), cloud, cloud)
         return pin
 
     def _certificate(self, url: str, trust: CloudTrust) -> tuple[x509.Certificate, str]:

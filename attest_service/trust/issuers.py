@@ -101,7 +101,10 @@ class AllowRule:
             raise ConfigurationError("AIA allow-list: a rule needs a host and a path prefix starting with /")
 
     def matches(self, url: str) -> bool:
-        """True when ``url`` is under this rule (no user info, query or fragment allowed)."""
+        """True when ``url`` is under this rule (no user info, query, fragment, space or control character)."""
+        if not url.isprintable() or " " in url:
+            # urlsplit drops tabs and newlines (WHATWG), so ".../ca.crt\n<anything>" would match otherwise.
+            return False
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -134,8 +137,7 @@ class AiaPolicy:
     allow: Mapping[str, tuple[AllowRule, ...]]
     #: Organisations the issuing CAs of each cloud's documents name. A fetched CA of a cloud outside
     #: ``fingerprint_only`` must name one (chaining to a cloud's roots is not enough: DigiCert Global Root
-    #: G2 also anchors DigiCert's own public issuing CAs). They also decide which unpinned issuers get a
-    #: label of their own in ``attest_unpinned_issuer_total``.
+    #: G2 also anchors DigiCert's own public issuing CAs).
     organizations: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({
         "public": ("Microsoft Corporation",), "usgov": ("Microsoft Corporation",),
         "china": ("DigiCert Inc", "Microsoft Corporation")}))
@@ -156,16 +158,6 @@ class AiaPolicy:
     def allowed(self, cloud: str, url: str) -> bool:
         """True when ``url`` matches a rule of ``cloud``."""
         return any(rule.matches(url) for rule in self.allow.get(cloud, ()))
-
-    def plausible_issuer(self, cloud: str, issuer: x509.Name, ca_issuers: Sequence[str]) -> bool:
-        """True when an issuer looks like one of the cloud's.
-
-        That is: its organisation is one the cloud's issuing CAs name, and the signer names a caIssuers URL
-        on the cloud's allow-list. Anyone can forge both; this only keeps the bulk of forged names out of
-        the metric labels.
-        """
-        return bool(_organizations(issuer) & set(self.organizations.get(cloud, ()))) and any(
-            self.allowed(cloud, url) for url in ca_issuers)
 
     def fetch_url(self, trust: CloudTrust, ca_issuers: Sequence[str]) -> str:
         """The caIssuers URL to fetch the signer's issuer from; FetchRefused when none may be fetched.
@@ -319,6 +311,27 @@ def accept_issuing_ca(ca: x509.Certificate, trust: CloudTrust, *, policy: AiaPol
     except AttestError as exc:
         raise FetchRefused("untrusted", exc.message) from exc
     return pin
+
+
+def proven_issuer(signer: x509.Certificate, candidates: Sequence[x509.Certificate], trust: CloudTrust, *,
+                  policy: AiaPolicy, now: datetime) -> x509.Certificate | None:
+    """The first of ``candidates`` proven to be ``signer``'s issuing CA, or None.
+
+    Proven: it passes :func:`accept_issuing_ca` (not removed, an intermediate CA, pinned by fingerprint or of
+    the cloud's organisation, chaining to a pinned root of the cloud at ``now``) and :func:`check_issued`
+    (the signer names it and its signature on the signer verifies). A name and a URL in a document prove
+    nothing (anyone can write them); this is what lets an unpinned issuer be named to the operator.
+    """
+    for candidate in candidates:
+        if candidate.subject != signer.issuer:
+            continue
+        try:
+            check_issued(candidate, signer)
+            accept_issuing_ca(candidate, trust, policy=policy, now=now)
+        except FetchRefused:
+            continue
+        return candidate
+    return None
 
 
 def check_issued(ca: x509.Certificate, signer: x509.Certificate) -> None:

@@ -26,11 +26,17 @@ that describes the trust of the process answering ``/metrics``):
 - ``attest_pinned_certificate_not_after_seconds{cloud,role,subject,sha256}``: each pin's expiry (Unix time).
 - ``attest_verifications_by_issuer_total{issuer}``: verified documents by the CN of the signer's issuer.
 - ``attest_unpinned_issuer_total{issuer}``: chains that failed at an issuer no pin names: the first sign
-  of an Azure rotation. Counted after the signature and name checks (steps 4 and 5), and logged once per
-  issuer and :data:`UNPINNED_LOG_SECONDS` with the signer's caIssuers URL. The issuer's name is the
-  sender's choice, so only a plausible issuer gets a label of its own (its organisation is one the
-  cloud's issuing CAs name and the signer names an allow-listed caIssuers URL); others count under
-  ``unrecognised``, and plausible ones beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS` under ``other``.
+  of an Azure rotation. Counted after the signature and name checks (steps 4 and 5). Anyone can sign a
+  document with a certificate of their own that passes those and names any issuer, organisation and
+  caIssuers URL, so an issuer gets a label of its own only once it is proven
+  (:func:`~attest_service.trust.issuers.proven_issuer`): its certificate, carried in the document or
+  fetched by the AIA fallback, chains to a pinned root of the cloud and signed the signer's certificate.
+  Only the cloud's CAs can do that; the first :data:`MAX_UNPINNED_ISSUER_LABELS` of them are named, later
+  ones count under ``other``. Every other refusal counts under ``issuer="unproven"``: a genuine rotation
+  while the fallback is off (Azure's documents carry no CA) or a forgery, which the alerts treat as a
+  rate, never as a page. Each is logged with the issuer's name and the signer's caIssuers URL, escaped
+  (:func:`~attest_service.logsafe.loggable`): a proven issuer once per :data:`UNPINNED_LOG_SECONDS`, an
+  unproven name once per that interval and at most one unproven line per :data:`UNPROVEN_LOG_SECONDS`.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
 - ``attest_trust_problems``: what the trust in use passed over when it loaded (a file that is not a pin, a
   root certifi no longer carries, a pinned file ``removed.txt`` lists and that is therefore not trusted);
@@ -60,9 +66,10 @@ from prometheus_client.registry import Collector
 
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
-from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, load_trust
+from attest_service.logsafe import loggable
+from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, fingerprint, load_trust
 from attest_service.trust.certificates import ca_issuers_urls
-from attest_service.trust.issuers import AiaPolicy
+from attest_service.trust.issuers import AiaPolicy, proven_issuer
 from attest_service.trust.loading import (
     Fingerprint,
     directory_fingerprint,
@@ -74,6 +81,7 @@ from attest_service.verify import (
     DocumentVerifier,
     VerificationPolicy,
     VerifiedDocument,
+    carried_certificates,
     cloud_for_signer,
     signer_certificate,
 )
@@ -90,10 +98,16 @@ MAX_UNPINNED_ISSUER_LABELS: Final = 32
 MAX_ISSUER_LABEL_CHARS: Final = 64
 #: Issuer strings whose label is remembered; a verified chain names a pinned CA, so a few dozen are in use.
 MAX_CACHED_LABELS: Final = 256
-#: The label of unpinned issuers that do not look like the cloud's (see the module docstring).
-UNRECOGNISED_ISSUER: Final = "unrecognised"
-#: Seconds between two log lines about the same unpinned issuer label.
+#: The label of unpinned issuers nothing proves to be the cloud's (see the module docstring).
+UNPROVEN_ISSUER: Final = "unproven"
+#: The label of proven issuers beyond the first :data:`MAX_UNPINNED_ISSUER_LABELS`.
+OTHER_ISSUER: Final = "other"
+#: Seconds between two log lines about the same unpinned issuer.
 UNPINNED_LOG_SECONDS: Final = 300.0
+#: Seconds between two log lines about unproven issuers, whatever they claim: forged names are free to make.
+UNPROVEN_LOG_SECONDS: Final = 10.0
+#: Unproven issuer names whose last log line is remembered (the oldest is forgotten first).
+MAX_REMEMBERED_UNPROVEN: Final = 256
 #: CAs fetched through AIA kept beside one trust; beyond it the set starts afresh (the fetcher still caches).
 MAX_FETCHED_CAS: Final = 64
 
@@ -110,8 +124,10 @@ VERIFICATIONS_BY_ISSUER: Final = Counter("attest_verifications_by_issuer",
                                          "Verified documents by the common name of the signer's issuing CA.",
                                          ["issuer"])
 UNPINNED_ISSUER: Final = Counter("attest_unpinned_issuer",
-                                 "Documents whose signer's issuing CA is not pinned (untrusted_chain): a rotation "
-                                 "warning.", ["issuer"])
+                                 "Documents whose signer's issuing CA is not pinned (untrusted_chain), by the CA's "
+                                 "common name once it is proven to chain to a pinned root and to have signed the "
+                                 'signer; issuer="unproven" for the rest (forgeries, or a rotation while the AIA '
+                                 "fallback is off).", ["issuer"])
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
@@ -206,6 +222,8 @@ class ReloadingVerifier:
         self._augment_lock = threading.Lock()
         self._unpinned_labels: set[str] = set()
         self._unpinned_logged: dict[str, float] = {}
+        self._unproven_logged: dict[str, float] = {}
+        self._unproven_quiet_until = float("-inf")
         self._label_policy = aia.policy if aia is not None else AiaPolicy.azure()
         RELOAD_FAILING.set(0)
         for result in ("success", "failure"):
@@ -330,10 +348,18 @@ class ReloadingVerifier:
             if unpinned is None:
                 raise
             signer, cloud_trust = unpinned
-            self._count_unpinned(signer, cloud_trust.profile.name)
             if self._aia is None:
+                self._count_unpinned(signer, cloud_trust, self._carried_issuer(document, signer, cloud_trust, now))
                 raise
-            result = self._verify_with_aia(verifier, document, signer, cloud_trust, policy=policy, now=now)
+            try:
+                fetched = self._aia.issuer_for(signer, cloud_trust, now=now)
+            except UntrustedChain:
+                self._count_unpinned(signer, cloud_trust, self._carried_issuer(document, signer, cloud_trust, now))
+                raise
+            # issuer_for accepted the CA and checked that it issued the signer: the proof of proven_issuer.
+            self._count_unpinned(signer, cloud_trust, fetched.certificate)
+            result = self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
+                document, policy=policy, now=now)
         if len(result.signer.chain) > 1:
             VERIFICATIONS_BY_ISSUER.labels(issuer=_issuer_label(result.signer.chain[1])).inc()
         return result
@@ -351,34 +377,61 @@ class ReloadingVerifier:
             return None
         return signer, cloud_trust
 
-    def _count_unpinned(self, signer: x509.Certificate, cloud: str) -> None:
-        urls = ca_issuers_urls(signer)
-        if not self._label_policy.plausible_issuer(cloud, signer.issuer, urls):
-            label = UNRECOGNISED_ISSUER
+    def _carried_issuer(self, document: bytes, signer: x509.Certificate, cloud_trust: CloudTrust,
+                        now: datetime) -> x509.Certificate | None:
+        """The signer's issuing CA when the document carries it and it is proven (``proven_issuer``)."""
+        try:
+            carried = carried_certificates(document)
+        except AttestError:
+            return None
+        return proven_issuer(signer, carried, cloud_trust, policy=self._label_policy, now=now)
+
+    def _count_unpinned(self, signer: x509.Certificate, cloud_trust: CloudTrust,
+                        proven: x509.Certificate | None) -> None:
+        """Count a refusal at an unpinned issuer under its name when ``proven``, else under ``unproven``; log it."""
+        cloud = cloud_trust.profile.name
+        if proven is None:
+            label = UNPROVEN_ISSUER
         else:
-            label = _issuer_label(signer.issuer)
+            label = _issuer_label(proven.subject)
             if label not in self._unpinned_labels:
                 if len(self._unpinned_labels) >= MAX_UNPINNED_ISSUER_LABELS:
-                    label = "other"
+                    label = OTHER_ISSUER
                 else:
                     self._unpinned_labels.add(label)
         UNPINNED_ISSUER.labels(issuer=label).inc()
-        # One line per label and interval: the labels are bounded, so forged names cannot flood the log.
-        moment = self._clock()
-        if moment < self._unpinned_logged.get(label, float("-inf")):
+        issuer = signer.issuer.rfc4514_string()
+        if not self._log_due(label, issuer):
             return
-        self._unpinned_logged[label] = moment + UNPINNED_LOG_SECONDS
-        LOG.warning("unpinned issuing CA %r (caIssuers %s) signed a %s document (counted as issuer=%r); "
-                    "pin it: attest-service certs add --cloud %s --from-document DOCUMENT",
-                    signer.issuer.rfc4514_string()[:200], ", ".join(url[:200] for url in urls[:2]) or "none",
-                    cloud, label, cloud)
+        urls = ", ".join(loggable(url) for url in ca_issuers_urls(signer)[:2]) or "none"
+        if proven is not None:
+            LOG.warning("unpinned issuing CA '%s' (sha256 %s, caIssuers %s) signed a %s document (counted as "
+                        "issuer=%r); pin it: attest-service certs add --cloud %s --from-document DOCUMENT",
+                        loggable(issuer), fingerprint(proven), urls, cloud, label, cloud)
+            return
+        LOG.warning("unpinned issuing CA '%s' (caIssuers %s) is named by a %s document that does not prove it "
+                    "(counted as issuer=%r): a forgery, or a new CA of the cloud while the AIA fallback is off or "
+                    "fails; if Microsoft lists it, pin it: attest-service certs add --cloud %s --from-document "
+                    "DOCUMENT", loggable(issuer), urls, cloud, label, cloud)
 
-    def _verify_with_aia(self, verifier: DocumentVerifier, document: bytes, signer: x509.Certificate,
-                         cloud_trust: CloudTrust, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
-        assert self._aia is not None  # noqa: S101 - checked by the caller; narrows the type
-        fetched = self._aia.issuer_for(signer, cloud_trust, now=now)
-        return self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
-            document, policy=policy, now=now)
+    def _log_due(self, label: str, issuer: str) -> bool:
+        """Whether a refusal under ``label`` naming ``issuer`` is logged now (the intervals of the docstring)."""
+        moment = self._clock()
+        if label != UNPROVEN_ISSUER:
+            # One line per label and interval: the proven labels are bounded, and only the cloud's CAs get one.
+            if moment < self._unpinned_logged.get(label, float("-inf")):
+                return False
+            self._unpinned_logged[label] = moment + UNPINNED_LOG_SECONDS
+            return True
+        # Unproven names cost nothing to make: one line per name and interval, and a floor between any two.
+        if moment < self._unproven_quiet_until or moment < self._unproven_logged.get(issuer, float("-inf")):
+            return False
+        self._unproven_quiet_until = moment + UNPROVEN_LOG_SECONDS
+        self._unproven_logged.pop(issuer, None)
+        while len(self._unproven_logged) >= MAX_REMEMBERED_UNPROVEN:
+            del self._unproven_logged[next(iter(self._unproven_logged))]
+        self._unproven_logged[issuer] = moment + UNPINNED_LOG_SECONDS
+        return True
 
     def _augmented_verifier(self, base: DocumentVerifier, cloud: str, fetched: PinnedCertificate) -> DocumentVerifier:
         key = (cloud, fetched.sha256)

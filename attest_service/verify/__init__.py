@@ -28,6 +28,7 @@ from attest_service.verify.verifier import (
     Signer,
     VerificationPolicy,
     VerifiedDocument,
+    carried_certificates,
     signer_certificate,
     verify_document,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "TrustStore",
     "VerificationPolicy",
     "VerifiedDocument",
+    "carried_certificates",
     "cloud_for_signer",
     "common_name",
     "decode",

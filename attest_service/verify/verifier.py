@@ -188,6 +188,16 @@ def signer_certificate(der: bytes) -> x509.Certificate:
     return resolve_signer(parse_signed_data(der))[1]
 
 
+def carried_certificates(der: bytes) -> tuple[x509.Certificate, ...]:
+    """Every certificate DER document ``der`` carries (the signer's among them), parsed, nothing verified.
+
+    For diagnostics after the core refused a document: the core never trusts a carried certificate, but one
+    that chains to a pinned root and issued the signer proves which CA the signer names. Raises
+    MalformedDocument when the document or a certificate in it cannot be parsed.
+    """
+    return tuple(_load_candidate(item).certificate for item in parse_signed_data(der).certificates)
+
+
 #: Exceptions of the libraries the core calls that mean "this input cannot be processed".
 _FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
                           x509.InvalidVersion, UnsupportedAlgorithm,

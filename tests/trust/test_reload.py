@@ -148,18 +148,28 @@ def test_pinned_expiry_gauges_follow_the_trust(pinned: Path, pki_set: Pki) -> No
 
 
 def _rotation_document(pki_set: Pki, leaf_key, name: str, *, url: str | None = None,  # type: ignore[no-untyped-def]
-                       root=None) -> bytes:
-    """A document under a new issuing CA ``name``, its signer naming ``url`` (default: Microsoft's repository)."""
+                       root=None, carry: bool = False) -> bytes:
+    """A document under a new issuing CA ``name``, its signer naming ``url`` (default: Microsoft's repository).
+
+    With ``carry`` the document carries the CA beside the signer (Azure's carry none).
+    """
     ca = make_ca(name, root or pki_set.root, pki_set.now)
     slug = name.lower().replace(" ", "-")
     urls = [url if url is not None else f"http://www.microsoft.com/pkiops/certs/{slug}.crt"] if url != "" else []
-    return sign_document(make_leaf(ca, leaf_key, pki_set.now, ca_issuers=urls), pki_set.now)
+    leaf = make_leaf(ca, leaf_key, pki_set.now, ca_issuers=urls)
+    if not carry:
+        return sign_document(leaf, pki_set.now)
+    content = pki.attested_content(nonce="ops-test-nonce", vm_id="00000000-0000-0000-0000-000000000001",
+                                   subscription_id="00000000-0000-0000-0000-000000000002", sku="sku",
+                                   plan=("", "", ""), license_type="", created_on=pki_set.now,
+                                   expires_on=pki_set.now)
+    return pki.sign_attested(content, signer=leaf, extra_certificates=[ca.certificate])
 
 
 def test_unpinned_issuer_is_counted_and_logged_with_its_url(pinned: Path, pki_set: Pki, leaf_key,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
-    document = _rotation_document(pki_set, leaf_key, "Ops Rotation CA 77")
+    document = _rotation_document(pki_set, leaf_key, "Ops Rotation CA 77", carry=True)
     before = _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 77")
     with caplog.at_level(logging.WARNING, logger="attest_service.trust.reload"):
         for _ in range(3):
@@ -179,23 +189,24 @@ def test_forged_issuer_names_cannot_take_the_labels_of_a_real_rotation(pinned: P
     # every label slot, and the real rotation that followed showed only as "other".
     holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
     forger = make_root("Ops Forger Root", pki_set.now)
-    unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
+    unproven = _sample("attest_unpinned_issuer_total", issuer="unproven")
     for index in range(40):
         # No caIssuers URL on the cloud's allow-list: not how the cloud's signers look.
         url = "" if index % 2 else f"http://forger.example/ca-{index}.crt"
         with pytest.raises(UntrustedChain):
-            holder.verify(_rotation_document(pki_set, leaf_key, f"Ops Forged CA {index}", url=url, root=forger),
-                          policy=POLICY, now=pki_set.now)
+            holder.verify(_rotation_document(pki_set, leaf_key, f"Ops Forged CA {index}", url=url, root=forger,
+                                             carry=True), policy=POLICY, now=pki_set.now)
     for index in range(3):
         # An organisation the cloud's CAs do not name.
         stranger = make_named_ca(digicert_name(f"Ops Other Org CA {index}"), forger, pki_set.now)
         leaf = make_leaf(stranger, leaf_key, pki_set.now, ca_issuers=["http://www.microsoft.com/pkiops/certs/x.crt"])
         with pytest.raises(UntrustedChain):
             holder.verify(sign_document(leaf, pki_set.now), policy=POLICY, now=pki_set.now)
-    assert _sample("attest_unpinned_issuer_total", issuer="unrecognised") == unrecognised + 43
+    assert _sample("attest_unpinned_issuer_total", issuer="unproven") == unproven + 43
     assert _sample("attest_unpinned_issuer_total", issuer="Ops Forged CA 0") == 0
     with pytest.raises(UntrustedChain):
-        holder.verify(_rotation_document(pki_set, leaf_key, "Ops Rotation CA 78"), policy=POLICY, now=pki_set.now)
+        holder.verify(_rotation_document(pki_set, leaf_key, "Ops Rotation CA 78", carry=True), policy=POLICY,
+                      now=pki_set.now)
     assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 78") == 1
 
 
@@ -206,15 +217,15 @@ def test_a_document_with_a_bad_signature_is_not_counted_as_unpinned(pinned: Path
     leaf = make_leaf(ca, leaf_key, pki_set.now, ca_issuers=["http://www.microsoft.com/pkiops/certs/ca79.crt"])
     wrong_key = pki.CertifiedKey(certificate=leaf.certificate, private_key=pki.new_key("rsa"))
     holder = ReloadingVerifier(pinned, interval_seconds=10, clock=FakeClock())
-    unrecognised = _sample("attest_unpinned_issuer_total", issuer="unrecognised")
+    unproven = _sample("attest_unpinned_issuer_total", issuer="unproven")
     with pytest.raises(SignatureInvalid):
         holder.verify(sign_document(wrong_key, pki_set.now), policy=POLICY, now=pki_set.now)
     assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 79") == 0
-    assert _sample("attest_unpinned_issuer_total", issuer="unrecognised") == unrecognised
+    assert _sample("attest_unpinned_issuer_total", issuer="unproven") == unproven
     # The same document correctly signed is counted: the test above is not vacuous.
     with pytest.raises(UntrustedChain):
         holder.verify(sign_document(leaf, pki_set.now), policy=POLICY, now=pki_set.now)
-    assert _sample("attest_unpinned_issuer_total", issuer="Ops Rotation CA 79") == 1
+    assert _sample("attest_unpinned_issuer_total", issuer="unproven") == unproven + 1
 
 
 @pytest.mark.parametrize("name", ["ops-issuing-ca-02.crt", "ops-issuing-ca-02.cer", "ops-issuing-ca-02.PEM"])

@@ -5,8 +5,9 @@ each read from the file that ships it) a real ``attest-service serve`` (gunicorn
 on a generated Azure-shaped PKI while a client sends genuine documents at :data:`RATE_PER_SECOND`. Then
 Azure "rotates": every new document is signed under ``Drill Issuing CA 02``, a new issuing CA under the
 pinned root, which no pin names. The drill plays the operator: it waits until ``/metrics`` shows
-``attest_unpinned_issuer_total{issuer="Drill Issuing CA 02"}``, reads the service's log line naming the
-issuer and its caIssuers URL, and runs the one command::
+``attest_unpinned_issuer_total`` (``issuer="unproven"``: Azure's documents carry no CA, so nothing proves the
+new one is the cloud's; with the AIA fallback, which fetches and checks it, ``issuer="Drill Issuing CA 02"``),
+reads the service's log line naming the issuer and its caIssuers URL, and runs the one command::
 
     attest-service certs add --cloud public --from-document DOC --issuer CA.crt
 
@@ -328,9 +329,11 @@ def _run(config: Configuration, drill: DrillPki, server: CaServer, workdir: Path
             time.sleep(WARM_UP_SECONDS)
             rotated = client.rotate()
             # The operator's signal: the metric, then the log line naming the issuer and its URL.
+            label = NEW_CA if config.aia else "unproven"
             signalled = _wait_for("the unpinned issuer metric", lambda: _sample(
-                _metrics(service), "attest_unpinned_issuer_total", f'issuer="{NEW_CA}"') > 0, SIGNAL_TIMEOUT_SECONDS)
-            log_pattern = re.compile(rf"unpinned issuing CA 'CN={NEW_CA}[^\n]*")
+                _metrics(service), "attest_unpinned_issuer_total", f'issuer="{label}"') > 0, SIGNAL_TIMEOUT_SECONDS)
+            # Not the AIA fallback's "fetched unpinned issuing CA" line: the one that names the caIssuers URLs.
+            log_pattern = re.compile(rf"(?<!fetched )unpinned issuing CA 'CN={NEW_CA}[^\n]*")
             _wait_for("the log line", lambda: log_pattern.search(service.log_tail(200_000)), SIGNAL_TIMEOUT_SECONDS)
             match = log_pattern.search(service.log_tail(200_000))
             assert match is not None

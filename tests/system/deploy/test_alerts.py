@@ -6,13 +6,21 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client import REGISTRY
 
+from attest_service.errors import UntrustedChain
+from attest_service.imds import pki
+from attest_service.trust.reload import ReloadingVerifier
+from attest_service.verify import VerificationPolicy
 from tests.support import tools
+from tests.trust.conftest import make_ca, make_leaf, make_root
 
 from .common import CHART_DIR, HA_VALUES, RELEASE, HelmFailed, by_kind, one
 
@@ -21,8 +29,8 @@ Render = Callable[..., list[dict[str, Any]]]
 RULES_FILE = CHART_DIR / "files" / "alerts.yaml"
 UNIT_TESTS = Path(__file__).with_name("alerts_test.yaml")
 #: The alerts the chart ships, in the order of the rules file.
-ALERTS = ("AttestUnpinnedIssuer", "AttestPinExpiringSoon", "AttestTrustReloadFailing", "AttestStoreUnavailable",
-          "AttestVerificationFailureRatio")
+ALERTS = ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestPinExpiringSoon", "AttestTrustReloadFailing",
+          "AttestStoreUnavailable", "AttestVerificationFailureRatio")
 #: promtool checks and unit-tests these rules in well under a second; this only stops a hung process.
 PROMTOOL_TIMEOUT_SECONDS = 60
 FULLNAME = f"{RELEASE}-attest-service"
@@ -119,7 +127,8 @@ def test_unit_tests_fail_when_the_thresholds_change(promtool: Callable[..., subp
     assert result.returncode == 1, output
     assert "alertname: AttestPinExpiringSoon" in output
     assert "alertname: AttestVerificationFailureRatio" in output
-    for untouched in ("AttestUnpinnedIssuer", "AttestTrustReloadFailing", "AttestStoreUnavailable"):
+    for untouched in ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestTrustReloadFailing",
+                      "AttestStoreUnavailable"):
         assert f"alertname: {untouched}" not in output
 
 
@@ -259,3 +268,64 @@ REFUSED_VALUES = {
 def test_schema_refuses(render: Render, values: dict[str, Any]) -> None:
     with pytest.raises(HelmFailed, match="values don't meet the specifications of the schema"):
         render(values={"prometheusRule": {"enabled": True, **values}})
+
+
+# --- forged documents against the rules, end to end -------------------------------------------------------------
+
+#: What the review sent: 34 forged documents took 31 issuer labels and fired the critical alert.
+FORGED_DOCUMENTS = 34
+
+
+def _unpinned_issuer_samples() -> dict[str, float]:
+    return {sample.labels["issuer"]: sample.value for metric in REGISTRY.collect()
+            if metric.name == "attest_unpinned_issuer" for sample in metric.samples
+            if sample.name == "attest_unpinned_issuer_total"}
+
+
+def test_forged_documents_take_no_label_and_page_nobody(promtool: Callable[..., subprocess.CompletedProcess[str]],
+                                                        tmp_path: Path) -> None:
+    """The service's own counter after 34 forged documents and one genuine rotation, replayed under promtool.
+
+    Each forged document's issuer claims Microsoft's organisation and an allow-listed caIssuers URL and is
+    carried in the document, under a root that is not pinned. Only the genuine CA (under the pinned root,
+    carried beside its signer) gets a label and pages; the forgeries neither page nor warn.
+    """
+    now = datetime.now(UTC)
+    root = make_root("Alerts Test Root", now)
+    pinned = tmp_path / "pins"
+    pki.write_pinned_dir(pinned, "public", root=root.certificate,
+                         intermediates=[make_ca("Alerts Test Issuing CA 01", root, now).certificate])
+    holder = ReloadingVerifier(pinned, interval_seconds=60)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forger = make_root("Microsoft RSA Root Certificate Authority 2017", now)
+    genuine = make_ca("Alerts Rotation CA 02", root, now)
+    documents = [(ca, make_leaf(ca, key, now, ca_issuers=[f"http://www.microsoft.com/pkiops/certs/ca{index}.crt"]))
+                 for index, ca in enumerate([make_ca(f"Microsoft Azure RSA TLS Issuing CA {index:02d}", forger, now)
+                                             for index in range(FORGED_DOCUMENTS)] + [genuine])]
+    before = _unpinned_issuer_samples()
+    for ca, leaf in documents:
+        content = pki.attested_content(nonce="forged", vm_id="00000000-0000-0000-0000-000000000001",
+                                       subscription_id="00000000-0000-0000-0000-000000000002", sku="sku",
+                                       plan=("", "", ""), license_type="", created_on=now, expires_on=now)
+        with pytest.raises(UntrustedChain):
+            holder.verify(pki.sign_attested(content, signer=leaf, extra_certificates=[ca.certificate]),
+                          policy=VerificationPolicy(), now=now)
+    after = _unpinned_issuer_samples()
+    changed = {issuer: (before.get(issuer), value) for issuer, value in after.items() if value != before.get(issuer)}
+    assert set(changed) == {"unproven", "Alerts Rotation CA 02"}
+    labels = 'namespace="attest-system",job="attest-attest-service",instance="10.0.0.1:8080"'
+    series = [{"series": f'attest_unpinned_issuer_total{{{labels},issuer="{issuer}"}}',
+               "values": f"{'_' if old is None else int(old)}x20 {int(new)}x40"}
+              for issuer, (old, new) in changed.items()]
+    quiet = [{"eval_time": at, "alertname": name, "exp_alerts": []}
+             for at in ("21m", "50m") for name in ("AttestUnprovenIssuer", "AttestVerificationFailureRatio")]
+    annotations = {name: text.replace("{{ $labels.issuer }}", "Alerts Rotation CA 02").replace(
+        "{{ $value | humanize }}", "1") for name, text in alerts_of(source_rules())["AttestUnpinnedIssuer"][
+        "annotations"].items()}
+    paged = {"eval_time": "21m", "alertname": "AttestUnpinnedIssuer", "exp_alerts": [{"exp_labels": {
+        "severity": "critical", "namespace": "attest-system", "job": "attest-attest-service",
+        "issuer": "Alerts Rotation CA 02"}, "exp_annotations": annotations}]}
+    tests = {"rule_files": [str(RULES_FILE)], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [paged, *quiet]}]}
+    (tmp_path / "forged_test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+    passed(promtool("test", "rules", tmp_path / "forged_test.yaml"))
