@@ -9,21 +9,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Final
 
-from attest_service.cli.common import EXIT_USAGE
+from attest_service.cli.common import EXIT_USAGE, UsageError
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.imds.client import (
+    API_KEY_VARIABLE,
     DEFAULT_API_VERSION,
     DEFAULT_IMDS_URL,
     AttestationRefused,
     AttestClient,
     ClientError,
+    check_api_key,
 )
 from attest_service.imds.faults import FAULT_KINDS
 
@@ -71,12 +75,42 @@ def run_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The API key of ``attest``: ``--api-key``, else ``--api-key-file``, else ``ATTEST_API_KEY``, else none.
+
+    The command line is readable by every local user (``/proc/PID/cmdline``); a file or the environment is
+    not. Raises UsageError for a key file that cannot be read or a key no header can carry.
+    """
+    if args.api_key is not None:
+        key, origin = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        origin = f"--api-key-file {args.api_key_file}"
+        try:
+            # The key is the file's content without the line break editors and `echo` add.
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{origin}: cannot read the key: {exc}") from exc
+    elif environ.get(API_KEY_VARIABLE):
+        key, origin = environ[API_KEY_VARIABLE], API_KEY_VARIABLE
+    else:
+        return None
+    try:
+        return check_api_key(key)
+    except ValueError as exc:
+        raise UsageError(f"{origin}: {exc}") from exc
+
+
 def run_attest(args: argparse.Namespace) -> int:
     """``attest``: challenge, fetch from IMDS, submit; print the verdict; exit 0 only when verified."""
+    try:
+        key = api_key(args, os.environ)
+    except UsageError as exc:
+        sys.stderr.write(f"attest-service attest: {exc}\n")
+        return EXIT_USAGE
     client = AttestClient(
         service_url=args.service,
         imds_url=args.imds_url,
-        api_key=args.api_key,
+        api_key=key,
         cloud=args.cloud,
         api_version=args.api_version,
     )
@@ -131,8 +165,9 @@ def register(subparsers: Subparsers) -> None:
         "attest",
         help="attest this VM to a verification service",
         description="Ask the service for a challenge, fetch an attested document over it from IMDS, submit "
-        "it, and print the service's verdict. Exit 0 verified, 1 refused, 2 usage, 3 IMDS unavailable, "
-        "4 service unavailable.",
+        "it, and print the service's verdict. The API key comes from --api-key, --api-key-file or "
+        f"${API_KEY_VARIABLE}; no redirect of the service is followed. Exit 0 verified, 1 refused, 2 usage, "
+        "3 IMDS unavailable, 4 service unavailable (or redirected).",
     )
     attest.add_argument("--service", required=True, metavar="URL", help="base URL of the verification service")
     attest.add_argument(
@@ -141,7 +176,12 @@ def register(subparsers: Subparsers) -> None:
         metavar="URL",
         help=f"IMDS base URL (default {DEFAULT_IMDS_URL}); never reached through a proxy",
     )
-    attest.add_argument("--api-key", metavar="KEY", help="API key sent as 'Authorization: Bearer KEY'")
+    key = attest.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY",
+                     help="API key sent as 'Authorization: Bearer KEY' (every local user can read a command line: "
+                     f"prefer --api-key-file or ${API_KEY_VARIABLE})")
+    key.add_argument("--api-key-file", type=Path, metavar="FILE",
+                     help=f"read the API key from FILE (surrounding whitespace dropped); default: ${API_KEY_VARIABLE}")
     attest.add_argument(
         "--cloud", choices=[*CLOUDS, AUTO], default=AUTO, help="cloud the service should verify against (default: auto)"
     )

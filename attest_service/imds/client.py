@@ -13,6 +13,10 @@
    number of times (the content is decoded only to read the nonce; verification is the service's job);
 4. ``POST {service}/v1/verify`` with the document, the challenge and the cloud, and return the verdict.
 
+No redirect of the service is followed: the service never redirects, and following one would send the API
+key (and the document) to whatever origin the redirect names. A redirect fails the exchange, naming where it
+pointed, so that the operator can give that URL instead if it is the service.
+
 Only the standard library is used, so the module can run in a minimal VM image. Failures raise the
 :class:`ClientError` family below; each maps to one exit code of ``attest-service attest``.
 """
@@ -28,7 +32,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from http.client import HTTPMessage
+from typing import IO, ClassVar, Final
 
 from asn1crypto import cms
 
@@ -49,6 +54,32 @@ SERVICE_TIMEOUT_SECONDS: Final = 15.0
 
 #: Largest response read from either peer, in bytes (an attested document is about 4 KiB).
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+#: The environment variable ``attest`` reads the API key from when no option gives it.
+API_KEY_VARIABLE: Final = "ATTEST_API_KEY"
+
+
+def check_api_key(key: str) -> str:
+    """``key`` when it can travel in an ``Authorization: Bearer`` header; ValueError naming the problem otherwise.
+
+    Visible ASCII only: a line break would end the header (http.client refuses it with an exception), and
+    spaces or other characters are not part of a bearer token (RFC 6750 2.1).
+    """
+    if not key:
+        raise ValueError("the API key is empty")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValueError("the API key holds a space, a control character or a non-ASCII character")
+    return key
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: the answer reaches the caller as the 3xx it is (see the module docstring)."""
+
+    def redirect_request(  # noqa: PLR0917 - urllib's signature
+            self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,  # noqa: ARG002
+            headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:  # noqa: ARG002
+        """None: urllib then raises HTTPError with the redirect's status instead of following it."""
+        return None
 
 
 class ClientError(AttestError):
@@ -147,12 +178,19 @@ class AttestClient:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise ServiceUnavailable(f"the service URL must be http or https, got {self.service_url!r}")
         req = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310 - checked above
+        opener = urllib.request.build_opener(_NoRedirect())
         try:
-            with urllib.request.urlopen(req, timeout=self.service_timeout) as response:  # noqa: S310
+            with opener.open(req, timeout=self.service_timeout) as response:
                 status, raw = response.status, response.read(MAX_RESPONSE_BYTES)
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read(MAX_RESPONSE_BYTES)
+            location = exc.headers.get("Location") if exc.headers is not None else None
             exc.close()
+            if 300 <= status < 400:
+                raise ServiceUnavailable(
+                    f"the service at {url} answered {status}, redirecting to {str(location)[:200]!r}; redirects "
+                    "are not followed, so that the API key never reaches another origin: if that is the "
+                    "service, give its URL as --service") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ServiceUnavailable(f"cannot reach the service at {url}: {exc}") from exc
         try:
