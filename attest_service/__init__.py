@@ -12,7 +12,7 @@ and, for the once-only guarantee without the web service, an :class:`Attestor` o
     from attest_service import Attestor, CallerPolicy, open_store
 
     attestor = Attestor(verifier, open_store("sqlite:///var/lib/license/nonces.sqlite3"))
-    attested = attestor.attest(response, nonce=challenge.nonce, caller=CallerPolicy(client_id="app"), now=now)
+    attested = attestor.attest(response, nonce=challenge.nonce, caller=CallerPolicy(client_id="app"), at=None)
 
 Everything not named here is the service's own and may change between releases. Importing this package
 loads neither the web stack (Flask, gunicorn) nor a store backend (redis, sqlite3): those load on use.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,9 +26,9 @@ from typing import Final, Protocol
 
 from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
-from attest_service.errors import ConfigurationError, NonceMismatch, NonceReplayed, StoreUnavailable
+from attest_service.errors import NonceMismatch, NonceReplayed, StoreUnavailable
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument
+from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, aware_instant
 
 #: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
 CHALLENGE_BYTES: Final = 18
@@ -67,12 +68,14 @@ class AttestationEvents(Protocol):
         ...
 
 
-def _instant(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ConfigurationError("the attestation instant must be timezone-aware")
-    return now
+def _instant(at: datetime | None, now: datetime | None) -> datetime:
+    """The instant of a call: ``at`` (default: the system clock); ``now`` is its former, deprecated name."""
+    if now is not None:
+        warnings.warn("the now= argument is deprecated; name the instant at=", DeprecationWarning, stacklevel=3)
+        if at is not None:
+            raise TypeError("give the instant as at= only, not also as now=")
+        at = now
+    return datetime.now(UTC) if at is None else aware_instant(at)
 
 
 class _NoEvents:
@@ -132,12 +135,14 @@ class Attestor:
         self.challenge_ttl = challenge_ttl
         self._events: AttestationEvents = events if events is not None else _NoEvents()
 
-    def issue_challenge(self, *, client_id: str = DEFAULT_CLIENT_ID, now: datetime | None = None) -> Challenge:
+    def issue_challenge(self, *, client_id: str = DEFAULT_CLIENT_ID, at: datetime | None = None,
+                        now: datetime | None = None) -> Challenge:
         """Issue a fresh challenge to ``client_id``; raises StoreUnavailable when the store cannot record it.
 
-        ``now`` (default: the system clock) starts the challenge's lifetime.
+        ``at``, a timezone-aware instant (default: the system clock), starts the challenge's lifetime; a
+        naive one is a ValueError, anything else a TypeError. ``now`` is a deprecated name for ``at``.
         """
-        now = _instant(now)
+        now = _instant(at, now)
         expires_at = now + self.challenge_ttl
         for attempt in range(CHALLENGE_ATTEMPTS):
             nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
@@ -154,21 +159,25 @@ class Attestor:
         return Challenge(nonce=nonce, expires_at=expires_at)
 
     def attest(self, response: Mapping[str, object] | str | bytes, *, nonce: str | None = None, cloud: str = AUTO,
-               caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:
+               caller: CallerPolicy | None = None, at: datetime | None = None,
+               now: datetime | None = None) -> Attested:
         """Verify ``response`` (any form :func:`~attest_service.verify.decode` takes) and accept its nonce.
 
         ``nonce`` is the nonce the caller expects (a challenge it was issued, or its own); ``caller`` holds
-        the caller's allow-lists and client id (default: one unrestricted client); ``now`` is the instant of
-        the verification (default: the system clock). Raises a
-        :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``, ``NonceReplayed``,
-        ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted.
+        the caller's allow-lists and client id (default: one unrestricted client); ``at`` is the
+        timezone-aware instant of the verification (default: the system clock; ``now`` is its deprecated
+        name). Raises a :class:`~attest_service.errors.VerificationError` subclass, ``PolicyDenied``,
+        ``NonceReplayed``, ``NonceUnknown`` or ``StoreUnavailable``; on any of them nothing was accepted. A
+        wrong argument (a naive or non-datetime ``at``, an unknown ``cloud``) is a TypeError or ValueError.
         """
-        return self.attest_der(self.verifier.decode(response), nonce=nonce, cloud=cloud, caller=caller, now=now)
+        instant = _instant(at, now)
+        return self.attest_der(self.verifier.decode(response), nonce=nonce, cloud=cloud, caller=caller, at=instant)
 
     def attest_der(self, der: bytes, *, nonce: str | None = None, cloud: str = AUTO,
-                   caller: CallerPolicy | None = None, now: datetime | None = None) -> Attested:
+                   caller: CallerPolicy | None = None, at: datetime | None = None,
+                   now: datetime | None = None) -> Attested:
         """:meth:`attest` for a document already decoded to DER."""
-        now = _instant(now)
+        now = _instant(at, now)
         policy = caller if caller is not None else CallerPolicy.unrestricted(DEFAULT_CLIENT_ID)
         # Steps 1 to 9: the verification core.
         verified = self._verify(der, nonce=nonce, cloud=cloud, now=now)

@@ -9,8 +9,11 @@ whatever form the caller holds it::
     result = verifier.verify_response(response, cloud="auto", nonce=None, at=None)
 
 Every refusal raises :class:`~attest_service.errors.VerificationError` (its ``code`` is one of the
-contract's); arguments that are not usable (an unknown cloud, a naive ``at``, an unreadable directory)
-raise :class:`~attest_service.errors.ConfigurationError`. Both are :class:`~attest_service.errors.AttestError`.
+contract's). A wrong argument is the caller's programming error and raises what Python raises for one: a
+:class:`TypeError` (``at`` not a datetime, ``cloud`` or ``nonce`` not a string) or a :class:`ValueError` (a
+naive ``at``, an unknown cloud). An unusable pinned directory raises
+:class:`~attest_service.errors.ConfigurationError`; it and VerificationError are
+:class:`~attest_service.errors.AttestError`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from pathlib import Path
 from typing import Final
 
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.errors import ConfigurationError
 from attest_service.trust.loading import bundled_pinned_dir, load_trust
-from attest_service.verify import DEFAULT_CLOCK_SKEW, DocumentVerifier, VerificationPolicy, VerifiedDocument
+from attest_service.verify import (
+    DEFAULT_CLOCK_SKEW,
+    DocumentVerifier,
+    VerificationPolicy,
+    VerifiedDocument,
+    aware_instant,
+)
 
 #: The policy of a call without a nonce, per cloud: a policy is immutable, and building one checks its
 #: arguments again each time. Any other call builds its own (and an unknown cloud is refused there).
@@ -56,21 +64,18 @@ class Verifier(DocumentVerifier):
 
         ``cloud`` is ``public``, ``usgov``, ``china``, ``germany`` or ``auto`` (the cloud whose domain the
         signer's name falls under); ``nonce`` the expected nonce (None: reported, not checked); ``at`` a
-        timezone-aware instant (default: now). Returns the frozen result: ``.cloud``, ``.claims`` (a
-        read-only mapping equal to the signed JSON) and ``.signer``. This checks authenticity only: to accept
-        each nonce once, use :class:`~attest_service.attestation.Attestor`.
+        timezone-aware instant (default: now; a naive one is a ValueError, a string a TypeError). Returns the
+        frozen result: ``.cloud``, ``.claims`` (a read-only mapping equal to the signed JSON) and ``.signer``.
+        This checks authenticity only: to accept each nonce once, use
+        :class:`~attest_service.attestation.Attestor`.
         """
-        if not isinstance(cloud, str):
-            raise ConfigurationError(f"cloud must be a string, not {type(cloud).__name__}")
-        if nonce is not None and not isinstance(nonce, str):
-            raise ConfigurationError(f"nonce must be a string or None, not {type(nonce).__name__}")
-        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
-            raise ConfigurationError("at must be a timezone-aware datetime")
-        policy = _POLICIES.get(cloud) if nonce is None else None
+        instant = datetime.now(UTC) if at is None else aware_instant(at)
+        policy = _POLICIES.get(cloud) if nonce is None and isinstance(cloud, str) else None
         if policy is None:
+            # Refuses a cloud or nonce of the wrong type (TypeError) or an unknown cloud (ValueError).
             policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
         der = self.decode(response)
-        return self.verify(der, policy=policy, now=at if at is not None else datetime.now(UTC))
+        return self.verify(der, policy=policy, now=instant)
 
 
 __all__ = ["Verifier"]

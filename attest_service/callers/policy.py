@@ -75,6 +75,15 @@ class CallerPolicy:
     license_types: frozenset[str] | None = None
     require_challenge: bool = False
 
+    def __post_init__(self) -> None:
+        # The same rule as the policy file's: an empty allow-list would silently admit nothing, which is never
+        # what was meant; None is "not restricted".
+        for name in ("clouds", "subscriptions", "plans", "skus", "license_types"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise ValueError(f"CallerPolicy({name}=...): an empty allow-list admits nothing; "
+                                 f"give None to not restrict {name}")
+
     @classmethod
     def unrestricted(cls, client_id: str) -> CallerPolicy:
         """A caller without allow-lists that may present its own nonces."""

@@ -91,9 +91,11 @@ def open_store(
                 sqlite_path(url), timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds
             )
     except ValueError as exc:
-        raise ConfigurationError(f"ATTEST_NONCE_STORE {redact(url)!r} is invalid: {exc}") from exc
+        raise ConfigurationError(f"nonce store URL {redact(url)!r} is invalid: {exc}") from exc
+    # The message names the URL, not a variable: a library caller passed it as an argument; the service,
+    # which reads it from ATTEST_NONCE_STORE, says so itself.
     raise ConfigurationError(
-        f"ATTEST_NONCE_STORE {redact(url)!r} is invalid: expected sqlite:///path or one of "
+        f"nonce store URL {redact(url)!r} is invalid: expected sqlite:///path or one of "
         + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
     )
 

@@ -34,7 +34,10 @@ def check_configuration(env: dict[str, str] | None = None) -> Settings:
     load_trust(settings.pinned_certs)
     # Parses the URL without contacting the store: a store that is down at start-up is a readiness
     # matter (/readyz answers 503), not a reason to refuse to start.
-    open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds).close()
+    try:
+        open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds).close()
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"ATTEST_NONCE_STORE: {exc.message}") from exc
     return settings
 
 

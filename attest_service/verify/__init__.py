@@ -8,6 +8,7 @@ The names below are the core's interface to the rest of the package.
 
 from attest_service.verify.chain import CA_POLICY, MAX_INTERMEDIATES
 from attest_service.verify.document import MAX_SIGNATURE_CHARS, decode
+from attest_service.verify.instant import aware_instant
 from attest_service.verify.names import cloud_for_signer
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.verify.trust import (
@@ -49,6 +50,7 @@ __all__ = [
     "TrustStore",
     "VerificationPolicy",
     "VerifiedDocument",
+    "aware_instant",
     "carried_certificates",
     "cloud_for_signer",
     "common_name",

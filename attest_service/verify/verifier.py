@@ -34,7 +34,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from attest_service.clouds import AUTO, CLOUDS, CloudProfile
 from attest_service.errors import (
-    ConfigurationError,
     DocumentExpired,
     DocumentNotYetValid,
     MalformedDocument,
@@ -44,6 +43,7 @@ from attest_service.errors import (
 from attest_service.verify.chain import ValidatedChain, validate_chain
 from attest_service.verify.claims import Claims, parse_claims, thaw
 from attest_service.verify.document import Base64Cache, decode
+from attest_service.verify.instant import aware_instant
 from attest_service.verify.names import cloud_for_signer, matching_name, signer_names
 from attest_service.verify.pkcs7 import (
     OID_DATA,
@@ -75,10 +75,16 @@ class VerificationPolicy:
     clock_skew: timedelta = DEFAULT_CLOCK_SKEW
 
     def __post_init__(self) -> None:
+        # A wrong field is the caller's programming error (settings and requests are validated before they
+        # get here): TypeError and ValueError, as Python's own functions raise for a wrong argument.
+        if not isinstance(self.cloud, str):
+            raise TypeError(f"cloud must be a string, not {type(self.cloud).__name__}")
         if self.cloud != AUTO and self.cloud not in CLOUDS:
-            raise ConfigurationError(f"unknown cloud {self.cloud!r}")
+            raise ValueError(f"unknown cloud {self.cloud[:40]!r}: expected {', '.join((*CLOUDS, AUTO))}")
+        if self.expected_nonce is not None and not isinstance(self.expected_nonce, str):
+            raise TypeError(f"nonce must be a string or None, not {type(self.expected_nonce).__name__}")
         if not timedelta(0) <= self.clock_skew <= MAX_CLOCK_SKEW:
-            raise ConfigurationError(f"clock skew must be between 0 and {MAX_CLOCK_SKEW}")
+            raise ValueError(f"clock skew must be between 0 and {MAX_CLOCK_SKEW}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,8 +296,7 @@ class DocumentVerifier:
         Returns a :class:`VerifiedDocument`; raises a :class:`~attest_service.errors.VerificationError`
         subclass naming the first step that failed.
         """
-        if now.tzinfo is None:
-            raise ConfigurationError("the verification instant must be timezone-aware")
+        aware_instant(now, name="now")
         try:
             return self._verify(der, policy, now)
         except _FOREIGN_ERRORS as exc:

@@ -226,7 +226,7 @@ def verification_body(service: Service, environ: WSGIEnvironment, read_body: Cal
         parsed = parse_verify_request(json_object(read_body()), service.attestor.verifier.decode)
         # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
-        attested = service.attestor.attest_der(parsed.document, now=service.clock(), nonce=parsed.nonce,
+        attested = service.attestor.attest_der(parsed.document, at=service.clock(), nonce=parsed.nonce,
                                                cloud=parsed.cloud, caller=caller.policy)
         # Step 4: serialise.
         body = json_bytes(attested.to_dict())
@@ -257,7 +257,7 @@ def issue_challenge() -> tuple[Response, int]:
         # for them, so their number is bounded per source.
         _hit(service, ANONYMOUS_CHALLENGES_PREFIX + caller.source, limit=service.settings.anonymous_challenges,
              window_seconds=max(1, int(service.settings.challenge_ttl.total_seconds())))
-    challenge = service.attestor.issue_challenge(client_id=caller.client_id, now=service.clock())
+    challenge = service.attestor.issue_challenge(client_id=caller.client_id, at=service.clock())
     return jsonify({"nonce": challenge.nonce, "expiresAt": _iso(challenge.expires_at)}), 201
 
 

@@ -1,7 +1,7 @@
 """The public library: ``from attest_service import ...`` as a Python license server uses it.
 
 Real components throughout: the generated cases' pinned directory, real SQLite stores, real Redis where the
-nonce must be shared, and the README's example run exactly as written.
+nonce must be shared (the README's examples run in tests/system/install/test_readme.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from attest_service import (
 )
 from attest_service.imds import pki
 from attest_service.nonces import NonceStore
-from tests.verify.conftest import REPO_ROOT, TESTCASES, case_input, case_instant, load_index
+from tests.verify.conftest import TESTCASES, case_input, case_instant, load_index
 
 CASES = load_index()
 OK = CASES["ok-rsa"]
@@ -123,15 +123,56 @@ def test_hostile_input_raises_only_verification_error(verifier: Verifier, respon
     assert caught.value.code in ("malformed_document", "unsupported_document")
 
 
-@pytest.mark.parametrize(("kwargs", "what"), [
-    ({"cloud": "mars"}, "cloud"), ({"cloud": ["public"]}, "cloud"), ({"nonce": 5}, "nonce"),
-    ({"at": datetime(2025, 6, 1)}, "timezone"), ({"at": "2025-06-01"}, "timezone"),  # noqa: DTZ001
+@pytest.mark.parametrize(("kwargs", "error", "what"), [
+    ({"cloud": "mars"}, ValueError, "unknown cloud"), ({"cloud": ["public"]}, TypeError, "cloud"),
+    ({"nonce": 5}, TypeError, "nonce"),
+    ({"at": datetime(2025, 6, 1)}, ValueError, "timezone-aware"),  # noqa: DTZ001
+    ({"at": "2025-06-01T00:00:00Z"}, TypeError, "not str"),
 ])
-def test_unusable_arguments_raise_configuration_error(verifier: Verifier, kwargs: dict[str, object],
-                                                      what: str) -> None:
-    with pytest.raises(ConfigurationError, match=what):
+def test_a_wrong_argument_is_a_type_or_value_error(verifier: Verifier, kwargs: dict[str, object],
+                                                   error: type[Exception], what: str) -> None:
+    # A caller's programming error, not a refusal of the document nor an operator's bad setting.
+    with pytest.raises(error, match=what) as caught:
         verifier.verify_response(RESPONSE, **kwargs)  # type: ignore[arg-type]
-    assert issubclass(ConfigurationError, AttestError)
+    assert not isinstance(caught.value, AttestError)
+
+
+@pytest.mark.parametrize(("at", "error"), [(datetime(2025, 6, 1), ValueError),  # noqa: DTZ001
+                                           ("2025-06-01T00:00:00Z", TypeError), (1748736000, TypeError)])
+def test_the_attestor_refuses_a_wrong_instant_the_same_way(tmp_path: Path, at: object,
+                                                          error: type[Exception]) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'n.sqlite3'}")
+    attestor = Attestor(Verifier.from_directory(TESTCASES / "pinned"), store)
+    with pytest.raises(error, match="at must be a timezone-aware datetime"):
+        attestor.attest(RESPONSE, at=at)  # type: ignore[arg-type]
+    with pytest.raises(error, match="at must be a timezone-aware datetime"):
+        attestor.issue_challenge(at=at)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown cloud"):
+        attestor.attest(RESPONSE, at=AT, cloud="mars")
+    store.close()
+
+
+def test_now_is_a_deprecated_name_of_at(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'n.sqlite3'}")
+    attestor = Attestor(Verifier.from_directory(TESTCASES / "pinned"), store)
+    with pytest.warns(DeprecationWarning, match="at="):
+        assert attestor.attest(RESPONSE, now=AT).document.cloud == "public"  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="not also as now="), pytest.warns(DeprecationWarning, match="at="):
+        attestor.attest(RESPONSE, at=AT, now=AT)  # type: ignore[call-arg]
+    store.close()
+
+
+@pytest.mark.parametrize("field", ["clouds", "subscriptions", "plans", "skus", "license_types"])
+def test_an_empty_allow_list_is_refused_as_the_policy_file_refuses_it(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field}=...\\): an empty allow-list admits nothing"):
+        CallerPolicy(client_id="license-server", **{field: frozenset()})
+
+
+def test_open_store_names_the_url_not_a_variable() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        open_store("postgres://x")
+    assert caught.value.message.startswith("nonce store URL 'postgres://x' is invalid: expected sqlite:///path")
+    assert "ATTEST_" not in caught.value.message
 
 
 def test_from_directory_refuses_a_missing_directory(tmp_path: Path) -> None:
@@ -162,32 +203,32 @@ def test_one_verifier_serves_many_threads(verifier: Verifier) -> None:
 
 def test_attestor_accepts_a_nonce_once(verifier: Verifier, store: NonceStore) -> None:
     attestor = Attestor(verifier, store)
-    attested = attestor.attest(RESPONSE, now=AT)
+    attested = attestor.attest(RESPONSE, at=AT)
     assert (attested.document.claims["nonce"], attested.challenge, attested.nonce_checked) == (
         "a1b2c3d4e5f60718", False, False)
     with pytest.raises(NonceReplayed):
-        attestor.attest(RESPONSE_TEXT, now=AT)
+        attestor.attest(RESPONSE_TEXT, at=AT)
 
 
 def test_a_denied_document_keeps_its_nonce(verifier: Verifier, store: NonceStore) -> None:
     attestor = Attestor(verifier, store)
     strict = CallerPolicy(client_id="license-server", subscriptions=frozenset({"00000000-0000-4000-8000-000000000000"}))
     with pytest.raises(PolicyDenied):
-        attestor.attest(RESPONSE, now=AT, caller=strict)
-    assert attestor.attest(RESPONSE, now=AT, caller=CallerPolicy(client_id="license-server")).challenge is False
+        attestor.attest(RESPONSE, at=AT, caller=strict)
+    assert attestor.attest(RESPONSE, at=AT, caller=CallerPolicy(client_id="license-server")).challenge is False
 
 
 def test_a_refused_document_burns_no_nonce(verifier: Verifier, store: NonceStore) -> None:
     attestor = Attestor(verifier, store)
     with pytest.raises(VerificationError):
-        attestor.attest(RESPONSE, now=AT, nonce="something-else")
-    attestor.attest(RESPONSE, now=AT)
+        attestor.attest(RESPONSE, at=AT, nonce="something-else")
+    attestor.attest(RESPONSE, at=AT)
 
 
 def test_a_required_challenge_must_have_been_issued(verifier: Verifier, store: NonceStore) -> None:
     attestor = Attestor(verifier, store)
     with pytest.raises(NonceUnknown):
-        attestor.attest(RESPONSE, now=AT, caller=CallerPolicy(client_id="vm-fleet", require_challenge=True))
+        attestor.attest(RESPONSE, at=AT, caller=CallerPolicy(client_id="vm-fleet", require_challenge=True))
 
 
 def test_an_issued_challenge_is_consumed_once(tmp_path: Path) -> None:
@@ -196,53 +237,17 @@ def test_an_issued_challenge_is_consumed_once(tmp_path: Path) -> None:
     pki.write_pinned_dir(tmp_path / "pins", "public", root=root.certificate, intermediates=[issuing.certificate])
     store = open_store(f"sqlite:///{tmp_path / 'nonces.sqlite3'}")
     attestor = Attestor(Verifier.from_directory(tmp_path / "pins"), store)
-    challenge = attestor.issue_challenge(client_id="vm-fleet", now=now)
+    challenge = attestor.issue_challenge(client_id="vm-fleet", at=now)
     assert re.fullmatch(r"[A-Za-z0-9_-]{24}", challenge.nonce)
     content = pki.attested_content(nonce=challenge.nonce, vm_id="v", subscription_id="s", sku="", plan=("", "", ""),
                                    license_type="", created_on=now, expires_on=now + timedelta(hours=6))
     response = {"encoding": "pkcs7", "signature": base64.b64encode(pki.sign_attested(content, signer=leaf)).decode()}
     caller = CallerPolicy(client_id="vm-fleet", require_challenge=True)
-    attested = attestor.attest(response, now=now, nonce=challenge.nonce, caller=caller)
+    attested = attestor.attest(response, at=now, nonce=challenge.nonce, caller=caller)
     assert (attested.challenge, attested.nonce_checked) == (True, True)
     with pytest.raises(NonceReplayed):
-        attestor.attest(response, now=now, nonce=challenge.nonce, caller=caller)
+        attestor.attest(response, at=now, nonce=challenge.nonce, caller=caller)
     store.close()
-
-
-# --- README ----------------------------------------------------------------------------------------
-
-
-def _readme_examples() -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    return re.findall(r"<!-- library-example -->\n```python\n(.*?)```", text, re.DOTALL)
-
-
-def test_readme_has_the_library_examples() -> None:
-    assert len(_readme_examples()) == 2
-
-
-@pytest.mark.parametrize("index", [0, 1])
-def test_readme_library_example_runs_as_written(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    # The examples read a document from response.json, trust ./pinned_certs and keep nonces under ./state, as
-    # a license server would: here a document signed now by a fresh Azure-shaped PKI.
-    now = datetime.now(UTC)
-    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=now)
-    pki.write_pinned_dir(tmp_path / "pinned_certs", "public", root=root.certificate,
-                         intermediates=[issuing.certificate])
-    content = pki.attested_content(nonce="readme-0001", vm_id="0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9",
-                                   subscription_id="11111111-2222-4333-8444-555555555555", sku="20_04-lts-gen2",
-                                   plan=("", "", ""), license_type="", created_on=now,
-                                   expires_on=now + timedelta(hours=6))
-    signature = base64.b64encode(pki.sign_attested(content, signer=leaf)).decode()
-    (tmp_path / "response.json").write_text(json.dumps({"encoding": "pkcs7", "signature": signature}),
-                                            encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    exec(compile(_readme_examples()[index], "README.md", "exec"), {"__name__": "readme"})
-    out = capsys.readouterr().out
-    assert "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9" in out
-    if index == 1:
-        assert out.splitlines()[-1] == "refused: nonce_replayed"
 
 
 def test_the_package_exports_what_it_documents() -> None:

@@ -67,13 +67,13 @@ def test_two_tenants_vms_with_one_nonce_are_both_accepted_once(store_url: str, t
         # Tenant A presents its VM's document first; tenant B's VM, with the same nonce, is not blocked.
         of_a = signer.response(vm=VM_A, nonce=TIMESTAMP_NONCE)
         of_b = signer.response(vm=VM_B, nonce=TIMESTAMP_NONCE)
-        assert attestor.attest(of_a, now=signer.now, caller=tenant_a).challenge is False
-        assert attestor.attest(of_b, now=signer.now, caller=tenant_b).challenge is False
+        assert attestor.attest(of_a, at=signer.now, caller=tenant_a).challenge is False
+        assert attestor.attest(of_b, at=signer.now, caller=tenant_b).challenge is False
         # Each document again, by either tenant, and a fresh document of a VM over its used nonce: replays.
         for response in (of_a, of_b, signer.response(vm=VM_B, nonce=TIMESTAMP_NONCE, age=timedelta(seconds=5))):
             for caller in (tenant_a, tenant_b):
                 with pytest.raises(NonceReplayed):
-                    attestor.attest(response, now=signer.now, caller=caller)
+                    attestor.attest(response, at=signer.now, caller=caller)
     finally:
         store.close()
 
@@ -84,10 +84,10 @@ def test_a_challenge_is_consumed_once_whichever_vm_presents_it(store_url: str, t
     try:
         attestor = Attestor(Verifier.from_directory(signer.pins), store)
         caller = CallerPolicy(client_id="fleet", require_challenge=True)
-        challenge = attestor.issue_challenge(client_id="fleet", now=signer.now)
-        first = attestor.attest(signer.response(vm=VM_A, nonce=challenge.nonce), now=signer.now, caller=caller)
+        challenge = attestor.issue_challenge(client_id="fleet", at=signer.now)
+        first = attestor.attest(signer.response(vm=VM_A, nonce=challenge.nonce), at=signer.now, caller=caller)
         assert first.challenge is True
         with pytest.raises(NonceReplayed):
-            attestor.attest(signer.response(vm=VM_B, nonce=challenge.nonce), now=signer.now, caller=caller)
+            attestor.attest(signer.response(vm=VM_B, nonce=challenge.nonce), at=signer.now, caller=caller)
     finally:
         store.close()
