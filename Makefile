@@ -13,14 +13,24 @@ APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 system-deps:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv; }
 
-# The runtime dependencies at the versions constraints.txt pins, as in the image: what the tests run is what ships.
-$(STAMP): pyproject.toml constraints.txt | system-deps
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --constraint constraints.txt -e '.[test,lint]'
-	touch $@
+# One venv, two stamps: `make run` installs what serving needs (the runtime dependencies at the versions
+# constraints.txt pins, as in the image: what the tests run is what ships); `make test`, `make lint` and the
+# other development targets add the test and lint extras on top.
+RUN_STAMP := $(VENV)/.installed-run
 
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml constraints.txt | system-deps
+	@echo "Installing the runtime dependencies into $(VENV) (once)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --disable-pip-version-check --upgrade pip
+	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint constraints.txt -e .
+	@touch $@
+
+$(STAMP): $(RUN_STAMP)
+	@echo "Installing the test and lint tools into $(VENV) (once)"
+	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint constraints.txt -e '.[test,lint]'
+	@touch $@
+
+run: $(RUN_STAMP)
 	$(BIN)/attest-service serve --bind 127.0.0.1:8080
 
 redis-server-installed:
