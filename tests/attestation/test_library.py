@@ -156,9 +156,9 @@ def test_now_is_a_deprecated_name_of_at(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'n.sqlite3'}")
     attestor = Attestor(Verifier.from_directory(TESTCASES / "pinned"), store)
     with pytest.warns(DeprecationWarning, match="at="):
-        assert attestor.attest(RESPONSE, now=AT).document.cloud == "public"  # type: ignore[call-arg]
+        assert attestor.attest(RESPONSE, now=AT).document.cloud == "public"
     with pytest.raises(TypeError, match="not also as now="), pytest.warns(DeprecationWarning, match="at="):
-        attestor.attest(RESPONSE, at=AT, now=AT)  # type: ignore[call-arg]
+        attestor.attest(RESPONSE, at=AT, now=AT)
     store.close()
 
 
