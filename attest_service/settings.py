@@ -89,8 +89,8 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = (env.get(name) or "0").strip().lower()
+def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
+    raw = (env.get(name) or ("1" if default else "0")).strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no"):
         raise ConfigurationError(f"{name}: expected 0 or 1, got {raw!r}")
     return raw in ("1", "true", "yes")
@@ -111,6 +111,8 @@ class Settings:
     trust_reload_seconds: float
     log_level: str
     aia_fetch: bool = False
+    #: Fetch the CAs pinned by fingerprint in the background (ATTEST_FINGERPRINT_FETCH, on unless 0).
+    fingerprint_fetch: bool = True
     #: ``None`` when ATTEST_STORE_MIN_REPLICAS is unset: the store's default for its URL (1 with Sentinel or
     #: Cluster, 0 with a single Redis server).
     store_min_replicas: int | None = None
@@ -156,6 +158,7 @@ class Settings:
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
+            fingerprint_fetch=_flag(env, "ATTEST_FINGERPRINT_FETCH", default=True),
             store_min_replicas=(int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16))
                                 if (env.get("ATTEST_STORE_MIN_REPLICAS") or "").strip() else None),
             allow_open=allow_open,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +21,10 @@ from attest_service.cli.common import (
 )
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
+from attest_service.nonces import default_sqlite_url
 from attest_service.trust import MAX_PEM_BYTES
 from attest_service.trust.explain import explain_document
+from attest_service.trust.fetched import cache_dir_for_store, cached_states
 from attest_service.trust.pins import (
     DEFAULT_WARN_DAYS,
     PinChange,
@@ -55,10 +58,18 @@ def _now(args: argparse.Namespace) -> datetime:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """``certs list``: a table (or ``--json``) of every pin."""
+    """``certs list``: a table (or ``--json``) of every pin.
+
+    A fingerprint pin shows ``fetched`` when the service fetched its certificate and keeps it beside the
+    embedded store (``ATTEST_NONCE_STORE``'s SQLite file); with Redis the service's metrics say so instead.
+    """
     trust = load_trust_or_usage(args)
     reports = list_pins(trust, now=_now(args))
-    fingerprints = list_fingerprint_pins(trust)
+    # What the service fetched is kept beside the embedded store's SQLite file (the same variable says where).
+    store = os.environ.get("ATTEST_NONCE_STORE") or default_sqlite_url()
+    held = {(f.pin.cloud, f.pin.digest) for f in cached_states(trust, cache_dir_for_store(store))
+            if f.state == "fetched"}
+    fingerprints = list_fingerprint_pins(trust, fetched=held)
     if args.json:
         _say(json.dumps({"certificates": [r.to_dict() for r in reports],
                          "fingerprintPins": [f.to_dict() for f in fingerprints]}, indent=1))

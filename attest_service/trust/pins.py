@@ -29,7 +29,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,7 +81,7 @@ _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 Status = Literal["active", "expiring", "retired", "not_yet_valid"]
 ProblemKind = Literal["expired", "expiring", "unchained", "not_ca", "duplicate", "certifi_missing", "manifest",
                       "not_loaded", "removed_pinned", "removed_list", "fingerprint", "awaiting_fetch"]
-FingerprintStatus = Literal["awaiting_fetch", "pinned"]
+FingerprintStatus = Literal["awaiting_fetch", "fetched", "pinned"]
 #: How ``certs check`` treats expired pins kept on purpose. ``marked`` (default): the pins the manifest marks
 #: ``retired`` are notes, any other expired or expiring pin is a problem. ``strict``: every expired or expiring
 #: pin is a problem, marked or not (the complete view). ``any``: every expired pin that still chains is a note,
@@ -156,8 +156,10 @@ def list_pins(trust: TrustStore, *, now: datetime, warn_days: int = DEFAULT_WARN
 class FingerprintReport:
     """One intermediate pinned by fingerprint, as ``certs list`` shows it.
 
-    ``awaiting_fetch``: its bytes are not in the directory; the AIA fallback (when on) fetches it from
-    ``url`` and accepts exactly this certificate, and ``certs add --from-document`` pins it as a file.
+    ``awaiting_fetch``: its bytes are not in the directory; the service fetches it from ``url`` in the
+    background (:mod:`attest_service.trust.fetched`), the AIA fallback (when on) from a document's caIssuers
+    URL, accepting exactly this certificate; ``certs add --from-document`` pins it as a file.
+    ``fetched``: the embedded store's cache directory holds its certificate, fetched by the service.
     ``pinned``: a pinned file has this fingerprint, so the line is redundant (and harmless).
     """
 
@@ -175,13 +177,18 @@ class FingerprintReport:
                 "url": self.url, "status": self.status, "source": self.source}
 
 
-def list_fingerprint_pins(trust: TrustStore) -> list[FingerprintReport]:
-    """Every fingerprint pin of every cloud, with whether a pinned file already has its fingerprint."""
+def list_fingerprint_pins(trust: TrustStore, *,
+                          fetched: Collection[tuple[str, str]] = ()) -> list[FingerprintReport]:
+    """Every fingerprint pin of every cloud, with whether a pinned file already has its fingerprint.
+
+    ``fetched`` holds the ``(cloud, digest)`` of the pins whose certificate the service fetched and keeps.
+    """
     reports: list[FingerprintReport] = []
     for cloud_trust in trust.clouds.values():
         pinned = set().union(*(digests(pin.certificate) for pin in cloud_trust.intermediates))
         reports.extend(FingerprintReport(cloud=pin.cloud, name=pin.name, algorithm=pin.algorithm, digest=pin.digest,
-                                         url=pin.url, status="pinned" if pin.digest in pinned else "awaiting_fetch",
+                                         url=pin.url, status="pinned" if pin.digest in pinned else
+                                         "fetched" if (pin.cloud, pin.digest) in fetched else "awaiting_fetch",
                                          source=pin.source)
                        for pin in cloud_trust.fingerprint_pins)
     return reports

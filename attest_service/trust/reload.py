@@ -88,6 +88,7 @@ from attest_service.verify import (
 
 if TYPE_CHECKING:
     from attest_service.trust.aia import AiaFetcher
+    from attest_service.trust.fetched import PinFetch, PinnedCaFetcher
 
 LOG: Final = logging.getLogger(__name__)
 
@@ -193,25 +194,27 @@ class ReloadingVerifier:
     """
 
     def __init__(self, directory: Path, *, interval_seconds: float, aia: AiaFetcher | None = None,
-                 clock: Callable[[], float] = time.monotonic, last_good: TrustStore | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, last_good: TrustStore | None = None,
+                 pinned_fetch: PinnedCaFetcher | None = None) -> None:
         if interval_seconds <= 0:
             raise ConfigurationError("the trust reload interval must be positive")
         self.directory = directory
         self._interval = interval_seconds
         self._aia = aia
+        self._pinned_fetch = pinned_fetch
         self._clock = clock
         seen: Fingerprint | None = None
         boot_failure: ConfigurationError | None = None
         try:
             seen = directory_fingerprint(directory)
-            self._loaded = _Loaded(DocumentVerifier(_load(directory)), seen)
+            self._loaded = _Loaded(self._verifier_for(_load(directory)), seen)
         except ConfigurationError as exc:
             if last_good is None:
                 raise
             # A worker respawned while the directory is broken serves the last good trust rather than not
             # booting (gunicorn halts when a worker cannot boot). No directory's fingerprint is empty
             # (there is an entry per cloud and folder), so the first good content found later is loaded.
-            self._loaded = _Loaded(DocumentVerifier(last_good), ())
+            self._loaded = _Loaded(self._verifier_for(last_good), ())
             boot_failure = exc
         self._failing = False
         self._failed: Fingerprint | None = None
@@ -232,6 +235,7 @@ class ReloadingVerifier:
         _publish(self)
         if boot_failure is not None:
             self._fail(boot_failure, seen)
+        self._fetch_pinned()
 
     # --- reload ---------------------------------------------------------------------------------
 
@@ -288,9 +292,36 @@ class ReloadingVerifier:
         except ConfigurationError as exc:
             self._fail(exc, seen)
             return
-        self._loaded = _Loaded(DocumentVerifier(trust), seen)  # the one assignment that swaps the trust
+        self._loaded = _Loaded(self._verifier_for(trust), seen)  # the one assignment that swaps the trust
         self._succeeded()
+        self._fetch_pinned()
         LOG.info("pinned trust reloaded from %s: %d certificates", self.directory, sum(1 for _ in trust.all_pins()))
+
+    # --- CAs pinned by fingerprint, fetched in the background ------------------------------------
+
+    def _verifier_for(self, trust: TrustStore) -> DocumentVerifier:
+        """A verifier over ``trust`` plus the fingerprint-pinned CAs fetched so far (checked against it)."""
+        return DocumentVerifier(trust if self._pinned_fetch is None else self._pinned_fetch.augment(trust))
+
+    def _fetch_pinned(self) -> None:
+        """Fetch, off the request path, the fingerprint-pinned CAs of the trust in use not held yet."""
+        if self._pinned_fetch is not None:
+            self._pinned_fetch.refresh(self._loaded.verifier.trust, self._pinned_fetched)
+
+    def _pinned_fetched(self) -> None:
+        # Called from the fetching thread. The lock of the reload check makes this swap and a reload's swap
+        # one after the other, so neither undoes the other.
+        with self._check_lock:
+            current = self._loaded
+            self._loaded = _Loaded(self._verifier_for(current.verifier.trust), current.fingerprint)
+        _publish(self)
+        LOG.info("pinned trust of %s: fingerprint-pinned CAs fetched and in use", self.directory)
+
+    def pinned_fetches(self) -> list[PinFetch]:
+        """Each fingerprint pin of the trust in use with whether its certificate is fetched (metrics)."""
+        if self._pinned_fetch is None:
+            return []
+        return self._pinned_fetch.states(self._loaded.verifier.trust)
 
     def _succeeded(self) -> None:
         self._failing = False
@@ -490,5 +521,24 @@ class PinnedCertificateCollector(Collector):
         yield family
 
 
+class FingerprintPinCollector(Collector):
+    """``attest_fingerprint_pin_fetched``: 1 for each fingerprint pin whose certificate is fetched and held, else 0."""
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauge family (empty before any verifier exists, or without background fetching)."""
+        family = GaugeMetricFamily("attest_fingerprint_pin_fetched",
+                                   "1 when the CA a fingerprint pin names is fetched and held, 0 while it is not "
+                                   "(state: fetched, pending, failed, no_url).",
+                                   labels=["cloud", "name", "digest", "state"])
+        verifier = _published
+        if verifier is not None:
+            for fetch in verifier.pinned_fetches():
+                pin = fetch.pin
+                family.add_metric([pin.cloud, pin.name[:MAX_ISSUER_LABEL_CHARS], pin.digest, fetch.state],
+                                  1.0 if fetch.state == "fetched" else 0.0)
+        yield family
+
+
 REGISTRY.register(PinnedCertificateCollector())
+REGISTRY.register(FingerprintPinCollector())
 

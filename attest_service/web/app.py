@@ -26,6 +26,7 @@ from attest_service.server import master
 from attest_service.settings import Settings
 from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
+from attest_service.trust.fetched import PinnedCaFetcher, cache_dir_for_store
 from attest_service.trust.reload import RELOAD_FAILING, RELOADS, ReloadingVerifier
 from attest_service.web import metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
@@ -45,16 +46,22 @@ LOG: Final = logging.getLogger(__name__)
 
 
 def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
-                      last_good: TrustStore | None = None) -> ReloadingVerifier:
+                      last_good: TrustStore | None = None,
+                      pinned_fetch: PinnedCaFetcher | None = None) -> ReloadingVerifier:
     """The verification core over the pinned directory of ``settings``, reloaded when the directory changes.
 
     ``aia`` is the fetcher used when the AIA fallback is on (default: Azure's allow-list, public addresses);
-    ``last_good`` is served when the directory does not load now (see :class:`ReloadingVerifier`).
+    ``last_good`` is served when the directory does not load now (see :class:`ReloadingVerifier`);
+    ``pinned_fetch`` fetches the CAs pinned by fingerprint in the background (default: Azure's allow-list,
+    public addresses, kept beside the embedded store's SQLite file).
     """
-    # The AIA fallback is off unless the operator turns it on: it is the one path that reaches the network.
+    # The AIA fallback is off unless the operator turns it on: it fetches whatever CA a document names.
     fetcher = (aia if aia is not None else AiaFetcher()) if settings.aia_fetch else None
+    # A fingerprint pin names exact bytes, so fetching them cannot widen trust: on by default, off the request path.
+    if pinned_fetch is None and settings.fingerprint_fetch:
+        pinned_fetch = PinnedCaFetcher(cache_dir=cache_dir_for_store(settings.nonce_store_url))
     return ReloadingVerifier(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher,
-                       last_good=last_good)
+                             last_good=last_good, pinned_fetch=pinned_fetch)
 
 
 def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tuple[AccessPolicy, bool]:
@@ -86,18 +93,21 @@ def _finish(response: Response) -> Response:
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,
-               clock: Clock | None = None, aia: AiaFetcher | None = None) -> Flask:
+               clock: Clock | None = None, aia: AiaFetcher | None = None,
+               pinned_fetch: PinnedCaFetcher | None = None) -> Flask:
     """Build the application.
 
     ``settings`` default to :meth:`Settings.from_env`; ``store`` to the store ``ATTEST_NONCE_STORE`` names;
     ``clock`` (returning aware datetimes) to the system clock; ``aia`` to the default AIA fetcher, used
-    only when ``ATTEST_AIA_FETCH`` is on (tests pass one that reaches a CA server on loopback). Raises
+    only when ``ATTEST_AIA_FETCH`` is on (tests pass one that reaches a CA server on loopback); ``pinned_fetch``
+    to the background fetcher of fingerprint-pinned CAs (tests likewise). Raises
     ConfigurationError for invalid settings, policy file or pinned directory.
     """
     settings = settings if settings is not None else Settings.from_env()
     snapshot = master.inherited()
     access, stale_policy = _access_policy(settings, snapshot)
-    trust = document_verifier(settings, aia=aia, last_good=snapshot.trust if snapshot is not None else None)
+    trust = document_verifier(settings, aia=aia, last_good=snapshot.trust if snapshot is not None else None,
+                              pinned_fetch=pinned_fetch)
     if stale_policy:
         # The trust reload metrics are the ones the alert watches; a stale policy is the same kind of
         # failure (a mounted file broken, the last good one in use). It stays visible until the worker

@@ -4,8 +4,8 @@
 - The chart ships it, unchanged, in a ConfigMap labelled for Grafana's dashboard sidecar, only when asked.
 - Every panel's query (and every template variable's) answers something when run by the real promtool over
   the series a real running service exports: the service is driven through what the panels show (verified,
-  refused and replayed documents, an unpinned issuer, the AIA fallback, 401 and 429 answers, a nonce store
-  outage), its ``/metrics`` is scraped, and each scraped series becomes synthetic input of
+  refused and replayed documents, an unpinned issuer, the AIA fallback, a fingerprint pin, 401 and 429
+  answers, a nonce store outage), its ``/metrics`` is scraped, and each scraped series becomes synthetic input of
   ``promtool test rules``. A query naming a metric or a label value the service does not export answers
   nothing, and fails.
 """
@@ -169,12 +169,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tools.require("redis-server", "redis-cli")
     workdir = tmp_path_factory.mktemp("dashboard-service")
     factory = DocumentFactory.around_now(workdir / "pinned")
+    # A CA pinned by fingerprint without a URL: reported (not fetched, no_url), and nothing leaves the host.
+    (factory.pinned_dir / "public" / "intermediates" / "fingerprints.txt").write_text(
+        f"{'ab' * 32}  -  # Ops Staged Issuing CA\n", encoding="utf-8")
     stranger = _unpinned_signer()
     keys = {"ops": "o" * 43, "flood": "f" * 43}
     with redis_server(workdir / "redis") as redis:
         env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir), "ATTEST_NONCE_STORE": redis.url,
                "ATTEST_API_KEYS": api_keys_env(keys), "ATTEST_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
-               "ATTEST_AIA_FETCH": "1"}
+               "ATTEST_AIA_FETCH": "1", "ATTEST_FINGERPRINT_FETCH": "1"}
         with running_service(env, workdir, workers=1) as service:
             challenge = service.post("/v1/challenges", key=keys["ops"])
             assert challenge.status == 201, challenge.body

@@ -131,7 +131,8 @@ def test_certs_check_passes_on_the_bundled_pins(installation: Installation) -> N
 def test_serve_starts_with_the_bundled_pins(installation: Installation, tmp_path: Path) -> None:
     # No ATTEST_PINNED_CERTS: serve loads the pins inside the package before it becomes gunicorn (exit 2 if
     # they were missing), and its workers answer.
-    env = {"ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'nonces.sqlite3'}"}
+    # No internet in tests: the bundled China pins' CA is not fetched in the background.
+    env = {"ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'nonces.sqlite3'}", "ATTEST_FINGERPRINT_FETCH": "0"}
     with running_service(env, tmp_path, workers=1, command=[installation.script]) as service:
         assert service.get("/readyz").status == 200
         assert service.post("/v1/challenges").status == 201
