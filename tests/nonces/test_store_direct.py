@@ -14,7 +14,7 @@ import redis
 
 from attest_service.errors import NonceReplayed, StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
-from attest_service.nonces.redis_store import (
+from attest_service.nonces.redis.store import (
     _ACCEPT_SCRIPT,
     MAX_LISTED_SCOPES,
     challenge_key,

@@ -20,7 +20,7 @@ import redis
 
 from attest_service.errors import NonceReplayed
 from attest_service.nonces import NonceStore, open_store
-from attest_service.nonces.redis_store import (
+from attest_service.nonces.redis.store import (
     _ACCEPT_SCRIPT,
     MAX_LISTED_SCOPES,
     challenge_key,
@@ -36,7 +36,7 @@ Unique = Callable[[str], str]
 VM: Final = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
 LIFETIME: Final = timedelta(minutes=10)
 
-#: The accept script of the previous release (attest_service/nonces/redis_store.py, before claim tokens).
+#: The accept script of the previous release (attest_service/nonces/redis/store.py, before claim tokens).
 PREVIOUS_ACCEPT_LUA: Final = """
 local seen = redis.call('GET', KEYS[2])
 if seen then

@@ -1,0 +1,1 @@
+"""The Redis nonce store: standalone, behind Sentinel, or a Redis Cluster."""
