@@ -3,7 +3,7 @@
 :func:`open_store` turns an ``ATTEST_NONCE_STORE`` URL into a :class:`NonceStore`:
 
 * ``redis://``, ``rediss://``, ``redis+sentinel://``, ``redis+cluster://`` -- Redis, shared by every replica
-  (:mod:`attest_service.nonces.redis.store`);
+  (:mod:`attest_service.nonces.redis`);
 * ``sqlite:///relative/path``, ``sqlite:////absolute/path`` -- a SQLite file shared by the worker processes
   of one machine (:mod:`attest_service.nonces.sqlite_store`); :func:`default_sqlite_url` names the default.
 
@@ -80,7 +80,7 @@ def open_store(
     # and the library can name the store protocol without either backend.
     try:
         if scheme in REDIS_SCHEMES:
-            from attest_service.nonces.redis.store import redis_store  # noqa: PLC0415
+            from attest_service.nonces.redis.urls import redis_store  # noqa: PLC0415
 
             return redis_store(url, timeout_seconds=timeout_seconds, challenge_ttl_seconds=challenge_ttl_seconds,
                                min_replicas=min_replicas)

@@ -210,7 +210,7 @@ class RateWindow:
         return until_next + max(needed_elapsed, 0)
 
 
-#: URL schemes of the Redis backend (:mod:`attest_service.nonces.redis.store`), known here so that a URL can be
+#: URL schemes of the Redis backend (:mod:`attest_service.nonces.redis`), known here so that a URL can be
 #: dispatched without importing redis.
 REDIS_SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
 

@@ -14,14 +14,9 @@ import redis
 
 from attest_service.errors import NonceReplayed, StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
-from attest_service.nonces.redis.store import (
-    _ACCEPT_SCRIPT,
-    MAX_LISTED_SCOPES,
-    challenge_key,
-    pack_command,
-    scoped_seen_key,
-    seen_key,
-)
+from attest_service.nonces.redis.connection import pack_command
+from attest_service.nonces.redis.keys import challenge_key, scoped_seen_key, seen_key
+from attest_service.nonces.redis.scripts import ACCEPT_SCRIPT, MAX_LISTED_SCOPES
 from attest_service.nonces.store import scope_tag
 from tests.support.redis_server import RedisServer
 
@@ -107,13 +102,13 @@ def test_a_resent_claim_of_a_vm_with_its_own_key_is_its_acceptance(server: Redis
     nonce = "resent"
     for index in range(MAX_LISTED_SCOPES):
         keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, f"vm-{index}")]
-        _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(f"vm-{index}"),
+        ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(f"vm-{index}"),
                                           MAX_LISTED_SCOPES])
     keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, "late-vm")]
     args = ["c", "0", "60000", "late-token", scope_tag("late-vm"), MAX_LISTED_SCOPES]
-    assert _ACCEPT_SCRIPT.run(client, keys, args) == [b"seen"]
-    assert _ACCEPT_SCRIPT.run(client, keys, args) == [b"accepted", b"0"]
-    assert _ACCEPT_SCRIPT.run(client, keys, [*args[:3], "another-token", *args[4:]])[0] == b"replayed"
+    assert ACCEPT_SCRIPT.run(client, keys, args) == [b"seen"]
+    assert ACCEPT_SCRIPT.run(client, keys, args) == [b"accepted", b"0"]
+    assert ACCEPT_SCRIPT.run(client, keys, [*args[:3], "another-token", *args[4:]])[0] == b"replayed"
     client.close()
 
 

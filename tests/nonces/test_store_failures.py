@@ -13,7 +13,7 @@ from redis.cluster import RedisCluster
 
 from attest_service.errors import StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
-from attest_service.nonces.redis.store import seen_key
+from attest_service.nonces.redis.keys import seen_key
 from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow

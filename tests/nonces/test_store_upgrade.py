@@ -20,13 +20,8 @@ import redis
 
 from attest_service.errors import NonceReplayed
 from attest_service.nonces import NonceStore, open_store
-from attest_service.nonces.redis.store import (
-    _ACCEPT_SCRIPT,
-    MAX_LISTED_SCOPES,
-    challenge_key,
-    scoped_seen_key,
-    seen_key,
-)
+from attest_service.nonces.redis.keys import challenge_key, scoped_seen_key, seen_key
+from attest_service.nonces.redis.scripts import ACCEPT_SCRIPT, MAX_LISTED_SCOPES
 from attest_service.nonces.store import epoch_ms, scope_tag
 from tests.support.redis_server import RedisServer
 
@@ -36,7 +31,7 @@ Unique = Callable[[str], str]
 VM: Final = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
 LIFETIME: Final = timedelta(minutes=10)
 
-#: The accept script of the previous release (attest_service/nonces/redis/store.py, before claim tokens).
+#: The accept script of the previous release (attest_service/nonces/redis_store.py, before claim tokens).
 PREVIOUS_ACCEPT_LUA: Final = """
 local seen = redis.call('GET', KEYS[2])
 if seen then
@@ -244,7 +239,7 @@ def test_a_vm_with_its_own_key_is_a_replay_to_the_listing_release(server: RedisS
     vms = [f"vm-{index}" for index in range(MAX_LISTED_SCOPES + 1)]
     for index, vm in enumerate(vms):
         keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, vm)]
-        assert _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(vm),
+        assert ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", f"token-{index}", scope_tag(vm),
                                                  MAX_LISTED_SCOPES]) == [b"seen"]
     for vm in (vms[0], vms[-1], "vm-new"):
         reply = client.eval(LISTING_RELEASE_ACCEPT_LUA, 2, challenge_key(nonce), seen_key(nonce), "c", "0",
@@ -253,6 +248,6 @@ def test_a_vm_with_its_own_key_is_a_replay_to_the_listing_release(server: RedisS
     # This release still tells the listed VMs, the VMs with a key and new VMs apart.
     for vm, expected in ((vms[0], b"replayed"), (vms[-1], b"replayed"), ("vm-new", b"seen")):
         keys = [challenge_key(nonce), seen_key(nonce), scoped_seen_key(nonce, vm)]
-        assert _ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", "again", scope_tag(vm),
+        assert ACCEPT_SCRIPT.run(client, keys, ["c", "0", "60000", "again", scope_tag(vm),
                                                  MAX_LISTED_SCOPES])[0] == expected
     client.close()

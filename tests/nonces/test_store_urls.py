@@ -10,9 +10,9 @@ import pytest
 
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import RedisNonceStore, SQLiteNonceStore, default_sqlite_url, open_store
-from attest_service.nonces.redis.store import MultiHostURL, redact
+from attest_service.nonces.redis.urls import MultiHostURL
 from attest_service.nonces.sqlite_store import sqlite_path
-from attest_service.nonces.store import RateWindow
+from attest_service.nonces.store import RateWindow, redact
 
 
 @pytest.mark.parametrize(

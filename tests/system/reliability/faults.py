@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from attest_service.nonces.redis.store import seen_key
+from attest_service.nonces.redis.keys import seen_key
 from tests.support.redis_server import redis_server
 from tests.system.reliability.harness import (
     DURABLE_REDIS_ARGS,

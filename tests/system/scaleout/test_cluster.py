@@ -22,7 +22,7 @@ from typing import Final
 
 import pytest
 
-from attest_service.nonces.redis.store import seen_key
+from attest_service.nonces.redis.keys import seen_key
 from tests.support import tools
 from tests.support.redis_server import RedisClusterNodes, RedisServer, redis_cluster
 from tests.support.service import DocumentFactory, Reply, ServiceProcess

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from attest_service.nonces import open_store
-from attest_service.nonces.redis.store import challenge_key, seen_key
+from attest_service.nonces.redis.keys import challenge_key, seen_key
 from attest_service.nonces.store import CLOCK_DISAGREEMENT_MARGIN_SECONDS
 from tests.support import tools
 from tests.support.redis_server import RedisServer, redis_server
