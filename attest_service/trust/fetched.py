@@ -20,8 +20,14 @@ trust: a certificate whose digest is not the pinned one is never used. So, with 
   certificate is kept on disk, so a restart needs no network; a file there is held to the same rules as a
   fetched one (its digest must be a current pin's), so a file put there by anyone else is never used.
 
-A pin without a URL (Microsoft publishes only a SHA-1 thumbprint for one China CA) cannot be fetched here:
-the AIA fallback takes it from a document's caIssuers URL, or ``certs add --from-document`` pins it.
+A pin without a URL (Microsoft publishes only a SHA-1 thumbprint for one China CA) has no address of its own.
+When a document is refused because its issuer is not pinned, the signer's first caIssuers URL on the cloud's
+allow-list is offered (:meth:`PinnedCaFetcher.offer`): while some URL-less pin of that cloud is not held, the
+URL is fetched in the background, never on the request path, and the answer is kept only when it is the
+certificate a URL-less pin names. That document stays refused; the ones after it verify. Forged documents
+can name any allowed URL, so offers spend a budget of their own per cloud (:data:`OFFER_BURST` fetches,
+refilled at :data:`OFFERS_PER_MINUTE` a minute) and a URL is offered at most once per
+:data:`RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +73,11 @@ FETCHES_PER_ROUND: Final = 10
 RETRY_SECONDS: Final = 300.0
 #: Files of the cache directory looked at; a deployment pins a handful of CAs by fingerprint.
 MAX_CACHE_FILES: Final = 64
+#: Offered URLs a cloud may have fetched at once (the AIA fallback's burst), and the refill a minute.
+OFFER_BURST: Final = 10
+OFFERS_PER_MINUTE: Final = 10.0
+#: Offered URLs remembered (oldest forgotten first); the allow-list keeps the genuine ones to a handful.
+MAX_OFFERED_URLS: Final = 256
 
 FetchState = Literal["fetched", "pending", "failed", "no_url"]
 _CACHE_FILE: Final = re.compile(r"[a-z]+-[0-9a-f]{64}\.pem")
@@ -136,6 +147,9 @@ class PinnedCaFetcher:
         self._idle = threading.Event()
         self._idle.set()
         self._cache_read = False
+        self._offered: list[tuple[str, str]] = []
+        self._offered_at: dict[str, float] = {}
+        self._tokens: dict[str, tuple[float, float]] = {}
 
     # --- what the trust in use gets -------------------------------------------------------------
 
@@ -208,6 +222,37 @@ class PinnedCaFetcher:
             self._round = threading.Thread(target=self._run, name="fingerprint-pin-fetch", daemon=True)
             self._round.start()
 
+    def offer(self, trust: CloudTrust, ca_issuers: Sequence[str]) -> bool:
+        """Queue the first allowed of a refused document's caIssuers URLs for the URL-less pins of its cloud.
+
+        True when a fetch was queued (the caller then starts a round with :meth:`refresh`). Nothing is queued
+        when every URL-less pin is held, no URL is allowed, the URL was offered within :data:`RETRY_SECONDS`,
+        or the cloud's offer budget is spent.
+        """
+        cloud = trust.profile.name
+        pinned = _pinned_files(trust)
+        url = next((url for url in ca_issuers if self.policy.allowed(cloud, url)), None)
+        if url is None:
+            return False
+        with self._lock:
+            waiting = [pin for pin in trust.fingerprint_pins
+                       if pin.url is None and _key(pin) not in self._held and pin.digest not in pinned]
+            moment = self._clock()
+            if not waiting or self._offered_at.get(url, float("-inf")) > moment:
+                return False
+            tokens, updated = self._tokens.get(cloud, (float(OFFER_BURST), moment))
+            tokens = min(float(OFFER_BURST), tokens + (moment - updated) * OFFERS_PER_MINUTE / 60.0)
+            if tokens < 1.0:
+                self._tokens[cloud] = (tokens, moment)
+                return False
+            self._tokens[cloud] = (tokens - 1.0, moment)
+            self._offered_at.pop(url, None)
+            while len(self._offered_at) >= MAX_OFFERED_URLS:
+                del self._offered_at[next(iter(self._offered_at))]
+            self._offered_at[url] = moment + self._retry
+            self._offered.append((cloud, url))
+        return True
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no round runs; True when none does (for tests and an orderly shutdown)."""
         return self._idle.wait(timeout)
@@ -253,7 +298,32 @@ class PinnedCaFetcher:
                     return added
                 started += 1
                 added = self._fetch(pin, pin.url, cloud_trust) or added
+        with self._lock:
+            offered, self._offered = self._offered, []
+        for cloud, url in offered:
+            offered_trust = trust.clouds.get(cloud)
+            if offered_trust is not None:
+                added = self._fetch_offered(url, offered_trust) or added
         return added
+
+    def _fetch_offered(self, url: str, trust: CloudTrust) -> bool:
+        """Fetch an offered URL; keep the answer only as the certificate of a URL-less pin it matches."""
+        with self._lock:
+            waiting = [pin for pin in trust.fingerprint_pins if pin.url is None and _key(pin) not in self._held]
+        if not waiting:
+            return False
+        try:
+            pin, certificate = self._matching(url, waiting, trust)
+        except FetchRefused as exc:
+            LOG.warning("fingerprint pins (%s): %s offered by a refused document: not used: %s: %s",
+                        trust.profile.name, url[:200], exc.result, exc.message)
+            return False
+        with self._lock:
+            self._held[_key(pin)] = _Held(certificate, url)
+        LOG.info("fingerprint pin %s (%s): fetched %s (sha256 %s) from %s, named by a refused document",
+                 pin.name, pin.cloud, certificate.subject.rfc4514_string(), fingerprint(certificate), url[:200])
+        self._write_cache(pin, certificate)
+        return True
 
     def _fetch(self, pin: FingerprintPin, url: str, trust: CloudTrust) -> bool:
         try:
@@ -271,6 +341,19 @@ class PinnedCaFetcher:
                  certificate.subject.rfc4514_string(), fingerprint(certificate), url[:200])
         self._write_cache(pin, certificate)
         return True
+
+    def _matching(self, url: str, waiting: Sequence[FingerprintPin],
+                  trust: CloudTrust) -> tuple[FingerprintPin, x509.Certificate]:
+        """The certificate at ``url`` and the pin of ``waiting`` it is; FetchRefused when it is none of them."""
+        if not self.policy.allowed(trust.profile.name, url):
+            raise FetchRefused("not_allowed", f"{url[:200]} is not on the {trust.profile.name} AIA allow-list")
+        certificate = self._fetcher.fetch(url)
+        pin = next((pin for pin in waiting if pin.matches(certificate)), None)
+        if pin is None:
+            raise FetchRefused("mismatch", f"{fingerprint(certificate)} is not the certificate of a "
+                                           f"{trust.profile.name} fingerprint pin without URL")
+        self._check(pin, certificate, trust)
+        return pin, certificate
 
     def _fetch_checked(self, pin: FingerprintPin, url: str, trust: CloudTrust) -> x509.Certificate:
         """The certificate at ``url`` if it is the pinned one; FetchRefused otherwise (nothing fetched off-list)."""

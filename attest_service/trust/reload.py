@@ -317,6 +317,11 @@ class ReloadingVerifier:
         _publish(self)
         LOG.info("pinned trust of %s: fingerprint-pinned CAs fetched and in use", self.directory)
 
+    def _offer_issuer_url(self, signer: x509.Certificate, cloud_trust: CloudTrust) -> None:
+        """Let the background fetcher try the signer's caIssuers URL for the cloud's URL-less fingerprint pins."""
+        if self._pinned_fetch is not None and self._pinned_fetch.offer(cloud_trust, ca_issuers_urls(signer)):
+            self._fetch_pinned()
+
     def pinned_fetches(self) -> list[PinFetch]:
         """Each fingerprint pin of the trust in use with whether its certificate is fetched (metrics)."""
         if self._pinned_fetch is None:
@@ -381,6 +386,7 @@ class ReloadingVerifier:
             signer, cloud_trust = unpinned
             if self._aia is None:
                 self._count_unpinned(signer, cloud_trust, self._carried_issuer(document, signer, cloud_trust, now))
+                self._offer_issuer_url(signer, cloud_trust)
                 raise
             try:
                 fetched = self._aia.issuer_for(signer, cloud_trust, now=now)

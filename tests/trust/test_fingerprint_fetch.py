@@ -19,7 +19,7 @@ from attest_service.imds import pki
 from attest_service.settings import Settings
 from attest_service.trust import fingerprint
 from attest_service.trust.aia import AiaPolicy, AllowRule
-from attest_service.trust.fetched import CACHE_DIR_NAME, PinnedCaFetcher, cache_dir_for_store
+from attest_service.trust.fetched import CACHE_DIR_NAME, OFFER_BURST, PinnedCaFetcher, cache_dir_for_store
 from attest_service.trust.issuers import CertificateFetcher
 from attest_service.trust.pins import add_fingerprint_pin
 from attest_service.trust.reload import ReloadingVerifier
@@ -227,3 +227,71 @@ def test_certs_list_and_the_metrics_show_whether_each_pin_is_fetched(server: CaS
         "cloud": "china", "role": "intermediate", "subject": "Ops DigiCert Basic RSA CN CA G2",
         "sha256": fingerprint(issuing.certificate)}) == issuing.certificate.not_valid_after_utc.timestamp()
     assert app is not None
+
+
+# --- a pin without a URL: the URL a refused document names, fetched in the background ----------------------
+
+
+def _sha1(ca: pki.CertifiedKey) -> str:
+    return ca.certificate.fingerprint(hashes.SHA1()).hex()
+
+
+def test_a_pin_without_url_is_fetched_from_a_refused_documents_url(server: CaServer, china, leaf_key) -> None:
+    directory, root = china
+    issuing = _issuing(root, "Ops DigiCert Basic OV G2 TLS CN CA1")
+    url = server.publish("/ov.crt", _der(issuing))
+    _pin(directory, server, _sha1(issuing), None, name="Ops OV CA")
+    fetcher = _fetcher(server)
+    verifier = _started(directory, fetcher)
+    assert server.hits["/ov.crt"] == 0
+    document = _document(issuing, leaf_key, url)
+    # Never on the request path: the first document is refused, and its URL is fetched in the background.
+    with pytest.raises(UntrustedChain):
+        verifier.verify(document, policy=CHINA, now=datetime.now(UTC))
+    assert fetcher.wait_idle(ROUND_SECONDS)
+    verifier.verify(document, policy=CHINA, now=datetime.now(UTC))
+    assert server.hits["/ov.crt"] == 1
+    assert fetcher.states(verifier.trust)[0].state == "fetched"
+
+
+def test_a_refused_documents_url_answering_another_ca_changes_nothing(server: CaServer, china, leaf_key) -> None:
+    directory, root = china
+    pinned = _issuing(root, "Ops DigiCert Basic OV G2 TLS CN CA1")
+    impostor = _issuing(root, "Ops DigiCert Basic OV G2 TLS CN CA1")
+    url = server.publish("/ov.crt", _der(impostor))
+    _pin(directory, server, _sha1(pinned), None, name="Ops OV CA")
+    fetcher = _fetcher(server)
+    verifier = _started(directory, fetcher)
+    document = _document(impostor, leaf_key, url)
+    for _ in range(3):
+        with pytest.raises(UntrustedChain):
+            verifier.verify(document, policy=CHINA, now=datetime.now(UTC))
+        assert fetcher.wait_idle(ROUND_SECONDS)
+    # Fetched once (the URL is not offered again before the retry delay), and never used.
+    assert server.hits["/ov.crt"] == 1
+    assert fetcher.states(verifier.trust)[0].state == "no_url"
+
+
+def test_forged_documents_naming_many_urls_spend_a_bounded_budget(server: CaServer, china, leaf_key) -> None:
+    directory, root = china
+    pinned = _issuing(root, "Ops DigiCert Basic OV G2 TLS CN CA1")
+    _pin(directory, server, _sha1(pinned), None, name="Ops OV CA")
+    forger = _issuing(root, "Ops Forger CA")
+    fetcher = _fetcher(server)
+    verifier = _started(directory, fetcher)
+    for n in range(OFFER_BURST + 5):
+        with pytest.raises(UntrustedChain):
+            verifier.verify(_document(forger, leaf_key, server.url(f"/forged-{n}.crt")), policy=CHINA,
+                            now=datetime.now(UTC))
+    assert fetcher.wait_idle(ROUND_SECONDS)
+    assert sum(server.hits.values()) == OFFER_BURST
+    # A URL off the allow-list is not fetched at all.
+    narrow = PinnedCaFetcher(policy=AiaPolicy(allow={"china": (AllowRule(
+        scheme="http", host="127.0.0.1", port=server.port, path_prefix="/allowed/"),)}),
+        fetcher=CertificateFetcher(allow_address=lambda address: address.is_loopback))
+    elsewhere = _started(directory, narrow)
+    with pytest.raises(UntrustedChain):
+        elsewhere.verify(_document(forger, leaf_key, server.url("/elsewhere.crt")), policy=CHINA,
+                         now=datetime.now(UTC))
+    assert narrow.wait_idle(ROUND_SECONDS)
+    assert server.hits["/elsewhere.crt"] == 0

@@ -304,9 +304,11 @@ def _fingerprint_problems(trust: CloudTrust, policy: AiaPolicy) -> tuple[list[Pr
             problem("removed_pinned", f"{name} is also listed in {REMOVED_LIST}, which wins: it is never accepted",
                     problems)
         elif pin.digest not in pinned:
-            where = pin.url or "any allow-listed caIssuers URL"
-            problem("awaiting_fetch", f"{name}: not in the directory yet; the AIA fallback takes it from {where}, "
-                                      "or pin it with certs add --from-document", awaiting)
+            how = (f"the service fetches it in the background from {pin.url}" if pin.url is not None else
+                   "the service fetches it in the background from the allow-listed caIssuers URL of the first "
+                   "document it refuses for want of it")
+            problem("awaiting_fetch", f"{name}: not in the directory yet; {how}, or pin it with certs add "
+                                      "--from-document", awaiting)
     return problems, awaiting
 
 
