@@ -1,4 +1,4 @@
-# One entry point for people and CI: `make run`, `make test`, `make lint`, `make bench`.
+# One entry point for people and CI: `make run`, `make check`, `make test`, `make lint`, `make bench`.
 # Each target installs what it needs on a fresh Debian machine with Python 3.11.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test lint bench fuzz soak clean system-deps redis-server-installed promtool-installed wrk-installed
+.PHONY: run check test lint bench fuzz soak clean system-deps redis-server-installed promtool-installed wrk-installed
 
 # Debian ships venv/ensurepip and redis-server as separate packages; install them only when missing.
 system-deps:
@@ -50,6 +50,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/attest-service certs check --pinned-certs pinned_certs
+
+# The fast tier: lint and every test not marked slow (tests/conftest.py fails one that starts a process, binds a
+# socket or sleeps), so it needs neither Redis nor promtool.
+check: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 test: $(STAMP) redis-server-installed promtool-installed lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

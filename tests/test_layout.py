@@ -152,6 +152,7 @@ def _loaded_after(code: str) -> list[str]:
     ["certs", "list"],
     ["certs", "check"],
 ], ids=lambda argv: " ".join(argv[:2]))
+@pytest.mark.slow
 def test_offline_commands_load_no_part_of_the_service_runtime(argv: list[str]) -> None:
     code = f"""
 import io
@@ -164,6 +165,7 @@ sys.stdout = sys.__stdout__
     assert _loaded_after(code) == []
 
 
+@pytest.mark.slow
 def test_the_library_loads_no_part_of_the_service_runtime() -> None:
     assert _loaded_after("from attest_service import Attestor, CallerPolicy, Verifier; Verifier.bundled()") == []
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+# Every test runs the command line as a process.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTCASES = REPO_ROOT / "tests" / "assets" / "testcases"
 PINNED = TESTCASES / "pinned"

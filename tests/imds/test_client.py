@@ -27,6 +27,9 @@ from attest_service.imds.emulator import EmulatorPki, EmulatorSettings, Fault, R
 from .conftest import REPO_ROOT
 from .servers import FakeClock, emulator, verification_service
 
+# Every test talks to the emulator or the service over loopback HTTP servers.
+pytestmark = pytest.mark.slow
+
 FAST = RetryPolicy(gone_budget=70.0, max_transient_attempts=4, initial_backoff=0.5, max_backoff=8.0,
                    stale_refetches=3, stale_wait=1.0)  # fmt: skip
 

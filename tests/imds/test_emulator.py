@@ -127,6 +127,7 @@ def test_more_than_five_requests_per_second_are_throttled(imds, clock: FakeClock
     assert http_get(imds.url + "/metadata/versions", META)[0] == 200
 
 
+@pytest.mark.slow
 def test_rate_limit_with_the_real_clock(emulator_signing: EmulatorPki) -> None:
     with emulator(EmulatorSettings(), emulator_signing) as running:
         statuses = [http_get(running.url + "/metadata/versions", META)[0] for _ in range(8)]
@@ -225,6 +226,7 @@ def test_other_paths_and_methods(imds) -> None:
 # --- faults ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "status"), [("410", 410), ("500", 500)])
 def test_status_faults_answer_the_first_requests(
     emulator_signing: EmulatorPki, clock: FakeClock, fault: str, status: int
@@ -237,6 +239,7 @@ def test_status_faults_answer_the_first_requests(
     assert statuses == [status, status, 200]
 
 
+@pytest.mark.slow
 def test_cached_nonce_fault_hands_back_an_old_document(emulator_signing: EmulatorPki, clock: FakeClock) -> None:
     settings = EmulatorSettings(faults=[Fault.parse("cached-nonce:2")])
     with emulator(settings, emulator_signing, clock=clock) as running:
@@ -290,6 +293,7 @@ def _command_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_command_serves_the_instance_file_and_pins_its_pki(tmp_path: Path) -> None:
     instance = json.loads(json.dumps(DEFAULT_INSTANCE))
     instance["compute"].update(vmId="vm-from-file", location="usgovvirginia", sku="gold")
@@ -332,6 +336,7 @@ def test_command_serves_the_instance_file_and_pins_its_pki(tmp_path: Path) -> No
     assert returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arguments",
     [

@@ -200,6 +200,7 @@ def test_signed_attributes_without_signing_time(rsa_chain: Chain) -> None:
 # --- openssl as an independent verifier -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @tools.requires_tool("openssl")
 @pytest.mark.parametrize("key_kind", ["rsa", "ec"])
 @pytest.mark.parametrize("signed_attributes", [False, True])

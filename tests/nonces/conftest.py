@@ -74,7 +74,8 @@ def _close_all(stores: list[NonceStore]) -> None:
         store.close()
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=[pytest.mark.slow, requires_redis]),
+                        pytest.param("redis-cluster", marks=[pytest.mark.slow, requires_redis])])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The ``ATTEST_NONCE_STORE`` URL of one backend."""
     backend: str = request.param

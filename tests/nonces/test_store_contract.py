@@ -88,6 +88,7 @@ def test_challenge_cannot_be_issued_twice(store: NonceStore, unique: Unique) -> 
         issue(store, nonce, unique("other"))
 
 
+@pytest.mark.slow
 def test_expired_challenge_is_unknown(store: NonceStore, unique: Unique) -> None:
     nonce, client = unique("nonce"), unique("client")
     issue(store, nonce, client, lifetime=timedelta(milliseconds=300))
@@ -96,6 +97,7 @@ def test_expired_challenge_is_unknown(store: NonceStore, unique: Unique) -> None
         accept(store, nonce, client, require_challenge=True)
 
 
+@pytest.mark.slow
 def test_seen_record_lives_until_the_document_expires(make_store: StoreFactory, unique: Unique) -> None:
     store = make_store(challenge_ttl_seconds=0.2)
     nonce, client = unique("nonce"), unique("client")
@@ -118,6 +120,7 @@ def test_seen_record_lives_at_least_one_challenge_lifetime(make_store: StoreFact
         store.accept(nonce, client_id=client, expires_at=expired, require_challenge=False, now=utcnow())
 
 
+@pytest.mark.slow
 def test_consumed_challenge_is_remembered_until_it_would_have_expired(make_store: StoreFactory, unique: Unique) -> None:
     store = make_store(challenge_ttl_seconds=0.2)
     nonce, client = unique("nonce"), unique("client")
@@ -130,6 +133,7 @@ def test_consumed_challenge_is_remembered_until_it_would_have_expired(make_store
         store.accept(nonce, client_id=client, expires_at=later + DOCUMENT_LIFETIME, require_challenge=False, now=later)
 
 
+@pytest.mark.slow
 def test_seen_record_is_forgotten_after_it_expires(make_store: StoreFactory, unique: Unique) -> None:
     store = make_store(challenge_ttl_seconds=0.2)
     nonce, client = unique("nonce"), unique("client")
@@ -227,6 +231,7 @@ def test_awkward_nonces_are_kept_apart(store: NonceStore, unique: Unique) -> Non
         assert accept(store, unique(nonce), client) == Acceptance(challenge=False)
 
 
+@pytest.mark.slow
 def test_a_caller_clock_behind_the_store_cannot_reopen_a_replay(store: NonceStore, unique: Unique) -> None:
     # A replica whose clock runs two days behind the store's: the document's expiry, by that clock, is already
     # far in the store's past. The seen record must still outlive the replica's acceptance window.

@@ -63,6 +63,7 @@ def test_restarted_redis_is_used_at_once(server: RedisServer, redis_store: Nonce
     assert accept(redis_store, unique("after")) == Acceptance(challenge=False)
 
 
+@pytest.mark.slow
 @requires_redis
 def test_store_opened_while_redis_is_down_connects_later(tmp_path: Path, unique: Unique) -> None:
     server = RedisServer(tmp_path / "late")

@@ -19,7 +19,7 @@ from tests.support.redis_server import RedisClusterNodes, RedisServer, SentinelS
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow
 
-pytestmark = requires_redis
+pytestmark = [pytest.mark.slow, requires_redis]
 
 Unique = Callable[[str], str]
 

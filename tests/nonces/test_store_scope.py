@@ -86,6 +86,7 @@ def test_a_challenge_consumed_over_vm_records_keeps_those_vms_refused(store: Non
         accept(store, nonce, vm=VM_A, client=client)
 
 
+@pytest.mark.slow
 def test_a_shorter_lived_vm_record_does_not_shorten_another(make_store: StoreFactory, unique: Unique) -> None:
     store = make_store(challenge_ttl_seconds=0.2)
     nonce = unique("lifetimes")

@@ -19,8 +19,13 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from attest_service.errors import AttestError
 from attest_service.nonces import SQLiteNonceStore
+
+# The store is driven from a child process that is killed mid-commit.
+pytestmark = pytest.mark.slow
 
 #: Seconds the child may take (start, a few transactions).
 CHILD_TIMEOUT_SECONDS = 60

@@ -382,6 +382,7 @@ def test_explain_real_document_with_its_issuer_unpinned(run_cli, tmp_path: Path)
     assert any(url.startswith("http://www.microsoft.com/pkiops/certs/") for url in report["signer"]["caIssuers"])
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs_certs_check() -> None:
     result = subprocess.run([sys.executable, "-m", "attest_service", "certs", "check",
                              "--pinned-certs", str(BUNDLED)], capture_output=True, text=True, cwd=REPO_ROOT,

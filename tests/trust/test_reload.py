@@ -259,6 +259,7 @@ def test_a_root_certifi_no_longer_carries_is_logged_on_reload(pinned: Path, capl
     assert any("ab" * 32 in r.getMessage() and "is not in certifi" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_requests_during_rotation_never_fail(pinned: Path, pki_set: Pki, leaf_key) -> None:
     # Real clock, short interval: verifying threads run while pins are added and removed underneath.
     holder = ReloadingVerifier(pinned, interval_seconds=0.01)

@@ -160,6 +160,7 @@ def test_wrong_subject_pkcs7_is_refused(cloud: str, bundled: TrustStore) -> None
     assert _verify_at_creation(der, bundled, cloud) == "subject_mismatch"
 
 
+@pytest.mark.slow
 def test_verify_command_on_a_real_document(real_documents: Path) -> None:
     entry = EXPECTED[-1]
     completed = subprocess.run(

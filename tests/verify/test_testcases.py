@@ -68,6 +68,7 @@ def test_attacks_are_never_accepted() -> None:
     assert "ok" not in attacks.values()
 
 
+@pytest.mark.slow
 def test_generator_output_does_not_drift(tmp_path: Path) -> None:
     # Re-run the generator with the checked-in keys; every output must be byte-identical, so a change to
     # the generator or to the PKI helpers it uses shows up here rather than as silently stale fixtures.

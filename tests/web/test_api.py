@@ -297,6 +297,7 @@ def test_error_bodies_carry_no_traceback(client: FlaskClient) -> None:
     assert json.loads(response.get_data())["error"]["code"] == "malformed_request"
 
 
+@pytest.mark.slow
 def test_pinned_directory_changes_apply_without_restart(make_client: AppFactory, test_pki: GeneratedPki,
                                                         tmp_path) -> None:
     pinned = tmp_path / "pinned"

@@ -141,6 +141,7 @@ def test_serve_beyond_loopback_opens_only_when_asked(live_pki: GeneratedPki, tmp
     assert "ATTEST_ALLOW_OPEN=1" in service.log.read_text()
 
 
+@pytest.mark.slow
 def test_serve_refuses_allow_open_with_keys() -> None:
     env = {**os.environ, "ATTEST_ALLOW_OPEN": "1", "ATTEST_API_KEYS": API_KEYS_ENV}
     result = subprocess.run([sys.executable, "-m", "attest_service", "serve", "--bind", "127.0.0.1:1"],

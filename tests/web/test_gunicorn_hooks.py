@@ -9,6 +9,7 @@ import sys
 import textwrap
 import types
 
+import pytest
 from prometheus_client import REGISTRY
 
 from attest_service.server.gunicorn_conf import post_worker_init
@@ -45,6 +46,7 @@ _TURNS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_post_request_lets_a_waiting_request_in_after_one_turn() -> None:
     # With sleep(0) the busy connection kept the worker for all 200 requests: gevent resumes those
     # greenlets before it polls for I/O again. The shipped hook waits for the next loop iteration.

@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from attest_service.server.workers import MAX_DEFER_SECONDS, STALE_MS, ConnectionCounts, Deferral
 from tests.support.service import DocumentFactory, ServiceProcess, running_service
 
@@ -97,6 +99,7 @@ def wait_for_both_workers(service: ServiceProcess) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_connections_opened_one_after_another_are_shared_evenly(tmp_path: Path) -> None:
     factory = DocumentFactory.around_now(tmp_path / "pinned")
     env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir),

