@@ -26,6 +26,9 @@ from attest_service.imds.emulator import EmulatorPki, EmulatorSettings
 
 from .servers import emulator, verification_service
 
+# Every test talks to the emulator, the service or another origin over loopback HTTP servers.
+pytestmark = pytest.mark.slow
+
 KEY = "vendor-key-7Qm2x9"
 #: A second loopback address: another host than 127.0.0.1 as far as an origin goes.
 OTHER_HOST = "127.0.0.2"

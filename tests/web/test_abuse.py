@@ -189,6 +189,7 @@ def test_the_block_table_is_bounded() -> None:
     blocks.check("192.0.2.199", NOW + timedelta(seconds=61))  # the block has ended
 
 
+@pytest.mark.slow
 def test_a_block_is_seen_by_every_process_forked_after_the_table_was_made() -> None:
     blocks = FailedAuthBlocks()
     reader, writer = os.pipe()
