@@ -5,6 +5,7 @@ A bad value stops the process with a message naming the variable; nothing is re-
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -38,23 +39,45 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
-def parse_api_keys(value: str) -> Mapping[str, bytes]:
-    """Parse ``client_id:sha256hex,...`` into client id -> SHA-256 digest of its key."""
-    keys: dict[str, bytes] = {}
+def parse_api_keys(value: str) -> Mapping[str, tuple[bytes, ...]]:
+    """Parse ``client_id:sha256hex,...`` into client id -> the SHA-256 digests of its keys.
+
+    A client may be listed with several keys (``vendor-a:h1,vendor-a:h2``), each valid, so that a key can be
+    rotated without downtime: add the new one, move the client to it, remove the old one. The same digest
+    twice, or under two clients, is refused: it would be a typo, and a key must name exactly one client.
+    """
+    keys: dict[str, list[bytes]] = {}
+    owners: dict[bytes, str] = {}
     for item in value.split(","):
         entry = item.strip()
         if not entry:
             continue
         client_id, sep, digest = entry.partition(":")
+        client_id = client_id.strip()
         digest = digest.strip().lower()
-        if not sep or not _CLIENT_ID.fullmatch(client_id.strip()):
+        if not sep or not _CLIENT_ID.fullmatch(client_id):
             raise ConfigurationError(f"ATTEST_API_KEYS: {client_id[:40]!r} is not a client id (letters, digits, ._-)")
         if not _SHA256_HEX.fullmatch(digest):
-            raise ConfigurationError(f"ATTEST_API_KEYS: the key of {client_id!r} is not a hex SHA-256 digest")
-        if client_id.strip() in keys:
-            raise ConfigurationError(f"ATTEST_API_KEYS: client {client_id!r} is listed twice")
-        keys[client_id.strip()] = bytes.fromhex(digest)
-    return MappingProxyType(keys)
+            raise ConfigurationError(f"ATTEST_API_KEYS: the key of {client_id!r} is not a hex SHA-256 digest "
+                                     "(attest-service api-key new CLIENT_ID prints an entry)")
+        raw = bytes.fromhex(digest)
+        if raw in owners:
+            where = "twice" if owners[raw] == client_id else f"for both {owners[raw]!r} and {client_id!r}"
+            raise ConfigurationError(f"ATTEST_API_KEYS: the key {digest[:12]}... is listed {where}")
+        owners[raw] = client_id
+        keys.setdefault(client_id, []).append(raw)
+    return MappingProxyType({client_id: tuple(digests) for client_id, digests in keys.items()})
+
+
+def api_key_entry(client_id: str, key: str) -> str:
+    """The ``ATTEST_API_KEYS`` entry of ``key`` for ``client_id``: ``client_id:sha256hex``.
+
+    Raises ValueError when ``client_id`` is not one the variable accepts.
+    """
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise ValueError(f"{client_id[:40]!r} is not a client id: 1 to 64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return f"{client_id}:{hashlib.sha256(key.encode('utf-8')).hexdigest()}"
 
 
 def parse_trusted_proxies(value: str) -> tuple[IPNetwork, ...]:
@@ -102,7 +125,8 @@ class Settings:
 
     pinned_certs: Path
     nonce_store_url: str
-    api_keys: Mapping[str, bytes]
+    #: Each client's accepted key digests (several while a key is being rotated).
+    api_keys: Mapping[str, tuple[bytes, ...]]
     policy_file: Path | None
     challenge_ttl: timedelta
     clock_skew: timedelta

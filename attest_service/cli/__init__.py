@@ -3,7 +3,8 @@
 - :mod:`~attest_service.cli.verify`: ``verify``, offline verification of one document;
 - :mod:`~attest_service.cli.certs`: ``certs``, operations on the pinned trust;
 - :mod:`~attest_service.cli.serve`: ``serve``, the REST service under gunicorn;
-- :mod:`~attest_service.cli.imds`: ``imds-emulator`` and ``attest``, the VM side.
+- :mod:`~attest_service.cli.imds`: ``imds-emulator`` and ``attest``, the VM side;
+- :mod:`~attest_service.cli.apikey`: ``api-key new``, minting a client's API key.
 
 Each module has a ``register(subparsers)`` function that sets ``handler`` to a function taking the parsed
 arguments and returning the exit code; :mod:`~attest_service.cli.common` holds what they share. The offline
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from attest_service import __version__
-from attest_service.cli import certs, imds, serve, verify
+from attest_service.cli import apikey, certs, imds, serve, verify
 from attest_service.cli.common import EXIT_REFUSED, EXIT_USAGE, Handler, UsageError
 from attest_service.errors import ConfigurationError
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 #: Every sub-command, in the order ``--help`` lists them.
 REGISTRARS: Final[tuple[Callable[[Subparsers], None], ...]] = (
-    serve.register, verify.register, certs.register, imds.register,
+    serve.register, verify.register, certs.register, imds.register, apikey.register,
 )
 
 

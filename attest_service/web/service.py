@@ -76,7 +76,8 @@ class Service:
     attestor: Attestor
     access: AccessPolicy
     clock: Clock
-    api_keys: Mapping[str, bytes]
+    #: Each client's accepted key digests (several while a key is being rotated).
+    api_keys: Mapping[str, tuple[bytes, ...]]
     #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.callers.leases`).
     rate_leases: RateLeases
     #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.callers.throttle`).
@@ -101,9 +102,10 @@ class Service:
             raise Unauthorized("expected Authorization: Bearer <key>")
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         matched: str | None = None
-        for client_id, expected in self.api_keys.items():
-            if hmac.compare_digest(digest, expected):
-                matched = client_id
+        for client_id, digests in self.api_keys.items():
+            for expected in digests:
+                if hmac.compare_digest(digest, expected):
+                    matched = client_id
         if matched is None:
             raise Unauthorized("the API key is not valid")
         return Caller(client_id=matched, rate_key=matched, policy=self.access.for_client(matched), source=source)
