@@ -228,7 +228,11 @@ def register(subparsers: Subparsers) -> None:
     add_pinned_certs_option(listing)
     listing.set_defaults(handler=run_list)
 
-    check = actions.add_parser("check", help="exit non-zero naming each problem of the pins")
+    check = actions.add_parser(
+        "check", help="exit non-zero naming each problem of the pins",
+        description="Audit the pinned directory: exit 1, naming each certificate, when a pin is expired or expires "
+                    "within --warn-days, when an intermediate does not chain to a root of its cloud, or when an "
+                    "intermediate is not a CA; exit 0 when every pin is sound, 2 on a usage error.")
     check.add_argument("--warn-days", type=int, default=DEFAULT_WARN_DAYS, metavar="D",
                        help=f"report pins expiring within D days (default {DEFAULT_WARN_DAYS})")
     view = check.add_mutually_exclusive_group()
@@ -244,7 +248,7 @@ def register(subparsers: Subparsers) -> None:
     add = actions.add_parser("add", help="validate and pin an intermediate CA",
                              description="Pin the CA(s) of FILE; or an intermediate by fingerprint (--fingerprint); "
                                          "or the issuer of a document's signer (--from-document).")
-    add.add_argument("--cloud", choices=list(CLOUDS), required=True)
+    add.add_argument("--cloud", choices=list(CLOUDS), required=True, help="the cloud whose roots the CA must chain to")
     add.add_argument("--source", help="provenance recorded in the manifest (default: what was added and the date)")
     add_pinned_certs_option(add)
     add.add_argument("file", metavar="FILE", nargs="?", help="PEM or DER certificate(s)")
@@ -260,16 +264,25 @@ def register(subparsers: Subparsers) -> None:
                                                     "(only the certificate that issued the signer is pinned)")
     add.set_defaults(handler=run_add)
 
-    remove = actions.add_parser("remove", help="unpin an intermediate")
-    remove.add_argument("--cloud", choices=list(CLOUDS), required=True)
+    remove = actions.add_parser("remove", help="unpin an intermediate",
+                                description="Unpin one intermediate of a cloud, named by its SHA-256 or its file name.")
+    remove.add_argument("--cloud", choices=list(CLOUDS), required=True, help="the cloud whose pin is removed")
     add_pinned_certs_option(remove)
-    remove.add_argument("pin", metavar="SHA256_OR_FILENAME")
+    remove.add_argument("pin", metavar="SHA256_OR_FILENAME",
+                        help="the pin's SHA-256 fingerprint (as certs list prints it) or its file name")
     remove.set_defaults(handler=run_remove)
 
-    explain = actions.add_parser("explain", help="which verification step a document fails, and why")
-    explain.add_argument("--cloud", choices=[*CLOUDS, AUTO], default=AUTO)
+    explain = actions.add_parser(
+        "explain", help="which verification step a document fails, and why",
+        description="Walk one document through the verification steps against the pinned trust and say, in "
+                    "words, which step it fails and what would let it pass (a missing pin, an instant outside "
+                    "a certificate's validity, ...); exit 0 when it verifies, 1 when it does not, 2 on a usage "
+                    "error.")
+    explain.add_argument("--cloud", choices=[*CLOUDS, AUTO], default=AUTO,
+                         help="cloud whose trust and domain apply (default: auto, from the signer's name)")
     explain.add_argument("--at", type=parse_instant, metavar="TIME", help="instant to verify at (default: now)")
     explain.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     add_pinned_certs_option(explain)
-    explain.add_argument("file", metavar="FILE")
+    explain.add_argument("file", metavar="FILE",
+                         help="the document: IMDS response JSON, bare base64 signature or DER")
     explain.set_defaults(handler=run_explain)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -73,6 +74,24 @@ def run_emulator(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return EXIT_OK
+
+
+def http_url(text: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host, for ``--service`` and ``--imds-url``; else a usage error.
+
+    Without this a URL missing its scheme (``127.0.0.1:8090``) would reach the client and be reported as the
+    service being unreachable, exit 4, which sends the user looking for a network problem.
+    """
+    refusal = argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL (for example "
+                                         "http://127.0.0.1:8080)")
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        _ = parts.port  # raises ValueError for a malformed or out-of-range port
+    except ValueError:
+        raise refusal from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise refusal
+    return text.strip()
 
 
 def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
@@ -169,10 +188,12 @@ def register(subparsers: Subparsers) -> None:
         f"${API_KEY_VARIABLE}; no redirect of the service is followed. Exit 0 verified, 1 refused, 2 usage, "
         "3 IMDS unavailable, 4 service unavailable (or redirected).",
     )
-    attest.add_argument("--service", required=True, metavar="URL", help="base URL of the verification service")
+    attest.add_argument("--service", required=True, metavar="URL", type=http_url,
+                        help="base URL of the verification service, with its scheme (http://HOST:PORT or https://...)")
     attest.add_argument(
         "--imds-url",
         default=DEFAULT_IMDS_URL,
+        type=http_url,
         metavar="URL",
         help=f"IMDS base URL (default {DEFAULT_IMDS_URL}); never reached through a proxy",
     )

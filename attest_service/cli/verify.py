@@ -52,16 +52,21 @@ def run_verify(args: argparse.Namespace) -> int:
         _emit({"verified": False, "error": exc.to_dict()})
         return EXIT_REFUSED
     payload = result.to_dict()
-    if args.nonce is None:
-        payload["nonceChecked"] = False
+    # The shape of the service's answer: offline there is no challenge to consume.
+    payload["nonce"] = {"value": result.claims.nonce, "checked": args.nonce is not None, "challenge": False}
     _emit(payload)
     return EXIT_VERIFIED
 
 
 def register(subparsers: Subparsers) -> None:
     """Add the ``verify`` sub-command."""
-    parser = subparsers.add_parser("verify", help="verify one attested document offline",
-                                   description="Verify one attested document; print one JSON object.")
+    parser = subparsers.add_parser(
+        "verify", help="verify one attested document offline",
+        description="Verify one attested document against the pinned trust; print one JSON object: "
+                    '{"verified": true, "cloud", "claims", "signer", "nonce"} or {"verified": false, "error": '
+                    '{"code", "message"}}.',
+        epilog="exit codes: 0 verified, 1 refused (the error's code says why), 2 usage error (an unreadable file "
+               "or pinned directory, a bad option).")
     parser.add_argument("--cloud", choices=[*CLOUDS, AUTO], default=AUTO,
                         help="cloud whose trust and domain apply (default: auto, from the signer's name)")
     parser.add_argument("--nonce", help="expected nonce; without it the nonce is reported, not checked")
