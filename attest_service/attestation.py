@@ -28,7 +28,14 @@ from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
 from attest_service.errors import NonceMismatch, NonceReplayed, StoreUnavailable
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
-from attest_service.verify import DEFAULT_CLOCK_SKEW, VerificationPolicy, VerifiedDocument, aware_instant
+from attest_service.verify import (
+    DEFAULT_CLOCK_SKEW,
+    DEFAULT_REVOCATION,
+    RevocationMode,
+    VerificationPolicy,
+    VerifiedDocument,
+    aware_instant,
+)
 
 #: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
 CHALLENGE_BYTES: Final = 18
@@ -128,10 +135,12 @@ class Attestor:
     def __init__(self, verifier: VerifierProtocol, store: NonceStore, *,
                  clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
                  challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
-                 events: AttestationEvents | None = None) -> None:
+                 events: AttestationEvents | None = None, revocation: RevocationMode = DEFAULT_REVOCATION) -> None:
         self.verifier = verifier
         self.store = store
         self.clock_skew = clock_skew
+        #: Step 6b's mode (``ATTEST_REVOCATION``): ``soft``, ``hard`` or ``off``.
+        self.revocation = revocation
         self.challenge_ttl = challenge_ttl
         self._events: AttestationEvents = events if events is not None else _NoEvents()
 
@@ -188,13 +197,14 @@ class Attestor:
         return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge)
 
     def _verify(self, der: bytes, *, nonce: str | None, cloud: str, now: datetime) -> VerifiedDocument:
-        policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=self.clock_skew)
+        policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=self.clock_skew,
+                                    revocation=self.revocation)
         try:
             return self.verifier.verify(der, policy=policy, now=now)
         except NonceMismatch as exc:
             # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce can be read to
             # tell a VM that IMDS handed back a cached document fetched for one of our earlier challenges.
-            unchecked = VerificationPolicy(cloud=cloud, clock_skew=self.clock_skew)
+            unchecked = VerificationPolicy(cloud=cloud, clock_skew=self.clock_skew, revocation=self.revocation)
             signed = self.verifier.verify(der, policy=unchecked, now=now).claims.nonce
             if CHALLENGE_PATTERN.fullmatch(signed):
                 raise NonceMismatch(f"the signed nonce {signed!r} is not the expected one {nonce!r}: "

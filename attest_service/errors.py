@@ -138,6 +138,22 @@ class CertificateExpired(VerificationError):
     step = "6 chain: validity at the instant"
 
 
+class CertificateRevoked(VerificationError):
+    """A current CRL of the trust directory lists the signer or a CA on its path."""
+
+    code = "certificate_revoked"
+    http_status = 422
+    step = "6b revocation"
+
+
+class RevocationUnknown(VerificationError):
+    """Hard revocation only: no current CRL of the trust directory covers a certificate on the path."""
+
+    code = "revocation_unknown"
+    http_status = 422
+    step = "6b revocation"
+
+
 class SubjectMismatch(VerificationError):
     """The signer's name is not the cloud's metadata domain or a subdomain of it."""
 

@@ -28,15 +28,19 @@ from attest_service.clouds import AUTO, CLOUDS
 from attest_service.trust.loading import bundled_pinned_dir, load_trust
 from attest_service.verify import (
     DEFAULT_CLOCK_SKEW,
+    DEFAULT_REVOCATION,
+    REVOCATION_MODES,
     DocumentVerifier,
+    RevocationMode,
     VerificationPolicy,
     VerifiedDocument,
     aware_instant,
 )
 
-#: The policy of a call without a nonce, per cloud: a policy is immutable, and building one checks its
-#: arguments again each time. Any other call builds its own (and an unknown cloud is refused there).
-_POLICIES: Final = {name: VerificationPolicy(cloud=name, clock_skew=DEFAULT_CLOCK_SKEW) for name in (AUTO, *CLOUDS)}
+#: The policy of a call without a nonce, per cloud and revocation mode: a policy is immutable, and building one
+#: checks its arguments again each time. Any other call builds its own (and an unknown cloud is refused there).
+_POLICIES: Final = {(name, mode): VerificationPolicy(cloud=name, clock_skew=DEFAULT_CLOCK_SKEW, revocation=mode)
+                    for name in (AUTO, *CLOUDS) for mode in REVOCATION_MODES}
 
 
 class Verifier(DocumentVerifier):
@@ -59,21 +63,27 @@ class Verifier(DocumentVerifier):
         return cls(load_trust(Path(path)))
 
     def verify_response(self, response: Mapping[str, object] | str | bytes, *, cloud: str = AUTO,
-                        nonce: str | None = None, at: datetime | None = None) -> VerifiedDocument:
+                        nonce: str | None = None, at: datetime | None = None,
+                        revocation: RevocationMode = DEFAULT_REVOCATION) -> VerifiedDocument:
         """Verify one IMDS response: a ``dict``, JSON text or bytes, or the bare base64 signature.
 
         ``cloud`` is ``public``, ``usgov``, ``china``, ``germany`` or ``auto`` (the cloud whose domain the
         signer's name falls under); ``nonce`` the expected nonce (None: reported, not checked); ``at`` a
-        timezone-aware instant (default: now; a naive one is a ValueError, a string a TypeError). Returns the
-        frozen result: ``.cloud``, ``.claims`` (a read-only mapping equal to the signed JSON) and ``.signer``.
-        This checks authenticity only: to accept each nonce once, use
+        timezone-aware instant (default: now; a naive one is a ValueError, a string a TypeError); ``revocation``
+        what the directory's CRLs decide (``soft``: a certificate a current CRL lists is refused
+        ``certificate_revoked``, one no current CRL covers is accepted and counted in
+        ``result.revocation_unknown``; ``hard``: that one is refused ``revocation_unknown``; ``off``: CRLs are
+        not looked at). Returns the frozen result: ``.cloud``, ``.claims`` (a read-only mapping equal to the
+        signed JSON) and ``.signer``. This checks authenticity only: to accept each nonce once, use
         :class:`~attest_service.attestation.Attestor`.
         """
         instant = datetime.now(UTC) if at is None else aware_instant(at)
-        policy = _POLICIES.get(cloud) if nonce is None and isinstance(cloud, str) else None
+        policy = (_POLICIES.get((cloud, revocation)) if nonce is None and isinstance(cloud, str)
+                  and isinstance(revocation, str) else None)
         if policy is None:
-            # Refuses a cloud or nonce of the wrong type (TypeError) or an unknown cloud (ValueError).
-            policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW)
+            # Refuses a cloud, nonce or mode of the wrong type (TypeError) or an unknown one (ValueError).
+            policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW,
+                                        revocation=revocation)
         der = self.decode(response)
         return self.verify(der, policy=policy, now=instant)
 

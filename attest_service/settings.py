@@ -19,6 +19,7 @@ from typing import Final
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import default_sqlite_url
 from attest_service.trust import pinned_dir_from_env
+from attest_service.verify import DEFAULT_REVOCATION, RevocationMode, revocation_mode
 
 #: Upper bounds that keep a typo (an extra zero) from turning into an unsafe setting.
 MAX_CHALLENGE_TTL: Final = timedelta(hours=1)
@@ -148,6 +149,8 @@ class Settings:
     auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE
     #: Challenges one anonymous source may be issued per challenge lifetime.
     anonymous_challenges: int = DEFAULT_ANONYMOUS_CHALLENGES
+    #: What a verification does about revocation: ``soft``, ``hard`` or ``off`` (ATTEST_REVOCATION).
+    revocation: RevocationMode = DEFAULT_REVOCATION
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -191,4 +194,6 @@ class Settings:
                                                  DEFAULT_AUTH_FAILURES_PER_MINUTE, 1, 10_000)),
             anonymous_challenges=int(_number(env, "ATTEST_ANONYMOUS_CHALLENGES", DEFAULT_ANONYMOUS_CHALLENGES,
                                              1, 1_000_000)),
+            revocation=revocation_mode((env.get("ATTEST_REVOCATION") or DEFAULT_REVOCATION).strip().lower(),
+                                       origin="ATTEST_REVOCATION"),
         )

@@ -23,6 +23,7 @@ from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import default_sqlite_url
 from attest_service.trust import MAX_PEM_BYTES
+from attest_service.trust.crls import check_crls
 from attest_service.trust.explain import explain_document
 from attest_service.trust.fetched import cache_dir_for_store, cached_states
 from attest_service.trust.pins import (
@@ -97,10 +98,14 @@ def run_check(args: argparse.Namespace) -> int:
     if args.warn_days < 0:
         raise UsageError("--warn-days must not be negative")
     report = check_pins(trust, now=_now(args), warn_days=args.warn_days, retired=args.retired)
+    # A CRL that is not used (forged, malformed, foreign) fails the check; a stale one only warns.
+    crls = check_crls(trust, now=_now(args))
+    ok = report.ok and not crls.problems
     if args.json:
-        _say(json.dumps({"ok": report.ok, "problems": [p.to_dict() for p in report.problems],
+        _say(json.dumps({"ok": ok, "problems": [p.to_dict() for p in report.problems],
                          "retired": [p.to_dict() for p in report.notes],
-                         "awaitingFetch": [p.to_dict() for p in report.awaiting]}, indent=1))
+                         "awaitingFetch": [p.to_dict() for p in report.awaiting],
+                         "crlProblems": list(crls.problems), "crlWarnings": list(crls.warnings)}, indent=1))
     else:
         for note in report.notes:
             _say(f"retired: {note.cloud}: {note.message}")
@@ -108,10 +113,16 @@ def run_check(args: argparse.Namespace) -> int:
             _say(f"awaiting fetch: {waiting.cloud}: {waiting.message}")
         for problem in report.problems:
             _say(str(problem))
+        for message in crls.problems:
+            _say(f"problem: crl: {message}")
+        for message in crls.warnings:
+            _say(f"warning: crl: {message}")
         count = sum(1 for _ in trust.all_pins())
         _say(f"{count} pins checked: {len(report.problems)} problems, {len(report.notes)} retired, "
              f"{len(report.awaiting)} fingerprint pins awaiting fetch")
-    return EXIT_VERIFIED if report.ok else EXIT_REFUSED
+        in_use = sum(len(cloud.crls) for cloud in trust.clouds.values())
+        _say(f"{in_use} CRLs in use: {len(crls.problems)} files not used, {len(crls.warnings)} warnings")
+    return EXIT_VERIFIED if ok else EXIT_REFUSED
 
 
 def _read_file(name: str, *, limit: int = MAX_PEM_BYTES) -> bytes:

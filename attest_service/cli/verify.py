@@ -19,7 +19,15 @@ from attest_service.cli.common import (
 )
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError
-from attest_service.verify import MAX_SIGNATURE_CHARS, DocumentVerifier, VerificationPolicy, decode
+from attest_service.verify import (
+    DEFAULT_REVOCATION,
+    MAX_SIGNATURE_CHARS,
+    REVOCATION_MODES,
+    DocumentVerifier,
+    VerificationPolicy,
+    decode,
+    revocation_mode,
+)
 
 if TYPE_CHECKING:
     from attest_service.cli.common import Subparsers
@@ -45,7 +53,8 @@ def run_verify(args: argparse.Namespace) -> int:
     trust = load_trust_or_usage(args)
     data = _read_input(args.file)
     now = args.at if args.at is not None else datetime.now(UTC)
-    policy = VerificationPolicy(cloud=args.cloud, expected_nonce=args.nonce)
+    policy = VerificationPolicy(cloud=args.cloud, expected_nonce=args.nonce,
+                                revocation=revocation_mode(args.revocation, origin="--revocation"))
     try:
         result = DocumentVerifier(trust).verify(decode(data), policy=policy, now=now)
     except AttestError as exc:
@@ -72,6 +81,9 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--nonce", help="expected nonce; without it the nonce is reported, not checked")
     parser.add_argument("--at", type=parse_instant, metavar="TIME",
                         help="ISO 8601 instant to verify at (default: now)")
+    parser.add_argument("--revocation", choices=REVOCATION_MODES, default=DEFAULT_REVOCATION,
+                        help="CRLs of the pinned directory: soft (default) refuses a listed certificate and "
+                             "accepts one no current CRL covers; hard refuses that too; off ignores CRLs")
     add_pinned_certs_option(parser)
     parser.add_argument("file", nargs="?", default="-", metavar="FILE|-",
                         help="IMDS response JSON or bare base64 signature (default: standard input)")

@@ -7,6 +7,7 @@ Layout of a pinned directory (``ATTEST_PINNED_CERTS``, default the bundled ``pin
     <cloud>/intermediates/*.pem             pinned issuing CAs; the only intermediates a chain may use
     <cloud>/intermediates/fingerprints.txt  issuing CAs pinned by fingerprint, with the URL to fetch them from
     <cloud>/intermediates/removed.txt       fingerprints ``certs remove`` unpinned: never trusted again
+    <cloud>/crls/*.crl                      CRLs of the cloud's pinned CAs (DER or PEM): see trust/crls.py
     manifest.json                           provenance of every pin (checked by the tests and ``certs check``)
 
 A certificate whose SHA-256 or SHA-1 ``removed.txt`` lists is not trusted in that cloud, whatever else says
@@ -53,6 +54,7 @@ from cryptography import x509
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
+from attest_service.trust.crls import CRL_FOLDER, load_crls
 from attest_service.verify.trust import (
     CloudTrust,
     DigestAlgorithm,
@@ -322,9 +324,11 @@ def _load_trust(directory: Path) -> TrustStore:
         removed_list = cloud_dir / "intermediates" / REMOVED_LIST
         removed, removed_errors = (_read_removed_list(removed_list, directory) if removed_list.is_file()
                                    else (frozenset(), ()))
-        clouds[name] = _exclude(CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
-                                           problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
-                                           ignored=tuple(ignored), removed_errors=removed_errors), removed)
+        pinned = _exclude(CloudTrust(profile=profile, roots=tuple(roots), intermediates=tuple(intermediates),
+                                     problems=tuple(problems), fingerprint_pins=tuple(fingerprint_pins),
+                                     ignored=tuple(ignored), removed_errors=removed_errors), removed)
+        # CRLs last: each is checked against the pins the cloud trusts (removed ones excluded).
+        clouds[name] = load_crls(pinned, cloud_dir / CRL_FOLDER, directory)
     return TrustStore(clouds=MappingProxyType(clouds), directory=directory)
 
 
@@ -364,7 +368,7 @@ _ABSENT: Final = (-1, -1, -1, -1, -1, -1)
 def directory_fingerprint(directory: Path) -> Fingerprint:
     """What :func:`load_trust` would read from ``directory``, in the metadata of each entry: a cheap check.
 
-    For each cloud, the folders ``roots/`` and ``intermediates/`` (which directory each resolves to,
+    For each cloud, the folders ``roots/``, ``intermediates/`` and ``crls/`` (which directory each resolves to,
     through any symbolic link: a retargeted link is a change) and every entry directly in them but hidden
     ones, as the loader lists them: file type, size, device, inode, modification and change time, and each
     symbolic link's target. That changes with every way of editing the pins: in-place writes (the change
@@ -379,7 +383,7 @@ def directory_fingerprint(directory: Path) -> Fingerprint:
     entries: list[FingerprintEntry] = []
     try:
         for cloud in CLOUDS:
-            for part in ("roots", "intermediates"):
+            for part in ("roots", "intermediates", CRL_FOLDER):
                 folder = directory / cloud / part
                 label = f"{cloud}/{part}/"
                 if not folder.is_dir():

@@ -39,7 +39,8 @@ that describes the trust of the process answering ``/metrics``):
   unproven name once per that interval and at most one unproven line per :data:`UNPROVEN_LOG_SECONDS`.
 - ``attest_trust_reload_total{result}`` (success, failure) and ``attest_trust_reload_failing`` (alert).
 - ``attest_trust_problems``: what the trust in use passed over when it loaded (a file that is not a pin, a
-  root certifi no longer carries, a pinned file ``removed.txt`` lists and that is therefore not trusted);
+  root certifi no longer carries, a pinned file ``removed.txt`` lists and that is therefore not trusted, a
+  CRL that is not used);
   each is also logged at WARNING on every load. Such a load succeeds, but trusts less than the files seem
   to say.
 """
@@ -67,7 +68,15 @@ from prometheus_client.registry import Collector
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, ConfigurationError, UntrustedChain
 from attest_service.logsafe import loggable
-from attest_service.trust import CloudTrust, PinnedCertificate, TrustStore, common_name, fingerprint, load_trust
+from attest_service.trust import (
+    CloudTrust,
+    PinnedCertificate,
+    TrustStore,
+    common_name,
+    fingerprint,
+    load_trust,
+    revocation_metrics,
+)
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import AiaPolicy, proven_issuer
 from attest_service.trust.loading import (
@@ -158,7 +167,7 @@ def _problems(trust: TrustStore) -> list[str]:
     """What a load passed over: each narrows the trust without failing the load."""
     return [message for cloud in trust.clouds.values()
             for message in (*cloud.problems, *cloud.ignored, *map(excluded_message, cloud.excluded),
-                            *cloud.removed_errors)]
+                            *cloud.removed_errors, *cloud.crl_problems)]
 
 
 def _log_problems(trust: TrustStore) -> None:
@@ -295,7 +304,8 @@ class ReloadingVerifier:
         self._loaded = _Loaded(self._verifier_for(trust), seen)  # the one assignment that swaps the trust
         self._succeeded()
         self._fetch_pinned()
-        LOG.info("pinned trust reloaded from %s: %d certificates", self.directory, sum(1 for _ in trust.all_pins()))
+        LOG.info("pinned trust reloaded from %s: %d certificates, %d CRLs", self.directory,
+                 sum(1 for _ in trust.all_pins()), sum(len(cloud.crls) for cloud in trust.clouds.values()))
 
     # --- CAs pinned by fingerprint, fetched in the background ------------------------------------
 
@@ -397,6 +407,7 @@ class ReloadingVerifier:
             self._count_unpinned(signer, cloud_trust, fetched.certificate)
             result = self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
                 document, policy=policy, now=now)
+        revocation_metrics.count_unknown(result)
         if len(result.signer.chain) > 1:
             VERIFICATIONS_BY_ISSUER.labels(issuer=_issuer_label(result.signer.chain[1])).inc()
         return result
@@ -506,6 +517,7 @@ def _publish(verifier: ReloadingVerifier) -> None:
     global _published  # noqa: PLW0603 - one trust per process is exposed; the newest verifier is it
     _published = verifier
     TRUST_PROBLEMS.set(len(_problems(verifier.trust)))
+    revocation_metrics.publish(verifier.trust)
 
 
 class PinnedCertificateCollector(Collector):

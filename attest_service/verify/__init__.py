@@ -10,6 +10,13 @@ from attest_service.verify.chain import CA_POLICY, MAX_INTERMEDIATES
 from attest_service.verify.document import MAX_SIGNATURE_CHARS, decode
 from attest_service.verify.instant import aware_instant
 from attest_service.verify.names import cloud_for_signer
+from attest_service.verify.revocation import (
+    DEFAULT_REVOCATION,
+    REVOCATION_MODES,
+    RevocationList,
+    RevocationMode,
+    revocation_mode,
+)
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.verify.trust import (
     CloudTrust,
@@ -37,14 +44,18 @@ from attest_service.verify.verifier import (
 __all__ = [
     "CA_POLICY",
     "DEFAULT_CLOCK_SKEW",
+    "DEFAULT_REVOCATION",
     "MAX_INTERMEDIATES",
     "MAX_NONCE_LENGTH",
     "MAX_SIGNATURE_CHARS",
+    "REVOCATION_MODES",
     "CloudTrust",
     "DigestAlgorithm",
     "DocumentVerifier",
     "FingerprintPin",
     "PinnedCertificate",
+    "RevocationList",
+    "RevocationMode",
     "Role",
     "Signer",
     "TrustStore",
@@ -57,6 +68,7 @@ __all__ = [
     "decode",
     "digests",
     "fingerprint",
+    "revocation_mode",
     "signer_certificate",
     "strict_decoder",
     "verify_document",

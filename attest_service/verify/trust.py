@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import verification
 
 from attest_service.clouds import CLOUDS, CloudProfile
+from attest_service.verify.revocation import RevocationList, index_by_issuer
 
 #: Whether a pin is a trust anchor or an issuing CA a chain may pass through.
 Role = Literal["root", "intermediate"]
@@ -118,8 +119,15 @@ class CloudTrust:
     #: Files under ``roots/`` or ``intermediates/`` that were not loaded (a pin saved as ``.crt``, a stray
     #: directory), each with the reason: reported, because such a file silently trusts less than intended.
     ignored: tuple[str, ...] = ()
+    #: The CRLs of ``<cloud>/crls/`` whose signature verified under a pin of this cloud (step 6b).
+    crls: tuple[RevocationList, ...] = ()
+    #: Files under ``crls/`` that are not used (malformed, forged, of a CA not pinned here), each with the
+    #: reason: ``certs check`` fails on them, the reload logs them.
+    crl_problems: tuple[str, ...] = ()
     _store: verification.Store | None = field(default=None, init=False, repr=False, compare=False)
     _intermediate_certs: tuple[x509.Certificate, ...] = field(default=(), init=False, repr=False, compare=False)
+    _crl_index: Mapping[bytes, tuple[RevocationList, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                                   compare=False)
 
     def __post_init__(self) -> None:
         # The verification Store is built once per load: building it per request would cost more than
@@ -128,11 +136,17 @@ class CloudTrust:
         store = verification.Store([pin.certificate for pin in self.roots]) if self.roots else None
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_intermediate_certs", tuple(p.certificate for p in self.intermediates))
+        object.__setattr__(self, "_crl_index", index_by_issuer(self.crls))
 
     @property
     def store(self) -> verification.Store | None:
         """The root store for chain building, or None when the cloud has no roots."""
         return self._store
+
+    @property
+    def crls_by_issuer(self) -> Mapping[bytes, tuple[RevocationList, ...]]:
+        """:attr:`crls` by the issuer key of the CA that signed each (the lookup of step 6b)."""
+        return self._crl_index
 
     @property
     def intermediate_certificates(self) -> tuple[x509.Certificate, ...]:

@@ -12,6 +12,8 @@ Algorithm (each step is marked ``Step N`` in the code, and its module cites its 
    (names.py; IMDS "Attested data", RFC 6125).
 6. Build and validate the path through pinned intermediates to a root of that cloud at the
    instant (chain.py; RFC 5280 6). Certificates carried in the document are never path candidates.
+   6b. Look every certificate on the path but the root up in its issuer's current CRL, as the policy's
+   revocation mode says (revocation.py; RFC 5280 6.3).
 7. Parse the signed content (claims.py; IMDS "Attested data").
 8. Check the validity window ``createdOn``/``expiresOn`` against the instant, within the clock skew.
 9. Compare the signed nonce with the expected one, when the caller gives one.
@@ -52,6 +54,14 @@ from attest_service.verify.pkcs7 import (
     parse_signed_data,
     parse_signed_data_cached,
 )
+from attest_service.verify.revocation import (
+    DEFAULT_REVOCATION,
+    REVOCATION_MODES,
+    PathLink,
+    RevocationMode,
+    check_revocation,
+    path_links,
+)
 from attest_service.verify.signature import SignerKey, signer_key, verify_signature
 from attest_service.verify.trust import TrustStore, fingerprint
 
@@ -73,6 +83,8 @@ class VerificationPolicy:
     cloud: str = AUTO
     expected_nonce: str | None = None
     clock_skew: timedelta = DEFAULT_CLOCK_SKEW
+    #: Step 6b: ``soft`` (listed: refused; no current CRL: accepted and reported), ``hard`` or ``off``.
+    revocation: RevocationMode = DEFAULT_REVOCATION
 
     def __post_init__(self) -> None:
         # A wrong field is the caller's programming error (settings and requests are validated before they
@@ -83,6 +95,9 @@ class VerificationPolicy:
             raise ValueError(f"unknown cloud {self.cloud[:40]!r}: expected {', '.join((*CLOUDS, AUTO))}")
         if self.expected_nonce is not None and not isinstance(self.expected_nonce, str):
             raise TypeError(f"nonce must be a string or None, not {type(self.expected_nonce).__name__}")
+        if self.revocation not in REVOCATION_MODES:
+            raise ValueError(f"unknown revocation mode {str(self.revocation)[:40]!r}: expected "
+                             f"{', '.join(REVOCATION_MODES)}")
         if not timedelta(0) <= self.clock_skew <= MAX_CLOCK_SKEW:
             raise ValueError(f"clock skew must be between 0 and {MAX_CLOCK_SKEW}")
 
@@ -122,6 +137,8 @@ class VerifiedDocument:
     claims: Claims
     signer: Signer
     digest: str
+    #: Certificates on the path whose revocation no current CRL could tell (accepted in ``soft`` mode).
+    revocation_unknown: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """The contract's success body: ``{"verified": true, "cloud", "claims", "signer"}``."""
@@ -226,7 +243,7 @@ class DocumentVerifier:
     def __init__(self, trust: TrustStore) -> None:
         self.trust = trust
         self._candidates: dict[bytes, _Candidate] = {}
-        self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer]] = {}
+        self._chains: dict[tuple[bytes, str], tuple[ValidatedChain, Signer, tuple[PathLink, ...]]] = {}
         self._clouds: dict[tuple[bytes, str], CloudProfile] = {}
         self._keys: dict[bytes, SignerKey] = {}
         self._signed_data = SignedDataCache(CACHE_ENTRIES)
@@ -277,18 +294,21 @@ class DocumentVerifier:
                 self._clouds[key] = cloud
         return cloud
 
-    def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile, now: datetime) -> Signer:
+    def _chain(self, der: bytes, signer: x509.Certificate, cloud: CloudProfile,
+               now: datetime) -> tuple[Signer, tuple[PathLink, ...]]:
         key = (der, cloud.name)
         cached = self._chains.get(key)
         if cached is not None and cached[0].covers(now):
-            return cached[1]
+            return cached[1], cached[2]
         chain = validate_chain(signer, self.trust.for_cloud(cloud.name), now)
         described = _describe(signer, chain)
+        # What the revocation lookup needs of the path is fixed with the path; the lookup itself is not cached.
+        links = path_links(chain.certificates)
         with self._lock:
             if len(self._chains) >= CACHE_ENTRIES:
                 self._chains.clear()
-            self._chains[key] = (chain, described)
-        return described
+            self._chains[key] = (chain, described, links)
+        return described, links
 
     def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         """Verify the DER document ``der`` (:mod:`attest_service.verify.document` decodes what callers hold) at ``now``.
@@ -321,7 +341,9 @@ class DocumentVerifier:
         # Step 5: the name decides (or must fit) the cloud.
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
-        described = self._chain(signer_der, signer, cloud, now)
+        described, links = self._chain(signer_der, signer, cloud, now)
+        # Step 6b: every certificate on the path but the root against its issuer's current CRL.
+        unknown = check_revocation(links, self.trust.for_cloud(cloud.name).crls_by_issuer, policy.revocation, now)
         for remember in deferred:
             remember()
         # Step 7: the signed content.
@@ -335,7 +357,8 @@ class DocumentVerifier:
         # Step 9: the nonce the caller expects.
         if policy.expected_nonce is not None and claims.nonce != policy.expected_nonce:
             raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one")
-        return VerifiedDocument(cloud=cloud.name, claims=claims, signer=described, digest=digest)
+        return VerifiedDocument(cloud=cloud.name, claims=claims, signer=described, digest=digest,
+                                revocation_unknown=unknown)
 
 
 def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:

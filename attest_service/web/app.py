@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     # Claims are returned exactly as signed, in their signed order.
     app.json.sort_keys = False  # type: ignore[attr-defined]
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
-                        events=metrics.MetricEvents())
+                        events=metrics.MetricEvents(), revocation=settings.revocation)
     service = Service(settings=settings, store=store, attestor=attestor, access=access,
                       clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
                       rate_leases=RateLeases(store),
