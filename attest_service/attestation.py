@@ -139,7 +139,7 @@ class Attestor:
         self.verifier = verifier
         self.store = store
         self.clock_skew = clock_skew
-        #: Step 6b's mode (``ATTEST_REVOCATION``): ``soft``, ``hard`` or ``off``.
+        #: The revocation mode of step 6 (``ATTEST_REVOCATION``): ``soft``, ``hard`` or ``off``.
         self.revocation = revocation
         self.challenge_ttl = challenge_ttl
         self._events: AttestationEvents = events if events is not None else _NoEvents()

@@ -143,7 +143,7 @@ class CertificateRevoked(VerificationError):
 
     code = "certificate_revoked"
     http_status = 422
-    step = "6b revocation"
+    step = "6 chain: revocation (CRLs)"
 
 
 class RevocationUnknown(VerificationError):
@@ -151,7 +151,7 @@ class RevocationUnknown(VerificationError):
 
     code = "revocation_unknown"
     http_status = 422
-    step = "6b revocation"
+    step = "6 chain: revocation (CRLs)"
 
 
 class SubjectMismatch(VerificationError):

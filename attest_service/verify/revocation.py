@@ -1,4 +1,4 @@
-"""Step 6b: revocation of the certificates on a validated path, against the trust directory's CRLs (RFC 5280 6.3).
+"""Step 6, revocation: the certificates on a validated path, against the trust directory's CRLs (RFC 5280 6.3).
 
 Pure: the CRLs arrive already loaded and checked (:mod:`attest_service.trust.crls` accepts a CRL only when its
 signature verifies under the pinned CA it names as issuer), the instant is passed in, and nothing here reads a

@@ -119,7 +119,7 @@ class CloudTrust:
     #: Files under ``roots/`` or ``intermediates/`` that were not loaded (a pin saved as ``.crt``, a stray
     #: directory), each with the reason: reported, because such a file silently trusts less than intended.
     ignored: tuple[str, ...] = ()
-    #: The CRLs of ``<cloud>/crls/`` whose signature verified under a pin of this cloud (step 6b).
+    #: The CRLs of ``<cloud>/crls/`` whose signature verified under a pin of this cloud (step 6, revocation).
     crls: tuple[RevocationList, ...] = ()
     #: Files under ``crls/`` that are not used (malformed, forged, of a CA not pinned here), each with the
     #: reason: ``certs check`` fails on them, the reload logs them.
@@ -145,7 +145,7 @@ class CloudTrust:
 
     @property
     def crls_by_issuer(self) -> Mapping[bytes, tuple[RevocationList, ...]]:
-        """:attr:`crls` by the issuer key of the CA that signed each (the lookup of step 6b)."""
+        """:attr:`crls` by the issuer key of the CA that signed each (the revocation lookup of step 6)."""
         return self._crl_index
 
     @property

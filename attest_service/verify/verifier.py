@@ -12,7 +12,7 @@ Algorithm (each step is marked ``Step N`` in the code, and its module cites its 
    (names.py; IMDS "Attested data", RFC 6125).
 6. Build and validate the path through pinned intermediates to a root of that cloud at the
    instant (chain.py; RFC 5280 6). Certificates carried in the document are never path candidates.
-   6b. Look every certificate on the path but the root up in its issuer's current CRL, as the policy's
+   Then look every certificate on the path but the root up in its issuer's current CRL, as the policy's
    revocation mode says (revocation.py; RFC 5280 6.3).
 7. Parse the signed content (claims.py; IMDS "Attested data").
 8. Check the validity window ``createdOn``/``expiresOn`` against the instant, within the clock skew.
@@ -83,7 +83,7 @@ class VerificationPolicy:
     cloud: str = AUTO
     expected_nonce: str | None = None
     clock_skew: timedelta = DEFAULT_CLOCK_SKEW
-    #: Step 6b: ``soft`` (listed: refused; no current CRL: accepted and reported), ``hard`` or ``off``.
+    #: Revocation (step 6): ``soft`` (listed: refused; no current CRL: accepted and reported), ``hard`` or ``off``.
     revocation: RevocationMode = DEFAULT_REVOCATION
 
     def __post_init__(self) -> None:
@@ -342,7 +342,7 @@ class DocumentVerifier:
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
         described, links = self._chain(signer_der, signer, cloud, now)
-        # Step 6b: every certificate on the path but the root against its issuer's current CRL.
+        # Step 6, revocation: every certificate on the path but the root against its issuer's current CRL.
         unknown = check_revocation(links, self.trust.for_cloud(cloud.name).crls_by_issuer, policy.revocation, now)
         for remember in deferred:
             remember()

@@ -8,11 +8,13 @@ directory and fails when the checked-in files drift from what it builds.
 
 Outputs (under ``tests/assets/testcases/`` unless ``--out`` says otherwise):
 
-* ``pinned/<cloud>/roots|intermediates/*.pem``: the trust directory the cases are verified against;
+* ``pinned/<cloud>/roots|intermediates/*.pem``: the trust directory the cases are verified against, and
+  ``pinned/public/crls/*.crl``: current CRLs of the root and of the RSA issuing CA (which lists one leaf);
 * ``documents/<case>.json`` (or ``.txt`` for bare base64): one input per case, each built from the valid
   base document by changing one thing (a certificate, a field, a byte, the verification instant);
 * ``index.json``: per case the expected result (an error code, or ``ok`` with the cloud, the exact claims
-  and the signer's fingerprint), the instant to verify at and the policy (cloud, expected nonce).
+  and the signer's fingerprint), the instant to verify at and the policy (cloud, expected nonce, and the
+  revocation mode where it is not the default ``soft``).
 
 Keys missing from ``tests/assets/keys/`` are generated once and written there; after that they are reused.
 
@@ -380,6 +382,7 @@ class Case:
     at: datetime = VERIFY_AT
     cloud: str = "auto"
     nonce: str | None = None
+    revocation: str = "soft"
     expected_cloud: str | None = None
     body: bytes | None = None
     signer: x509.Certificate | None = None
@@ -574,7 +577,33 @@ def build_cases(p: Pki) -> list[Case]:
     bad("key-rsa-huge-exponent-bad-signature", "RSA-3072 leaf with a 3000-bit exponent and a flipped signature byte",
         response(replace_once(huge_document, huge_signature,
                               huge_signature[:-1] + bytes((huge_signature[-1] ^ 0x01,)))), "unsupported_document")
+    # Revocation (built last, so that every certificate above keeps its serial number). The RSA issuing CA's
+    # CRL lists this leaf; the root's lists nothing; the ECDSA issuing CA has no CRL.
+    revoked = leaf(p.issuing)
+    p.serials["revoked-leaf"] = revoked.certificate.serial_number
+    bad("revoked-leaf", "leaf listed in its issuing CA's current CRL", response(sign(revoked)),
+        "certificate_revoked")
+    ok("ok-revocation-hard", "the base document in hard revocation: both CRLs on its path are current", base,
+       signer=p.leaf, revocation="hard")
+    bad("revocation-unknown-hard", "ECDSA leaf in hard revocation: its issuing CA publishes no CRL",
+        response(sign(p.ec_leaf)), "revocation_unknown", revocation="hard")
     return cases
+
+
+def write_crls(directory: Path, p: Pki) -> None:
+    """The CRLs of ``pinned/public/crls``: the root's (empty) and the RSA issuing CA's (listing the revoked leaf)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, ca, revoked in (("attest-test-root-ca.crl", p.root, ()),
+                              ("attest-test-tls-issuing-ca-01.crl", p.issuing, (p.serials["revoked-leaf"],))):
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.certificate.subject)
+                   .last_update(CREATED_ON - timedelta(days=1)).next_update(CREATED_ON + timedelta(days=30))
+                   .add_extension(x509.CRLNumber(1), critical=False))
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(CREATED_ON - timedelta(days=2))
+                .build())
+        crl = builder.sign(ca.private_key, hashes.SHA256())  # RSA PKCS#1 v1.5: the same bytes every run
+        (directory / name).write_bytes(crl.public_bytes(serialization.Encoding.DER))
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -591,6 +620,7 @@ def write(out: Path) -> None:
     for cloud in ("public", "usgov", "china"):
         pki.write_pinned_dir(out / "pinned", cloud, root=p.root.certificate,
                              intermediates=[ca.certificate for ca in pinned])
+    write_crls(out / "pinned" / "public" / "crls", p)
     index: dict[str, object] = {}
     names: set[str] = set()
     for case in cases:
@@ -606,6 +636,8 @@ def write(out: Path) -> None:
             "policy": {"cloud": case.cloud, "nonce": case.nonce},
             "expect": case.expect,
         }
+        if case.revocation != "soft":
+            entry["policy"] = {"cloud": case.cloud, "nonce": case.nonce, "revocation": case.revocation}
         if case.expect == "ok":
             assert case.body is not None  # set by ok()
             assert case.signer is not None

@@ -110,7 +110,7 @@ def test_every_refusal_is_a_verification_error_with_the_case_code(verifier: Veri
     case = CASES[name]
     with pytest.raises(VerificationError) as caught:
         verifier.verify_response(case_input(case), cloud=case["policy"]["cloud"], nonce=case["policy"]["nonce"],
-                                 at=case_instant(case))
+                                 at=case_instant(case), revocation=case["policy"].get("revocation", "soft"))
     assert caught.value.code == case["expect"]
 
 

@@ -113,7 +113,7 @@ def test_wrong_cloud() -> None:
     assert refused("--pinned-certs", str(PINNED), "--at", AT, "--cloud", "usgov", str(BASE_FILE)) == "subject_mismatch"
 
 
-@pytest.mark.parametrize("name", ["attack-lookalike-chain", "input-encoding-base64"])
+@pytest.mark.parametrize("name", ["attack-lookalike-chain", "input-encoding-base64", "revoked-leaf"])
 def test_refused_case(name: str) -> None:
     case = INDEX[name]
     assert refused("--pinned-certs", str(PINNED), "--at", case["at"], str(TESTCASES / case["file"])) == case["expect"]

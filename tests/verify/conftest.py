@@ -31,7 +31,8 @@ def case_input(case: dict[str, Any]) -> bytes:
 
 def case_policy(case: dict[str, Any]) -> VerificationPolicy:
     """The policy ``case`` is verified under."""
-    return VerificationPolicy(cloud=case["policy"]["cloud"], expected_nonce=case["policy"]["nonce"])
+    return VerificationPolicy(cloud=case["policy"]["cloud"], expected_nonce=case["policy"]["nonce"],
+                              revocation=case["policy"].get("revocation", "soft"))
 
 
 def case_instant(case: dict[str, Any]) -> datetime:
