@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from attest_service.cli import build_parser
+from attest_service.cli import build_parser, main
 from attest_service.web.errors import STATUS_BY_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,13 +40,14 @@ def test_verify_help_lists_its_exit_codes() -> None:
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8090", "localhost:8080", "ftp://127.0.0.1", "http://", "http://h:99999"])
 @pytest.mark.parametrize("option", ["--service", "--imds-url"])
-def test_attest_without_an_http_url_is_a_usage_error(option: str, url: str) -> None:
-    argv = ["attest", "--service", "http://127.0.0.1:9", option, url]
-    completed = subprocess.run([sys.executable, "-m", "attest_service", *argv], capture_output=True, text=True,
-                               timeout=60, check=False, stdin=subprocess.DEVNULL)
-    assert completed.returncode == 2, completed.stderr
-    assert f"argument {option}: {url!r} is not an http:// or https:// URL" in completed.stderr
-    assert completed.stdout == ""
+def test_attest_without_an_http_url_is_a_usage_error(option: str, url: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["attest", "--service", "http://127.0.0.1:9", option, url])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert f"argument {option}: {url!r} is not an http:// or https:// URL" in captured.err
+    assert captured.out == ""
 
 
 def test_readme_code_table_lists_every_code_the_service_answers() -> None:
