@@ -17,17 +17,22 @@ system-deps:
 # constraints.txt pins, as in the image: what the tests run is what ships); `make test`, `make lint` and the
 # other development targets add the test and lint extras on top.
 RUN_STAMP := $(VENV)/.installed-run
+# constraints.txt's hashes are for the image's --require-hashes install. A constraint with a hash puts every
+# requirement of a pip command into hash-checking mode, and the editable project and its extras carry none,
+# so the venv takes the same versions from a copy of the pins without their hashes.
+VERSIONS := $(VENV)/constraints-versions.txt
 
 $(RUN_STAMP): pyproject.toml constraints.txt | system-deps
 	@echo "Installing the runtime dependencies into $(VENV) (once)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -qq --disable-pip-version-check --upgrade pip
-	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint constraints.txt -e .
+	@sed -e 's/[[:space:]]*\\$$//' -e '/^[[:space:]]*--hash=/d' constraints.txt > $(VERSIONS)
+	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint $(VERSIONS) -e .
 	@touch $@
 
 $(STAMP): $(RUN_STAMP)
 	@echo "Installing the test and lint tools into $(VENV) (once)"
-	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint constraints.txt -e '.[test,lint]'
+	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint $(VERSIONS) -e '.[test,lint]'
 	@touch $@
 
 run: $(RUN_STAMP)

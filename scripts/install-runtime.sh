@@ -4,7 +4,9 @@
 #
 #   scripts/install-runtime.sh dependencies VENV CONSTRAINTS
 #       VENV: a new virtual environment without pip or setuptools (nothing in it can install code later);
-#       then every runtime dependency at the version CONSTRAINTS pins, from wheels only (no compiler runs).
+#       then every runtime dependency at the version CONSTRAINTS pins, from wheels only (no compiler runs),
+#       each wheel checked against the SHA-256 hashes CONSTRAINTS records for it (--require-hashes: a pin
+#       without a hash, or a wheel whose bytes match none, stops the install; scripts/hash-constraints.sh).
 #   scripts/install-runtime.sh project VENV WHEEL_DIR
 #       the project's one wheel in WHEEL_DIR, without dependencies and without an index (everything it
 #       needs must already be pinned); then "pip check", and a start-up import of gunicorn's worker class,
@@ -32,7 +34,7 @@ case "$step" in
     dependencies)
         [ -f "$source" ] || { echo "install-runtime: constraints file $source not found" >&2; exit 1; }
         "$python" -m venv --without-pip "$venv"
-        pip_into install --no-cache-dir --only-binary=:all: --requirement "$source"
+        pip_into install --no-cache-dir --only-binary=:all: --require-hashes --requirement "$source"
         ;;
     project)
         shopt -s nullglob

@@ -17,6 +17,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.system.install.test_constraints import read_pins
+
 from .common import CHART_DIR, DOCKERFILE, REPO_ROOT
 
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-runtime.sh"
@@ -190,7 +192,7 @@ def test_builder_makes_the_environment_with_the_install_script(stages: list[Stag
 
 def test_install_script_pins_wheels_only_and_checks() -> None:
     text = INSTALL_SCRIPT.read_text(encoding="utf-8")
-    assert 'install --no-cache-dir --only-binary=:all: --requirement "$source"' in text
+    assert 'install --no-cache-dir --only-binary=:all: --require-hashes --requirement "$source"' in text
     assert 'install --no-cache-dir --no-index --no-deps "${wheels[0]}"' in text
     assert "pip_into check" in text
     assert "load_class(gunicorn_conf.worker_class)" in text
@@ -270,12 +272,8 @@ def test_build_context_admits_exactly_what_the_dockerfile_copies(stages: list[St
 
 
 def test_constraints_pin_every_runtime_dependency() -> None:
-    pins: dict[str, str] = {}
-    for line in (REPO_ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, separator, version = line.partition("==")
-            assert separator, f"constraints.txt: {line!r} is not pinned with =="
-            pins[canonicalize_name(name)] = version.strip()
+    pins = {name: str(version) for name, version in read_pins(
+        (REPO_ROOT / "constraints.txt").read_text(encoding="utf-8")).items()}
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     for dependency in project["dependencies"]:
         requirement = Requirement(dependency)

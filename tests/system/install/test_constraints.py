@@ -12,6 +12,7 @@ the development venv, which ``make`` installs with the same constraints (checked
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import tomllib
 from collections import deque
 from dataclasses import dataclass
@@ -26,21 +27,57 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
 
 
-def read_pins(text: str) -> dict[NormalizedName, Version]:
-    """The ``name==version`` lines of a constraints file, by normalized name; anything else is an error."""
-    pins: dict[NormalizedName, Version] = {}
+#: The one option a line of constraints.txt may carry: the SHA-256 of a wheel that may install the pin.
+_HASH_OPTION = re.compile(r"--hash=sha256:([0-9a-f]{64})")
+
+
+def logical_lines(text: str) -> list[tuple[int, str]]:
+    """The lines of a requirements file with backslash continuations joined, comments and blanks left out.
+
+    Each comes with the number of the physical line it starts on.
+    """
+    found: list[tuple[int, str]] = []
+    pending: list[str] = []
+    start = 0
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not pending and (not line or line.startswith("#")):
             continue
-        requirement = Requirement(line)
+        if not pending:
+            start = number
+        continued = line.endswith("\\")
+        pending.append(line.removesuffix("\\").strip())
+        if not continued:
+            found.append((start, " ".join(part for part in pending if part)))
+            pending = []
+    assert not pending, "constraints.txt ends inside a continued line"
+    return found
+
+
+def read_entries(text: str) -> dict[NormalizedName, tuple[Version, frozenset[str]]]:
+    """Each pin of a constraints file, by normalized name: its version and the wheel hashes recorded for it.
+
+    A pin is ``name==version`` followed by nothing but ``--hash=sha256:HEX`` options; anything else is an error.
+    """
+    entries: dict[NormalizedName, tuple[Version, frozenset[str]]] = {}
+    for number, line in logical_lines(text):
+        requirement_text, *rest = re.split(r"\s+(?=--)", line, maxsplit=1)
+        options = rest[0].split() if rest else []
+        requirement = Requirement(requirement_text)
         specifiers = list(requirement.specifier)
         exact = len(specifiers) == 1 and specifiers[0].operator == "==" and not requirement.marker
         assert exact, f"constraints.txt line {number}: {line!r} is not an exact pin (name==version)"
+        hashes = [_HASH_OPTION.fullmatch(option) for option in options]
+        assert all(hashes), f"constraints.txt line {number}: only --hash=sha256:HEX may follow the pin: {line!r}"
         name = canonicalize_name(requirement.name)
-        assert name not in pins, f"constraints.txt line {number}: {requirement.name} is pinned twice"
-        pins[name] = Version(specifiers[0].version)
-    return pins
+        assert name not in entries, f"constraints.txt line {number}: {requirement.name} is pinned twice"
+        entries[name] = (Version(specifiers[0].version), frozenset(match.group(1) for match in hashes if match))
+    return entries
+
+
+def read_pins(text: str) -> dict[NormalizedName, Version]:
+    """The pins of a constraints file, by normalized name (:func:`read_entries` without the hashes)."""
+    return {name: version for name, (version, _) in read_entries(text).items()}
 
 
 def declared_dependencies() -> list[Requirement]:
@@ -173,3 +210,17 @@ def test_constraints_lines_must_be_exact_pins() -> None:
     for bad in ("flask>=3.0", "flask==3.1.3; python_version < '3'", "flask"):
         with pytest.raises(AssertionError, match="not an exact pin"):
             read_pins(bad)
+    digest = "ab" * 32
+    assert read_entries(f"# c\nFlask==3.1.3 \\\n    --hash=sha256:{digest} \\\n    --hash=sha256:{'cd' * 32}\n") == {
+        "flask": (Version("3.1.3"), frozenset({digest, "cd" * 32}))}
+    for bad in (f"flask==3.1.3 --hash=md5:{digest}", "flask==3.1.3 --index-url=http://x", "flask==3.1.3 \\"):
+        with pytest.raises(AssertionError):
+            read_entries(bad)
+
+
+def test_every_pin_carries_the_hashes_of_its_wheels() -> None:
+    # The image installs constraints.txt with pip --require-hashes (scripts/install-runtime.sh): a pin without a
+    # hash stops that install; scripts/hash-constraints.sh records them.
+    unhashed = sorted(name for name, (_, hashes) in read_entries(CONSTRAINTS.read_text(encoding="utf-8")).items()
+                      if not hashes)
+    assert unhashed == []
