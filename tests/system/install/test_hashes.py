@@ -16,6 +16,8 @@ import pytest
 from .conftest import CONSTRAINTS, INSTALL_SCRIPT, INSTALL_TIMEOUT_SECONDS, run
 from .test_constraints import read_entries
 
+pytestmark = pytest.mark.slow
+
 #: A pure-Python runtime dependency with one wheel: cheap to install.
 PACKAGE = "blinker"
 
