@@ -8,11 +8,13 @@
 - :mod:`~attest_service.trust.explain`: which step a document fails and what the trust lacks.
 - :mod:`~attest_service.trust.reload`: the running service's verifier that reloads the pinned directory
   (:class:`~attest_service.trust.reload.ReloadingVerifier`).
-- :mod:`~attest_service.trust.aia`: the optional fallback that fetches an unpinned issuer from an
-  allow-listed AIA URL.
+- :mod:`~attest_service.trust.aia`: what a refusal at an unpinned issuer goes through, and the optional
+  fallback that fetches that issuer from an allow-listed AIA URL.
+- :mod:`~attest_service.trust.fetched`: the CAs pinned by fingerprint, fetched in the background.
+- :mod:`~attest_service.trust.metrics`: the trust's metrics (reloads, issuers, pin expiry).
 
 This package imports only the loading names below: the offline commands and the library never pull in the
-service's runtime (the reloading verifier and the AIA fallback export Prometheus metrics).
+service's runtime (the reloading verifier, the AIA fallback and the metrics load Prometheus).
 """
 
 from attest_service.trust.loading import (

@@ -29,25 +29,27 @@ fallback treats every document as possibly forged:
    flood of forged URLs cannot keep a CA the operator staged from being fetched. No lock is held across
    network I/O: a slow repository delays only the documents waiting for that URL.
 
-A fetched CA is trusted by :class:`~attest_service.trust.reload.ReloadingVerifier` alongside the pins until the
-pins reload; after a reload it is taken from this fetcher's cache again, re-checked against the new pins,
-without a new fetch.
+A fetched CA is trusted (:class:`AiaFallback`) alongside the pins until the pins reload; after a reload
+it is taken from this fetcher's cache again, re-checked against the new pins, without a new fetch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Final, TypeVar
 
 from cryptography import x509
 from prometheus_client import Counter
 
-from attest_service.errors import UntrustedChain
+from attest_service.clouds import AUTO, CLOUDS
+from attest_service.errors import AttestError, UntrustedChain
 from attest_service.logsafe import loggable
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.issuers import (
@@ -61,8 +63,20 @@ from attest_service.trust.issuers import (
     accept_issuing_ca,
     check_issued,
     is_public_address,
+    proven_issuer,
 )
-from attest_service.verify import CloudTrust, PinnedCertificate
+from attest_service.trust.metrics import UnpinnedIssuers
+from attest_service.verify import (
+    CloudTrust,
+    DocumentVerifier,
+    PinnedCertificate,
+    TrustStore,
+    VerificationPolicy,
+    VerifiedDocument,
+    carried_certificates,
+    cloud_for_signer,
+    signer_certificate,
+)
 
 __all__ = [
     "FETCHES",
@@ -74,6 +88,7 @@ __all__ = [
     "NEGATIVE_TTL_SECONDS",
     "POSITIVE_TTL_SECONDS",
     "AddressCheck",
+    "AiaFallback",
     "AiaFetcher",
     "AiaPolicy",
     "AllowRule",
@@ -263,3 +278,110 @@ class AiaFetcher:
             return False
         bucket.tokens -= 1.0
         return True
+
+
+#: CAs fetched through AIA kept beside one trust; beyond it the set starts afresh (the fetcher still caches).
+MAX_FETCHED_CAS: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Augmented:
+    """A DocumentVerifier over the current trust plus CAs fetched through AIA, valid while ``base`` is current."""
+
+    base: DocumentVerifier
+    extra: MappingProxyType[tuple[str, str], PinnedCertificate]
+    verifier: DocumentVerifier
+
+
+class AiaFallback:
+    """What a refusal at an unpinned issuer goes through before it is final.
+
+    The refusal is counted and logged (:class:`~attest_service.trust.metrics.UnpinnedIssuers`); with a
+    fetcher (the AIA fallback on), the issuer is fetched under the rules above and the document verified
+    again with it beside the pins of the trust in use. Safe to call from many threads.
+    """
+
+    def __init__(self, fetcher: AiaFetcher | None, unpinned: UnpinnedIssuers, *,
+                 offer_issuer_url: Callable[[x509.Certificate, CloudTrust], None] = lambda _signer, _trust: None,
+                 ) -> None:
+        self._aia = fetcher
+        #: Told the signer of a refusal while the fallback is off, so that the background fetch of the
+        #: fingerprint pins without a URL may try its caIssuers URL (:mod:`attest_service.trust.fetched`).
+        self._offer_issuer_url = offer_issuer_url
+        self._unpinned = unpinned
+        self._policy = fetcher.policy if fetcher is not None else AiaPolicy.azure()
+        self._augmented: _Augmented | None = None
+        self._augment_lock = threading.Lock()
+
+    def verify(self, verifier: DocumentVerifier, document: bytes, *, policy: VerificationPolicy, now: datetime,
+               refusal: UntrustedChain) -> VerifiedDocument:
+        """Verify ``document``, which ``verifier`` refused with ``refusal``, with its issuer fetched.
+
+        Raises ``refusal`` (or the fetch's UntrustedChain) when the fallback cannot help.
+        """
+        unpinned = self._unpinned_signer(document, policy, verifier.trust)
+        if unpinned is None:
+            raise refusal
+        signer, cloud_trust = unpinned
+        if self._aia is None:
+            self._unpinned.count(signer, cloud_trust, self._carried_issuer(document, signer, cloud_trust, now))
+            self._offer_issuer_url(signer, cloud_trust)
+            raise refusal
+        try:
+            fetched = self._aia.issuer_for(signer, cloud_trust, now=now)
+        except UntrustedChain:
+            self._unpinned.count(signer, cloud_trust, self._carried_issuer(document, signer, cloud_trust, now))
+            raise
+        # issuer_for accepted the CA and checked that it issued the signer: the proof of proven_issuer.
+        self._unpinned.count(signer, cloud_trust, fetched.certificate)
+        return self._augmented_verifier(verifier, cloud_trust.profile.name, fetched).verify(
+            document, policy=policy, now=now)
+
+    def _unpinned_signer(self, document: bytes, policy: VerificationPolicy,
+                         trust: TrustStore) -> tuple[x509.Certificate, CloudTrust] | None:
+        """The signer and its cloud's trust when no pin of that cloud is named as the signer's issuer."""
+        try:
+            signer = signer_certificate(document)
+            cloud = cloud_for_signer(signer) if policy.cloud == AUTO else CLOUDS[policy.cloud]
+        except AttestError:
+            return None
+        cloud_trust = trust.for_cloud(cloud.name)
+        if any(pin.certificate.subject == signer.issuer for pin in (*cloud_trust.roots, *cloud_trust.intermediates)):
+            return None
+        return signer, cloud_trust
+
+    def _carried_issuer(self, document: bytes, signer: x509.Certificate, cloud_trust: CloudTrust,
+                        now: datetime) -> x509.Certificate | None:
+        """The signer's issuing CA when the document carries it and it is proven (``proven_issuer``)."""
+        try:
+            carried = carried_certificates(document)
+        except AttestError:
+            return None
+        return proven_issuer(signer, carried, cloud_trust, policy=self._policy, now=now)
+
+    def _augmented_verifier(self, base: DocumentVerifier, cloud: str,
+                            fetched: PinnedCertificate) -> DocumentVerifier:
+        key = (cloud, fetched.sha256)
+        with self._augment_lock:
+            current = self._augmented
+            if current is not None and current.base is base and key in current.extra:
+                return current.verifier
+            # After a reload the set starts afresh: each fetched CA comes back from the fetcher's cache with its
+            # next document, re-checked against the new pins (a removed pin or root then stops it), not fetched.
+            extra = dict(current.extra) if current is not None and current.base is base else {}
+            if len(extra) >= MAX_FETCHED_CAS:
+                extra = {}
+            extra[key] = fetched
+            # Every fetched CA of a cloud joins that cloud's pins (each is built on the trust in use, not on
+            # the previous CA's cloud, which dropped all but the last one).
+            added: dict[str, list[PinnedCertificate]] = {}
+            for (name, _), pin in extra.items():
+                added.setdefault(name, []).append(pin)
+            clouds = dict(base.trust.clouds)
+            for name, pins in added.items():
+                trust = base.trust.for_cloud(name)
+                clouds[name] = dataclasses.replace(trust, intermediates=(
+                    *trust.intermediates, *(pin for pin in pins if pin not in trust.intermediates)))
+            augmented = TrustStore(clouds=MappingProxyType(clouds), directory=base.trust.directory)
+            self._augmented = _Augmented(base, MappingProxyType(extra), DocumentVerifier(augmented))
+            return self._augmented.verifier

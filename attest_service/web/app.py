@@ -27,7 +27,8 @@ from attest_service.settings import Settings
 from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.fetched import PinnedCaFetcher, cache_dir_for_store
-from attest_service.trust.reload import RELOAD_FAILING, RELOADS, ReloadingVerifier
+from attest_service.trust.metrics import RELOAD_FAILING, RELOADS
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.web import metrics
 from attest_service.web.errors import RequestTooLarge, register_error_handlers
 from attest_service.web.fastpath import VerifyFastPath, finish_response

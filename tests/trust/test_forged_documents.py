@@ -27,7 +27,8 @@ from attest_service.errors import UntrustedChain
 from attest_service.imds import pki
 from attest_service.logsafe import loggable
 from attest_service.trust.aia import AiaFetcher, AiaPolicy, AllowRule
-from attest_service.trust.reload import UNPINNED_LOG_SECONDS, UNPROVEN_ISSUER, UNPROVEN_LOG_SECONDS, ReloadingVerifier
+from attest_service.trust.metrics import UNPINNED_LOG_SECONDS, UNPROVEN_ISSUER, UNPROVEN_LOG_SECONDS
+from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
 from .conftest import CaServer, Pki, make_ca, make_leaf, make_root
