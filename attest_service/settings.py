@@ -32,6 +32,13 @@ DEFAULT_AUTH_FAILURES_PER_MINUTE: Final = 30
 #: Default number of challenges one anonymous source may be issued per challenge lifetime: each is a record
 #: the store keeps until it expires, and anonymous callers are not accountable for them.
 DEFAULT_ANONYMOUS_CHALLENGES: Final = 300
+#: Default seconds within which a request body must arrive in full: a verification body is a few KiB that a
+#: client sends at once, and a connection waiting for a body holds a worker connection and its buffer.
+DEFAULT_BODY_TIMEOUT_SECONDS: Final = 10.0
+#: Bounds of ATTEST_BODY_TIMEOUT_SECONDS: a body of 1 MiB over a slow link needs a few seconds, and beyond a
+#: couple of minutes the setting no longer protects anything.
+MIN_BODY_TIMEOUT_SECONDS: Final = 0.5
+MAX_BODY_TIMEOUT_SECONDS: Final = 120.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -151,6 +158,8 @@ class Settings:
     anonymous_challenges: int = DEFAULT_ANONYMOUS_CHALLENGES
     #: What a verification does about revocation: ``soft``, ``hard`` or ``off`` (ATTEST_REVOCATION).
     revocation: RevocationMode = DEFAULT_REVOCATION
+    #: Seconds within which a request body must arrive in full, else 408 (and the connection is closed).
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -196,4 +205,6 @@ class Settings:
                                              1, 1_000_000)),
             revocation=revocation_mode((env.get("ATTEST_REVOCATION") or DEFAULT_REVOCATION).strip().lower(),
                                        origin="ATTEST_REVOCATION"),
+            body_timeout_seconds=_number(env, "ATTEST_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS,
+                                         MIN_BODY_TIMEOUT_SECONDS, MAX_BODY_TIMEOUT_SECONDS),
         )

@@ -30,14 +30,16 @@ from attest_service.trust.fetched import PinnedCaFetcher, cache_dir_for_store
 from attest_service.trust.metrics import RELOAD_FAILING, RELOADS
 from attest_service.trust.reload import ReloadingVerifier
 from attest_service.web import metrics
-from attest_service.web.errors import RequestTooLarge, register_error_handlers
-from attest_service.web.fastpath import VerifyFastPath, finish_response
+from attest_service.web.body import BodyGate, announced_length
+from attest_service.web.edges import finish_response
+from attest_service.web.errors import register_error_handlers
+from attest_service.web.fastpath import VerifyFastPath
 from attest_service.web.routes import api
 from attest_service.web.service import (
-    MAX_BODY_BYTES,
     REQUEST_ID_HEADER,
     Clock,
     Service,
+    current_service,
     install,
     request_id,
     system_clock,
@@ -82,15 +84,14 @@ def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tupl
 
 def _assign_request_id() -> None:
     g.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
-    # Refuse an announced oversized body before reading any of it (Flask would only refuse while reading).
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise RequestTooLarge(f"request body of {request.content_length} bytes is over the limit of "
-                              f"{MAX_BODY_BYTES} bytes")
+    # Refuse an announced oversized (or unusable) body length before reading any of it, on every route.
+    announced_length(request.environ)
 
 
 def _finish(response: Response) -> Response:
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    return finish_response(response, g.get("request_id") or secrets.token_hex(16), rule)
+    return finish_response(response, g.get("request_id") or secrets.token_hex(16), rule, request.environ,
+                           current_service().bodies)
 
 
 def create_app(settings: Settings | None = None, *, store: NonceStore | None = None,
@@ -122,7 +123,6 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     logging.getLogger("attest_service").setLevel(settings.log_level.upper())
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # Claims are returned exactly as signed, in their signed order.
     app.json.sort_keys = False  # type: ignore[attr-defined]
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
@@ -132,7 +132,8 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
                       rate_leases=RateLeases(store),
                       # Under gunicorn, the table the master made before it forked: a source blocked by one
                       # worker is blocked by all. Elsewhere (tests, embedding), the application's own.
-                      failed_auth=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks())
+                      failed_auth=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks(),
+                      bodies=BodyGate(settings.body_timeout_seconds))
     install(app, service)
     register_error_handlers(app)
     app.before_request(_assign_request_id)

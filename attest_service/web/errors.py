@@ -35,11 +35,29 @@ class Unauthorized(AttestError):
     http_status = 401
 
 
+class RequestTimeout(AttestError):
+    """The request body did not arrive in full within ``ATTEST_BODY_TIMEOUT_SECONDS``."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
 class RequestTooLarge(AttestError):
     """The request body exceeds the size limit."""
 
     code = "request_too_large"
     http_status = 413
+
+
+class ServiceBusy(AttestError):
+    """The worker holds as many request bodies as it may buffer; ``retry_after`` is in whole seconds."""
+
+    code = "service_busy"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: Codes for werkzeug's routing answers, which have no exception of ours.
@@ -118,7 +136,7 @@ def error_response(error: AttestError) -> Response:
         response = json_response(error_body(error.code, error.message), status)
     if status == 401:
         response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-    if isinstance(error, RateLimited):
+    if isinstance(error, RateLimited | ServiceBusy):
         response.headers["Retry-After"] = str(error.retry_after)
     return response
 
@@ -147,8 +165,22 @@ def unexpected_error(exc: Exception) -> Response:
     return json_response(error_body("internal_error", "internal error"), 500)
 
 
+def answer_error(exc: Exception) -> Response:
+    """The answer to any exception a request raised, on the direct path and in Flask alike.
+
+    Our errors by their code, werkzeug's by theirs, anything else as a bug (500, traceback logged); a
+    failure while building the answer is a bug too.
+    """
+    try:
+        if isinstance(exc, AttestError):
+            return error_response(exc)
+        if isinstance(exc, HTTPException):
+            return http_error_response(exc)
+    except Exception as bug:  # noqa: BLE001 - a failing handler is a bug like any other
+        return unexpected_error(bug)
+    return unexpected_error(exc)
+
+
 def register_error_handlers(app: Flask) -> None:
-    """Install the handlers that turn every exception a view can raise into a JSON answer."""
-    app.register_error_handler(AttestError, error_response)
-    app.register_error_handler(HTTPException, http_error_response)
-    app.register_error_handler(Exception, unexpected_error)
+    """Install :func:`answer_error` for every exception a view can raise (werkzeug's HTTP errors included)."""
+    app.register_error_handler(Exception, answer_error)

@@ -35,9 +35,9 @@ from attest_service.settings import IPNetwork
 from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
-from attest_service.web.errors import MalformedRequest, RequestTooLarge, Unauthorized, json_answer, json_bytes
+from attest_service.web.errors import MalformedRequest, Unauthorized, json_answer, json_bytes
 from attest_service.web.openapi import openapi_document
-from attest_service.web.service import MAX_BODY_BYTES, Caller, Service, current_service
+from attest_service.web.service import Caller, Service, current_service
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -62,19 +62,6 @@ def _iso(instant: datetime) -> str:
 
 
 _BODY_DECODER: Final = strict_decoder(MalformedRequest, "request body")
-
-
-def _request_bytes() -> bytes:
-    if request.content_length is not None:
-        # Announced lengths over the limit were refused before the view; this reads exactly that many bytes.
-        return request.get_data(cache=False)
-    # A chunked body has no announced length, and werkzeug cuts its stream at MAX_CONTENT_LENGTH without an
-    # error: read one byte past the limit from the server's own stream, so that an oversized body is refused
-    # as too large rather than parsed, truncated, as broken JSON.
-    data: bytes = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
-    if len(data) > MAX_BODY_BYTES:
-        raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
-    return data
 
 
 def json_object(data: bytes) -> dict[str, object]:
@@ -211,19 +198,21 @@ def _caller(service: Service, environ: WSGIEnvironment) -> Caller:
     return caller
 
 
-def verification_body(service: Service, environ: WSGIEnvironment, read_body: Callable[[], bytes]) -> bytes:
+def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
     """Answer one ``POST /v1/verify``: the success body as JSON bytes; raises AttestError for every refusal.
 
     The whole of the route but the HTTP envelope, shared by the Flask view and the direct WSGI path
-    (:mod:`attest_service.web.fastpath`): ``environ`` gives the headers and the peer, ``read_body`` the body.
-    The metrics of the verification are recorded here, whichever the outcome.
+    (:mod:`attest_service.web.fastpath`): ``environ`` gives the headers, the peer and the body, which is
+    read through the service's body gate (:mod:`attest_service.web.body`). The metrics of the verification
+    are recorded here, whichever the outcome.
     """
     started = time.perf_counter()
     code: str | None = "internal_error"
     try:
         caller = _caller(service, environ)
         # Step 1: parse the request.
-        parsed = parse_verify_request(json_object(read_body()), service.attestor.verifier.decode)
+        parsed = parse_verify_request(json_object(service.bodies.read(environ, caller.source)),
+                                      service.attestor.verifier.decode)
         # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, at=service.clock(), nonce=parsed.nonce,
@@ -244,7 +233,7 @@ def verification_body(service: Service, environ: WSGIEnvironment, read_body: Cal
 @api.post(VERIFY_PATH)
 def verify() -> Response:
     """Verify an attested document and accept its nonce once."""
-    return json_answer(verification_body(current_service(), request.environ, _request_bytes))
+    return json_answer(verification_body(current_service(), request.environ))
 
 
 @api.post("/v1/challenges")

@@ -22,11 +22,10 @@ from attest_service.callers.leases import RateLeases
 from attest_service.callers.policy import ANONYMOUS, AccessPolicy, CallerPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.nonces import NonceStore
-from attest_service.settings import Settings
+from attest_service.settings import DEFAULT_BODY_TIMEOUT_SECONDS, Settings
+from attest_service.web.body import BodyGate
 from attest_service.web.errors import Unauthorized
 
-#: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
-MAX_BODY_BYTES: Final = 1024 * 1024
 #: Key of the service state in ``app.extensions``.
 EXTENSION: Final = "attest_service"
 
@@ -82,6 +81,8 @@ class Service:
     rate_leases: RateLeases
     #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.callers.throttle`).
     failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
+    #: The gate every request body passes (:mod:`attest_service.web.body`).
+    bodies: BodyGate = field(default_factory=lambda: BodyGate(DEFAULT_BODY_TIMEOUT_SECONDS))
 
     def authenticate(self, authorization: str | None, source: str) -> Caller:
         """Identify the caller from the ``Authorization`` header; ``source`` is where the request came from.

@@ -204,3 +204,16 @@ def test_a_block_is_seen_by_every_process_forked_after_the_table_was_made() -> N
         blocks.check("198.51.100.9", NOW + timedelta(seconds=10))
     assert blocked.value.retry_after == 20
     blocks.check("198.51.100.8", NOW)
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("0", "outside"), ("0.1", "outside"), ("121", "outside"), ("ten", "not a number"), ("nan", "outside"),
+])
+def test_the_body_timeout_is_validated_at_start(value: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"ATTEST_BODY_TIMEOUT_SECONDS: .*{fragment}"):
+        Settings.from_env({"ATTEST_BODY_TIMEOUT_SECONDS": value})
+
+
+def test_the_body_timeout_defaults_to_ten_seconds() -> None:
+    assert Settings.from_env({}).body_timeout_seconds == 10
+    assert Settings.from_env({"ATTEST_BODY_TIMEOUT_SECONDS": "2.5"}).body_timeout_seconds == 2.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 #: Failed authentications a source may have per minute in this module's service.
 AUTH_FAILURES = 2
+#: Seconds a body may take in this module's service (ATTEST_BODY_TIMEOUT_SECONDS).
+BODY_TIMEOUT = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def service(live_pki: GeneratedPki, tmp_path_factory: pytest.TempPathFactory) ->
            "ATTEST_NONCE_STORE": f"sqlite:///{workdir / 'nonces.sqlite3'}",
            "ATTEST_API_KEYS": API_KEYS_ENV,
            "ATTEST_TRUSTED_PROXIES": "127.0.0.1/32",
-           "ATTEST_AUTH_FAILURES_PER_MINUTE": str(AUTH_FAILURES)}
+           "ATTEST_AUTH_FAILURES_PER_MINUTE": str(AUTH_FAILURES),
+           "ATTEST_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT)}
     with live_service(env, workdir, workers=2) as running:
         both_workers_serve(running)
         yield running
@@ -132,3 +136,99 @@ def test_a_blocked_source_gets_429_whatever_its_key_on_every_worker(service: Liv
     # Another source with the right key is served meanwhile.
     other = request_head("/v1/challenges", "198.51.100.2", key=KEYS["billing"], length=0)
     assert exchange(service, other)[0] == 201
+
+
+# --- bodies that stall ----------------------------------------------------------------------------------
+
+
+def assert_answered_then_closed(sock: socket.socket, status: int, code: str) -> None:
+    answer_status, _, answer = read_answer(sock)
+    assert (answer_status, json.loads(answer)["error"]["code"]) == (status, code), answer
+    # The unread rest of the body is still on the connection: it is closed rather than read for ever.
+    assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["direct path, announced length", "flask, chunked"])
+def test_a_body_that_stalls_is_answered_408_within_the_body_timeout(service: LiveService, chunked: bool) -> None:
+    source = "198.51.100.20" if chunked else "198.51.100.21"
+    head = request_head("/v1/verify", source, key=KEYS["license-server"], length=None if chunked else 1000,
+                        chunked=chunked)
+    with socket.create_connection((service.host, service.port), timeout=BODY_TIMEOUT + 5) as sock:
+        started = time.monotonic()
+        sock.sendall(head + (b"3e8\r\n{" if chunked else b"{"))
+        assert_answered_then_closed(sock, 408, "request_timeout")
+        assert BODY_TIMEOUT - 0.2 <= time.monotonic() - started <= BODY_TIMEOUT + 3
+
+
+def test_a_body_that_trickles_is_held_to_the_whole_timeout_not_per_read(service: LiveService) -> None:
+    head = request_head("/v1/verify", "198.51.100.22", key=KEYS["license-server"], length=1000)
+    with socket.create_connection((service.host, service.port), timeout=BODY_TIMEOUT + 5) as sock:
+        started = time.monotonic()
+        sock.sendall(head)
+        sock.setblocking(False)
+        # A byte every fifth of the timeout: each read gets data soon, the whole body never comes.
+        while time.monotonic() - started < BODY_TIMEOUT + 3:
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    break
+            except BlockingIOError:
+                sock.send(b" ")
+            time.sleep(BODY_TIMEOUT / 5)
+        sock.setblocking(True)
+        assert_answered_then_closed(sock, 408, "request_timeout")
+        assert time.monotonic() - started <= BODY_TIMEOUT + 3
+
+
+# --- bodies that are malformed, cut short or reset ------------------------------------------------------
+
+
+MALFORMED_CHUNKED = {
+    "chunk size not hex": b"zz\r\n{}\r\n0\r\n\r\n",
+    "chunk without its terminator": b"2\r\n{}XX0\r\n\r\n",
+    "chunk size line too long": b"1" + b" " * 9000 + b"\r\n{\r\n0\r\n\r\n",
+    "bad chunk extension": b"2;\x01\r\n{}\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_CHUNKED.values(), ids=MALFORMED_CHUNKED.keys())
+def test_a_malformed_chunked_body_is_400(service: LiveService, body: bytes) -> None:
+    head = request_head("/v1/verify", "198.51.100.30", key=KEYS["license-server"], chunked=True)
+    status, _, answer = exchange(service, head + body)
+    assert (status, json.loads(answer)["error"]["code"]) == (400, "malformed_request")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["direct path, announced length", "flask, chunked"])
+def test_a_body_cut_short_is_400_on_both_paths(service: LiveService, chunked: bool) -> None:
+    head = request_head("/v1/verify", "198.51.100.31", key=KEYS["license-server"], length=None if chunked else 100,
+                        chunked=chunked)
+    with socket.create_connection((service.host, service.port), timeout=10) as sock:
+        sock.sendall(head + (b"64\r\n{\"sig" if chunked else b"{\"sig"))
+        sock.shutdown(socket.SHUT_WR)  # the client is done sending, and still reads
+        status, _, answer = read_answer(sock)
+    assert (status, json.loads(answer)["error"]["code"]) == (400, "malformed_request")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["direct path, announced length", "flask, chunked"])
+def test_a_connection_reset_mid_body_is_closed_quietly(service: LiveService, chunked: bool) -> None:
+    head = request_head("/v1/verify", "198.51.100.32", key=KEYS["license-server"], length=None if chunked else 100,
+                        chunked=chunked)
+    sock = socket.create_connection((service.host, service.port), timeout=10)
+    sock.sendall(head + (b"64\r\n{\"sig" if chunked else b"{\"sig"))
+    time.sleep(0.2)  # let the worker wait in the middle of the body
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    sock.close()
+    # The worker is still there and answers; what it logged and counted is checked at the end of the module.
+    assert service.request("GET", "/healthz")[0] == 200
+
+
+def test_no_edge_of_a_request_was_an_internal_error(service: LiveService) -> None:
+    # Last in the module: every request above has been answered or dropped by now.
+    time.sleep(0.5)
+    status, _, metrics = service.request("GET", "/metrics")
+    assert status == 200
+    counted = [line for line in metrics.decode().splitlines()
+               if line.startswith("attest_verifications_total{") and 'code="internal_error"' in line]
+    assert all(float(line.rsplit(" ", 1)[1]) == 0 for line in counted), counted
+    log = service.log.read_text()
+    assert "Traceback" not in log
+    assert not [line for line in log_lines(service) if line.get("status") == 500]

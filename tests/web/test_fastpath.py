@@ -19,11 +19,12 @@ from flask import Flask, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from attest_service.errors import AttestError
 from attest_service.server import master
 from attest_service.web import app as app_module
 from attest_service.web import create_app
-from attest_service.web.fastpath import VerifyFastPath, announced_length
-from attest_service.web.service import MAX_BODY_BYTES
+from attest_service.web.body import MAX_BODY_BYTES, announced_length
+from attest_service.web.fastpath import VerifyFastPath
 from tests.web.conftest import API_KEYS_ENV, KEYS, Clock, GeneratedPki, settings_for
 
 #: The request id the tests offer; a generated one is 32 hex digits.
@@ -309,13 +310,20 @@ def test_every_other_request_is_flasks(make_pair: Callable[..., Pair], counted_f
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("0", 0), ("12", 12), (str(MAX_BODY_BYTES), MAX_BODY_BYTES), ("007", 7),
-    (None, None), ("", None), ("-1", None), ("+1", None), (" 1", None), ("1 ", None), ("1.0", None), ("١٢", None),
-    ("²", None), (str(MAX_BODY_BYTES + 1), None), ("9" * 100, None),
+    ("0", 0), ("12", 12), (str(MAX_BODY_BYTES), MAX_BODY_BYTES), ("007", 7), (None, None), ("", None),
+    ("-1", "malformed_request"), ("+1", "malformed_request"), (" 1", "malformed_request"),
+    ("1 ", "malformed_request"), ("1.0", "malformed_request"), ("١٢", "malformed_request"),
+    ("²", "malformed_request"), (str(MAX_BODY_BYTES + 1), "request_too_large"), ("9" * 100, "request_too_large"),
 ])
-def test_announced_length(text: str | None, expected: int | None) -> None:
+def test_announced_length(text: str | None, expected: int | str | None) -> None:
+    # The one reading of Content-Length, for the direct path's choice, Flask's early 413 and the body gate.
     environ = {} if text is None else {"CONTENT_LENGTH": text}
-    assert announced_length(environ) == expected  # type: ignore[arg-type]
+    if isinstance(expected, str):
+        with pytest.raises(AttestError) as refused:
+            announced_length(environ)  # type: ignore[arg-type]
+        assert refused.value.code == expected
+    else:
+        assert announced_length(environ) == expected  # type: ignore[arg-type]
 
 
 def test_a_body_shorter_than_announced_is_malformed(make_pair: Callable[..., Pair]) -> None:

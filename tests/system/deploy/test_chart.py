@@ -189,6 +189,7 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
         "ATTEST_RATE_LIMIT_PER_MINUTE", "ATTEST_TRUST_RELOAD_SECONDS", "ATTEST_LOG_LEVEL", "ATTEST_PINNED_CERTS",
         "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_ALLOW_OPEN",
         "ATTEST_TRUSTED_PROXIES", "ATTEST_AUTH_FAILURES_PER_MINUTE", "ATTEST_ANONYMOUS_CHALLENGES",
+        "ATTEST_BODY_TIMEOUT_SECONDS",
     }
     assert env_names(render()) == settings
     assert env_names(render(HA_VALUES)) == settings | {"ATTEST_API_KEYS"}
@@ -218,12 +219,15 @@ def test_default_values_admit_keyless_callers_with_challenges_only(render: Rende
 
 def test_abuse_settings_reach_the_service(render: Render) -> None:
     settings = _service_settings(render(values={"settings": {
-        "trustedProxies": ["10.0.0.0/8", "fd00::/8"], "authFailuresPerMinute": 5, "anonymousChallenges": 7}}))
+        "trustedProxies": ["10.0.0.0/8", "fd00::/8"], "authFailuresPerMinute": 5, "anonymousChallenges": 7,
+        "bodyTimeoutSeconds": 2.5}}))
     assert [str(network) for network in settings.trusted_proxies] == ["10.0.0.0/8", "fd00::/8"]
     assert (settings.auth_failures_per_minute, settings.anonymous_challenges) == (5, 7)
+    assert settings.body_timeout_seconds == 2.5
     defaults = _service_settings(render())
     assert defaults.trusted_proxies == ()
     assert (defaults.auth_failures_per_minute, defaults.anonymous_challenges) == (30, 300)
+    assert defaults.body_timeout_seconds == 10
 
 
 def test_allow_open_reaches_the_service(render: Render) -> None:
@@ -416,6 +420,8 @@ REFUSED_VALUES = {
     "trusted proxy that is not an address": {"settings": {"trustedProxies": ["ingress.local"]}},
     "trusted proxies as a string": {"settings": {"trustedProxies": "10.0.0.0/8"}},
     "allowOpen as a string": {"settings": {"allowOpen": "yes"}},
+    "body timeout of zero": {"settings": {"bodyTimeoutSeconds": 0}},
+    "body timeout as a string": {"settings": {"bodyTimeoutSeconds": "10s"}},
 }
 
 
