@@ -54,6 +54,8 @@ class AnswerDroppingProxy:
         self.port: int = self._listener.getsockname()[1]
         self._armed = threading.Event()
         self.dropped = 0
+        #: Called when an answer is lost, before the client can notice and send its retry.
+        self.on_drop: Callable[[], None] | None = None
         self._closed = False
         self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
         self._threads[0].start()
@@ -105,6 +107,8 @@ class AnswerDroppingProxy:
                         # The server ran the script and answered: the client never hears of it.
                         self._armed.clear()
                         self.dropped += 1
+                        if self.on_drop is not None:
+                            self.on_drop()
                         return
                     awaiting_answer = False
                     client.sendall(data)
@@ -119,8 +123,10 @@ class AnswerDroppingProxy:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    # A replica is synchronised at once, not after the default five seconds of waiting for others to join.
-    with redis_server(tmp_path / "redis", extra_args=("--repl-diskless-sync-delay", "0")) as running:
+    # A replica is synchronised at once, not after the default five seconds of waiting for others to join; the
+    # master's periodic PING to its replicas, which moves the replication offset, stays out of the tests.
+    with redis_server(tmp_path / "redis", extra_args=("--repl-diskless-sync-delay", "0",
+                                                      "--repl-ping-replica-period", "3600")) as running:
         yield running
 
 
@@ -210,15 +216,29 @@ def test_a_recognised_retry_still_waits_for_its_replica(
     # connection's WAIT offset on every command, so there the retry's WAIT covers the first run's record
     # anyway; current Redis sources move it only on a command that replicated something, and a retry that
     # wrote nothing would have WAIT count the frozen replica at once. The recognised retry rewrites its
-    # record for that reason; this test holds the outcome on either kind of server.
+    # record for that reason: the replication stream grows on the retried run by more than its WAIT's own
+    # request for acknowledgements (measured beside it), which is what shows the rewrite on any server.
+    observer = server.client()
+    offsets: list[int] = []
+
+    def offset() -> int:
+        return int(observer.info("replication")["master_repl_offset"])
+
     with proxied_store(server, min_replicas=1) as (proxy, store):
         store.ping()
         nonce = unique("lost-unconfirmed")
+        proxy.on_drop = lambda: offsets.append(offset())
         with replica.frozen():
             proxy.arm()
             with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
                 accept(store, nonce)
             assert proxy.dropped == 1
+            retried = offset() - offsets[0]
+            before_wait = offset()
+            observer.execute_command("WAIT", 1, 50)  # a WAIT alone, nothing written: what it adds
+            waited = offset() - before_wait
+        assert retried > waited, f"the retried run added {retried} bytes to the stream, a bare WAIT {waited}"
+        observer.close()
         wait_in_sync(server)
         # Nothing was accepted, and the record left on the primary keeps the document from being accepted now.
         with pytest.raises(NonceReplayed):
