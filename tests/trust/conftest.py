@@ -8,7 +8,7 @@ import hashlib
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,8 @@ from attest_service.trust import MANIFEST, load_trust, manifest_entry
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "pinned_certs"
 DAY = timedelta(days=1)
+#: Longest a held answer of the CA server waits for its release (a test that forgets to release it).
+HOLD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -180,13 +182,22 @@ def run_cli(capsys: pytest.CaptureFixture[str]
 class CaServer:
     """A loopback HTTP server answering fixed paths, counting requests per path.
 
-    ``delays`` holds seconds to wait before answering a path (a slow repository).
+    ``delays`` holds seconds to wait before answering a path (a slow repository). ``hold(path)`` keeps the
+    answers to a path until the event it returns is set (a repository as slow as the test wants), and
+    ``arrived[path]`` is set when a request for the path has come in.
     """
 
     port: int = 0
     routes: dict[str, tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    held: dict[str, threading.Event] = field(default_factory=dict)
+    arrived: defaultdict[str, threading.Event] = field(default_factory=lambda: defaultdict(threading.Event))
+
+    def hold(self, path: str) -> threading.Event:
+        """Keep the answers to ``path`` until the returned event is set (or ten seconds pass)."""
+        release = self.held[path] = threading.Event()
+        return release
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -205,6 +216,10 @@ def ca_server() -> Iterator[CaServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.hits[self.path] += 1
+            state.arrived[self.path].set()
+            release = state.held.get(self.path)
+            if release is not None:
+                release.wait(HOLD_SECONDS)
             delay = state.delays.get(self.path, 0.0)
             if delay:
                 time.sleep(delay)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from attest_service.errors import UntrustedChain
 from attest_service.imds import pki
 from attest_service.trust import fingerprint
 from attest_service.trust.aia import AiaFetcher, AiaPolicy, AllowRule
-from attest_service.trust.pins import remove_pin
+from attest_service.trust.pins import add_fingerprint_pin, remove_pin
 from attest_service.trust.reload import ReloadingVerifier
 from attest_service.verify import VerificationPolicy
 
@@ -120,7 +119,7 @@ def test_a_slow_fetch_does_not_hold_up_other_documents(server: CaServer, pinned:
                                                        leaf_key) -> None:
     slow_ca, fast_ca = (make_ca(f"Ops Issuing CA {n}", pki_set.root, pki_set.now) for n in ("51", "52"))
     slow_url = server.publish(PREFIX + "slow.crt", _der(slow_ca))
-    server.delays[PREFIX + "slow.crt"] = 1.5
+    release = server.hold(PREFIX + "slow.crt")
     fast_url = server.publish(PREFIX + "fast.crt", _der(fast_ca))
     slow = sign_document(make_leaf(slow_ca, leaf_key, pki_set.now, ca_issuers=[slow_url]), pki_set.now)
     fast = sign_document(make_leaf(fast_ca, leaf_key, pki_set.now, ca_issuers=[fast_url]), pki_set.now)
@@ -136,14 +135,15 @@ def test_a_slow_fetch_does_not_hold_up_other_documents(server: CaServer, pinned:
     thread = threading.Thread(target=verify_slow)
     thread.start()
     try:
-        time.sleep(0.2)  # the slow fetch is under way
-        started = time.monotonic()
+        assert server.arrived[PREFIX + "slow.crt"].wait(10), "the slow fetch never reached the server"
+        # The slow repository holds its answer until released: the other document is verified meanwhile.
         holder.verify(fast, policy=POLICY, now=pki_set.now)
-        elapsed = time.monotonic() - started
+        assert thread.is_alive(), "the other document waited until the slow fetch had ended"
     finally:
+        release.set()
         thread.join(timeout=10)
     assert errors == []
-    assert elapsed < 0.8, f"a fetch of another URL waited {elapsed:.2f} s behind the slow one"
+    assert server.hits[PREFIX + "slow.crt"] == 1
 
 
 def test_concurrent_documents_under_one_new_ca_fetch_it_once(server: CaServer, pinned: Path, pki_set: Pki,
@@ -182,10 +182,23 @@ def test_china_does_not_trust_digicert_public_cas(server: CaServer, tmp_path: Pa
     directory = tmp_path / "pins"
     pki.write_pinned_dir(directory, "china", root=root.certificate, intermediates=[])
     url = server.publish(PREFIX + "public-dv.crt", _der(public_ca))
-    leaf = make_leaf(public_ca, leaf_key, now, ca_issuers=[url], domain="metadata.azure.cn")
+    # The positive control: one of Azure China's issuing CAs, pinned by fingerprint with its URL on the same
+    # server, is fetched and trusted by the same fallback, so the refusal below is the China rule's.
+    azure_ca = make_named_ca(digicert_name("Ops DigiCert Basic RSA CN CA G2"), root, now)
+    azure_url = server.publish(PREFIX + "azure-cn.crt", _der(azure_ca))
+    add_fingerprint_pin(directory, "china", fingerprint(azure_ca.certificate), url=azure_url,
+                        name="Ops DigiCert Basic RSA CN CA G2", now=now, policy=_fetcher(server, cloud="china").policy)
+    china = VerificationPolicy(cloud="china")
     holder = ReloadingVerifier(directory, interval_seconds=10, aia=_fetcher(server, cloud="china"))
-    with pytest.raises(UntrustedChain):
-        holder.verify(sign_document(leaf, now), policy=VerificationPolicy(cloud="china"), now=now)
+    azure_leaf = make_leaf(azure_ca, leaf_key, now, ca_issuers=[azure_url], domain="metadata.azure.cn")
+    assert holder.verify(sign_document(azure_leaf, now), policy=china, now=now).signer.issuer.startswith(
+        "CN=Ops DigiCert Basic RSA CN CA G2")
+    assert server.hits[PREFIX + "azure-cn.crt"] == 1
+    leaf = make_leaf(public_ca, leaf_key, now, ca_issuers=[url], domain="metadata.azure.cn")
+    with pytest.raises(UntrustedChain, match="china takes only issuing CAs pinned by fingerprint"):
+        holder.verify(sign_document(leaf, now), policy=china, now=now)
+    # Refused for what it is, without a fetch: no fingerprint pin names its URL.
+    assert server.hits[PREFIX + "public-dv.crt"] == 0
 
 
 def test_a_removed_pin_stays_distrusted_with_the_fallback_on(server: CaServer, pinned: Path, pki_set: Pki,
@@ -198,5 +211,13 @@ def test_a_removed_pin_stays_distrusted_with_the_fallback_on(server: CaServer, p
     holder.verify(document, policy=POLICY, now=pki_set.now)
     remove_pin(pinned, "public", fingerprint(pki_set.issuing.certificate))
     clock.now += 10
-    with pytest.raises(UntrustedChain):
+    with pytest.raises(UntrustedChain, match=r"was unpinned with certs remove \(public/intermediates/removed.txt\)"):
         holder.verify(document, policy=POLICY, now=pki_set.now)
+    # The fallback did fetch it, and refused what it fetched because it was removed.
+    assert server.hits[PREFIX + "issuing-01.crt"] == 1
+    # The positive control: after the same reload, the same fallback fetches and trusts a CA never removed.
+    other = make_ca("Ops Issuing CA 45", pki_set.root, pki_set.now)
+    other_url = server.publish(PREFIX + "ca45.crt", _der(other))
+    holder.verify(sign_document(make_leaf(other, leaf_key, pki_set.now, ca_issuers=[other_url]), pki_set.now),
+                  policy=POLICY, now=pki_set.now)
+    assert server.hits[PREFIX + "ca45.crt"] == 1
