@@ -13,6 +13,7 @@ its addresses would otherwise get a fresh budget (and fresh keys in the store) w
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
@@ -25,6 +26,10 @@ IPV6_SOURCE_PREFIX: Final = 64
 MAX_FORWARDED_HOPS: Final = 16
 #: The source of a request whose address cannot be read (a Unix socket peer without a trusted proxy).
 UNKNOWN_SOURCE: Final = "unknown"
+#: Longest X-Forwarded-For text (all its headers) whose source is remembered; longer ones are parsed each time.
+MAX_REMEMBERED_FORWARDED_CHARS: Final = 512
+#: Sources remembered by :func:`remembered_source` (least recently used first to go).
+MAX_REMEMBERED_SOURCES: Final = 4096
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -77,3 +82,26 @@ def source_key(address: IPAddress | None) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, IPV6_SOURCE_PREFIX), strict=False))
     return str(address)
+
+
+def request_source(peer: str | None, forwarded_for: str | None, proxies: tuple[IPNetwork, ...]) -> str:
+    """The source of a request from ``peer`` with this ``X-Forwarded-For`` value (None: no header)."""
+    if not proxies:
+        # X-Forwarded-For is not read without trusted proxies: the peer alone is the source.
+        return remembered_source(peer, (), ())
+    forwarded: tuple[str, ...] = () if forwarded_for is None else (forwarded_for,)
+    if sum(len(value) for value in forwarded) > MAX_REMEMBERED_FORWARDED_CHARS:
+        # The header is the caller's to write, up to gunicorn's limits: never a cache key of that size.
+        return source_key(client_address(peer, forwarded, proxies))
+    return remembered_source(peer, forwarded, proxies)
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_SOURCES)
+def remembered_source(peer: str | None, forwarded_for: tuple[str, ...], proxies: tuple[IPNetwork, ...]) -> str:
+    """:func:`source_key` of :func:`client_address`, remembered: a client sends the same peer and headers each time.
+
+    Parsing addresses with :mod:`ipaddress` is a measurable share of a request (docs/DEPLOYMENT.md). The
+    cache is bounded (keys of at most :data:`MAX_REMEMBERED_FORWARDED_CHARS`), so a flood of distinct
+    sources costs only the parse it always cost, and a few MiB at most.
+    """
+    return source_key(client_address(peer, forwarded_for, proxies))

@@ -194,6 +194,13 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
     return _current
 
 
+def forget() -> None:
+    """Drop the snapshot and the failures logged: this process is again one that has loaded nothing."""
+    global _current  # noqa: PLW0603 - the one snapshot of the process
+    _current = None
+    _logged.clear()
+
+
 def refresh_periodically(sockets: Callable[[], Iterable[socket.socket]], interval_seconds: float) -> None:
     """In the master: :func:`refresh` every ``interval_seconds`` on the main thread, from a SIGALRM timer."""
 

@@ -250,6 +250,11 @@ class DocumentVerifier:
         self._base64 = Base64Cache(CACHE_ENTRIES, self._signed_data.shared)
         self._lock = threading.Lock()
 
+    @property
+    def cached_layouts(self) -> int:
+        """Entries of the document layout cache (tails and layouts); only documents that chained to the pins add any."""
+        return len(self._signed_data)
+
     def decode(self, response: Mapping[str, object] | str | bytes) -> bytes:
         """:func:`~attest_service.verify.decode` with this verifier's base64 cache.
 

@@ -16,7 +16,6 @@ anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,11 +26,10 @@ from typing import TYPE_CHECKING, Final
 from flask import Blueprint, Response, jsonify, request
 
 from attest_service.callers.policy import ANONYMOUS
-from attest_service.callers.sources import client_address, source_key
+from attest_service.callers.sources import request_source
 from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, RateLimited, StoreUnavailable
-from attest_service.settings import IPNetwork
 from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
@@ -134,32 +132,10 @@ def _rate_limit(service: Service, caller: Caller) -> None:
         raise
 
 
-#: Longest X-Forwarded-For text (all its headers) whose source is remembered; longer ones are parsed each time.
-MAX_REMEMBERED_FORWARDED_CHARS: Final = 512
-
-
 def _source(service: Service, environ: WSGIEnvironment) -> str:
-    proxies = service.settings.trusted_proxies
-    peer = environ.get("REMOTE_ADDR")
-    if not proxies:
-        # X-Forwarded-For is not read without trusted proxies: the peer alone is the source.
-        return _source_of(peer, (), ())
     # The WSGI server joins repeated headers into one value, as werkzeug's headers.getlist() sees them too.
-    header = environ.get("HTTP_X_FORWARDED_FOR")
-    forwarded: tuple[str, ...] = () if header is None else (header,)
-    if sum(len(value) for value in forwarded) > MAX_REMEMBERED_FORWARDED_CHARS:
-        # The header is the caller's to write, up to gunicorn's limits: never a cache key of that size.
-        return source_key(client_address(peer, forwarded, proxies))
-    return _source_of(peer, forwarded, proxies)
-
-
-@functools.lru_cache(maxsize=4096)
-def _source_of(peer: str | None, forwarded_for: tuple[str, ...], proxies: tuple[IPNetwork, ...]) -> str:
-    # A pure function of its arguments, remembered: parsing addresses with ipaddress cost 5 % of a request,
-    # and a client sends the same peer and headers request after request. The cache is bounded (least
-    # recently used entries go first, keys of at most MAX_REMEMBERED_FORWARDED_CHARS), so a flood of distinct
-    # sources costs only the parse it always cost, and a few MiB at most.
-    return source_key(client_address(peer, forwarded_for, proxies))
+    return request_source(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                          service.settings.trusted_proxies)
 
 
 def _authenticate(service: Service, environ: WSGIEnvironment, source: str) -> Caller:

@@ -387,7 +387,7 @@ def test_only_documents_that_chain_to_the_pins_take_room_in_the_caches(case: str
     with pytest.raises(AttestError) as caught:
         verifier.verify_response((TESTCASES / refused["file"]).read_bytes(), at=at)
     assert caught.value.code == refused["expect"]
-    assert len(verifier._signed_data) == 0
+    assert verifier.cached_layouts == 0
     genuine = index["ok-rsa"]
     verifier.verify_response((TESTCASES / genuine["file"]).read_bytes(), at=datetime.fromisoformat(genuine["at"]))
-    assert len(verifier._signed_data) > 0
+    assert verifier.cached_layouts > 0

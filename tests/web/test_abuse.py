@@ -14,11 +14,11 @@ from datetime import timedelta
 import pytest
 from flask.testing import FlaskClient
 
+from attest_service.callers import sources
 from attest_service.callers.sources import client_address, source_key
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.errors import ConfigurationError, RateLimited
 from attest_service.settings import Settings, parse_trusted_proxies
-from attest_service.web import routes
 from tests.support.redis_server import RedisServer
 from tests.web.conftest import API_KEYS_ENV, NOW, AppFactory, Clock, bearer
 
@@ -95,15 +95,15 @@ def test_long_forwarded_headers_are_counted_but_never_remembered(make_client: Ap
     # The sources of requests are remembered by peer and header; a header near gunicorn's size limits, which
     # anyone can send, must not become a cache entry of that size.
     client = make_client(store_url=store_url, ATTEST_RATE_LIMIT_PER_MINUTE="2", ATTEST_TRUSTED_PROXIES="10.0.0.0/8")
-    routes._source_of.cache_clear()
+    sources.remembered_source.cache_clear()
     padding = ",".join(f"198.51.100.{index % 250}" for index in range(600))
     for _ in range(2):
         assert _from(client, "/v1/challenges", "10.0.0.5", forwarded=f"{padding},203.0.113.9") == 201
     # Still counted per client: the right-most untrusted hop is the source.
     assert _from(client, "/v1/challenges", "10.0.0.5", forwarded=f"{padding},203.0.113.9") == 429
-    assert routes._source_of.cache_info().currsize == 0
+    assert sources.remembered_source.cache_info().currsize == 0
     assert _from(client, "/v1/challenges", "10.0.0.5", forwarded="203.0.113.10") == 201
-    assert routes._source_of.cache_info().currsize == 1
+    assert sources.remembered_source.cache_info().currsize == 1
 
 
 def test_rotating_ipv6_addresses_share_their_slash_64_budget(make_client: AppFactory, store_url: str) -> None:

@@ -26,11 +26,9 @@ BROKEN_PEM = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICA
 @pytest.fixture(autouse=True)
 def no_snapshot() -> Iterator[None]:
     """Each test starts as a master that has loaded nothing, and leaves none behind."""
-    master._current = None  # the module's one snapshot
-    master._logged.clear()  # and the failures it has logged
+    master.forget()
     yield
-    master._current = None
-    master._logged.clear()
+    master.forget()
 
 
 @pytest.fixture
