@@ -209,3 +209,17 @@ def test_every_refusal_of_a_document_names_its_step() -> None:
 def test_codes_are_unique() -> None:
     codes = [cls.code for cls in _error_classes(errors.AttestError)]
     assert len(codes) == len(set(codes))
+
+
+def test_the_api_is_what_the_package_exports_and_readme_names() -> None:
+    # The boundary of the library: attest_service.__all__, each name documented, and README's list the same.
+    public = {name for name in attest_service.__all__ if name != "__version__"}
+    assert [name for name in sorted(public) if not (getattr(attest_service, name).__doc__ or "").strip()] == []
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"^What is API: .*?\(its `__all__`: (.*?)\)", readme, re.MULTILINE | re.DOTALL)
+    assert listed is not None, "README names the library's API"
+    named = set(re.findall(r"`([A-Za-z_]+)`", listed.group(1)))
+    errors_named = "the errors" in listed.group(1)
+    exported_errors = {name for name in public if isinstance(getattr(attest_service, name), type)
+                       and issubclass(getattr(attest_service, name), errors.AttestError)}
+    assert named | (exported_errors if errors_named else set()) == public
