@@ -127,6 +127,17 @@ def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
     return raw in ("1", "true", "yes")
 
 
+#: Shortest interval of the background CRL fetch: CRLs are published hours apart.
+MIN_CRL_REFRESH_SECONDS: Final = 60.0
+
+
+def _crl_refresh(env: Mapping[str, str]) -> float:
+    seconds = _number(env, "ATTEST_CRL_REFRESH_SECONDS", 0, 0, 7 * 86400)
+    if 0 < seconds < MIN_CRL_REFRESH_SECONDS:
+        raise ConfigurationError(f"ATTEST_CRL_REFRESH_SECONDS: 0 (off) or at least {MIN_CRL_REFRESH_SECONDS:g}")
+    return seconds
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything the service is configured with; see README "Configuration" for each variable."""
@@ -160,6 +171,9 @@ class Settings:
     revocation: RevocationMode = DEFAULT_REVOCATION
     #: Seconds within which a request body must arrive in full, else 408 (and the connection is closed).
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    #: Seconds between two fetches of the trust directory's CRLs beside the service; 0: none
+    #: (ATTEST_CRL_REFRESH_SECONDS).
+    crl_refresh_seconds: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -207,4 +221,5 @@ class Settings:
                                        origin="ATTEST_REVOCATION"),
             body_timeout_seconds=_number(env, "ATTEST_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS,
                                          MIN_BODY_TIMEOUT_SECONDS, MAX_BODY_TIMEOUT_SECONDS),
+            crl_refresh_seconds=_crl_refresh(env),
         )

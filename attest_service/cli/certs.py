@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from attest_service.cli import crls
 from attest_service.cli.common import (
     EXIT_REFUSED,
     EXIT_VERIFIED,
@@ -282,6 +283,8 @@ def register(subparsers: Subparsers) -> None:
     remove.add_argument("pin", metavar="SHA256_OR_FILENAME",
                         help="the pin's SHA-256 fingerprint (as certs list prints it) or its file name")
     remove.set_defaults(handler=run_remove)
+
+    crls.register(actions)
 
     explain = actions.add_parser(
         "explain", help="which verification step a document fails, and why",

@@ -21,7 +21,7 @@ from typing import Any, Final
 from prometheus_client import multiprocess
 
 from attest_service.callers import throttle
-from attest_service.server import master
+from attest_service.server import crl_refresh, master
 from attest_service.settings import Settings
 
 #: The table of sources blocked for failed authentication, made here in the master before it forks, so that
@@ -86,6 +86,12 @@ def when_ready(server: Any) -> None:  # noqa: ANN401 - gunicorn's hook signature
     snapshot_settings = Settings.from_env()
     master.refresh(_sockets(server))
     master.refresh_periodically(lambda: _sockets(server), snapshot_settings.trust_reload_seconds)
+    crl_refresh.start(snapshot_settings)
+
+
+def on_exit(server: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
+    """Stop the CRL refresher (:mod:`attest_service.server.crl_refresh`) with the master."""
+    crl_refresh.stop()
 
 
 def pre_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
@@ -96,6 +102,7 @@ def pre_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunico
 def post_fork(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature
     """In the new worker: the master's refresh timer handler is not the worker's business."""
     master.stop_refreshing()
+    crl_refresh.forget()
 
 
 def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - gunicorn's hook signature

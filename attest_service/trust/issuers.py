@@ -225,6 +225,10 @@ class CertificateFetcher:
         """The one certificate at ``url``; raises FetchRefused naming the failure."""
         return self._parse(self._get(url))
 
+    def fetch_bytes(self, url: str, *, accept: str) -> bytes:
+        """The body at ``url`` under the same rules (address, one GET, no redirect, size cap), unparsed."""
+        return self._get(url, accept=accept)
+
     def _resolve(self, host: str, port: int) -> str:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -244,7 +248,7 @@ class CertificateFetcher:
             raise FetchRefused("address_refused", f"{host} resolves to non-public address {refused[0]}")
         return str(addresses[0])
 
-    def _get(self, url: str) -> bytes:
+    def _get(self, url: str, *, accept: str = "application/pkix-cert") -> bytes:
         parts = urlsplit(url)
         host = parts.hostname or ""
         try:
@@ -256,7 +260,7 @@ class CertificateFetcher:
                            else _PinnedAddressHTTPConnection)
         connection = connection_type(host, port, address, self.timeout_seconds)
         try:
-            connection.request("GET", parts.path or "/", headers={"Accept": "application/pkix-cert"})
+            connection.request("GET", parts.path or "/", headers={"Accept": accept})
             response = connection.getresponse()
             if 300 <= response.status < 400:
                 raise FetchRefused("redirect", f"answered {response.status} (redirects are not followed)")

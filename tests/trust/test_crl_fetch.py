@@ -1,0 +1,208 @@
+"""``certs crls fetch`` against a real HTTP server on loopback, standing in for Microsoft's CRL hosts."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from attest_service.errors import ConfigurationError
+from attest_service.imds import pki
+from attest_service.server import crl_refresh
+from attest_service.settings import Settings
+from attest_service.trust import load_trust
+from attest_service.trust.crl_fetch import CrlFetcher, CrlPolicy, crl_filename, wanted_crls
+from attest_service.trust.crls import SOURCES_LIST
+from attest_service.trust.issuers import AllowRule
+from tests.support import crls
+
+from .conftest import BUNDLED, DAY, CaServer, Pki, make_ca, make_root, response_json, sign_document
+
+PREFIX = "/pkiops/crl/"
+#: The pinned directory, the root, the issuing CA, the leaf and a document it signed.
+Published = tuple[Path, pki.CertifiedKey, pki.CertifiedKey, pki.CertifiedKey, bytes]
+
+
+def _with_crl_url(certified: pki.CertifiedKey, issuer: pki.CertifiedKey | None, url: str) -> pki.CertifiedKey:
+    """``certified``'s certificate again, with a cRLDistributionPoints naming ``url``, signed by ``issuer``."""
+    cert = certified.certificate
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(cert.serial_number)
+               .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc))
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+        [x509.UniformResourceIdentifier(url)], None, None, None)]), critical=False)
+    signer = issuer.private_key if issuer is not None else certified.private_key
+    return pki.CertifiedKey(certificate=builder.sign(signer, hashes.SHA256()), private_key=certified.private_key)
+
+
+@pytest.fixture
+def published(tmp_path: Path, server: CaServer, leaf_key) -> Published:  # type: ignore[no-untyped-def]
+    """A pinned directory whose issuing CA names the root's CRL URL, and a document whose signer names the CA's."""
+    now = datetime.now(UTC)
+    root = make_root("Fetch Test Root", now)
+    issuing = _with_crl_url(make_ca("Fetch Test Issuing CA", root, now), root, server.url(PREFIX + "Fetch%20Root.crl"))
+    leaf = pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
+                         common_name="metadata.azure.com", key=leaf_key, issuer=issuing, not_before=now - DAY,
+                         not_after=now + 30 * DAY, serial=x509.random_serial_number())
+    leaf = _with_crl_url(leaf, issuing, server.url(PREFIX + "Fetch%20Issuing%20CA.crl"))
+    directory = tmp_path / "pins"
+    pki.write_pinned_dir(directory, "public", root=root.certificate, intermediates=[issuing.certificate])
+    return directory, root, issuing, leaf, sign_document(leaf, now)
+
+
+def _fetcher(server: CaServer, **kwargs: object) -> CrlFetcher:
+    rule = AllowRule(scheme="http", host="127.0.0.1", port=server.port, path_prefix=PREFIX)
+    options: dict[str, object] = {"allow_address": lambda address: address.is_loopback}
+    options.update(kwargs)
+    return CrlFetcher(CrlPolicy(allow={"public": (rule,)}), **options)  # type: ignore[arg-type]
+
+
+def _serve(server: CaServer, path: str, data: bytes) -> None:
+    server.routes[path] = (200, {"Content-Type": "application/pkix-crl"}, data)
+
+
+def test_fetch_writes_verified_crls_atomically_and_refreshes_them(server: CaServer, published) -> None:  # type: ignore[no-untyped-def]
+    directory, root, issuing, leaf, document = published
+    now = datetime.now(UTC)
+    _serve(server, PREFIX + "Fetch%20Root.crl", crls.der(crls.make_crl(root, now=now)))
+    _serve(server, PREFIX + "Fetch%20Issuing%20CA.crl",
+           crls.pem(crls.make_crl(issuing, revoked=[leaf.certificate.serial_number], now=now)))
+    fetcher = _fetcher(server)
+    trust = load_trust(directory)
+    report = fetcher.fetch(directory, trust, wanted_crls(trust, directory, [document]))
+    assert [o.result for o in report.outcomes] == ["written", "written"]
+    assert report.missing == ()
+    folder = directory / "public" / "crls"
+    issuing_file = crl_filename(server.url(PREFIX + "Fetch%20Issuing%20CA.crl"))
+    assert issuing_file.startswith("fetch-issuing-ca-")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([issuing_file, SOURCES_LIST,
+                                                              crl_filename(server.url(PREFIX + "Fetch%20Root.crl"))])
+    reloaded = load_trust(directory).for_cloud("public")
+    assert len(reloaded.crls) == 2
+    assert reloaded.crl_problems == ()
+    # A refresh without the document still fetches the issuing CA's CRL: sources.txt remembers its URL.
+    newer = crls.make_crl(issuing, revoked=[leaf.certificate.serial_number, 7], now=now, number=2)
+    _serve(server, PREFIX + "Fetch%20Issuing%20CA.crl", crls.der(newer))
+    trust = load_trust(directory)
+    report = fetcher.fetch(directory, trust, wanted_crls(trust, directory))
+    assert sorted(o.result for o in report.outcomes) == ["unchanged", "written"]
+    assert (folder / issuing_file).read_bytes() == crls.der(newer)
+    # No temporary file is left behind.
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_forged_crl_is_not_written(server: CaServer, published) -> None:  # type: ignore[no-untyped-def]
+    directory, root, _, _, document = published
+    now = datetime.now(UTC)
+    _serve(server, PREFIX + "Fetch%20Root.crl", crls.der(crls.make_crl(root, now=now, key=pki.new_key("ec"))))
+    _serve(server, PREFIX + "Fetch%20Issuing%20CA.crl", b"<html>not a CRL</html>")
+    trust = load_trust(directory)
+    report = _fetcher(server).fetch(directory, trust, wanted_crls(trust, directory, [document]))
+    assert {o.result for o in report.outcomes} == {"invalid"}
+    assert any("does not verify" in o.message for o in report.outcomes)
+    assert len(report.missing) == 2
+    assert not (directory / "public" / "crls").exists()
+
+
+def test_an_older_crl_does_not_replace_a_newer_one(server: CaServer, published) -> None:  # type: ignore[no-untyped-def]
+    directory, root, _, _, _ = published
+    now = datetime.now(UTC)
+    url = PREFIX + "Fetch%20Root.crl"
+    fetcher = _fetcher(server)
+    _serve(server, url, crls.der(crls.make_crl(root, now=now, number=5)))
+    trust = load_trust(directory)
+    assert [o.result for o in fetcher.fetch(directory, trust, wanted_crls(trust, directory)).outcomes] == ["written"]
+    _serve(server, url, crls.der(crls.make_crl(root, now=now, number=4)))  # a stale mirror
+    report = fetcher.fetch(directory, trust, wanted_crls(trust, directory))
+    assert [o.result for o in report.outcomes] == ["older"]
+    [crl] = load_trust(directory).for_cloud("public").crls
+    assert crl.number == 5
+
+
+@pytest.mark.parametrize(("setup", "result"), [
+    ("not_allowed", "not_allowed"), ("loopback", "address_refused"), ("redirect", "redirect"),
+    ("too_large", "too_large"), ("missing", "http_error")])
+def test_fetch_guards(server: CaServer, published, setup: str, result: str) -> None:  # type: ignore[no-untyped-def]
+    directory, root, _, _, _ = published
+    url = PREFIX + "Fetch%20Root.crl"
+    _serve(server, url, crls.der(crls.make_crl(root, now=datetime.now(UTC))))
+    fetcher = _fetcher(server)
+    if setup == "not_allowed":
+        fetcher = CrlFetcher(CrlPolicy.azure(), allow_address=lambda address: address.is_loopback)
+    elif setup == "loopback":
+        rule = AllowRule(scheme="http", host="127.0.0.1", port=server.port, path_prefix=PREFIX)
+        fetcher = CrlFetcher(CrlPolicy(allow={"public": (rule,)}))  # the default: public addresses only
+    elif setup == "redirect":
+        server.routes[url] = (302, {"Location": "http://169.254.169.254/"}, b"")
+    elif setup == "too_large":
+        fetcher = _fetcher(server, max_bytes=100)
+    else:
+        del server.routes[url]
+    trust = load_trust(directory)
+    report = fetcher.fetch(directory, trust, wanted_crls(trust, directory))
+    assert [o.result for o in report.outcomes] == [result]
+    assert server.hits[url] == (0 if setup in ("not_allowed", "loopback") else 1)
+    assert not (directory / "public" / "crls").exists()
+
+
+def test_command_fetches_only_from_the_allow_listed_hosts(run_cli, published, tmp_path: Path, server: CaServer) -> None:  # type: ignore[no-untyped-def]
+    directory, _, _, _, document = published
+    path = tmp_path / "document.json"
+    path.write_bytes(response_json(document))
+    code, out, _ = run_cli("certs", "crls", "fetch", "--json", "--pinned-certs", str(directory),
+                           "--document", str(path))
+    assert code == 1
+    report = json.loads(out)
+    assert {o["result"] for o in report["outcomes"]} == {"not_allowed"}
+    assert len(report["missing"]) == 2
+    assert sum(server.hits.values()) == 0
+    code, out, _ = run_cli("certs", "crls", "list", "--json", "--pinned-certs", str(directory))
+    assert code == 0
+    assert json.loads(out) == {"crls": [], "notUsed": []}
+    code, _, err = run_cli("certs", "crls", "fetch", "--pinned-certs", str(directory), "--every", "1")
+    assert code == 2
+    assert "--every" in err
+
+
+def test_bundled_pins_name_only_allow_listed_crl_hosts(pki_set: Pki) -> None:
+    trust = load_trust(BUNDLED)
+    policy = CrlPolicy.azure()
+    wanted = wanted_crls(trust, BUNDLED)
+    assert wanted
+    for item in wanted:
+        assert any(policy.allowed(item.cloud, url) for url in item.urls), item
+
+
+def test_refresh_setting_is_validated() -> None:
+    assert Settings.from_env({}).crl_refresh_seconds == 0
+    assert Settings.from_env({"ATTEST_CRL_REFRESH_SECONDS": "3600"}).crl_refresh_seconds == 3600
+    for bad in ("30", "-1", "soon"):
+        with pytest.raises(ConfigurationError, match="ATTEST_CRL_REFRESH_SECONDS"):
+            Settings.from_env({"ATTEST_CRL_REFRESH_SECONDS": bad})
+
+
+@pytest.mark.slow
+def test_refresher_runs_the_fetch_beside_the_service_and_stops_with_it(pinned: Path, tmp_path: Path) -> None:
+    settings = Settings.from_env({"ATTEST_PINNED_CERTS": str(pinned), "ATTEST_CRL_REFRESH_SECONDS": "60"})
+    log = tmp_path / "refresh.log"
+    with log.open("wb") as output:
+        crl_refresh.start(settings, output=output)
+        try:
+            deadline = time.monotonic() + 30
+            while b"next round in 60 s" not in log.read_bytes():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        finally:
+            crl_refresh.stop()
+    # The fixture's CAs name no CRL: the first round fetched nothing, and the process waited for the next one.
+    assert b"Traceback" not in log.read_bytes()
+    off = Settings.from_env({"ATTEST_PINNED_CERTS": str(pinned)})
+    crl_refresh.start(off)
+    assert crl_refresh._process is None  # nothing started when the setting is off
