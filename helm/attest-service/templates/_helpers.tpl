@@ -95,6 +95,26 @@ True (non-empty) when the chart must create its own Secret: some secret value is
 {{- end }}
 
 {{/*
+True (non-empty) when callers may present nonces of their own: API keys (a client with a key may, unless a
+policy says otherwise), a policy file (which the chart cannot read when it is an existing ConfigMap), or the
+open mode. Without any of them callers must use service-issued challenges.
+*/}}
+{{- define "attest-service.callerNonces" -}}
+{{- if or .Values.apiKeys.keys .Values.apiKeys.existingSecret .Values.policy.toml .Values.policy.existingConfigMap .Values.settings.allowOpen }}true{{- end }}
+{{- end }}
+
+{{/*
+Name of the PersistentVolumeClaim of the SQLite file, when there is one (an existing claim, or the chart's).
+*/}}
+{{- define "attest-service.sqliteClaim" -}}
+{{- if not (include "attest-service.redisEnabled" .) }}
+{{- if .Values.nonceStore.sqlite.existingClaim }}{{ .Values.nonceStore.sqlite.existingClaim }}
+{{- else if .Values.nonceStore.sqlite.persistence.enabled }}{{ printf "%s-nonces" (include "attest-service.fullname" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 True (non-empty) when pinned certificates come from values rather than from the image.
 */}}
 {{- define "attest-service.pinsFromValues" -}}
@@ -119,6 +139,13 @@ Refuse contradictory values that the JSON schema cannot express.
 {{- end }}
 {{- if and (not (include "attest-service.redisEnabled" .)) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
 {{- fail "more than one replica needs a shared nonce store: set nonceStore.redisUrl or nonceStore.existingSecret" }}
+{{- end }}
+{{- $sqlite := .Values.nonceStore.sqlite }}
+{{- if and $sqlite.existingClaim $sqlite.persistence.enabled }}
+{{- fail "nonceStore.sqlite: set either existingClaim or persistence.enabled, not both" }}
+{{- end }}
+{{- if and (include "attest-service.callerNonces" .) (not (include "attest-service.redisEnabled" .)) (not (or $sqlite.existingClaim $sqlite.persistence.enabled $sqlite.acceptNonceLossOnRestart)) }}
+{{- fail "with apiKeys, a policy or settings.allowOpen, callers may use nonces of their own, and the SQLite store on an emptyDir forgets every accepted nonce when the pod is replaced (a captured document could then be replayed until it expires): set nonceStore.redisUrl or existingSecret, nonceStore.sqlite.existingClaim or nonceStore.sqlite.persistence.enabled, or accept the loss with nonceStore.sqlite.acceptNonceLossOnRestart (docs/DEPLOYMENT.md)" }}
 {{- end }}
 {{- end }}
 

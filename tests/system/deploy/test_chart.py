@@ -55,6 +55,9 @@ EVERYTHING_ON: dict[str, Any] = {
 
 VALUE_SETS = {"default": (), "ha": (HA_VALUES,)}
 
+#: The SQLite file on a claim: what callers with their own nonces need when there is no Redis.
+PERSISTENT: dict[str, Any] = {"nonceStore": {"sqlite": {"existingClaim": "attest-nonces"}}}
+
 
 def pinned_certs_as_values(directory: Path) -> dict[str, dict[str, dict[str, str]]]:
     """The repository's pinned_certs/ tree as the chart's pinnedCerts value (cloud -> role -> file -> text)."""
@@ -105,10 +108,14 @@ def test_helm_lint_strict(helm: Callable[..., str], value_files: tuple[Path, ...
 
 
 @pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("case", ["default", "ha", "everything-on"])
+@pytest.mark.parametrize("case", ["default", "ha", "everything-on", "sqlite-claim"])
 def test_rendered_manifests_validate_against_kubernetes(render: Render, case: str, kubernetes_version: str) -> None:
     if case == "everything-on":
         manifests = render(values={**EVERYTHING_ON, "pinnedCerts": pinned_certs_as_values(REPO_ROOT / "pinned_certs")})
+    elif case == "sqlite-claim":
+        manifests = render(values={"apiKeys": EVERYTHING_ON["apiKeys"], "policy": EVERYTHING_ON["policy"],
+                                   "nonceStore": {"sqlite": {"persistence": {"enabled": True,
+                                                                             "storageClassName": "standard"}}}})
     else:
         manifests = render(*VALUE_SETS[case])
     assert manifests
@@ -231,7 +238,7 @@ def test_abuse_settings_reach_the_service(render: Render) -> None:
 
 
 def test_allow_open_reaches_the_service(render: Render) -> None:
-    settings = _service_settings(render(values={"settings": {"allowOpen": True}}))
+    settings = _service_settings(render(values={"settings": {"allowOpen": True}, **PERSISTENT}))
     assert master.access_policy(settings, loopback=False) == AccessPolicy.open()
 
 
@@ -251,6 +258,55 @@ def test_sqlite_store_can_use_a_persistent_volume_claim(render: Render) -> None:
     assert state == {"name": "state", "persistentVolumeClaim": {"claimName": "attest-nonces"}}
 
 
+#: Values that let callers choose their own nonces, each alone.
+CALLER_NONCES: dict[str, dict[str, Any]] = {
+    "api keys": {"apiKeys": {"keys": ["vendor-a:" + "ab" * 32]}},
+    "api keys from a secret": {"apiKeys": {"existingSecret": "attest-keys"}},
+    "inline policy": {"policy": {"toml": "[anonymous]\nrequire_challenge = false\n"}},
+    "policy from a config map": {"policy": {"existingConfigMap": "attest-policy"}},
+    "open mode": {"settings": {"allowOpen": True}},
+}
+
+
+@pytest.mark.parametrize("values", CALLER_NONCES.values(), ids=CALLER_NONCES.keys())
+def test_callers_with_their_own_nonces_need_a_persistent_sqlite_file(render: Render, values: dict[str, Any]) -> None:
+    # An emptyDir forgets every accepted nonce with the pod: a captured document could be replayed after a
+    # restart for the rest of its life. So no volume, no rendering, and the message says what to set.
+    with pytest.raises(HelmFailed, match=r"sqlite\.existingClaim or nonceStore\.sqlite\.persistence\.enabled"):
+        render(values=values)
+    claim = deployment_pod(render(values={**values, **PERSISTENT}))
+    assert {"name": "state", "persistentVolumeClaim": {"claimName": "attest-nonces"}} in claim["volumes"]
+    made = render(values={**values, "nonceStore": {"sqlite": {"persistence": {"enabled": True}}}})
+    pvc = one(made, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "attest-attest-service-nonces"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert {"name": "state", "persistentVolumeClaim": {"claimName": "attest-attest-service-nonces"}} in \
+        deployment_pod(made)["volumes"]
+    # The documented opt-in to losing nonces on restart renders the emptyDir.
+    lossy = deployment_pod(render(values={**values, "nonceStore": {"sqlite": {"acceptNonceLossOnRestart": True}}}))
+    assert {"name": "state", "emptyDir": {}} in lossy["volumes"]
+    # With Redis nothing of this applies.
+    shared = render(values={**values, "nonceStore": {"redisUrl": "redis://redis:6379"}})
+    assert not by_kind(shared, "PersistentVolumeClaim")
+
+
+def test_the_default_install_keeps_rendering_on_an_empty_dir(render: Render) -> None:
+    # No keys, no policy: callers use service-issued challenges only, which a restart cannot turn into replays.
+    manifests = render()
+    assert {"name": "state", "emptyDir": {}} in deployment_pod(manifests)["volumes"]
+    assert not by_kind(manifests, "PersistentVolumeClaim")
+
+
+def test_the_chart_made_claim_takes_a_size_and_a_storage_class(render: Render) -> None:
+    pvc = one(render(values={"nonceStore": {"sqlite": {"persistence": {
+        "enabled": True, "size": "5Gi", "storageClassName": "fast-ssd"}}}}), "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["spec"]["storageClassName"] == "fast-ssd"
+    with pytest.raises(HelmFailed, match=r"either existingClaim or persistence\.enabled"):
+        render(values={"nonceStore": {"sqlite": {"existingClaim": "c", "persistence": {"enabled": True}}}})
+
+
 def test_redis_url_and_api_keys_come_from_secrets(render: Render) -> None:
     manifests = render(values=EVERYTHING_ON)
     secret = one(manifests, "Secret")
@@ -268,8 +324,8 @@ def test_redis_url_and_api_keys_come_from_secrets(render: Render) -> None:
 
 
 def test_secret_content_change_rolls_the_pods(render: Render) -> None:
-    first = one(render(values={"apiKeys": {"keys": ["a:" + "0" * 64]}}), "Deployment")
-    second = one(render(values={"apiKeys": {"keys": ["a:" + "1" * 64]}}), "Deployment")
+    first = one(render(values={"apiKeys": {"keys": ["a:" + "0" * 64]}, **PERSISTENT}), "Deployment")
+    second = one(render(values={"apiKeys": {"keys": ["a:" + "1" * 64]}, **PERSISTENT}), "Deployment")
     annotations = ("checksum/secret",)
     for name in annotations:
         assert first["spec"]["template"]["metadata"]["annotations"][name] != \
