@@ -30,7 +30,7 @@ RULES_FILE = CHART_DIR / "files" / "alerts.yaml"
 UNIT_TESTS = Path(__file__).with_name("alerts_test.yaml")
 #: The alerts the chart ships, in the order of the rules file.
 ALERTS = ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestPinExpiringSoon", "AttestTrustReloadFailing",
-          "AttestStoreUnavailable", "AttestVerificationFailureRatio")
+          "AttestStoreUnavailable", "AttestVerificationFailureRatio", "AttestCrlStale", "AttestRevokedDocuments")
 #: promtool checks and unit-tests these rules in well under a second; this only stops a hung process.
 PROMTOOL_TIMEOUT_SECONDS = 60
 FULLNAME = f"{RELEASE}-attest-service"
@@ -128,7 +128,7 @@ def test_unit_tests_fail_when_the_thresholds_change(promtool: Callable[..., subp
     assert "alertname: AttestPinExpiringSoon" in output
     assert "alertname: AttestVerificationFailureRatio" in output
     for untouched in ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestTrustReloadFailing",
-                      "AttestStoreUnavailable"):
+                      "AttestStoreUnavailable", "AttestCrlStale", "AttestRevokedDocuments"):
         assert f"alertname: {untouched}" not in output
 
 
