@@ -15,6 +15,8 @@ from typing import Final
 
 import pytest
 
+from tests.support import tools
+
 from .conftest import INSTALL_TIMEOUT_SECONDS, REPO_ROOT, child_env
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,7 @@ def test_the_license_is_an_spdx_expression() -> None:
 
 def test_make_run_installs_only_the_runtime_quietly(tmp_path: Path) -> None:
     if shutil.which("make") is None:
-        pytest.skip("make is not installed")
+        tools.missing("make is not installed")
     venv = tmp_path / "venv"
     result = subprocess.run(["make", "--no-print-directory", f"VENV={venv}", f"{venv}/.installed-run"],
                             cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
