@@ -26,6 +26,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -192,7 +194,7 @@ class AttestClient:
                     "are not followed, so that the API key never reaches another origin: if that is the "
                     "service, give its URL as --service") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise ServiceUnavailable(f"cannot reach the service at {url}: {exc}") from exc
+            raise ServiceUnavailable(f"cannot reach the service at {url}: {network_reason(exc)}") from exc
         try:
             answer = json.loads(raw)
         except ValueError:
@@ -240,7 +242,7 @@ class AttestClient:
             exc.close()
             return status, raw
         except (urllib.error.URLError, OSError) as exc:
-            raise ImdsUnavailable(f"cannot reach IMDS at {self.imds_url}: {exc}") from exc
+            raise ImdsUnavailable(f"cannot reach IMDS at {self.imds_url}: {network_reason(exc)}") from exc
 
     def fetch_document(self, nonce: str) -> dict[str, object]:
         """Fetch an attested document over ``nonce`` from IMDS, retrying as the module docstring says.
@@ -286,6 +288,28 @@ class AttestClient:
         return self.submit(document, nonce)
 
 
+#: What a person is told for each kind of network failure, most specific first.
+_NETWORK_REASONS: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (ConnectionRefusedError, "the connection was refused (nothing listens there: is the address and port right?)"),
+    (TimeoutError, "no answer in time"),
+    (socket.gaierror, "the host name does not resolve"),
+    (ssl.SSLCertVerificationError, "its TLS certificate is not trusted by this machine"),
+    (ssl.SSLError, "the TLS handshake failed"),
+    (ConnectionError, "the connection was closed or reset"),
+)
+
+
+def network_reason(exc: BaseException) -> str:
+    """Why a connection failed, as a sentence for a person (urllib's ``<urlopen error [Errno 111] ...>`` is not)."""
+    reason: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    for kind, sentence in _NETWORK_REASONS:
+        if isinstance(reason, kind):
+            return sentence
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    return "a network error"
+
+
 def _error_text(answer: Mapping[str, object]) -> str:
     error = answer.get("error")
     if isinstance(error, Mapping):
@@ -324,6 +348,6 @@ def signed_nonce_of(signature: str) -> str | None:
         content = info["content"]["encap_content_info"]["content"].native
         claims = json.loads(content)
     except (binascii.Error, ValueError, TypeError, KeyError) as exc:
-        raise ImdsRefused(f"IMDS returned an undecodable document: {exc}") from exc
+        raise ImdsRefused("IMDS returned a document that is not base64 PKCS7 over JSON") from exc
     nonce = claims.get("nonce") if isinstance(claims, dict) else None
     return nonce if isinstance(nonce, str) else None

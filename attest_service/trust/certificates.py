@@ -76,7 +76,7 @@ def ca_path(
         chain = verifier.verify(certificate, [c for c in candidates if c != certificate]).chain
     except verification.VerificationError as exc:
         raise UntrustedChain(f"{common_name(certificate.subject)} does not chain to a {trust.profile.name} root "
-                             f"at {instant.isoformat()} ({exc})") from exc
+                             f"at {instant.isoformat()}") from exc
     return tuple(chain)
 
 

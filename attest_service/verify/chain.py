@@ -129,9 +129,10 @@ def validate_chain(signer: x509.Certificate, trust: CloudTrust, instant: datetim
                 continue
             raise CertificateExpired(
                 f"a path to a pinned root exists, but not at {instant.isoformat()}: "
-                f"the signer is valid {start.isoformat()} to {end.isoformat()} ({exc})") from exc
+                f"the signer is valid {start.isoformat()} to {end.isoformat()}") from exc
+        # The library's own account of the failure stays on the exception (its __cause__), for the log.
         raise UntrustedChain(f"no path from the signer through pinned intermediates to a {trust.profile.name} "
-                             f"root ({exc})") from exc
+                             "root") from exc
     valid_from = max(cert.not_valid_before_utc for cert in chain)
     valid_until = min(cert.not_valid_after_utc for cert in chain)
     return ValidatedChain(certificates=tuple(chain), valid_from=valid_from, valid_until=valid_until)

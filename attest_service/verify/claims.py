@@ -163,7 +163,7 @@ def parse_claims(content: bytes) -> Claims:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, MalformedDocument):
             raise
-        raise MalformedDocument(f"signed content is not UTF-8 JSON ({exc})") from exc
+        raise MalformedDocument("signed content is not UTF-8 JSON") from exc
     if not isinstance(raw, MappingProxyType):
         raise MalformedDocument("signed content is not a JSON object")
     fields: Mapping[str, JsonValue] = raw

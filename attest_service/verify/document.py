@@ -8,6 +8,7 @@ decoded strictly (RFC 4648 alphabet and padding; surrounding whitespace only).
 from __future__ import annotations
 
 import binascii
+import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ def _decode_signature(signature: str, cache: Base64Cache | None = None) -> bytes
         # a2b_base64 reads an ASCII str directly (no encoded copy); any other character is a ValueError.
         return _strict(text) if cache is None else cache.decode(text)
     except ValueError as exc:
-        raise MalformedDocument(f"signature: not strict base64 ({exc})") from exc
+        # binascii's own words ("number of data characters (5) cannot be 1 more than a multiple of 4") are
+        # its internals; the sentence says what is expected.
+        raise MalformedDocument("signature: not strict base64 (the standard alphabet, padded with '=' to a "
+                                "multiple of 4 characters, nothing else)") from exc
 
 
 def _decode_response(response: Mapping[str, object], cache: Base64Cache | None = None) -> bytes:
@@ -157,6 +161,15 @@ def _exact_response(text: str, cache: Base64Cache | None = None) -> bytes | None
         return None
 
 
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Where JSON text stops being JSON, in our words (the decoder's own message is for the log)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"unreadable at character {exc.pos}"
+    return "unreadable"
+
+
 def _decode_json(text: str, cache: Base64Cache | None = None) -> bytes:
     """The general path for a response object as JSON text (stripped): strict JSON, then _decode_response."""
     if len(text) > MAX_SIGNATURE_CHARS * 2:
@@ -166,7 +179,7 @@ def _decode_json(text: str, cache: Base64Cache | None = None) -> bytes:
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, MalformedDocument):
             raise
-        raise MalformedDocument(f"document: not JSON ({exc})") from exc
+        raise MalformedDocument(f"document: not JSON ({_json_problem(exc)})") from exc
     if not isinstance(response, dict):
         raise MalformedDocument("document: not a JSON object")
     return _decode_response(response, cache)

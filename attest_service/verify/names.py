@@ -27,7 +27,7 @@ def signer_names(certificate: x509.Certificate) -> tuple[str, ...]:
         values = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         return tuple(str(attr.value) for attr in values)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:  # undecodable extensions
-        raise MalformedDocument(f"signer certificate extensions: {exc}") from exc
+        raise MalformedDocument("the signer certificate's extensions cannot be read") from exc
     return tuple(san.value.get_values_for_type(x509.DNSName))
 
 

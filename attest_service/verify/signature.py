@@ -107,7 +107,7 @@ def _signed_attributes_message(signed: SignedData, digest: str) -> bytes:
             seen.setdefault(attribute["type"].native, []).append(attribute["values"].native)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         # AttributeError: asn1crypto has no native form for some universal types (REAL) it still parses.
-        raise MalformedDocument(f"signed attributes: not parseable ({exc})") from exc
+        raise MalformedDocument("signed attributes: not parseable as DER") from exc
     content_types = seen.get(_ATTR_CONTENT_TYPE, [])
     digests = seen.get(_ATTR_MESSAGE_DIGEST, [])
     # RFC 5652 11.1/11.2: each present exactly once, with exactly one value.
@@ -137,9 +137,9 @@ def signer_key(signer: x509.Certificate) -> SignerKey:
     try:
         key = signer.public_key()
     except UnsupportedAlgorithm as exc:
-        raise UnsupportedDocument(f"the signer's public key is of an unsupported type ({exc})") from exc
+        raise UnsupportedDocument("the signer's public key is of a type not supported (RSA or ECDSA only)") from exc
     except ValueError as exc:
-        raise MalformedDocument(f"the signer's public key is not a valid key ({exc})") from exc
+        raise MalformedDocument("the signer's public key is not a valid key") from exc
     if isinstance(key, rsa.RSAPublicKey):
         low, high = RSA_MODULUS_BITS
         if not low <= key.key_size <= high:

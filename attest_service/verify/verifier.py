@@ -12,6 +12,12 @@ Algorithm (each step is marked ``Step N`` in the code, and its module cites its 
    (names.py; IMDS "Attested data", RFC 6125).
 6. Build and validate the path through pinned intermediates to a root of that cloud at the
    instant (chain.py; RFC 5280 6). Certificates carried in the document are never path candidates.
+   When a path exists but only at other instants (``certificate_expired``), steps 7 and 8 are looked at
+   before that is reported: a document whose own window has passed (or not begun) beyond the skew is
+   refused ``document_expired`` (``document_not_yet_valid``) instead. Both hold for every old document
+   verified now, and the document's window, hours long, lies inside its signer's validity: it is the first
+   thing that went wrong, and the one a caller acts on (fetch a fresh document), where
+   ``certificate_expired`` on a document still inside its window points at the pins or the clock.
    Then look every certificate on the path but the root up in its issuer's current CRL, as the policy's
    revocation mode says (revocation.py; RFC 5280 6.3).
 7. Parse the signed content (claims.py; IMDS "Attested data").
@@ -36,6 +42,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from attest_service.clouds import AUTO, CLOUDS, CloudProfile
 from attest_service.errors import (
+    CertificateExpired,
     DocumentExpired,
     DocumentNotYetValid,
     MalformedDocument,
@@ -166,7 +173,7 @@ def _load_candidate(der: bytes) -> _Candidate:
         # The warning is listed because, where warnings are errors, cryptography raises it for
         # RFC 5280 violations it otherwise tolerates (such as a negative serial number). TypeError is
         # what its Name decoder raises for an attribute value of a type the attribute cannot have.
-        raise MalformedDocument(f"certificate in the document is not a valid X.509 certificate ({exc})") from exc
+        raise MalformedDocument("a certificate in the document is not a valid X.509 certificate") from exc
     if serial <= 0:
         raise MalformedDocument("certificate in the document has a non-positive serial number (RFC 5280 4.1.2.2)")
     try:
@@ -176,7 +183,7 @@ def _load_candidate(der: bytes) -> _Candidate:
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         # The extension errors are not ValueErrors; cryptography raises them on first access to the
         # extensions of a certificate that repeats one (RFC 5280 4.2 forbids it) or uses an odd name form.
-        raise MalformedDocument(f"certificate in the document has invalid extensions ({exc})") from exc
+        raise MalformedDocument("a certificate in the document has extensions that cannot be read") from exc
     return _Candidate(certificate, issuer_der, serial, ski)
 
 
@@ -329,7 +336,8 @@ class DocumentVerifier:
             # certificate fields lazily, and a hostile certificate has more than once raised a type nobody
             # expected from a field nobody thought could fail; the document is refused all the same, never
             # answered with a crash.
-            raise MalformedDocument(f"the document could not be processed ({type(exc).__name__}: {exc})") from exc
+            raise MalformedDocument("the document could not be processed: a part of it is not what it claims "
+                                    "to be") from exc
 
     def _verify(self, der: bytes, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
         # Step 2: strict DER SignedData.
@@ -346,7 +354,12 @@ class DocumentVerifier:
         # Step 5: the name decides (or must fit) the cloud.
         cloud = self._cloud(signer_der, signer, policy.cloud)
         # Step 6: path through pinned intermediates to the cloud's roots, at the instant.
-        described, links = self._chain(signer_der, signer, cloud, now)
+        try:
+            described, links = self._chain(signer_der, signer, cloud, now)
+        except CertificateExpired as expired:
+            # The document's own window first, when it too has passed (the docstring's step 6 says why).
+            _check_window(signed.content, policy, now, cause=expired)
+            raise
         # Step 6, revocation: every certificate on the path but the root against its issuer's current CRL.
         unknown = check_revocation(links, self.trust.for_cloud(cloud.name).crls_by_issuer, policy.revocation, now)
         for remember in deferred:
@@ -354,16 +367,35 @@ class DocumentVerifier:
         # Step 7: the signed content.
         claims = parse_claims(signed.content)
         # Step 8: the validity window, within the allowed skew.
-        if now > claims.expires_on + policy.clock_skew:
-            raise DocumentExpired(f"the document expired at {claims.expires_on.isoformat()}")
-        if claims.created_on > now + policy.clock_skew:
-            raise DocumentNotYetValid(f"the document is created at {claims.created_on.isoformat()}, "
-                                      f"after {now.isoformat()}")
+        _check_claims_window(claims, policy, now)
         # Step 9: the nonce the caller expects.
         if policy.expected_nonce is not None and claims.nonce != policy.expected_nonce:
             raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one")
         return VerifiedDocument(cloud=cloud.name, claims=claims, signer=described, digest=digest,
                                 revocation_unknown=unknown)
+
+
+def _check_claims_window(claims: Claims, policy: VerificationPolicy, now: datetime,
+                         cause: CertificateExpired | None = None) -> None:
+    """Step 8: raise DocumentExpired or DocumentNotYetValid when ``now`` is outside the document's window."""
+    if now > claims.expires_on + policy.clock_skew:
+        raise DocumentExpired(f"the document expired at {claims.expires_on.isoformat()}") from cause
+    if claims.created_on > now + policy.clock_skew:
+        raise DocumentNotYetValid(f"the document is created at {claims.created_on.isoformat()}, "
+                                  f"after {now.isoformat()}") from cause
+
+
+def _check_window(content: bytes, policy: VerificationPolicy, now: datetime, *, cause: CertificateExpired) -> None:
+    """Steps 7 and 8 for a document whose path exists only at other instants; returns when its window holds.
+
+    Content that does not parse is left to the certificate's refusal: this only chooses between two
+    expiries, and reports nothing else.
+    """
+    try:
+        claims = parse_claims(content)
+    except MalformedDocument:
+        return
+    _check_claims_window(claims, policy, now, cause=cause)
 
 
 def _describe(signer: x509.Certificate, chain: ValidatedChain) -> Signer:

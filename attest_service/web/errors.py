@@ -17,6 +17,7 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from attest_service.errors import AttestError, ConfigurationError, RateLimited, StoreUnavailable
+from attest_service.logsafe import loggable
 
 _LOG: Final = logging.getLogger(__name__)
 
@@ -133,6 +134,11 @@ def error_response(error: AttestError) -> Response:
         response = json_response(error_body(error.code, "the nonce store is unavailable; nothing was accepted"),
                                  status)
     else:
+        if error.__cause__ is not None and _LOG.isEnabledFor(logging.DEBUG):
+            # The answer is our sentence; what the library (cryptography, asn1crypto, binascii) said is the
+            # operator's, at debug. It can quote the document, so it is escaped.
+            _LOG.debug("%s: %s; detail: %s: %s", error.code, error.message, type(error.__cause__).__name__,
+                       loggable(error.__cause__, 500))
         response = json_response(error_body(error.code, error.message), status)
     if status == 401:
         response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
