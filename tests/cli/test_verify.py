@@ -100,9 +100,30 @@ def test_response_on_stdin_without_file_argument_and_trust_from_environment() ->
     verified("--at", AT, stdin=BASE_FILE.read_bytes(), env={"ATTEST_PINNED_CERTS": str(PINNED)})
 
 
-def test_at_with_offset_and_without_one() -> None:
-    verified("--pinned-certs", str(PINNED), "--at", "2025-06-01T14:01:00+02:00", str(BASE_FILE))
-    verified("--pinned-certs", str(PINNED), "--at", "2025-06-01T12:01:00", str(BASE_FILE))
+#: The base document is valid from createdOn 12:00:00Z to expiresOn 18:00:00Z, with 60 s of allowed skew: the
+#: first and last instants it verifies at, and one second outside each.
+FIRST, LAST = "2025-06-01T11:59:00", "2025-06-01T18:01:00"
+BEFORE, AFTER = "2025-06-01T11:58:59", "2025-06-01T18:01:01"
+#: Local zones on both sides of UTC (POSIX TZ strings: the sign is the offset west of Greenwich).
+ZONES = ("BRT3", "JST-9")
+
+
+@pytest.mark.parametrize("zone", ZONES)
+def test_at_with_offset_and_without_one(zone: str) -> None:
+    # At the window's edges an offset that is ignored or taken with the wrong sign moves the instant out of the
+    # window (by two hours either way), and an instant without offset read in the local zone (3 h west or 9 h
+    # east here) does too: each is verified only when it is read exactly.
+    env = {"TZ": zone}
+    pinned = ("--pinned-certs", str(PINNED))
+    verified(*pinned, "--at", "2025-06-01T20:01:00+02:00", str(BASE_FILE), env=env)  # LAST
+    verified(*pinned, "--at", "2025-06-01T09:59:00-02:00", str(BASE_FILE), env=env)  # FIRST
+    assert refused(*pinned, "--at", "2025-06-01T20:01:01+02:00", str(BASE_FILE), env=env) == "document_expired"
+    assert refused(*pinned, "--at", "2025-06-01T09:58:59-02:00", str(BASE_FILE), env=env) == "document_not_yet_valid"
+    # Without an offset the instant is UTC whatever the local zone.
+    verified(*pinned, "--at", LAST, str(BASE_FILE), env=env)
+    verified(*pinned, "--at", FIRST, str(BASE_FILE), env=env)
+    assert refused(*pinned, "--at", AFTER, str(BASE_FILE), env=env) == "document_expired"
+    assert refused(*pinned, "--at", BEFORE, str(BASE_FILE), env=env) == "document_not_yet_valid"
 
 
 def test_nonce_mismatch() -> None:
