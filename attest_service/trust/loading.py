@@ -39,6 +39,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import os
 import re
 import stat
 import warnings
@@ -54,7 +55,7 @@ from cryptography import x509
 from attest_service.clouds import CLOUDS
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
-from attest_service.trust.crls import CRL_FOLDER, load_crls
+from attest_service.trust.crls import CRL_FOLDER, MAX_CRL_BYTES, load_crls
 from attest_service.verify.trust import (
     CloudTrust,
     DigestAlgorithm,
@@ -360,23 +361,26 @@ MAX_DIRECTORY_ENTRIES: Final = 10_000
 
 #: One entry the loader reads: its path (``path -> target`` for a symbolic link, ``path/`` for a folder),
 #: file type, size, device, inode, modification and change times (-1 throughout: absent).
-FingerprintEntry = tuple[str, int, int, int, int, int, int]
+FingerprintEntry = tuple[str, int, int, int, int, int, int, str]
 Fingerprint = tuple[FingerprintEntry, ...]
-_ABSENT: Final = (-1, -1, -1, -1, -1, -1)
+_ABSENT: Final = (-1, -1, -1, -1, -1, -1, "")
+#: Bytes of a file that go into its content digest: beyond the largest file the loader accepts, it refuses.
+_DIGEST_LIMIT: Final = max(MAX_PEM_BYTES, MAX_CRL_BYTES) + 1
 
 
 def directory_fingerprint(directory: Path) -> Fingerprint:
-    """What :func:`load_trust` would read from ``directory``, in the metadata of each entry: a cheap check.
+    """What :func:`load_trust` would read from ``directory``: each entry's metadata and content digest.
 
     For each cloud, the folders ``roots/``, ``intermediates/`` and ``crls/`` (which directory each resolves to,
     through any symbolic link: a retargeted link is a change) and every entry directly in them but hidden
-    ones, as the loader lists them: file type, size, device, inode, modification and change time, and each
-    symbolic link's target. That changes with every way of editing the pins: in-place writes (the change
-    time moves even when the size and modification time are put back), ``os.replace``, the symlink swap of a
-    Kubernetes ConfigMap volume, a folder mounted from elsewhere. Nothing the loader does not read is looked
-    at, so an unreadable or huge tree beside the pins changes nothing. Every fingerprint has an entry per
-    cloud and folder, so the empty tuple is none. Raises ConfigurationError when the directory is missing or
-    what the loader reads cannot be listed.
+    ones, as the loader lists them: file type, size, device, inode, modification and change time, each
+    symbolic link's target, and the SHA-256 of each regular file's content. That changes with every way of
+    editing the pins: in-place writes, ``os.replace``, the symlink swap of a Kubernetes ConfigMap volume, a
+    folder mounted from elsewhere. The content digest is there because the times alone miss a rewrite of the
+    same size within one tick of the file system's clock (coarse on kernels before 6.13). Nothing the loader
+    does not read is looked at, so an unreadable or huge tree beside the pins changes nothing. Every
+    fingerprint has an entry per cloud and folder, so the empty tuple is none. Raises ConfigurationError when
+    the directory is missing or what the loader reads cannot be listed or read.
     """
     if not directory.is_dir():
         raise ConfigurationError(f"pinned certificate directory {directory} does not exist")
@@ -390,8 +394,8 @@ def directory_fingerprint(directory: Path) -> Fingerprint:
                     entries.append((label, *_ABSENT))
                     continue
                 # Which directory the folder is, not its times: those move for a hidden editor file too.
-                kind, _size, device, inode, _mtime, _ctime = _metadata(folder)
-                entries.append((label, kind, 0, device, inode, 0, 0))
+                kind, _size, device, inode, _mtime, _ctime, _digest = _metadata(folder)
+                entries.append((label, kind, 0, device, inode, 0, 0, ""))
                 for path in sorted(folder.iterdir()):
                     if path.name.startswith("."):
                         continue  # the loader skips hidden entries
@@ -406,10 +410,21 @@ def directory_fingerprint(directory: Path) -> Fingerprint:
     return tuple(entries)
 
 
-def _metadata(path: Path) -> tuple[int, int, int, int, int, int]:
+def _metadata(path: Path) -> tuple[int, int, int, int, int, int, str]:
     try:
         info = path.stat()  # through symbolic links, as the loader reads
     except FileNotFoundError:
         return _ABSENT  # a dangling link: recorded with its target; the load that follows reports it
+    digest = _content_digest(path) if stat.S_ISREG(info.st_mode) else ""
     return (stat.S_IFMT(info.st_mode), info.st_size, info.st_dev, info.st_ino, info.st_mtime_ns,
-            info.st_ctime_ns)
+            info.st_ctime_ns, digest)
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a regular file's content, read as the loader reads it; "" if it is no longer a regular file."""
+    # O_NONBLOCK: a FIFO put in the file's place since the stat must not make the check wait for a writer.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return ""
+        return hashlib.sha256(handle.read(_DIGEST_LIMIT)).hexdigest()
