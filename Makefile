@@ -70,6 +70,7 @@ bench: $(STAMP) redis-server-installed wrk-installed
 	$(BIN)/python benchmarks/bench_verify.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_refusals.py
+	$(BIN)/python benchmarks/bench_internals.py
 
 # Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes are written to fuzz-artifacts/.
 fuzz: $(STAMP)

@@ -3,8 +3,8 @@
 Cooperative workers (gevent): a connection waiting on a slow client or a hung nonce store costs a
 greenlet, not a thread. With threaded workers, 100 clients sending their bodies a byte a second held every
 thread and nobody else was served, and requests queued behind a frozen Redis well past the store timeout
-(docs/RELIABILITY.md has both measurements). Verification itself is about a millisecond of CPU, done one
-request at a time per worker; run one worker per core. ``serve`` passes ``--bind`` and ``--workers``,
+(docs/RELIABILITY.md has both measurements). Verification is CPU work done one request at a time per
+worker (its cost: docs/DEPLOYMENT.md, "Sizing"); run one worker per core. ``serve`` passes ``--bind`` and ``--workers``,
 which override the defaults here.
 """
 
@@ -122,8 +122,8 @@ def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook sig
     """SIGHUP to a worker reloads its pinned trust on the next request (gunicorn resets SIGHUP in workers).
 
     Everything loaded so far (modules, trust, the application) is moved out of the collector's sight with
-    ``gc.freeze()``: a full collection then walks only what requests allocate, and the 20-40 ms pauses
-    measured under load, during which the worker answers nobody, fall below a millisecond.
+    ``gc.freeze()``: a full collection then walks only what requests allocate, and its pause, during which
+    the worker answers nobody, all but vanishes (docs/DEPLOYMENT.md, "Figures behind the code").
     """
     gc.freeze()
     app = getattr(worker, "wsgi", None)
@@ -140,14 +140,13 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
     A gevent greenlet gives up its worker only when a read would block. A keep-alive client whose next
     request is already waiting, talking to a Redis whose answer is already there, can so keep the worker
     for many requests in a row while every other connection of that worker waits; yielding after each
-    answer serves the connections in turn (measured: p99 under load from 0.6-0.7 s to 32-41 ms).
+    answer serves the connections in turn (the latency tail it removed: docs/DEPLOYMENT.md, "Sizing").
 
     The yield waits for the loop's next iteration (a timer), not for the callback queue (``sleep(0)``).
     gevent resumes ``sleep(0)`` greenlets before it polls for I/O again and only checks the clock every
-    50 callbacks: busy connections then took turns for up to 50 requests (35 ms of CPU) while a request on
-    a quiet connection sat unread. The access log showed it: those requests took 1 ms once read, 40 ms in
-    all. With the timer the loop polls once per round (p99 under load from 45-70 ms to 20-25 ms, the same
-    throughput). Under other worker classes nothing is done.
+    50 callbacks: busy connections then took turns for up to 50 requests while a request on a quiet
+    connection sat unread, as the access log showed. With the timer the loop polls once per round, at the
+    same throughput (same section). Under other worker classes nothing is done.
     """
     if worker_class_is_gevent(worker):
         # gevent is the worker's own library, loaded once the worker class is (never in the master first).

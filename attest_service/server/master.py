@@ -158,8 +158,8 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
     Each part that fails keeps its last good value and is logged. Raises ConfigurationError only when there
     is no earlier snapshot to keep: a master that never loaded its files must not start workers. The pinned
     directory is loaded again only when its fingerprint changed since the last good load, as in the workers
-    (:func:`attest_service.trust.loading.directory_fingerprint`): loading the bundled one took 25 ms of the
-    master's CPU at every interval, the fingerprint 2 ms.
+    (:func:`attest_service.trust.loading.directory_fingerprint`), which costs the master's CPU a small part
+    of a load at every interval (docs/DEPLOYMENT.md, "Figures behind the code").
     """
     global _current, _refreshing  # noqa: PLW0603 - the one snapshot of the process, inherited by its workers
     settings = Settings.from_env(env)

@@ -2,9 +2,8 @@
 
 Why: every worker waits on the one listening socket and the kernel wakes them all for a new connection;
 the first to run takes it. On a loaded machine that is often the busier worker, already running, and a
-keep-alive client stays where it landed: spreads of 16/2 and 6/19 connections were measured at half
-capacity, with the busier worker at most of a core and p99 at 14-16 ms where 8 ms was measured with an
-even spread.
+keep-alive client stays where it landed: the uneven spread lasts, and the busier worker's clients wait
+(the spreads and latencies measured: docs/DEPLOYMENT.md, "Where the latency tail came from").
 
 Each worker counts its open connections in a page of memory shared by the master and the workers (an
 anonymous shared mapping made when gunicorn loads this class, before it forks). A worker that holds more
@@ -12,9 +11,9 @@ connections than the least loaded other worker leaves a new connection to it: it
 listening socket for :data:`DEFER_SECONDS` and looks again. A connection left for :data:`MAX_DEFER_SECONDS`
 without another worker taking it is taken anyway, and a worker whose event loop has not run for
 :data:`STALE_MS` (blocked, stopped, dead and not yet reaped) is left nothing, so a stuck worker holds new
-clients back for one connection's 20 ms at most. gunicorn has no hook for this: its gevent worker builds
-its server inside ``run()``, so :meth:`GeventWorker.run` here is gunicorn's loop around a server class of
-ours.
+clients back for one connection's :data:`MAX_DEFER_SECONDS` at most. gunicorn has no hook for this: its
+gevent worker builds its server inside ``run()``, so :meth:`GeventWorker.run` here is gunicorn's loop around
+a server class of ours.
 """
 
 from __future__ import annotations

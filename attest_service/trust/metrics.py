@@ -91,7 +91,7 @@ def issuer_label(issuer: x509.Name | str) -> str:
 
 @functools.lru_cache(maxsize=MAX_CACHED_LABELS)
 def _label_of_string(issuer: str) -> str:
-    # Parsing an RFC 4514 string costs more than the rest of a cached verification (tens of microseconds),
+    # Parsing an RFC 4514 string costs more than the rest of a cached verification,
     # and every verified document names one of a handful of issuing CAs: remember the answer per string.
     try:
         name = x509.Name.from_rfc4514_string(issuer)

@@ -130,9 +130,9 @@ def signer_key(signer: x509.Certificate) -> SignerKey:
     """The signer's public key, when it is of a kind Azure signs with; raise UnsupportedDocument otherwise.
 
     The signature is checked (step 4) before the name and the chain (steps 5 and 6), so the key is still the
-    document's own choice here: a 16384-bit modulus with a 64-bit exponent costs about 70 times a genuine
-    RSA-2048 verification, a 3072-bit modulus with a 3000-bit exponent over 100 times. Reading the key's
-    size and exponent costs nothing; the RSA operation runs only for keys inside these bounds.
+    document's own choice here: a large modulus or a large exponent costs many times a genuine RSA-2048
+    verification (docs/DEPLOYMENT.md, "Figures behind the code"). Reading the key's size and exponent costs
+    nothing; the RSA operation runs only for keys inside these bounds.
     """
     try:
         key = signer.public_key()

@@ -1,8 +1,8 @@
 """``POST /v1/verify`` answered straight from WSGI, in front of the Flask application.
 
 Why: verification is the route under load, and Flask's request machinery around it (the request and
-application contexts, URL matching, the before and after hooks, the response object) was a third of the
-application's instructions per verification, more than the signature check. The direct path runs the very same
+application contexts, URL matching, the before and after hooks, the response object) cost more of a
+verification than the signature check (docs/DEPLOYMENT.md, "Sizing"). The direct path runs the very same
 function as the Flask view (:func:`~attest_service.web.routes.verification_body`), which reads the body
 through the same gate (:mod:`attest_service.web.body`); errors are answered by the same
 :func:`~attest_service.web.errors.answer_error`, and every answer is finished by the same

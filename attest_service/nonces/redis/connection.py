@@ -62,18 +62,18 @@ class _Queued:
 class DirectConnections:
     """One connection of a redis-py client's pool, used directly for the store's two per-request scripts.
 
-    Why not ``execute_command``: around the one socket exchange it checks a connection out of the pool
-    with a readiness poll, wraps the call in its retry and observability layers, packs the command
-    argument by argument and looks up response callbacks; that costs 43 us of CPU per script here,
-    against 18 us for the same exchange on a held connection (and more under gevent, where each of those
-    layers also yields). The connection is still redis-py's (made by the client's pool, so Sentinel's
-    follows the master), and replies are read by its parser.
+    Why not ``execute_command``: around the one socket exchange it checks a connection out of the pool with
+    a readiness poll, wraps the call in its retry and observability layers, packs the command argument by
+    argument and looks up response callbacks: together about as much CPU as the exchange itself
+    (docs/DEPLOYMENT.md, "Figures behind the code"), and more under gevent, where each of those layers also
+    yields. The connection is still redis-py's (made by the client's pool, so Sentinel's follows the
+    master), and replies are read by its parser.
 
     Commands that arrive while a batch is out wait for it and then go together, in one write, as the next
     batch (group commit); the replies come back in order. Under load a worker's concurrent claims then cost
-    Redis one read and one write between them instead of one each: Redis's CPU per claim was 37.5 us one at
-    a time, 22.5 us two at a time and 13.7 us four at a time. Each script is atomic on its own, so sending
-    several at once changes no outcome.
+    Redis one read and one write between them instead of one each, and Redis spends less CPU per claim the
+    more of them come together (same figures). Each script is atomic on its own, so sending several at once
+    changes no outcome.
 
     Failure handling is the client's: one immediate resend of the commands not yet answered, on the same
     connection reconnected, when it broke (the scripts recognise their own resend); none on a timeout. A

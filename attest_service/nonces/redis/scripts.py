@@ -37,7 +37,7 @@ class LuaScript:
     """
 
     source: str
-    #: The digest Redis caches the script under (computed once: hashing the source cost 4 us per claim).
+    #: The digest Redis caches the script under (computed once, not for each claim).
     sha1: str = field(init=False)
 
     def __post_init__(self) -> None:

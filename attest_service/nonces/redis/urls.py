@@ -139,7 +139,7 @@ def redis_store(
         _LOG.warning("nonce store %s: no replica required (ATTEST_STORE_MIN_REPLICAS=0); a failover can forget "
                      "an acceptance and let its document be accepted again", redact(url))
     # WAIT must return well before the socket read timeout gives up on it: half the timeout leaves the other
-    # half for the script and the round trip on a busy machine (at 80 % a loaded host timed out the read).
+    # half for the script and the round trip on a busy machine (a larger share let the read time out on a loaded host).
     wait_timeout_ms = max(1, int(timeout_seconds * 1000 * 0.5))
     return RedisNonceStore(connect, description=redact(url), challenge_ttl_seconds=challenge_ttl_seconds,
                            min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
