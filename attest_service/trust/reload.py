@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
 
-from attest_service.errors import ConfigurationError, UntrustedChain
+from attest_service.errors import CertificateRevoked, ConfigurationError, UntrustedChain
 from attest_service.trust import CloudTrust, TrustStore, load_trust, revocation_metrics
 from attest_service.trust.aia import AiaFallback
 from attest_service.trust.certificates import ca_issuers_urls
@@ -275,6 +275,9 @@ class ReloadingVerifier:
         verifier = self.verifier()
         try:
             result = verifier.verify(document, policy=policy, now=now)
+        except CertificateRevoked as revoked:
+            revocation_metrics.log_revoked(revoked)
+            raise
         except UntrustedChain as refusal:
             result = self._fallback.verify(verifier, document, policy=policy, now=now, refusal=refusal)
         revocation_metrics.count_unknown(result)

@@ -7,7 +7,9 @@
   covered some certificate on their path.
 
 Refusals for a revoked certificate are counted where every refusal is, by ``attest_verifications_total``'s
-``code`` label (``certificate_revoked``, ``revocation_unknown``).
+``code`` label (``certificate_revoked``, ``revocation_unknown``), and logged at WARNING naming the certificate
+and the CRL, once per certificate and :data:`REVOKED_LOG_SECONDS` (whoever holds a revoked key chooses how
+often to send it).
 
 The freshness gauges come from a collector on the default registry that describes the trust published last
 (:func:`publish`, called by the reloading holder on every load), so a CRL taken out of the directory
@@ -16,6 +18,9 @@ disappears from ``/metrics``; the counter lives in the multiprocess files like t
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -24,7 +29,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from attest_service.errors import CertificateRevoked
 from attest_service.verify import TrustStore, VerifiedDocument
+
+LOG: Final = logging.getLogger(__name__)
+#: Seconds between two log lines about the same revoked certificate.
+REVOKED_LOG_SECONDS: Final = 300.0
+#: Revoked certificates whose last log line is remembered; beyond it the table starts afresh.
+MAX_LOGGED: Final = 1024
 
 #: The metric families this module defines that live in the multiprocess files.
 OWN_FAMILIES: Final = ("attest_revocation_unknown",)
@@ -35,6 +47,8 @@ REVOCATION_UNKNOWN: Final = Counter(
     ["cloud"])
 
 _published: TrustStore | None = None
+_logged: dict[str, float] = {}
+_logged_lock = threading.Lock()
 
 
 def publish(trust: TrustStore) -> None:
@@ -47,6 +61,18 @@ def count_unknown(result: VerifiedDocument) -> None:
     """Count ``result`` when it was accepted without a known revocation status."""
     if result.revocation_unknown:
         REVOCATION_UNKNOWN.labels(cloud=result.cloud).inc()
+
+
+def log_revoked(error: CertificateRevoked) -> None:
+    """Log a refusal for a revoked certificate, once per certificate and :data:`REVOKED_LOG_SECONDS`."""
+    moment = time.monotonic()
+    with _logged_lock:
+        if moment < _logged.get(error.message, float("-inf")):
+            return
+        if len(_logged) >= MAX_LOGGED:
+            _logged.clear()
+        _logged[error.message] = moment + REVOKED_LOG_SECONDS
+    LOG.warning("refused a document signed under a revoked certificate (certificate_revoked): %s", error.message)
 
 
 class CrlCollector(Collector):
