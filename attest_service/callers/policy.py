@@ -1,28 +1,8 @@
 """Who may call the service and which genuine documents each caller may have accepted.
 
-The policy file (``ATTEST_POLICY_FILE``, TOML) is read once at start-up into frozen values::
-
-    [clients.license-server]            # a client id of ATTEST_API_KEYS
-    clouds = ["public"]
-    subscriptions = ["8a205152-..."]
-    plans = [{publisher = "contoso", product = "widget", name = "gold"}]
-    skus = ["", "20_04-lts-gen2"]        # "" admits custom images, whose sku is empty
-    license_types = ["", "Windows_Server"]
-    require_challenge = true
-
-    [anonymous]                          # callers without a key; only when explicitly configured
-    require_challenge = true             # mandatory: anonymous callers must present a challenge
-    clouds = ["public"]
-
-An absent list means "no restriction on that field"; an empty list is a configuration error, never
-"allow everything". A client with a key but no section is unrestricted and may use its own nonces.
-
-Without keys and without a policy file, keyless callers are admitted only with service-issued challenges
-(:meth:`AccessPolicy.challenges_only`): accepting their own nonces would let anyone replay a VM's captured
-document the first time it is seen. The fully open mode (:meth:`AccessPolicy.open`) is for a service that
-only its own machine can reach, or that the operator opened explicitly (``settings.py``).
-Checks run after the document verified and before its nonce is claimed, so a denied document keeps
-its nonce.
+The policy file (``ATTEST_POLICY_FILE``, TOML; README, "Callers and their allow-lists") is read once at
+start-up into frozen values: an :class:`AccessPolicy` of one :class:`CallerPolicy` per caller. Checks run
+after the document verified and before its nonce is claimed, so a denied document keeps its nonce.
 """
 
 from __future__ import annotations
@@ -197,6 +177,23 @@ def _caller(client_id: str, section: object, where: str) -> CallerPolicy:
 def parse_policy(text: str, *, api_clients: frozenset[str], origin: str = "policy") -> AccessPolicy:
     """Parse policy TOML; ``api_clients`` are the client ids that have keys.
 
+    A policy file::
+
+        [clients.license-server]            # a client id of ATTEST_API_KEYS
+        clouds = ["public"]
+        subscriptions = ["8a205152-..."]
+        plans = [{publisher = "contoso", product = "widget", name = "gold"}]
+        skus = ["", "20_04-lts-gen2"]        # "" admits custom images, whose sku is empty
+        license_types = ["", "Windows_Server"]
+        require_challenge = true
+
+        [anonymous]                          # callers without a key; only when explicitly configured
+        require_challenge = true             # mandatory: anonymous callers must present a challenge
+        clouds = ["public"]
+
+    An absent list means "no restriction on that field"; an empty list is a configuration error, never
+    "allow everything". A client with a key but no section is unrestricted and may use its own nonces.
+
     Raises :class:`ConfigurationError` for invalid TOML, unknown keys, empty allow-lists, a section for a
     client without a key, anonymous callers allowed without challenges, or a policy that admits nobody.
     """
@@ -233,6 +230,10 @@ def load_policy(path: Path | None, *, api_clients: frozenset[str], open_access: 
     with service-issued challenges (:meth:`AccessPolicy.challenges_only`), or with their own nonces too when
     ``open_access`` is set (:meth:`AccessPolicy.open`). ``open_access`` with keys or a file is a
     :class:`ConfigurationError`, as is an unreadable or invalid file.
+
+    Why challenges by default: accepting keyless callers' own nonces would let anyone replay a VM's captured
+    document the first time it is seen. The fully open mode is for a service that only its own machine can
+    reach, or that the operator opened explicitly (``ATTEST_ALLOW_OPEN``).
     """
     if open_access and (path is not None or api_clients):
         raise ConfigurationError("the open mode (anonymous callers with their own nonces) applies only without "

@@ -1,26 +1,10 @@
 """What the gunicorn master keeps for the workers it forks: the last good trust and policy, and its sockets.
 
-Each worker reads the pinned directory and the policy file itself when it boots
-(:func:`attest_service.web.create_app`). Were that the only load, a worker that died (memory, timeout)
-while the mounted files were broken could not boot again: gunicorn halts when a worker fails to boot,
-and the pod would crash-loop. So the master loads both as well, just before it forks each worker
-(gunicorn's ``pre_fork`` hook, :mod:`attest_service.server.gunicorn_conf`) and every
-``ATTEST_TRUST_RELOAD_SECONDS`` in between, and keeps the last load that succeeded in this module; the
-worker inherits that snapshot through ``fork``. A worker whose own load fails serves with the snapshot and
-reports the failure through the trust reload metrics. Because the master keeps loading, a worker respawned
-after a later good change and a breakage gets the newer good files. The pinned directory is loaded again
-only when its fingerprint changed since the last good load, as in the workers.
-
-The periodic load runs on the master's main thread, from a ``SIGALRM`` interval timer (gunicorn uses
-neither): a thread would risk holding a lock at the instant of a fork, which the child could then never
-take. Timers are not inherited by forked children, and the workers put the handler back to the default.
-
-The snapshot also records whether every socket the master listens on has a loopback address. Without keys
-and without a policy file, only such a service keeps the open mode (keyless callers with their own nonces,
-which any captured document could use once); anywhere else keyless callers must present service-issued
-challenges unless ``ATTEST_ALLOW_OPEN=1`` says otherwise.
-
-Nothing here creates a metric: the master must write no prometheus-client files (see the web package).
+Why: a worker that died while the mounted files were broken could not boot again from them, gunicorn
+halts when a worker fails to boot, and the pod would crash-loop. So the master loads both too, before each
+fork (``pre_fork``, :mod:`attest_service.server.gunicorn_conf`) and every ``ATTEST_TRUST_RELOAD_SECONDS``,
+and its workers inherit the last good load through ``fork`` (:func:`refresh`). Nothing here creates a
+metric: the master must write no prometheus-client files (see the web package).
 """
 
 from __future__ import annotations
@@ -98,6 +82,9 @@ def loopback_only(sockets: Iterable[socket.socket]) -> bool:
 def open_access(settings: Settings, *, loopback: bool) -> bool:
     """Whether keyless callers may use their own nonces: opted in, or no keys, no policy file and loopback.
 
+    The open mode accepts any captured document once; anywhere but on loopback, keyless callers must present
+    service-issued challenges unless ``ATTEST_ALLOW_OPEN=1`` says otherwise.
+
     Trusted proxies say that the loopback socket is a proxy's upstream, reachable from anywhere through it:
     then loopback alone does not open the service.
     """
@@ -155,6 +142,11 @@ def _pinned_source(settings: Settings) -> tuple[str, Fingerprint] | None:
 def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = None) -> Snapshot:
     """Load trust and policy again (in the master, before a fork) and keep what loaded; return the snapshot.
 
+    Each worker reads the pinned directory and the policy file itself when it boots
+    (:func:`attest_service.web.create_app`); a worker whose own load fails serves with this snapshot and
+    reports the failure through the trust reload metrics. Because the master keeps loading, a worker
+    respawned after a later good change and a breakage gets the newer good files.
+
     Each part that fails keeps its last good value and is logged. Raises ConfigurationError only when there
     is no earlier snapshot to keep: a master that never loaded its files must not start workers. The pinned
     directory is loaded again only when its fingerprint changed since the last good load, as in the workers
@@ -202,7 +194,12 @@ def forget() -> None:
 
 
 def refresh_periodically(sockets: Callable[[], Iterable[socket.socket]], interval_seconds: float) -> None:
-    """In the master: :func:`refresh` every ``interval_seconds`` on the main thread, from a SIGALRM timer."""
+    """In the master: :func:`refresh` every ``interval_seconds`` on the main thread, from a SIGALRM timer.
+
+    gunicorn uses neither the timer nor the signal. A thread would risk holding a lock at the instant of a
+    fork, which the child could then never take. Timers are not inherited by forked children, and the
+    workers put the handler back to the default.
+    """
 
     def on_alarm(_signum: int, _frame: object) -> None:
         if _refreshing:

@@ -1,36 +1,9 @@
 """Optional AIA fallback: fetch an unpinned issuing CA from the signer's caIssuers URL, under strict rules.
 
-Off by default (the setting ``ATTEST_AIA_FETCH=1`` turns it on). Pinning stays the way to trust a CA; the
-fallback only bridges the days between Azure starting to sign with a new issuing CA and the operator
-pinning it, and every use of it is logged and counted (``attest_aia_fetch_total{result}``) so that the
-operator does pin it.
-
-It is used only after the verification core refused a document with ``untrusted_chain``, which means the
-checks that need no network already passed: the signature verifies under the signer the SignerInfo names
-and that signer's name is the cloud's metadata domain (steps 4 and 5 of the verifier). Those checks prove
-nothing about the sender (anyone can sign a document with a certificate of their own making), so the
-fallback treats every document as possibly forged:
-
-1. Which URL may be fetched, how, and what the fetched CA must be are the rules of
-   :mod:`attest_service.trust.issuers` (the allow-list, public addresses only, one bounded GET, not removed,
-   a CA, pinned by fingerprint or of the cloud's organisation, chaining to a pinned root; China only by
-   fingerprint).
-2. The caches hold only what depends on the URL: the certificate a URL answered (reused for the positive
-   TTL, at most until it expires; for the negative TTL when it failed the CA rules at fetch time) and the
-   failures of fetching or parsing (the negative TTL). The CA rules run on every use against the trust in
-   use, so a reload that removes a pin or a root takes effect at once; whether the CA issued this
-   document's signer is checked per document and never cached. A forged document that names the real new
-   CA and its real URL is refused on its own and leaves the URL usable for genuine documents. Each cache
-   holds :data:`MAX_CACHE_ENTRIES` URLs and drops the one stored longest ago to make room.
-3. Work is bounded: one fetch per URL at a time (later requests for it wait for that answer instead of
-   fetching again), and per cloud a token bucket of :data:`FETCH_BURST` fetches refilled at
-   :data:`FETCHES_PER_MINUTE` a minute, so forged documents naming ever new allowed paths cost at most that
-   many outbound GETs. URLs a fingerprint pin names do not spend the budget (the caches bound them), so a
-   flood of forged URLs cannot keep a CA the operator staged from being fetched. No lock is held across
-   network I/O: a slow repository delays only the documents waiting for that URL.
-
-A fetched CA is trusted (:class:`AiaFallback`) alongside the pins until the pins reload; after a reload
-it is taken from this fetcher's cache again, re-checked against the new pins, without a new fetch.
+Off by default (``ATTEST_AIA_FETCH=1`` turns it on): pinning stays the way to trust a CA, and the fallback
+only bridges the days between Azure signing with a new issuing CA and the operator pinning it.
+:class:`AiaFetcher` fetches and holds to the rules; :class:`AiaFallback` is what a refusal at an unpinned
+issuer goes through.
 """
 
 from __future__ import annotations
@@ -156,7 +129,36 @@ class _Bucket:
 
 
 class AiaFetcher:
-    """Fetches and validates unpinned issuing CAs for the service (see the module docstring for every rule).
+    """Fetches and validates unpinned issuing CAs for the service.
+
+    Every use is logged and counted (``attest_aia_fetch_total{result}``) so that the operator does pin the CA.
+
+    It is used only after the verification core refused a document with ``untrusted_chain``, which means the
+    checks that need no network already passed: the signature verifies under the signer the SignerInfo names
+    and that signer's name is the cloud's metadata domain (steps 4 and 5 of the verifier). Those checks prove
+    nothing about the sender (anyone can sign a document with a certificate of their own making), so the
+    fallback treats every document as possibly forged:
+
+    1. Which URL may be fetched, how, and what the fetched CA must be are the rules of
+       :mod:`attest_service.trust.issuers` (the allow-list, public addresses only, one bounded GET, not removed,
+       a CA, pinned by fingerprint or of the cloud's organisation, chaining to a pinned root; China only by
+       fingerprint).
+    2. The caches hold only what depends on the URL: the certificate a URL answered (reused for the positive
+       TTL, at most until it expires; for the negative TTL when it failed the CA rules at fetch time) and the
+       failures of fetching or parsing (the negative TTL). The CA rules run on every use against the trust in
+       use, so a reload that removes a pin or a root takes effect at once; whether the CA issued this
+       document's signer is checked per document and never cached. A forged document that names the real new
+       CA and its real URL is refused on its own and leaves the URL usable for genuine documents. Each cache
+       holds :data:`MAX_CACHE_ENTRIES` URLs and drops the one stored longest ago to make room.
+    3. Work is bounded: one fetch per URL at a time (later requests for it wait for that answer instead of
+       fetching again), and per cloud a token bucket of :data:`FETCH_BURST` fetches refilled at
+       :data:`FETCHES_PER_MINUTE` a minute, so forged documents naming ever new allowed paths cost at most that
+       many outbound GETs. URLs a fingerprint pin names do not spend the budget (the caches bound them), so a
+       flood of forged URLs cannot keep a CA the operator staged from being fetched. No lock is held across
+       network I/O: a slow repository delays only the documents waiting for that URL.
+
+    A fetched CA is trusted (:class:`AiaFallback`) alongside the pins until the pins reload; after a reload
+    it is taken from this fetcher's cache again, re-checked against the new pins, without a new fetch.
 
     ``allow_address`` decides which resolved addresses may be contacted; it defaults to public addresses
     only and exists as an argument so that tests can reach a server on loopback. It is deliberately not

@@ -2,43 +2,9 @@
 
 The service's AIA fallback (:mod:`attest_service.trust.aia`, which adds caching, a fetch budget and metrics)
 and ``certs add --from-document`` (:mod:`attest_service.trust.pins`) share these rules, so a CA the
-operator pins from a document is held to exactly what the fallback would demand of it. Nothing here
-imports the service's runtime.
-
-Fetching (:class:`CertificateFetcher`):
-
-1. The caIssuers URL (RFC 5280 4.2.2.1) must match the cloud's allow-list exactly: scheme, host, port and
-   path prefix (:meth:`AiaPolicy.azure`: Microsoft's PKI repositories and DigiCert's ``cacerts`` hosts).
-2. The host must resolve only to public addresses (no private, loopback, link-local, multicast or
-   reserved address, so the service cannot be turned against its own network); the connection goes to
-   the address that was checked, not to a second resolution.
-3. One GET, no redirects, a short timeout and a size cap; the answer must be exactly one certificate.
-
-Accepting (:func:`accept_issuing_ca`, which looks only at the fetched certificate and the pinned trust, so
-its outcome depends on the URL and never on the document that led to it):
-
-4. It is not one ``certs remove`` unpinned (``intermediates/removed.txt``): a removed pin stays distrusted.
-5. It is an intermediate CA (basicConstraints CA, not self-signed).
-6. It is the certificate a fingerprint pin names (``intermediates/fingerprints.txt``), or, for a cloud not
-   in :attr:`AiaPolicy.fingerprint_only`, its subject names an organisation the cloud's issuing CAs use.
-   Azure China is fingerprint-only. Its issuing CAs are DigiCert's ("DigiCert Basic RSA CN CA G2", "DigiCert
-   Basic OV G2 TLS CN RSA4096 SHA256 2022 CA1") under DigiCert Global Root CA and G2, the same roots and the
-   same organisation as every public DV/OV CA DigiCert runs; no organisation, host or path rule can tell
-   those apart, so "DigiCert Inc" admitted all of them. A subject allow-list would not be enough either: a
-   subject is a name, not a key, and a re-keyed or re-issued CA may carry the same one. A fingerprint names
-   exactly the bytes Microsoft lists, and pins taken from Microsoft's list can be staged before the first
-   document arrives.
-7. It chains to a pinned root of the cloud at the instant (the path validation of ``certs add``).
-
-Then, outside any cache, :func:`check_issued` checks the document's signer against it: the signer names it
-as issuer and its signature verifies under the CA's key.
-
-SHA-1 fingerprint pins. Microsoft publishes only a SHA-1 thumbprint for some CAs (DigiCert Basic OV G2 TLS
-CN RSA4096 SHA256 2022 CA1). SHA-1 is used here only to recognise bytes fetched from an allow-listed URL;
-the certificate must still be a CA chaining, by signatures, to a pinned root. Passing off another
-certificate would need a SHA-1 second preimage of a certificate the attacker did not make (the known
-SHA-1 attacks are collisions between two documents the attacker makes both of), and a signature of the
-pinned root on it.
+operator pins from a document is held to exactly what the fallback would demand of it: fetching is
+:class:`AiaPolicy` and :class:`CertificateFetcher` (rules 1 to 3), accepting :func:`accept_issuing_ca`
+(rules 4 to 7), then :func:`check_issued` per document. Nothing here imports the service's runtime.
 """
 
 from __future__ import annotations
@@ -132,7 +98,11 @@ def _web_rules(*hosts_and_prefixes: tuple[str, str]) -> tuple[AllowRule, ...]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AiaPolicy:
-    """Where each cloud's issuing CAs may be fetched from and what they must be; a cloud without rules never fetches."""
+    """Where each cloud's issuing CAs may be fetched from and what they must be; a cloud without rules never fetches.
+
+    Rule 1: the caIssuers URL (RFC 5280 4.2.2.1) must match the cloud's allow-list exactly: scheme, host,
+    port and path prefix (:meth:`azure`: Microsoft's PKI repositories and DigiCert's ``cacerts`` hosts).
+    """
 
     allow: Mapping[str, tuple[AllowRule, ...]]
     #: Organisations the issuing CAs of each cloud's documents name. A fetched CA of a cloud outside
@@ -141,7 +111,7 @@ class AiaPolicy:
     organizations: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({
         "public": ("Microsoft Corporation",), "usgov": ("Microsoft Corporation",),
         "china": ("DigiCert Inc", "Microsoft Corporation")}))
-    #: Clouds whose fetched CAs must be pinned by fingerprint (see the module docstring, rule 6).
+    #: Clouds whose fetched CAs must be pinned by fingerprint (rule 6 of :func:`accept_issuing_ca`).
     fingerprint_only: frozenset[str] = frozenset({"china"})
 
     @classmethod
@@ -210,7 +180,12 @@ class _PinnedAddressHTTPSConnection(http.client.HTTPSConnection):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CertificateFetcher:
-    """One guarded GET of a certificate (rules 2 and 3 of the module docstring); no cache, no state.
+    """One guarded GET of a certificate; no cache, no state.
+
+    Rule 2: the host must resolve only to public addresses (no private, loopback, link-local, multicast or
+    reserved address, so the service cannot be turned against its own network); the connection goes to
+    the address that was checked, not to a second resolution. Rule 3: one GET, no redirects, a short
+    timeout and a size cap; the answer must be exactly one certificate.
 
     ``allow_address`` decides which resolved addresses may be contacted; it defaults to public addresses
     only and exists as an argument so that tests can reach a server on loopback. It is deliberately not
@@ -291,11 +266,32 @@ class CertificateFetcher:
 
 def accept_issuing_ca(ca: x509.Certificate, trust: CloudTrust, *, policy: AiaPolicy,
                       now: datetime) -> FingerprintPin | None:
-    """Rules 4 to 7 of the module docstring for ``ca`` in ``trust``'s cloud at ``now``.
+    """Whether ``ca``, fetched for ``trust``'s cloud, is accepted at ``now``: rules 4 to 7.
+
+    4. It is not one ``certs remove`` unpinned (``intermediates/removed.txt``): a removed pin stays distrusted.
+    5. It is an intermediate CA (basicConstraints CA, not self-signed).
+    6. It is the certificate a fingerprint pin names (``intermediates/fingerprints.txt``), or, for a cloud not
+       in :attr:`AiaPolicy.fingerprint_only`, its subject names an organisation the cloud's issuing CAs use.
+       Azure China is fingerprint-only. Its issuing CAs are DigiCert's ("DigiCert Basic RSA CN CA G2",
+       "DigiCert Basic OV G2 TLS CN RSA4096 SHA256 2022 CA1") under DigiCert Global Root CA and G2, the same
+       roots and the same organisation as every public DV/OV CA DigiCert runs; no organisation, host or path
+       rule can tell those apart, so "DigiCert Inc" admitted all of them. A subject allow-list would not be
+       enough either: a subject is a name, not a key, and a re-keyed or re-issued CA may carry the same one.
+       A fingerprint names exactly the bytes Microsoft lists, and pins taken from Microsoft's list can be
+       staged before the first document arrives.
+    7. It chains to a pinned root of the cloud at the instant (the path validation of ``certs add``).
 
     Returns the fingerprint pin it matched (None when the organisation rule admitted it); raises
     FetchRefused (``removed``, ``invalid``, ``unpinned`` or ``untrusted``) otherwise. Looks at nothing but
-    the CA and the pinned trust, so the outcome is the same for every document naming the same URL.
+    the CA and the pinned trust, so the outcome is the same for every document naming the same URL; whether
+    the CA issued a document's signer is :func:`check_issued`'s question, asked per document, never cached.
+
+    SHA-1 fingerprint pins: Microsoft publishes only a SHA-1 thumbprint for some CAs (DigiCert Basic OV G2
+    TLS CN RSA4096 SHA256 2022 CA1). SHA-1 is used here only to recognise bytes fetched from an allow-listed
+    URL; the certificate must still be a CA chaining, by signatures, to a pinned root. Passing off another
+    certificate would need a SHA-1 second preimage of a certificate the attacker did not make (the known
+    SHA-1 attacks are collisions between two documents the attacker makes both of), and a signature of the
+    pinned root on it.
     """
     cloud = trust.profile.name
     label = f"{common_name(ca.subject)} (sha256 {fingerprint(ca)})"

@@ -10,27 +10,8 @@ Layout of a pinned directory (``ATTEST_PINNED_CERTS``, default the bundled ``pin
     <cloud>/crls/*.crl                      CRLs of the cloud's pinned CAs (DER or PEM): see trust/crls.py
     manifest.json                           provenance of every pin (checked by the tests and ``certs check``)
 
-A certificate whose SHA-256 or SHA-1 ``removed.txt`` lists is not trusted in that cloud, whatever else says
-so: a pinned file holding it (under ``roots/`` or ``intermediates/``: a removed pin copied back by hand or
-restored from a backup) is left out of the trust and named in :attr:`CloudTrust.excluded`, for ``certs
-check`` and the reload's log; the AIA fallback never takes it from a URL. Only ``certs add`` (which takes it
-off the list) or deleting its line brings it back.
-
-``removed.txt`` fails closed and never fails a load: every line whose first field is a fingerprint removes
-that CA; a line that is not one is named with its line number in :attr:`CloudTrust.removed_errors` (for
-``certs check`` and the reload's log), and any SHA-256 or SHA-1 hex written in it outside the comment
-removes that CA all the same. Failing the load instead would keep the last good trust, which may hold the
-very CA the line was meant to remove. When the directory does not load for another reason, the reload
-still applies the removed lists it can read to the last good trust (:func:`without_removed`). So once
-``removed.txt`` names a CA, no document chaining through it verifies, whatever else is broken; the one
-exception is a ``removed.txt`` that cannot be read at all (unreadable, over the size limit), which fails
-the load like any unreadable file.
-
-Certificates carried inside a document are never added here: a chain runs through these pins only.
-Any other file under ``roots/`` or ``intermediates/`` (a pin saved as ``.crt``, say) is not loaded and is
-named in :attr:`CloudTrust.ignored`, so that ``certs check`` and the reload's log report it. Hidden files
-(a ConfigMap volume's ``..data``, an editor's temporary file, ``.keep``) are passed over in silence.
-This module does the file I/O; the verification core receives the loaded :class:`TrustStore`.
+Certificates carried inside a document are never added here: a chain runs through these pins only. This
+module does the file I/O; the verification core receives the loaded :class:`TrustStore` (:func:`load_trust`).
 """
 
 from __future__ import annotations
@@ -285,7 +266,28 @@ def _load_dir(directory: Path, cloud: str, role: Role, base: Path,
 
 
 def load_trust(directory: Path) -> TrustStore:
-    """Load the pinned directory; raise ConfigurationError if it is missing or holds an unusable file."""
+    """Load the pinned directory; raise ConfigurationError if it is missing or holds an unusable file.
+
+    Any other file under ``roots/`` or ``intermediates/`` (a pin saved as ``.crt``, say) is not loaded and is
+    named in :attr:`CloudTrust.ignored`, so that ``certs check`` and the reload's log report it. Hidden files
+    (a ConfigMap volume's ``..data``, an editor's temporary file, ``.keep``) are passed over in silence.
+
+    A certificate whose SHA-256 or SHA-1 ``removed.txt`` lists is not trusted in that cloud, whatever else says
+    so: a pinned file holding it (under ``roots/`` or ``intermediates/``: a removed pin copied back by hand or
+    restored from a backup) is left out of the trust and named in :attr:`CloudTrust.excluded`, for ``certs
+    check`` and the reload's log; the AIA fallback never takes it from a URL. Only ``certs add`` (which takes it
+    off the list) or deleting its line brings it back.
+
+    ``removed.txt`` fails closed and never fails a load: every line whose first field is a fingerprint removes
+    that CA; a line that is not one is named with its line number in :attr:`CloudTrust.removed_errors` (for
+    ``certs check`` and the reload's log), and any SHA-256 or SHA-1 hex written in it outside the comment
+    removes that CA all the same. Failing the load instead would keep the last good trust, which may hold the
+    very CA the line was meant to remove. When the directory does not load for another reason, the reload
+    still applies the removed lists it can read to the last good trust (:func:`without_removed`). So once
+    ``removed.txt`` names a CA, no document chaining through it verifies, whatever else is broken; the one
+    exception is a ``removed.txt`` that cannot be read at all (unreadable, over the size limit), which fails
+    the load like any unreadable file.
+    """
     try:
         return _load_trust(directory)
     except OSError as exc:  # a folder or list that cannot be read: a failed load, never an exception past it

@@ -1,26 +1,8 @@
 """Hot reload of the pinned trust: the verifier a service process uses, over the last good pinned directory.
 
-A :class:`ReloadingVerifier` owns the current :class:`~attest_service.verify.DocumentVerifier`. At most once
-per interval (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
-(:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader reads);
-when it changed, the directory is loaded in full and the new DocumentVerifier replaces the old one in a
-single assignment, so a request sees the old trust or the new trust, never a mixture. A directory that fails
-to load leaves the last good trust in place, logs the reason, counts
-``attest_trust_reload_total{result="failure"}`` and raises the ``attest_trust_reload_failing`` gauge until a
-later load succeeds, with one exception: the CAs the directory's ``removed.txt`` files name are taken out of
-it all the same (a removal only narrows the trust, and must not wait for the rest of the directory to be
-fixed).
-
-SIGHUP: :meth:`ReloadingVerifier.request_reload` only sets a flag (safe in a signal handler); the next request
-reloads whether or not the fingerprint changed. The web application installs the handler in each gunicorn
-worker (``post_worker_init``), because gunicorn resets SIGHUP to its default (terminate) in workers::
-
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: verifier.request_reload())
-
-Sending SIGHUP to the gunicorn *master* instead restarts the workers gracefully, which also reloads.
-
-The reloads are counted (:mod:`attest_service.trust.metrics`); a refusal at an unpinned issuer goes through
-:class:`~attest_service.trust.aia.AiaFallback`.
+A change to the mounted pins (a rotation, a removal) takes effect in every worker without a restart, and a
+broken change never leaves a worker without trust. The reloads are counted (:mod:`attest_service.trust.metrics`);
+a refusal at an unpinned issuer goes through :class:`~attest_service.trust.aia.AiaFallback`.
 """
 
 from __future__ import annotations
@@ -89,6 +71,17 @@ def _log_problems(trust: TrustStore) -> None:
 class ReloadingVerifier:
     """The current trust of a process, reloaded when the pinned directory changes.
 
+    It owns the current :class:`~attest_service.verify.DocumentVerifier`. At most once per interval
+    (``ATTEST_TRUST_RELOAD_SECONDS``) a request checks a cheap fingerprint of the pinned directory
+    (:func:`~attest_service.trust.loading.directory_fingerprint`: the metadata of every entry the loader
+    reads); when it changed, the directory is loaded in full and the new DocumentVerifier replaces the old
+    one in a single assignment, so a request sees the old trust or the new trust, never a mixture. A
+    directory that fails to load leaves the last good trust in place, logs the reason, counts
+    ``attest_trust_reload_total{result="failure"}`` and raises the ``attest_trust_reload_failing`` gauge
+    until a later load succeeds, with one exception: the CAs the directory's ``removed.txt`` files name are
+    taken out of it all the same (a removal only narrows the trust, and must not wait for the rest of the
+    directory to be fixed).
+
     ``verifier()`` and ``verify()`` are safe to call from many threads. The first load happens in the
     constructor and raises ConfigurationError: a service must not start without its trust. With
     ``last_good`` (the trust the gunicorn master loaded last, :mod:`attest_service.server.master`), a failed
@@ -135,7 +128,16 @@ class ReloadingVerifier:
     # --- reload ---------------------------------------------------------------------------------
 
     def request_reload(self) -> None:
-        """Ask for a full reload on the next request (SIGHUP); only sets a flag, so signal-handler safe."""
+        """Ask for a full reload on the next request (SIGHUP); only sets a flag, so signal-handler safe.
+
+        The next request reloads whether or not the fingerprint changed. The web application installs the
+        handler in each gunicorn worker (``post_worker_init``), because gunicorn resets SIGHUP to its default
+        (terminate) in workers::
+
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: verifier.request_reload())
+
+        Sending SIGHUP to the gunicorn *master* instead restarts the workers gracefully, which also reloads.
+        """
         self._reload_requested = True
 
     @property
