@@ -10,10 +10,12 @@ A body is read from the WSGI server's stream in pieces, within four limits:
   gevent (the shipped workers) a read waits in the event loop, and a ``gevent.Timeout`` around the whole
   read ends it at the deadline however the client trickles; outside gevent (Flask's test client) the body
   is already in memory and nothing waits;
-- memory: the bytes the bodies being read may hold in one worker (:data:`MAX_BUFFERED_BYTES`, else 503
-  ``service_busy``), and how many bodies one source may have in flight in one worker
-  (:data:`MAX_BODIES_PER_SOURCE`, else 429): a flood of stalled near-limit bodies holds a bounded amount
-  of memory, and one source cannot take all of it.
+- memory: the bytes the bodies being read hold in one worker (:data:`MAX_BUFFERED_BYTES`, else 503
+  ``service_busy``) and the bytes those of one source hold in one worker (:data:`MAX_BYTES_PER_SOURCE`,
+  else 429), counted as they arrive: a flood of stalled near-limit bodies holds a bounded amount of
+  memory, one source cannot take all of it, and a client that holds its connection without sending costs
+  no budget (the timeout ends it). Between two reads, the server holds at most one piece
+  (:data:`PIECE_BYTES`) of a body that is not counted yet.
 
 A body refused before it was read in full is read off the connection and dropped after the answer is sent
 (:meth:`BodyGate.discard_rest`), in large pieces and within the same timeout: the server would otherwise
@@ -37,15 +39,17 @@ if TYPE_CHECKING:
 
 #: The largest request body accepted, in bytes (the contract: 1 MiB); refused with 413 request_too_large.
 MAX_BODY_BYTES: Final = 1024 * 1024
-#: Bytes asked of the server's stream at once: large enough that a body of the limit takes a few reads.
-PIECE_BYTES: Final = 64 * 1024
+#: Bytes asked of the server's stream at once. Large enough that a body of the limit takes a few dozen reads
+#: (the server copies what it holds beyond a read at each one), small enough that what a stalled connection
+#: holds uncounted, at most one piece, stays small times the worker's 1000 connections.
+PIECE_BYTES: Final = 32 * 1024
 #: Bytes that the bodies being read may hold at once in one worker. With the chart's two workers and the
 #: default 1000 connections each, stalled near-limit bodies could otherwise hold about 2 GiB; this keeps
 #: them far inside the chart's 512Mi limit, and is still 64 bodies of the limit (a verification is a few KiB).
 MAX_BUFFERED_BYTES: Final = 64 * 1024 * 1024
-#: Bodies one source may have in flight at once in one worker (a body of a few KiB is read in one go; only a
-#: client that stalls keeps one open).
-MAX_BODIES_PER_SOURCE: Final = 16
+#: Bytes that the bodies one source is sending may hold at once in one worker: a quarter of the worker's,
+#: so that one source (or one NAT) cannot take the whole budget.
+MAX_BYTES_PER_SOURCE: Final = MAX_BUFFERED_BYTES // 4
 #: The environ key set once a request's body has been read to its end (or found absent).
 _DONE: Final = "attest_service.body_done"
 #: The digits of the largest length accepted: a longer CONTENT_LENGTH is over the limit whatever it says.
@@ -96,17 +100,19 @@ def _gevent_deadline() -> type[contextlib.AbstractContextManager[object]] | None
 class BodyGate:
     """Reads request bodies within the limits of the module docstring; one per process, shared by both paths.
 
+    The bytes a body holds are counted as they arrive, against the worker and against the body's source, so
+    that a client holding a connection open without sending costs nothing here (the body timeout ends it).
     Under gevent every request of a worker runs on the worker's one thread; the lock keeps the counts right
     under threaded servers too.
     """
 
     def __init__(self, timeout_seconds: float, *, max_buffered_bytes: int = MAX_BUFFERED_BYTES,
-                 max_bodies_per_source: int = MAX_BODIES_PER_SOURCE) -> None:
+                 max_bytes_per_source: int = MAX_BYTES_PER_SOURCE) -> None:
         self.timeout_seconds = timeout_seconds
         self._max_buffered = max_buffered_bytes
-        self._max_per_source = max_bodies_per_source
+        self._max_per_source = max_bytes_per_source
         self._buffered = 0
-        self._in_flight: dict[str, int] = {}
+        self._by_source: dict[str, int] = {}
         self._lock = threading.Lock()
         # Decided when the application is built: gunicorn's gevent worker patches sockets before it loads it.
         self._timeout = _gevent_deadline()
@@ -114,44 +120,90 @@ class BodyGate:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes the bodies being read hold now (reserved before each read)."""
+        """Bytes the bodies being read hold now."""
         return self._buffered
 
     def read(self, environ: WSGIEnvironment, source: str) -> bytes:
         """The whole body of the request in ``environ``, sent from ``source``; raises AttestError otherwise.
 
-        Raises MalformedRequest (400), RequestTimeout (408), RequestTooLarge (413), RateLimited (429: this
-        source has too many bodies in flight) or ServiceBusy (503: the worker holds its limit of body bytes).
+        Raises MalformedRequest (400), RequestTimeout (408), RequestTooLarge (413), RateLimited (429: the
+        bodies this source is sending hold its limit of bytes) or ServiceBusy (503: the bodies being read
+        hold the worker's limit of bytes).
         """
         length = announced_length(environ)
-        if length is None and "HTTP_TRANSFER_ENCODING" not in environ:
+        if (length is None and "HTTP_TRANSFER_ENCODING" not in environ) or length == 0:
             environ[_DONE] = True
             return b""
-        if length == 0:
+        counted = _Counted(self, source)
+        try:
+            with self._deadline():
+                data = self._read_body(environ, length, counted)
+        except AttestError:
+            raise
+        except _BodyTimedOut:
+            # The server's reader has failed: it closes the connection once the answer is sent.
             environ[_DONE] = True
-            return b""
-        with self._admitted(source), self._reserved(length or 0) as reservation:
-            try:
-                with self._deadline():
-                    data = self._read_exact(environ, length) if length is not None else \
-                        self._read_to_end(environ, reservation)
-            except AttestError:
-                raise
-            except _BodyTimedOut:
-                # The server's reader has failed: it closes the connection once the answer is sent.
-                environ[_DONE] = True
-                raise RequestTimeout(f"the request body did not arrive within {self.timeout_seconds:g} s") from None
-            except OSError as exc:
-                # A connection that ends or fails part way (gunicorn's NoMoreData is an OSError too).
-                environ[_DONE] = True
-                _LOG.debug("request body cut short: %r", exc)
-                raise MalformedRequest("the request body ended before it was complete") from None
-            except Exception as exc:  # noqa: BLE001 - the server's framing errors (a malformed chunk) have no common type
-                environ[_DONE] = True
-                _LOG.debug("request body not well framed: %r", exc)
-                raise MalformedRequest("the request body is not well framed (chunked encoding)") from None
+            raise RequestTimeout(f"the request body did not arrive within {self.timeout_seconds:g} s") from None
+        except OSError as exc:
+            # A connection that ends or fails part way (gunicorn's NoMoreData is an OSError too).
+            environ[_DONE] = True
+            _LOG.debug("request body cut short: %r", exc)
+            raise MalformedRequest("the request body ended before it was complete") from None
+        except Exception as exc:  # noqa: BLE001 - the server's framing errors (a malformed chunk) have no common type
+            environ[_DONE] = True
+            _LOG.debug("request body not well framed: %r", exc)
+            raise MalformedRequest("the request body is not well framed (chunked encoding)") from None
+        finally:
+            counted.release()
         environ[_DONE] = True
         return data
+
+    def _read_body(self, environ: WSGIEnvironment, length: int | None, counted: _Counted) -> bytes:
+        stream = environ["wsgi.input"]
+        if length is not None and length <= PIECE_BYTES:
+            # The common case, a body of a few KiB: one read, nothing to hold between reads.
+            data: bytes = stream.read(length)
+        else:
+            # A chunked body has no announced length: read one byte past the limit, so that an oversized body
+            # is refused as too large rather than parsed, truncated, as broken JSON.
+            wanted = length if length is not None else MAX_BODY_BYTES + 1
+            pieces = bytearray()
+            while len(pieces) < wanted:
+                piece = stream.read(min(PIECE_BYTES, wanted - len(pieces)))
+                if not piece:
+                    break
+                counted.add(len(piece))
+                pieces += piece
+            data = bytes(pieces)
+            if length is None and len(data) > MAX_BODY_BYTES:
+                raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
+        if length is not None and len(data) != length:
+            # The client closed the connection part way through the body it announced: nothing more to read.
+            environ[_DONE] = True
+            raise MalformedRequest(f"the request body ended after {len(data)} of its {length} bytes")
+        return data
+
+    def _count(self, source: str, size: int) -> None:
+        """Count ``size`` more bytes held for ``source``; raise when the worker's or the source's limit is passed."""
+        with self._lock:
+            held = self._by_source.get(source, 0)
+            if self._buffered + size > self._max_buffered:
+                raise ServiceBusy("the service is reading too many request bodies at once",
+                                  retry_after=self._retry_after)
+            if held + size > self._max_per_source:
+                raise RateLimited("the request bodies in flight from this source are too large together",
+                                  retry_after=self._retry_after)
+            self._buffered += size
+            self._by_source[source] = held + size
+
+    def _uncount(self, source: str, size: int) -> None:
+        with self._lock:
+            self._buffered -= size
+            held = self._by_source[source] - size
+            if held:
+                self._by_source[source] = held
+            else:
+                del self._by_source[source]
 
     def discard_rest(self, environ: WSGIEnvironment) -> None:
         """Read what is left of the body off the connection and drop it, within the body timeout.
@@ -185,85 +237,23 @@ class BodyGate:
         with self._timeout(self.timeout_seconds, _BodyTimedOut):  # type: ignore[call-arg]
             yield
 
-    @contextlib.contextmanager
-    def _admitted(self, source: str) -> Iterator[None]:
-        with self._lock:
-            count = self._in_flight.get(source, 0)
-            if count >= self._max_per_source:
-                raise RateLimited("too many request bodies in flight from this source",
-                                  retry_after=self._retry_after)
-            self._in_flight[source] = count + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                count = self._in_flight[source] - 1
-                if count:
-                    self._in_flight[source] = count
-                else:
-                    del self._in_flight[source]
+class _Counted:
+    """The bytes one body holds, counted against its worker and its source until released."""
 
-    @contextlib.contextmanager
-    def _reserved(self, size: int) -> Iterator[_Reservation]:
-        reservation = _Reservation(self)
-        reservation.grow(size)
-        try:
-            yield reservation
-        finally:
-            with self._lock:
-                self._buffered -= reservation.size
+    __slots__ = ("_gate", "_size", "_source")
 
-    def _grow(self, reservation: _Reservation, size: int) -> None:
-        with self._lock:
-            if self._buffered + size > self._max_buffered:
-                raise ServiceBusy("the service is reading too many request bodies at once",
-                                  retry_after=self._retry_after)
-            self._buffered += size
-            reservation.size += size
-
-    def _read_exact(self, environ: WSGIEnvironment, length: int) -> bytes:
-        stream = environ["wsgi.input"]
-        if length <= PIECE_BYTES:
-            data: bytes = stream.read(length)
-        else:
-            pieces = bytearray()
-            while len(pieces) < length:
-                piece = stream.read(min(PIECE_BYTES, length - len(pieces)))
-                if not piece:
-                    break
-                pieces += piece
-            data = bytes(pieces)
-        if len(data) != length:
-            # The client closed the connection part way through the body it announced: nothing more to read.
-            environ[_DONE] = True
-            raise MalformedRequest(f"the request body ended after {len(data)} of its {length} bytes")
-        return data
-
-    def _read_to_end(self, environ: WSGIEnvironment, reservation: _Reservation) -> bytes:
-        # A chunked body has no announced length: read one byte past the limit, so that an oversized body is
-        # refused as too large rather than parsed, truncated, as broken JSON.
-        stream = environ["wsgi.input"]
-        pieces = bytearray()
-        while len(pieces) <= MAX_BODY_BYTES:
-            want = min(PIECE_BYTES, MAX_BODY_BYTES + 1 - len(pieces))
-            reservation.grow(want)
-            piece = stream.read(want)
-            if not piece:
-                return bytes(pieces)
-            pieces += piece
-        raise RequestTooLarge(f"request body over the limit of {MAX_BODY_BYTES} bytes")
-
-
-class _Reservation:
-    """The bytes one body read has reserved of its worker's budget."""
-
-    __slots__ = ("_gate", "size")
-
-    def __init__(self, gate: BodyGate) -> None:
+    def __init__(self, gate: BodyGate, source: str) -> None:
         self._gate = gate
-        self.size = 0
+        self._source = source
+        self._size = 0
 
-    def grow(self, size: int) -> None:
-        """Reserve ``size`` more bytes; raises ServiceBusy when the worker holds its limit."""
-        if size:
-            self._gate._grow(self, size)
+    def add(self, size: int) -> None:
+        """Count ``size`` more bytes; raises ServiceBusy or RateLimited past a limit."""
+        self._gate._count(self._source, size)
+        self._size += size
+
+    def release(self) -> None:
+        """The body is no longer held."""
+        if self._size:
+            self._gate._uncount(self._source, self._size)
+            self._size = 0

@@ -278,3 +278,93 @@ def run_slow_clients(service_port: int, worker_pids: list[int], factory: Documen
                       slow_dropped=dropped, slow_open_at_end=open_at_end, hostile=hostile, rss_before=rss_before,
                       rss_after=rss_after,
                       probe_after=after.summary(), probe_after_fraction=after.served_fraction())
+
+
+# --- stalled near-limit bodies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StalledReport:
+    """What one flood of stalled near-limit bodies did to the service's memory, and how it was answered."""
+
+    #: Resident memory (KiB) of the master and each worker before the flood, and the most seen during it.
+    rss_before: dict[int, int]
+    rss_peak: dict[int, int]
+    #: Answers by status ("none": the connection was still waiting when the flood ended).
+    answers: Counter[str]
+    #: Body bytes the clients got onto the connections in all.
+    sent_bytes: int
+
+    def growth_kib(self, pid: int) -> int:
+        """How much ``pid`` grew over the flood, at its peak."""
+        return self.rss_peak[pid] - self.rss_before[pid]
+
+    @property
+    def peak_total_kib(self) -> int:
+        """The most the master and the workers held together (their peaks, summed: an upper bound)."""
+        return sum(self.rss_peak.values())
+
+
+def stalled_flood(port: int, pids: list[int], *, count: int, sources: int, seconds: float,
+                  body_bytes: int = BODY_LIMIT_BYTES) -> StalledReport:
+    """``count`` connections from ``sources`` loopback addresses, each sending all of a body but its last byte.
+
+    The bodies announce ``body_bytes`` (the limit by default, so the service must take them) and then stall
+    one byte short until answered or for ``seconds`` at most, while the resident memory of ``pids`` is sampled.
+    """
+    head = (f"POST {VERIFY_PATH} HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {body_bytes}\r\n\r\n").encode()
+    payload = memoryview(head + b'{"signature":"' + b"A" * (body_bytes - 15))  # all but the body's last byte
+    rss_before = workers_rss(pids)
+    peak = dict(rss_before)
+    sockets: list[socket.socket] = []
+    for index in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((f"127.0.1.{index % sources + 1}", 0))  # distinct sources: all of 127/8 is loopback
+        sock.connect((LOOPBACK, port))
+        sock.setblocking(False)
+        sockets.append(sock)
+    offsets = dict.fromkeys(sockets, 0)
+    answers: Counter[str] = Counter()
+    sent = 0
+    deadline = time.monotonic() + seconds
+    next_sample = 0.0
+    try:
+        while time.monotonic() < deadline and any(sock.fileno() != -1 for sock in sockets):
+            progress = False
+            for sock in [sock for sock, offset in offsets.items() if offset < len(payload)]:
+                try:
+                    written = sock.send(payload[offsets[sock]:offsets[sock] + 262_144])
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    offsets[sock] = len(payload)  # refused and closed: nothing more to send
+                    continue
+                offsets[sock] += written
+                sent += written
+                progress = True
+            for sock in [sock for sock in sockets if sock.fileno() != -1]:
+                try:
+                    data = sock.recv(64)
+                except BlockingIOError:
+                    continue  # still waiting for an answer
+                except OSError:
+                    data = b""
+                answers[data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"] += 1
+                offsets[sock] = len(payload)
+                sock.close()
+            now = time.monotonic()
+            if now >= next_sample:
+                for pid, rss in workers_rss(pids).items():
+                    peak[pid] = max(peak[pid], rss)
+                next_sample = now + 0.05
+            if not progress:
+                time.sleep(0.01)
+    finally:
+        waiting = sum(1 for sock in sockets if sock.fileno() != -1)
+        if waiting:
+            answers["none"] = waiting
+        for sock in sockets:
+            sock.close()
+    return StalledReport(rss_before=rss_before, rss_peak=peak, answers=answers,
+                         sent_bytes=sent - count * len(head))

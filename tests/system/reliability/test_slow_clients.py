@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from attest_service.web.body import MAX_BUFFERED_BYTES
 from tests.support.redis_server import redis_server
 from tests.system.reliability.conftest import requires_redis
 from tests.system.reliability.harness import DocumentFactory, gunicorn_argv, running_service, service_env
-from tests.system.reliability.slow import SlowReport, run_slow_clients
+from tests.system.reliability.slow import SlowReport, StalledReport, run_slow_clients, stalled_flood
 
 pytestmark = [pytest.mark.slow, requires_redis]
 
@@ -25,6 +26,8 @@ SERVED_FRACTION = 0.95
 RSS_GROWTH_BOUND_KIB = 64 * 1024
 #: Slow-body connections opened for the attack.
 SLOW_COUNT = 100
+#: ATTEST_BODY_TIMEOUT_SECONDS of the slow-body experiment: well beyond its attack.
+SLOW_BODY_TIMEOUT_SECONDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,10 @@ class Run:
 def _run(variant: str, workdir: Path, *, hostile_seconds: float) -> Run:
     factory = DocumentFactory(workdir / "pinned")
     with redis_server(workdir / "redis") as redis:
-        env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url)
+        # The slow bodies must outlast the attack for the experiment to mean anything: a body timeout longer
+        # than it (the flood below tests the timeout itself).
+        env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url,
+                          extra={"ATTEST_BODY_TIMEOUT_SECONDS": str(SLOW_BODY_TIMEOUT_SECONDS)})
         with running_service(env, workdir, argv=gunicorn_argv(variant)) as service:
             before = sorted(service.worker_pids())
             report = run_slow_clients(service.port, before, factory, variant=variant, slow_count=SLOW_COUNT,
@@ -106,3 +112,75 @@ def test_hostile_bodies_leave_worker_memory_bounded(shipped: SlowReport) -> None
         assert before > 0
         assert shipped.rss_after[pid] > 0
         assert shipped.rss_after[pid] - before <= RSS_GROWTH_BOUND_KIB, (pid, before, shipped.rss_after[pid])
+
+
+# --- a flood of stalled near-limit bodies ------------------------------------------------------------------
+
+#: The chart's memory limit for a pod (helm/attest-service/values.yaml, resources.limits.memory), in KiB.
+CHART_MEMORY_LIMIT_KIB = 512 * 1024
+#: Seconds a body may take in the flooded service: short, so that a flood ends quickly.
+FLOOD_BODY_TIMEOUT_SECONDS = 3.0
+#: Stalled connections per flood (the shipped workers take 1000 each), and the loopback addresses they
+#: come from (so that the per-source bound is not what holds them back).
+STALLED_COUNT = 400
+STALLED_SOURCES = 50
+#: What a worker may hold beyond the bodies' bytes at its peak: each body once more while it is joined,
+#: and the allocator's own keeping, in KiB.
+PER_WORKER_SLACK_KIB = 48 * 1024
+#: Growth of the second equal flood's peak over the first's, in KiB: memory given back, not leaked.
+REPEAT_GROWTH_BOUND_KIB = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Floods:
+    first: StalledReport
+    second: StalledReport
+    workers: list[int]
+    master: int
+
+
+@pytest.fixture(scope="module")
+def floods(tmp_path_factory: pytest.TempPathFactory) -> Floods:
+    workdir = tmp_path_factory.mktemp("stalled")
+    factory = DocumentFactory(workdir / "pinned")
+    with redis_server(workdir / "redis") as redis:
+        env = service_env(pinned_dir=factory.pinned_dir, store_url=redis.url,
+                          extra={"ATTEST_BODY_TIMEOUT_SECONDS": str(FLOOD_BODY_TIMEOUT_SECONDS)})
+        with running_service(env, workdir) as service:
+            pids = [service.master_pid, *service.worker_pids()]
+            # Long enough for the last connections the workers accept, on a loaded machine, to be answered.
+            seconds = FLOOD_BODY_TIMEOUT_SECONDS * 4
+            first = stalled_flood(service.port, pids, count=STALLED_COUNT, sources=STALLED_SOURCES, seconds=seconds)
+            second = stalled_flood(service.port, pids, count=STALLED_COUNT, sources=STALLED_SOURCES, seconds=seconds)
+            workers = service.worker_pids()
+    for name, report in (("first", first), ("second", second)):
+        print(f"\nstalled flood ({name}): answers {dict(report.answers)}, {report.sent_bytes / 2**20:.0f} MiB sent;"
+              f" RSS KiB before {report.rss_before}, peak {report.rss_peak}, peak total {report.peak_total_kib}")
+    return Floods(first=first, second=second, workers=workers, master=service.master_pid)
+
+
+def test_stalled_bodies_are_answered_within_the_body_timeout(floods: Floods) -> None:
+    for report in (floods.first, floods.second):
+        # 408 once the timeout passed, or refused at once: 503 when the worker holds its limit of body bytes,
+        # 429 when the source has its limit of bodies in flight. Nothing is left waiting.
+        assert set(report.answers) <= {"408", "429", "503"}, report.answers
+        assert report.answers["408"] > 0
+        assert sum(report.answers.values()) == STALLED_COUNT
+
+
+def test_stalled_bodies_hold_at_most_the_gates_budget_per_worker(floods: Floods) -> None:
+    assert floods.first.rss_before.keys() == {floods.master, *floods.workers}
+    for pid in floods.workers:
+        assert floods.first.growth_kib(pid) <= MAX_BUFFERED_BYTES // 1024 + PER_WORKER_SLACK_KIB, \
+            (pid, floods.first.rss_before[pid], floods.first.rss_peak[pid])
+
+
+def test_stalled_bodies_keep_the_service_inside_the_charts_memory_limit(floods: Floods) -> None:
+    # The shipped configuration: two workers of 1000 connections each, as in the chart.
+    assert len(floods.workers) == 2
+    assert max(floods.first.peak_total_kib, floods.second.peak_total_kib) < CHART_MEMORY_LIMIT_KIB
+
+
+def test_an_equal_second_flood_does_not_grow_memory_further(floods: Floods) -> None:
+    for pid in floods.workers:
+        assert floods.second.rss_peak[pid] - floods.first.rss_peak[pid] <= REPEAT_GROWTH_BOUND_KIB, pid
