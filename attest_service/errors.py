@@ -5,7 +5,7 @@ stable ``code`` (the strings of the external contract), the HTTP ``http_status``
 with, and, for refusals of a document, the ``step`` of the verification algorithm
 (:mod:`attest_service.verify.verifier`) that stops it. Domain code raises these and never sees HTTP;
 :mod:`attest_service.web.errors` turns them into answers (and adds the errors only HTTP has: malformed,
-unauthorized and oversized requests), and the CLI maps them to exit codes.
+slow and oversized requests, a busy service), and the CLI maps them to exit codes.
 Foreign exceptions (asn1crypto, cryptography, json, redis, sqlite3) are wrapped where they enter,
 with ``raise ... from exc``, so callers only ever see this family.
 """
@@ -40,7 +40,14 @@ class ConfigurationError(AttestError):
     # Never answered over HTTP: a configuration error at request time is a bug (500, logged).
 
 
-# --- errors of the attestation step: the caller's allow-lists and rate ----------------------------
+# --- errors of the caller: its key, its allow-lists and its rate --------------------------------------
+
+
+class Unauthorized(AttestError):
+    """An API key is required and was missing or wrong."""
+
+    code = "unauthorized"
+    http_status = 401
 
 
 class PolicyDenied(AttestError):

@@ -29,13 +29,6 @@ class MalformedRequest(AttestError):
     http_status = 400
 
 
-class Unauthorized(AttestError):
-    """An API key is required and was missing or wrong."""
-
-    code = "unauthorized"
-    http_status = 401
-
-
 class RequestTimeout(AttestError):
     """The request body did not arrive in full within ``ATTEST_BODY_TIMEOUT_SECONDS``."""
 

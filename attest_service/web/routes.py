@@ -25,17 +25,18 @@ from typing import TYPE_CHECKING, Final
 
 from flask import Blueprint, Response, jsonify, request
 
+from attest_service.callers.keys import Caller, authenticate
 from attest_service.callers.policy import ANONYMOUS
 from attest_service.callers.sources import request_source
 from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.errors import AttestError, RateLimited, StoreUnavailable
+from attest_service.errors import AttestError, RateLimited, StoreUnavailable, Unauthorized
 from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
-from attest_service.web.errors import MalformedRequest, Unauthorized, json_answer, json_bytes
+from attest_service.web.errors import MalformedRequest, json_answer, json_bytes
 from attest_service.web.openapi import openapi_document
-from attest_service.web.service import Caller, Service, current_service
+from attest_service.web.service import Service, current_service
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -144,7 +145,8 @@ def _authenticate(service: Service, environ: WSGIEnvironment, source: str) -> Ca
     # proxy that is not a trusted proxy, the clients sharing the address share the block (README).
     service.failed_auth.check(source, service.clock())
     try:
-        caller = service.authenticate(environ.get("HTTP_AUTHORIZATION"), source)
+        caller = authenticate(environ.get("HTTP_AUTHORIZATION"), source, api_keys=service.api_keys,
+                              access=service.access)
     except Unauthorized:
         try:
             _hit(service, FAILED_AUTH_PREFIX + source, limit=service.settings.auth_failures_per_minute,

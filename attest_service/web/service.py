@@ -6,8 +6,6 @@ is immutable or safe to share between the threads of a worker.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -19,12 +17,11 @@ from flask import Flask, current_app
 
 from attest_service.attestation import Attestor
 from attest_service.callers.leases import RateLeases
-from attest_service.callers.policy import ANONYMOUS, AccessPolicy, CallerPolicy
+from attest_service.callers.policy import AccessPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.nonces import NonceStore
 from attest_service.settings import DEFAULT_BODY_TIMEOUT_SECONDS, Settings
 from attest_service.web.body import BodyGate
-from attest_service.web.errors import Unauthorized
 
 #: Key of the service state in ``app.extensions``.
 EXTENSION: Final = "attest_service"
@@ -51,22 +48,6 @@ def system_clock() -> datetime:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Caller:
-    """Who sent the request: the client id the store records, the rate-limit key and the caller's policy."""
-
-    client_id: str
-    rate_key: str
-    policy: CallerPolicy
-    #: Where the request came from (:mod:`attest_service.callers.sources`), for the anonymous challenge limit.
-    source: str
-
-    @property
-    def anonymous(self) -> bool:
-        """Whether the caller presented no key."""
-        return self.client_id == ANONYMOUS
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Service:
     """The per-process state of the REST service."""
 
@@ -83,33 +64,6 @@ class Service:
     failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
     #: The gate every request body passes (:mod:`attest_service.web.body`).
     bodies: BodyGate = field(default_factory=lambda: BodyGate(DEFAULT_BODY_TIMEOUT_SECONDS))
-
-    def authenticate(self, authorization: str | None, source: str) -> Caller:
-        """Identify the caller from the ``Authorization`` header; ``source`` is where the request came from.
-
-        A presented key must match; without one, the caller is anonymous when the policy admits anonymous
-        callers, and counted per source. Raises :class:`Unauthorized` otherwise. Every configured digest is
-        compared in constant time, without stopping at a match, so timing does not reveal which client a key
-        is close to.
-        """
-        if authorization is None or not authorization.strip():
-            if self.access.anonymous is None:
-                raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-            return Caller(client_id=ANONYMOUS, rate_key=f"{ANONYMOUS}@{source}", policy=self.access.anonymous,
-                          source=source)
-        scheme, _, key = authorization.strip().partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise Unauthorized("expected Authorization: Bearer <key>")
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-        matched: str | None = None
-        for client_id, digests in self.api_keys.items():
-            for expected in digests:
-                if hmac.compare_digest(digest, expected):
-                    matched = client_id
-        if matched is None:
-            raise Unauthorized("the API key is not valid")
-        return Caller(client_id=matched, rate_key=matched, policy=self.access.for_client(matched), source=source)
 
 
 def install(app: Flask, service: Service) -> None:
