@@ -188,14 +188,14 @@ def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
     code: str | None = "internal_error"
     try:
         caller = _caller(service, environ)
-        # Step 1: parse the request.
+        # Parse the request.
         parsed = parse_verify_request(json_object(service.bodies.read(environ, caller.source)),
                                       service.attestor.verifier.decode)
-        # Steps 2 and 3: the attestation step verifies with the core, applies the caller's allow-lists and
+        # Attest: verify with the core, apply the caller's allow-lists and
         # only then claims the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, at=service.clock(), nonce=parsed.nonce,
                                                cloud=parsed.cloud, caller=caller.policy)
-        # Step 4: serialise.
+        # Serialise the verdict.
         body = json_bytes(attested.to_dict())
     except AttestError as exc:
         code = exc.code
