@@ -192,7 +192,7 @@ def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
         parsed = parse_verify_request(json_object(service.bodies.read(environ, caller.source)),
                                       service.attestor.verifier.decode)
         # Attest: verify with the core, apply the caller's allow-lists and
-        # only then claims the nonce (attestation.py), at the service's instant.
+        # only then claim the nonce (attestation.py), at the service's instant.
         attested = service.attestor.attest_der(parsed.document, at=service.clock(), nonce=parsed.nonce,
                                                cloud=parsed.cloud, caller=caller.policy)
         # Serialise the verdict.
