@@ -122,27 +122,32 @@ True (non-empty) when pinned certificates come from values rather than from the 
 {{- end }}
 
 {{/*
-Refuse contradictory values that the JSON schema cannot express.
+Refuse contradictory values, each with the sentence an operator needs. Every rule that relates two values
+lives here rather than in values.schema.json: helm reports a schema's if/then as JSON-Schema jargon ("Must
+validate "then" as "if" was valid"), a fail as written. The schema keeps the rules of one value each.
 */}}
 {{- define "attest-service.validate" -}}
 {{- if and .Values.nonceStore.redisUrl .Values.nonceStore.existingSecret }}
-{{- fail "nonceStore: set either redisUrl or existingSecret, not both" }}
+{{- fail "nonceStore: set either redisUrl or existingSecret, not both (existingSecret names a Secret that holds the URL)" }}
 {{- end }}
 {{- if and .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
-{{- fail "apiKeys: set either keys or existingSecret, not both" }}
+{{- fail "apiKeys: set either keys or existingSecret, not both (existingSecret names a Secret that holds ATTEST_API_KEYS)" }}
 {{- end }}
 {{- if and .Values.policy.toml .Values.policy.existingConfigMap }}
-{{- fail "policy: set either toml or existingConfigMap, not both" }}
+{{- fail "policy: set either toml or existingConfigMap, not both (existingConfigMap names a ConfigMap that holds the policy)" }}
 {{- end }}
 {{- if and .Values.settings.allowOpen (or .Values.apiKeys.keys .Values.apiKeys.existingSecret .Values.policy.toml .Values.policy.existingConfigMap) }}
-{{- fail "settings.allowOpen applies only without apiKeys and without a policy" }}
+{{- fail "settings.allowOpen applies only without apiKeys and without a policy: with either, who may call is already decided; remove settings.allowOpen" }}
 {{- end }}
-{{- if and (not (include "attest-service.redisEnabled" .)) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
-{{- fail "more than one replica needs a shared nonce store: set nonceStore.redisUrl or nonceStore.existingSecret" }}
+{{- if and (not (include "attest-service.redisEnabled" .)) (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount %d: more than one replica needs nonceStore.redisUrl (or nonceStore.existingSecret): each replica would keep its own SQLite store, and a document accepted by one could be accepted again by another" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and (not (include "attest-service.redisEnabled" .)) .Values.autoscaling.enabled }}
+{{- fail "autoscaling.enabled: autoscaling runs more than one replica, which needs nonceStore.redisUrl (or nonceStore.existingSecret): each replica would keep its own SQLite store, and a document accepted by one could be accepted again by another" }}
 {{- end }}
 {{- $sqlite := .Values.nonceStore.sqlite }}
 {{- if and $sqlite.existingClaim $sqlite.persistence.enabled }}
-{{- fail "nonceStore.sqlite: set either existingClaim or persistence.enabled, not both" }}
+{{- fail "nonceStore.sqlite: set either existingClaim or persistence.enabled, not both (existingClaim names a PersistentVolumeClaim you made; persistence.enabled has the chart make one)" }}
 {{- end }}
 {{- if and (include "attest-service.callerNonces" .) (not (include "attest-service.redisEnabled" .)) (not (or $sqlite.existingClaim $sqlite.persistence.enabled $sqlite.acceptNonceLossOnRestart)) }}
 {{- fail "with apiKeys, a policy or settings.allowOpen, callers may use nonces of their own, and the SQLite store on an emptyDir forgets every accepted nonce when the pod is replaced (a captured document could then be replayed until it expires): set nonceStore.redisUrl or existingSecret, nonceStore.sqlite.existingClaim or nonceStore.sqlite.persistence.enabled, or accept the loss with nonceStore.sqlite.acceptNonceLossOnRestart (docs/DEPLOYMENT.md)" }}

@@ -461,8 +461,6 @@ REFUSED_VALUES = {
     "wrong type: replicaCount string": {"replicaCount": "three"},
     "wrong type: workers float": {"server": {"workers": 2.5}},
     "wrong type: apiKeys string": {"apiKeys": {"keys": "vendor-a:" + "ab" * 32}},
-    "three replicas on sqlite": {"replicaCount": 3},
-    "autoscaling on sqlite": {"autoscaling": {"enabled": True}},
     "writable root filesystem": {"securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                                                      "readOnlyRootFilesystem": False,
                                                      "capabilities": {"drop": ["ALL"]}}},
