@@ -185,7 +185,7 @@ def test_prometheus_rule_shape(render: Render) -> None:
         assert set(alert) == {"alert", "expr", "for", "labels", "annotations"}
         assert isinstance(alert["expr"], str)
         assert alert["expr"]
-        assert set(alert["annotations"]) == {"summary", "description"}
+        assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
         assert alert["labels"]["severity"] in {"critical", "warning"}
 
 

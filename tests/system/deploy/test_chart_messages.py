@@ -21,32 +21,37 @@ KEY: Final = "vendor-a:" + "ab" * 32
 SAME_STORE: Final = ("each replica would keep its own SQLite store, and a document accepted by one could be "
                      "accepted again by another")
 
+EITHER: Final = "set either {} or {}, not both"
 CASES: Final[dict[str, tuple[dict[str, Any], str]]] = {
     "replicas on sqlite": (
         {"replicaCount": 2},
-        f"replicaCount 2: more than one replica needs nonceStore.redisUrl (or nonceStore.existingSecret): {SAME_STORE}"),
+        ("replicaCount 2: more than one replica needs nonceStore.redisUrl (or nonceStore.existingSecret): "
+         f"{SAME_STORE}")),
     "autoscaling on sqlite": (
         {"autoscaling": {"enabled": True}},
-        "autoscaling.enabled: autoscaling runs more than one replica, which needs nonceStore.redisUrl (or "
-        f"nonceStore.existingSecret): {SAME_STORE}"),
+        ("autoscaling.enabled: autoscaling runs more than one replica, which needs nonceStore.redisUrl (or "
+         f"nonceStore.existingSecret): {SAME_STORE}")),
     "two sources of the store url": (
         {"nonceStore": {**REDIS, "existingSecret": "attest-redis"}},
-        "nonceStore: set either redisUrl or existingSecret, not both (existingSecret names a Secret that holds the URL)"),
+        ("nonceStore: " + EITHER.format("redisUrl", "existingSecret")
+         + " (existingSecret names a Secret that holds the URL)")),
     "two sources of the keys": (
         {"apiKeys": {"keys": [KEY], "existingSecret": "attest-keys"}},
-        "apiKeys: set either keys or existingSecret, not both (existingSecret names a Secret that holds ATTEST_API_KEYS)"),
+        ("apiKeys: " + EITHER.format("keys", "existingSecret")
+         + " (existingSecret names a Secret that holds ATTEST_API_KEYS)")),
     "two sources of the policy": (
         {"policy": {"toml": "[anonymous]\nrequire_challenge = true\n", "existingConfigMap": "attest-policy"},
          "nonceStore": REDIS},
-        "policy: set either toml or existingConfigMap, not both (existingConfigMap names a ConfigMap that holds the policy)"),
+        ("policy: " + EITHER.format("toml", "existingConfigMap")
+         + " (existingConfigMap names a ConfigMap that holds the policy)")),
     "open beside keys": (
         {"settings": {"allowOpen": True}, "apiKeys": {"keys": [KEY]}, "nonceStore": REDIS},
-        "settings.allowOpen applies only without apiKeys and without a policy: with either, who may call is "
-        "already decided; remove settings.allowOpen"),
+        ("settings.allowOpen applies only without apiKeys and without a policy: with either, who may call is "
+         "already decided; remove settings.allowOpen")),
     "two sqlite volumes": (
         {"nonceStore": {"sqlite": {"existingClaim": "nonces", "persistence": {"enabled": True}}}},
-        "nonceStore.sqlite: set either existingClaim or persistence.enabled, not both (existingClaim names a "
-        "PersistentVolumeClaim you made; persistence.enabled has the chart make one)"),
+        ("nonceStore.sqlite: " + EITHER.format("existingClaim", "persistence.enabled")
+         + " (existingClaim names a PersistentVolumeClaim you made; persistence.enabled has the chart make one)")),
 }
 
 
