@@ -179,3 +179,45 @@ expression, so that the file and the values cannot drift apart silently.
 {{- end }}
 {{- replace $literal (index . 3) $expr }}
 {{- end }}
+
+{{/*
+True (non-empty) when the CRLs are fetched beside the service: the trust directory is then assembled in an
+emptyDir, which the fetch can write.
+*/}}
+{{- define "attest-service.crlRefresh" -}}
+{{- if gt (float64 .Values.settings.crlRefreshSeconds) 0.0 }}true{{- end }}
+{{- end }}
+
+{{/*
+The trust directory the service reads [ATTEST_PINNED_CERTS]: the pins as mounted (or bundled in the image), or
+the assembled one when the CRLs are fetched beside the service.
+*/}}
+{{- define "attest-service.trustDirectory" -}}
+{{- if include "attest-service.crlRefresh" . }}/var/lib/attest-service-trust{{ else }}/etc/attest-service/pinned_certs{{ end }}
+{{- end }}
+
+{{/*
+The init container's script that assembles the writable trust directory: for each cloud, links to the pinned
+roots and intermediates (so that edits of a ConfigMap still reach the service through them), the manifest, and
+a crls/ folder that starts with the CRLs the pins ship and that the fetch then keeps current. Run again when
+the pod restarts, it keeps the CRLs fetched since.
+*/}}
+{{- define "attest-service.trustDirectoryScript" -}}
+set -eu
+src=/etc/attest-service/pinned_certs
+dst=/var/lib/attest-service-trust
+for cloud in public usgov china germany; do
+  mkdir -p "$dst/$cloud/crls"
+  for part in roots intermediates; do
+    ln -sfn "$src/$cloud/$part" "$dst/$cloud/$part"
+  done
+  for file in "$src/$cloud/crls"/*.crl; do
+    if [ -f "$file" ] && [ ! -e "$dst/$cloud/crls/${file##*/}" ]; then
+      cp "$file" "$dst/$cloud/crls/"
+    fi
+  done
+done
+if [ -e "$src/manifest.json" ]; then
+  ln -sfn "$src/manifest.json" "$dst/manifest.json"
+fi
+{{- end }}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 from attest_service.callers.policy import AccessPolicy
 from attest_service.server import master
 from attest_service.settings import Settings
+from attest_service.trust import load_trust
 
 from .common import CHART_DIR, HA_VALUES, NAMESPACE, REPO_ROOT, HelmFailed, by_kind, one
 
@@ -51,6 +54,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
     "priorityClassName": "high",
+    "settings": {"revocation": "hard", "crlRefreshSeconds": 3600},
 }
 
 VALUE_SETS = {"default": (), "ha": (HA_VALUES,)}
@@ -196,7 +200,7 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
         "ATTEST_RATE_LIMIT_PER_MINUTE", "ATTEST_TRUST_RELOAD_SECONDS", "ATTEST_LOG_LEVEL", "ATTEST_PINNED_CERTS",
         "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_ALLOW_OPEN",
         "ATTEST_TRUSTED_PROXIES", "ATTEST_AUTH_FAILURES_PER_MINUTE", "ATTEST_ANONYMOUS_CHALLENGES",
-        "ATTEST_BODY_TIMEOUT_SECONDS",
+        "ATTEST_BODY_TIMEOUT_SECONDS", "ATTEST_REVOCATION", "ATTEST_CRL_REFRESH_SECONDS",
     }
     assert env_names(render()) == settings
     assert env_names(render(HA_VALUES)) == settings | {"ATTEST_API_KEYS"}
@@ -539,3 +543,64 @@ def _inside_kubernetes_block(lines: list[str], index: int) -> bool:
         return False
     top = next(line for line in reversed(lines[:index]) if line.strip() and not line.startswith((" ", "#")))
     return top.strip() in KUBERNETES_BLOCKS or (top.strip() == "probes:" and indent > 2)
+
+
+# --- revocation: the mode, and the CRL fetch beside the service ---------------------------------------------
+
+
+def test_revocation_settings_reach_the_service(render: Render) -> None:
+    assert _service_settings(render()).revocation == "soft"
+    assert _service_settings(render()).crl_refresh_seconds == 0
+    assert not deployment_pod(render()).get("initContainers")
+    settings = _service_settings(render(values={"settings": {"revocation": "hard"}}))
+    assert settings.revocation == "hard"
+
+
+@pytest.mark.parametrize("values", [{"revocation": "strict"}, {"crlRefreshSeconds": 30}, {"crlRefreshSeconds": -1}],
+                         ids=["unknown mode", "too often", "negative"])
+def test_schema_refuses_revocation_values(render: Render, values: dict[str, Any]) -> None:
+    with pytest.raises(HelmFailed):
+        render(values={"settings": values})
+
+
+def _trust_script(manifests: list[dict[str, Any]]) -> str:
+    [init] = deployment_pod(manifests)["initContainers"]
+    assert init["name"] == "trust-directory"
+    assert init["command"][:2] == ["/bin/sh", "-c"]
+    script: str = init["command"][2]
+    return script
+
+
+def test_crl_refresh_assembles_a_writable_trust_directory(render: Render, tmp_path: Path) -> None:
+    bundled = REPO_ROOT / "pinned_certs"
+    manifests = render(values={"settings": {"crlRefreshSeconds": 3600}, "pinnedCerts": pinned_certs_as_values(bundled)})
+    settings = _service_settings(manifests)
+    assert settings.crl_refresh_seconds == 3600
+    assert str(settings.pinned_certs) == "/var/lib/attest-service-trust"
+    pod = deployment_pod(manifests)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [init] = pod["initContainers"]
+    assert init["securityContext"] == container(manifests)["securityContext"]
+    for mounts in (init["volumeMounts"], container(manifests)["volumeMounts"]):
+        trust = next(m for m in mounts if m["mountPath"] == "/var/lib/attest-service-trust")
+        assert "emptyDir" in volumes[trust["name"]]
+        assert not trust.get("readOnly")
+        pins = next(m for m in mounts if m["mountPath"] == "/etc/attest-service/pinned_certs")
+        assert pins["readOnly"] is True
+
+    # The script, run for real against a copy of the pins (the paths moved under the test's directory): the
+    # assembled directory trusts what the pins say, and takes CRLs.
+    source, target = tmp_path / "pins", tmp_path / "trust"
+    shutil.copytree(bundled, source)
+    script = _trust_script(manifests).replace("/etc/attest-service/pinned_certs", str(source)).replace(
+        "/var/lib/attest-service-trust", str(target))
+    for _ in range(2):  # a restarted pod runs it again over what it made
+        subprocess.run(["/bin/sh", "-c", script], check=True, timeout=30)
+    assembled, pinned = load_trust(target), load_trust(source)
+    assert sorted(p.sha256 for p in assembled.all_pins()) == sorted(p.sha256 for p in pinned.all_pins())
+    assert (target / "public" / "crls").is_dir()
+    assert (target / "public" / "roots").is_symlink()
+    # An edit of the pins reaches the assembled directory through its links.
+    (source / "public" / "intermediates" / "microsoft-tls-g2-rsa-ca-ocsp-02.pem").unlink()
+    assert len(list(load_trust(target).for_cloud("public").intermediates)) == len(
+        list(pinned.for_cloud("public").intermediates)) - 1
