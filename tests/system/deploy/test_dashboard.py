@@ -4,10 +4,10 @@
 - The chart ships it, unchanged, in a ConfigMap labelled for Grafana's dashboard sidecar, only when asked.
 - Every panel's query (and every template variable's) answers something when run by the real promtool over
   the series a real running service exports: the service is driven through what the panels show (verified,
-  refused and replayed documents, an unpinned issuer, the AIA fallback, a fingerprint pin, 401 and 429
-  answers, a nonce store outage), its ``/metrics`` is scraped, and each scraped series becomes synthetic input of
-  ``promtool test rules``. A query naming a metric or a label value the service does not export answers
-  nothing, and fails.
+  refused, revoked and replayed documents, a CRL, an unpinned issuer, the AIA fallback, a fingerprint pin,
+  401 and 429 answers, a nonce store outage), its ``/metrics`` is scraped, and each scraped series becomes
+  synthetic input of ``promtool test rules``. A query naming a metric or a label value the service does not
+  export answers nothing, and fails.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from attest_service.imds import pki
-from tests.support import tools
+from tests.support import crls, tools
 from tests.support.redis_server import redis_server
 from tests.support.service import DocumentFactory, api_keys_env, running_service
 
@@ -46,7 +46,7 @@ SAMPLES = 30
 EVAL_MINUTES = 20
 PROMTOOL_TIMEOUT_SECONDS = 60
 #: Requests a minute each API key may make: the flooding client passes it, the other one stays under it.
-RATE_LIMIT = 6
+RATE_LIMIT = 7
 
 
 def _dashboard() -> dict[str, Any]:
@@ -148,6 +148,21 @@ def _scrape(host: str, port: int) -> str:
     return body
 
 
+def _pki_with_a_revoked_signer(pinned: Path) -> tuple[DocumentFactory, DocumentFactory]:
+    """A pinned PKI whose issuing CA's CRL (in ``crls/``) revokes a second signer: (good, revoked) factories."""
+    now = datetime.now(UTC)
+    root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=now)
+    pki.write_pinned_dir(pinned, "public", root=root.certificate, intermediates=[issuing.certificate])
+    revoked = pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
+                            common_name="metadata.azure.com", key=pki.new_key("rsa"), issuer=issuing,
+                            not_before=now - timedelta(days=1), not_after=now + timedelta(days=30),
+                            serial=x509.random_serial_number())
+    (pinned / "public" / "crls").mkdir()
+    (pinned / "public" / "crls" / "issuing.crl").write_bytes(
+        crls.der(crls.make_crl(issuing, revoked=[revoked.certificate.serial_number], now=now)))
+    return DocumentFactory(leaf=leaf, pinned_dir=pinned), DocumentFactory(leaf=revoked, pinned_dir=pinned)
+
+
 def _unpinned_signer() -> DocumentFactory:
     """Documents signed under an issuing CA that nothing pins (its own root, a name of its own)."""
     now = datetime.now(UTC)
@@ -168,7 +183,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The ``/metrics`` text of a real service (gunicorn, Redis store) driven through every panel's subject."""
     tools.require("redis-server", "redis-cli")
     workdir = tmp_path_factory.mktemp("dashboard-service")
-    factory = DocumentFactory.around_now(workdir / "pinned")
+    factory, revoked = _pki_with_a_revoked_signer(workdir / "pinned")
     # A CA pinned by fingerprint without a URL: reported (not fetched, no_url), and nothing leaves the host.
     (factory.pinned_dir / "public" / "intermediates" / "fingerprints.txt").write_text(
         f"{'ab' * 32}  -  # Ops Staged Issuing CA\n", encoding="utf-8")
@@ -184,6 +199,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             body = factory.verify_body(str(challenge.body["nonce"]))
             assert service.post("/v1/verify", body, key=keys["ops"]).status == 200
             assert service.post("/v1/verify", body, key=keys["ops"]).code == "nonce_replayed"
+            refused = service.post("/v1/verify", revoked.verify_body("caller-nonce-2"), key=keys["ops"])
+            assert refused.code == "certificate_revoked", refused.body
             unpinned = service.post("/v1/verify", stranger.verify_body("caller-nonce-1"), key=keys["ops"])
             assert unpinned.code == "untrusted_chain", unpinned.body
             assert service.post("/v1/verify", body).status == 401
