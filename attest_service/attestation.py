@@ -26,7 +26,8 @@ from typing import Final, Protocol
 
 from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
-from attest_service.errors import NonceMismatch, NonceReplayed, StoreUnavailable
+from attest_service.errors import NonceMismatch, NonceReplayed
+from attest_service.nonces.failures import StoreErrorEvents, store_errors_reported
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
 from attest_service.verify import (
     DEFAULT_CLOCK_SKEW,
@@ -59,12 +60,8 @@ class VerifierProtocol(Protocol):
         ...
 
 
-class AttestationEvents(Protocol):
+class AttestationEvents(StoreErrorEvents, Protocol):
     """What an :class:`Attestor` reports as it works; the REST service counts these as metrics."""
-
-    def store_error(self, operation: str) -> None:
-        """The store failed during ``operation`` (``accept``, ``issue_challenge``)."""
-        ...
 
     def nonce_accepted(self, *, challenge: bool) -> None:
         """A nonce was accepted; ``challenge`` tells whether it consumed a service-issued challenge."""
@@ -156,14 +153,12 @@ class Attestor:
         for attempt in range(CHALLENGE_ATTEMPTS):
             nonce = secrets.token_urlsafe(CHALLENGE_BYTES)
             try:
-                self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at, now=now)
+                with store_errors_reported(self._events, "issue_challenge"):
+                    self.store.issue_challenge(nonce, client_id=client_id, expires_at=expires_at, now=now)
                 break
             except NonceReplayed:
                 if attempt + 1 == CHALLENGE_ATTEMPTS:
                     raise
-            except StoreUnavailable:
-                self._events.store_error("issue_challenge")
-                raise
         self._events.challenge_issued()
         return Challenge(nonce=nonce, expires_at=expires_at)
 
@@ -220,13 +215,10 @@ class Attestor:
         # own VMs' documents first cannot burn the (often predictable) nonces of another tenant's VMs, and a
         # captured document still names its VM, so it is refused to everyone. A challenge is claimed once,
         # whatever the VM (see NonceStore.accept). A document without a vmId is claimed without a scope.
-        try:
+        with store_errors_reported(self._events, "accept"):
             acceptance = self.store.accept(claims.nonce, client_id=caller.client_id, expires_at=expires_at,
                                            require_challenge=caller.require_challenge, now=now,
                                            scope=claims.vm_id or None)
-        except StoreUnavailable:
-            self._events.store_error("accept")
-            raise
         self._events.nonce_accepted(challenge=acceptance.challenge)
         return acceptance.challenge
 

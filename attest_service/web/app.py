@@ -17,6 +17,7 @@ from flask import Flask, Response, g, request
 
 from attest_service.attestation import Attestor
 from attest_service.callers import throttle
+from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
 from attest_service.callers.policy import AccessPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
@@ -125,14 +126,18 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     app = Flask(__name__)
     # Claims are returned exactly as signed, in their signed order.
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    events = metrics.MetricEvents()
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
-                        events=metrics.MetricEvents(), revocation=settings.revocation)
-    service = Service(settings=settings, store=store, attestor=attestor, access=access,
-                      clock=clock if clock is not None else system_clock, api_keys=settings.api_keys,
-                      rate_leases=RateLeases(store),
-                      # Under gunicorn, the table the master made before it forked: a source blocked by one
-                      # worker is blocked by all. Elsewhere (tests, embedding), the application's own.
-                      failed_auth=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks(),
+                        events=events, revocation=settings.revocation)
+    service_clock = clock if clock is not None else system_clock
+    authenticator = Authenticator(
+        settings=settings, access=access, api_keys=settings.api_keys, store=store, events=events,
+        clock=service_clock,
+        # Under gunicorn, the table the master made before it forked: a source blocked by one worker is
+        # blocked by all. Elsewhere (tests, embedding), the application's own.
+        blocks=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks())
+    service = Service(settings=settings, store=store, attestor=attestor, access=access, clock=service_clock,
+                      authenticator=authenticator, rate_leases=RateLeases(store), events=events,
                       bodies=BodyGate(settings.body_timeout_seconds))
     install(app, service)
     register_error_handlers(app)

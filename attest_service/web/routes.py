@@ -9,13 +9,13 @@ for anonymous callers: the client's address, through trusted proxies, IPv6 by /6
 :mod:`attest_service.callers.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
 so that it holds across workers and replicas (a busy caller's in leases, :mod:`attest_service.callers.leases`).
 One attestation costs two requests (challenge, verify).
-Failed authentication has a budget of its own per source (:mod:`attest_service.callers.throttle`), and an
-anonymous source may hold at most ``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
+Who is calling is decided in one place (:mod:`attest_service.callers.authentication`), failed
+authentication included, which has a budget of its own per source; an anonymous source may hold at most
+``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Final
 
 from flask import Blueprint, Response, jsonify, request
 
-from attest_service.callers.keys import Caller, authenticate
-from attest_service.callers.policy import ANONYMOUS
-from attest_service.callers.sources import request_source
-from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX
+from attest_service.callers.keys import Caller
 from attest_service.clouds import AUTO, CLOUDS
-from attest_service.errors import AttestError, RateLimited, StoreUnavailable, Unauthorized
+from attest_service.errors import AttestError, StoreUnavailable
+from attest_service.nonces.failures import store_errors_reported
 from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
@@ -117,62 +115,16 @@ def parse_verify_request(body: dict[str, object],
 
 
 def _hit(service: Service, key: str, *, limit: int, window_seconds: int) -> None:
-    try:
+    with store_errors_reported(service.events, "hit_rate"):
         service.store.hit_rate(key, limit=limit, window_seconds=window_seconds, now=service.clock())
-    except StoreUnavailable:
-        metrics.STORE_ERRORS.labels(operation="hit_rate").inc()
-        raise
-
-
-def _rate_limit(service: Service, caller: Caller) -> None:
-    try:
-        service.rate_leases.take(caller.rate_key, limit=service.settings.rate_limit_per_minute,
-                                 window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
-    except StoreUnavailable:
-        metrics.STORE_ERRORS.labels(operation="hit_rate").inc()
-        raise
-
-
-def _source(service: Service, environ: WSGIEnvironment) -> str:
-    # The WSGI server joins repeated headers into one value, as werkzeug's headers.getlist() sees them too.
-    return request_source(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
-                          service.settings.trusted_proxies)
-
-
-def _authenticate(service: Service, environ: WSGIEnvironment, source: str) -> Caller:
-    # A source past its budget of failed authentications is answered 429 before its key is looked at, a
-    # right key as a wrong one: otherwise the 429 tells a guesser which guess was right. Behind a NAT or a
-    # proxy that is not a trusted proxy, the clients sharing the address share the block (README).
-    service.failed_auth.check(source, service.clock())
-    try:
-        caller = authenticate(environ.get("HTTP_AUTHORIZATION"), source, api_keys=service.api_keys,
-                              access=service.access)
-    except Unauthorized:
-        try:
-            _hit(service, FAILED_AUTH_PREFIX + source, limit=service.settings.auth_failures_per_minute,
-                 window_seconds=RATE_WINDOW_SECONDS)
-        except RateLimited as limited:
-            service.failed_auth.block(source, service.clock(), limited.retry_after)
-            raise RateLimited(BLOCKED_MESSAGE, retry_after=limited.retry_after) from None
-        raise
-    return _without_open_access_through_a_proxy(service, environ, caller)
-
-
-def _without_open_access_through_a_proxy(service: Service, environ: WSGIEnvironment, caller: Caller) -> Caller:
-    # Open access on loopback is for callers on this machine. A request that came through a proxy (it says
-    # so in X-Forwarded-For or Forwarded) may be anyone's: it must present a challenge unless the operator
-    # opened the service explicitly.
-    policy = caller.policy
-    if caller.client_id != ANONYMOUS or policy.require_challenge or service.settings.allow_open:
-        return caller
-    if environ.get("HTTP_X_FORWARDED_FOR") is None and environ.get("HTTP_FORWARDED") is None:
-        return caller
-    return dataclasses.replace(caller, policy=dataclasses.replace(policy, require_challenge=True))
 
 
 def _caller(service: Service, environ: WSGIEnvironment) -> Caller:
-    caller = _authenticate(service, environ, _source(service, environ))
-    _rate_limit(service, caller)
+    # Who is calling (source, key, failed-authentication budget: callers/authentication.py), then its rate.
+    caller = service.authenticator.authenticate(environ)
+    with store_errors_reported(service.events, "hit_rate"):
+        service.rate_leases.take(caller.rate_key, limit=service.settings.rate_limit_per_minute,
+                                 window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
     return caller
 
 
@@ -237,10 +189,11 @@ def healthz() -> Response:
 @api.get("/readyz")
 def readyz() -> tuple[Response, int]:
     """Readiness: the nonce store answers; without it nothing can be accepted."""
+    service = current_service()
     try:
-        current_service().store.ping()
+        with store_errors_reported(service.events, "ping"):
+            service.store.ping()
     except StoreUnavailable as exc:
-        metrics.STORE_ERRORS.labels(operation="ping").inc()
         # The route is unauthenticated and the detail names hosts, paths and driver errors: like every other
         # answer, it gets the stable code only, and the operator's log gets the detail.
         _LOG.warning("readiness: nonce store unavailable: %s", exc.message)

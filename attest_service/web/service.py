@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -16,10 +16,11 @@ from typing import Final
 from flask import Flask, current_app
 
 from attest_service.attestation import Attestor
+from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
 from attest_service.callers.policy import AccessPolicy
-from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.nonces import NonceStore
+from attest_service.nonces.failures import StoreErrorEvents
 from attest_service.settings import DEFAULT_BODY_TIMEOUT_SECONDS, Settings
 from attest_service.web.body import BodyGate
 
@@ -56,12 +57,12 @@ class Service:
     attestor: Attestor
     access: AccessPolicy
     clock: Clock
-    #: Each client's accepted key digests (several while a key is being rotated).
-    api_keys: Mapping[str, tuple[bytes, ...]]
+    #: Who is calling: source, key, failed-authentication budget (:mod:`attest_service.callers.authentication`).
+    authenticator: Authenticator
     #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.callers.leases`).
     rate_leases: RateLeases
-    #: Sources answered 429 for failed authentication, in this process (:mod:`attest_service.callers.throttle`).
-    failed_auth: FailedAuthBlocks = field(default_factory=FailedAuthBlocks)
+    #: Where failed store operations are counted (the metrics).
+    events: StoreErrorEvents
     #: The gate every request body passes (:mod:`attest_service.web.body`).
     bodies: BodyGate = field(default_factory=lambda: BodyGate(DEFAULT_BODY_TIMEOUT_SECONDS))
 
