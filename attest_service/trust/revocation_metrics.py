@@ -38,9 +38,6 @@ REVOKED_LOG_SECONDS: Final = 300.0
 #: Revoked certificates whose last log line is remembered; beyond it the table starts afresh.
 MAX_LOGGED: Final = 1024
 
-#: The metric families this module defines that live in the multiprocess files.
-OWN_FAMILIES: Final = ("attest_revocation_unknown",)
-
 REVOCATION_UNKNOWN: Final = Counter(
     "attest_revocation_unknown",
     "Documents accepted (revocation soft) although no current CRL covered a certificate on their path.",

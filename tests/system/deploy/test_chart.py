@@ -5,16 +5,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from attest_service.callers.policy import AccessPolicy
 from attest_service.server import master
 from attest_service.settings import Settings
 from attest_service.trust import load_trust
+from tests.support import crls
+from tests.trust.conftest import make_root
 
 from .common import CHART_DIR, HA_VALUES, NAMESPACE, REPO_ROOT, HelmFailed, by_kind, one
 
@@ -604,3 +608,23 @@ def test_crl_refresh_assembles_a_writable_trust_directory(render: Render, tmp_pa
     (source / "public" / "intermediates" / "microsoft-tls-g2-rsa-ca-ocsp-02.pem").unlink()
     assert len(list(load_trust(target).for_cloud("public").intermediates)) == len(
         list(pinned.for_cloud("public").intermediates)) - 1
+
+
+def test_crls_from_values_land_in_the_crls_folder(render: Render, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    root = make_root("Chart Test Root", now)
+    crl = crls.pem(crls.make_crl(root, now=now)).decode()
+    pem = root.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    pins = {"public": {"roots": {"root.pem": pem}, "crls": {"root.crl": crl}}}
+    manifests = render(values={"pinnedCerts": pins})
+    configmap = next(m for m in by_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-pinned-certs"))
+    volume = next(v for v in deployment_pod(manifests)["volumes"] if v["name"] == "pinned-certs")
+    # Written out as the pod sees the ConfigMap: the CRL is in use.
+    for item in volume["configMap"]["items"]:
+        path = tmp_path / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(configmap["data"][item["key"]])
+    [used] = load_trust(tmp_path).for_cloud("public").crls
+    assert used.source == "public/crls/root.crl"
+    with pytest.raises(HelmFailed):
+        render(values={"pinnedCerts": {"public": {"crls": {"root.crl": "not a CRL"}}}})
