@@ -14,6 +14,12 @@ and, for the once-only guarantee without the web service, an :class:`Attestor` o
     attestor = Attestor(verifier, open_store("sqlite:///var/lib/license/nonces.sqlite3"))
     attested = attestor.attest(response, nonce=challenge.nonce, caller=CallerPolicy(client_id="app"), at=None)
 
+and, for attestation results that relying parties verify offline (a signed EAR token, ``attested.token``)::
+
+    from attest_service import ResultSigner
+
+    attestor = Attestor(verifier, store, results=ResultSigner.from_directory("/etc/license/result-keys"))
+
 Everything not named here is the service's own and may change between releases. Importing this package
 loads neither the web stack (Flask, gunicorn) nor a store backend (redis, sqlite3): those load on use.
 """
@@ -32,6 +38,7 @@ from attest_service.errors import (
 )
 from attest_service.library import Verifier
 from attest_service.nonces import NonceStore, open_store
+from attest_service.results import ResultSigner
 from attest_service.verify import Signer, VerifiedDocument
 
 __version__ = "0.1.0"
@@ -49,6 +56,7 @@ __all__ = [
     "Plan",
     "PolicyDenied",
     "RateLimited",
+    "ResultSigner",
     "Signer",
     "StoreUnavailable",
     "VerificationError",

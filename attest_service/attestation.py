@@ -8,7 +8,9 @@ the product's guarantee, *each nonce is accepted once, ever*, without any web fr
    outside them is refused with ``policy_denied`` and keeps its nonce;
 3. claim the nonce in the nonce store (:class:`~attest_service.nonces.NonceStore`), atomically, only now
    that everything above passed, so junk or a denied document can never burn a nonce;
-4. report what was accepted.
+4. sign the attestation result (:mod:`attest_service.results`) when a signer is given: only now, after the
+   claim succeeded, so that a refused, replayed or unrecorded document (409, 503) never carries one;
+5. report what was accepted.
 
 The REST service's views (:mod:`attest_service.web.routes`) are this object behind HTTP; a license server
 written in Python embeds it directly (README, "Embedding"). It also issues the challenges it later consumes.
@@ -22,7 +24,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from attest_service.callers.policy import CallerPolicy
 from attest_service.clouds import AUTO
@@ -37,6 +39,9 @@ from attest_service.verify import (
     VerifiedDocument,
     aware_instant,
 )
+
+if TYPE_CHECKING:
+    from attest_service.results import ResultSigner
 
 #: Bytes of randomness in a challenge: 144 bits, 24 URL-safe base64 characters (IMDS allows 32).
 CHALLENGE_BYTES: Final = 18
@@ -71,6 +76,10 @@ class AttestationEvents(StoreErrorEvents, Protocol):
         """A challenge was issued."""
         ...
 
+    def result_issued(self, kid: str) -> None:
+        """An attestation result was signed with the key ``kid``."""
+        ...
+
 
 def _instant(at: datetime | None, now: datetime | None) -> datetime:
     """The instant of a call: ``at`` (default: the system clock); ``now`` is its former, deprecated name."""
@@ -94,6 +103,9 @@ class _NoEvents:
     def challenge_issued(self) -> None:
         """Ignore an issued challenge."""
 
+    def result_issued(self, kid: str) -> None:
+        """Ignore an issued result."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Challenge:
@@ -112,12 +124,16 @@ class Attested:
     nonce_checked: bool
     #: Whether the nonce consumed a challenge this service issued (else it was a caller-chosen nonce).
     challenge: bool
+    #: The attestation result (compact JWS), when the attestor has a :class:`~attest_service.results.ResultSigner`.
+    token: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """The REST service's success body: the verdict, plus what was accepted of the nonce."""
+        """The REST service's success body: the verdict, what was accepted of the nonce, and the ``token``."""
         payload = self.document.to_dict()
         payload["nonce"] = {"value": self.document.claims.nonce, "checked": self.nonce_checked,
                             "challenge": self.challenge}
+        if self.token is not None:
+            payload["token"] = self.token
         return payload
 
 
@@ -126,14 +142,18 @@ class Attestor:
 
     Safe to share between threads (the verifier and the stores are). ``clock_skew`` is the tolerance the
     core applies to the document's validity window; ``challenge_ttl`` is how long an issued challenge lives,
-    and the least time any accepted nonce is remembered.
+    and the least time any accepted nonce is remembered. With ``results`` each accepted document also gets
+    a signed attestation result (``Attested.token``).
     """
 
     def __init__(self, verifier: VerifierProtocol, store: NonceStore, *,
                  clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
                  challenge_ttl: timedelta = timedelta(seconds=DEFAULT_CHALLENGE_TTL_SECONDS),
-                 events: AttestationEvents | None = None, revocation: RevocationMode = DEFAULT_REVOCATION) -> None:
+                 events: AttestationEvents | None = None, revocation: RevocationMode = DEFAULT_REVOCATION,
+                 results: ResultSigner | None = None) -> None:
         self.verifier = verifier
+        #: The signer of attestation results; None: results are off.
+        self.results = results
         self.store = store
         self.clock_skew = clock_skew
         #: The revocation mode of step 6 (``ATTEST_REVOCATION``): ``soft``, ``hard`` or ``off``.
@@ -189,7 +209,13 @@ class Attestor:
         policy.check(verified)
         # Step 10: claim the nonce, only now that the document is genuine and admitted.
         challenge = self._claim(verified, policy, now)
-        return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge)
+        # Step 11: the attestation result, only for a nonce that is now spent.
+        token = None
+        if self.results is not None:
+            signed = self.results.sign(verified, caller=policy, now=now)
+            self._events.result_issued(signed.kid)
+            token = signed.token
+        return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge, token=token)
 
     def _verify(self, der: bytes, *, nonce: str | None, cloud: str, now: datetime) -> VerifiedDocument:
         policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=self.clock_skew,

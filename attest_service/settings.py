@@ -18,6 +18,7 @@ from typing import Final
 
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import default_sqlite_url
+from attest_service.results import DEFAULT_ISSUER, check_issuer
 from attest_service.trust import pinned_dir_from_env
 from attest_service.verify import DEFAULT_REVOCATION, RevocationMode, revocation_mode
 
@@ -45,6 +46,25 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+#: The folder of the embedded default result key, beside the SQLite store's file.
+GENERATED_KEYS_FOLDER: Final = "result-keys"
+#: Bounds of ATTEST_RESULT_TTL_SECONDS: a result outliving a day is a typo (relying parties re-attest).
+MIN_RESULT_TTL_SECONDS: Final = 10
+MAX_RESULT_TTL_SECONDS: Final = 86400
+
+
+def _result_keys(env: Mapping[str, str], store: str) -> tuple[Path | None, bool]:
+    """``ATTEST_RESULT_KEYS``: the key directory (None: results off) and whether it is the generated default."""
+    raw = (env.get("ATTEST_RESULT_KEYS") or "").strip()
+    if raw.lower() == "off":
+        return None, False
+    if raw:
+        return Path(raw), False
+    if not store.startswith("sqlite:///"):
+        # Every replica on a shared store must publish the same keys: a key generated per pod would not be.
+        return None, False
+    database = store.removeprefix("sqlite:///")
+    return Path(database).parent / GENERATED_KEYS_FOLDER, True
 
 
 def parse_api_keys(value: str) -> Mapping[str, tuple[bytes, ...]]:
@@ -174,6 +194,14 @@ class Settings:
     #: Seconds between two fetches of the trust directory's CRLs beside the service; 0: none
     #: (ATTEST_CRL_REFRESH_SECONDS).
     crl_refresh_seconds: float = 0.0
+    #: The directory of result-signing keys (ATTEST_RESULT_KEYS); None: attestation results are off.
+    result_keys: Path | None = None
+    #: Whether ``result_keys`` is the embedded default, whose one key is generated on first start.
+    result_keys_generated: bool = False
+    #: The ``iss`` of results and the discovery document's ``issuer`` (ATTEST_RESULT_ISSUER).
+    result_issuer: str = DEFAULT_ISSUER
+    #: The lifetime of a result (ATTEST_RESULT_TTL_SECONDS).
+    result_ttl: timedelta = timedelta(seconds=600)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -195,6 +223,7 @@ class Settings:
             # either do nothing or silently undo them.
             raise ConfigurationError("ATTEST_ALLOW_OPEN=1 applies only without ATTEST_API_KEYS and "
                                      "ATTEST_POLICY_FILE")
+        result_keys, generated = _result_keys(env, store)
         return cls(
             pinned_certs=pinned,
             nonce_store_url=store,
@@ -222,4 +251,9 @@ class Settings:
             body_timeout_seconds=_number(env, "ATTEST_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS,
                                          MIN_BODY_TIMEOUT_SECONDS, MAX_BODY_TIMEOUT_SECONDS),
             crl_refresh_seconds=_crl_refresh(env),
+            result_keys=result_keys,
+            result_keys_generated=generated,
+            result_issuer=check_issuer((env.get("ATTEST_RESULT_ISSUER") or "").strip() or DEFAULT_ISSUER),
+            result_ttl=timedelta(seconds=_number(env, "ATTEST_RESULT_TTL_SECONDS", 600, MIN_RESULT_TTL_SECONDS,
+                                                 MAX_RESULT_TTL_SECONDS)),
         )

@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attest_service.settings",),
     ("attest_service", "attest_service.library"),
     ("attest_service.attestation",),
+    ("attest_service.results",),
     ("attest_service.callers.policy", "attest_service.nonces"),
     ("attest_service.trust",),
     ("attest_service.files",),

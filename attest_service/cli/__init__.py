@@ -2,6 +2,7 @@
 
 - :mod:`~attest_service.cli.verify`: ``verify``, offline verification of one document;
 - :mod:`~attest_service.cli.certs`: ``certs``, operations on the pinned trust;
+- :mod:`~attest_service.cli.keys`: ``keys new``, a key that signs attestation results;
 - :mod:`~attest_service.cli.serve`: ``serve``, the REST service under gunicorn;
 - :mod:`~attest_service.cli.imds`: ``imds-emulator`` and ``attest``, the VM side;
 - :mod:`~attest_service.cli.apikey`: ``api-key new``, minting a client's API key.
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from attest_service import __version__
-from attest_service.cli import apikey, certs, imds, serve, verify
+from attest_service.cli import apikey, certs, imds, keys, serve, verify
 from attest_service.cli.common import EXIT_REFUSED, EXIT_USAGE, Handler, UsageError
 from attest_service.errors import ConfigurationError
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 #: Every sub-command, in the order ``--help`` lists them.
 REGISTRARS: Final[tuple[Callable[[Subparsers], None], ...]] = (
-    serve.register, verify.register, certs.register, imds.register, apikey.register,
+    serve.register, verify.register, certs.register, keys.register, imds.register, apikey.register,
 )
 
 

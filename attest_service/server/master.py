@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 
 from attest_service.callers.policy import AccessPolicy, load_policy
 from attest_service.errors import ConfigurationError
+from attest_service.results import KeyFingerprint, KeySet, ensure_generated_key, key_fingerprint, load_keys
 from attest_service.settings import Settings
 from attest_service.trust import TrustStore, load_trust
 from attest_service.trust.loading import Fingerprint, directory_fingerprint
@@ -37,6 +38,9 @@ class Snapshot:
     loopback_only: bool
     #: The pinned directory and its fingerprint when ``trust`` was loaded from it (None: not known).
     trust_source: tuple[str, Fingerprint] | None = None
+    #: The last good result-signing keys (None: results are off), and what they were loaded from.
+    result_keys: KeySet | None = None
+    result_keys_source: tuple[str, KeyFingerprint] | None = None
 
 
 _current: Snapshot | None = None
@@ -139,6 +143,42 @@ def _pinned_source(settings: Settings) -> tuple[str, Fingerprint] | None:
         return None  # the load that follows reports it
 
 
+def log_results_state(settings: Settings) -> None:
+    """Say once, at start, when attestation results are off and why."""
+    if settings.result_keys is not None:
+        return
+    if settings.nonce_store_url.startswith("sqlite:///"):
+        LOG.info("attestation results are off (ATTEST_RESULT_KEYS=off)")
+    else:
+        LOG.warning("attestation results are off: the nonce store is shared and ATTEST_RESULT_KEYS names no key "
+                    "directory (every replica must sign with the same keys); /v1/verify answers no token")
+
+
+KeySource = tuple[str, KeyFingerprint]
+
+
+def _result_keys(settings: Settings, previous: Snapshot | None) -> tuple[KeySet | None, KeySource | None]:
+    """The result keys of ``settings`` (None: results off), loaded as the pins are: only when changed."""
+    directory = settings.result_keys
+    if directory is None:
+        return None, None
+    if previous is None and settings.result_keys_generated:
+        # At the first start, in the master, before any worker exists: one key, generated once and kept.
+        ensure_generated_key(directory)
+    try:
+        source: KeySource | None = (str(directory), key_fingerprint(directory))
+    except ConfigurationError:
+        source = None  # the load that follows reports it
+    old = previous.result_keys if previous is not None else None
+    if previous is not None and source is not None and source == previous.result_keys_source:
+        _logged.pop("keys", None)  # back to the files loaded last: a later breakage is news again
+        return old, source
+    keys = _or_previous(lambda: load_keys(directory), old, "keys", f"result key directory {directory}")
+    if previous is not None and keys is old:
+        source = previous.result_keys_source  # the load failed: the keys kept are still the old files'
+    return keys, source
+
+
 def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = None) -> Snapshot:
     """Load trust and policy again (in the master, before a fork) and keep what loaded; return the snapshot.
 
@@ -171,6 +211,7 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
                 source = previous.trust_source  # the load failed: the trust kept is still the old files'
         access = _or_previous(lambda: access_policy(settings, loopback=loopback),
                               previous.access if previous else None, "policy", "policy file")
+        result_keys, keys_source = _result_keys(settings, previous)
     finally:
         _refreshing = False
     if previous is None and open_access(settings, loopback=loopback):
@@ -182,7 +223,10 @@ def refresh(sockets: Iterable[socket.socket], env: Mapping[str, str] | None = No
                f"the service listens on loopback only; {LOOPBACK_ASSUMPTION}")
         LOG.warning("no API keys and no policy file: callers need no key and may use their own nonces (%s); "
                     "set ATTEST_API_KEYS or ATTEST_POLICY_FILE before exposing the service", why)
-    _current = Snapshot(trust=trust, access=access, loopback_only=loopback, trust_source=source)
+    if previous is None:
+        log_results_state(settings)
+    _current = Snapshot(trust=trust, access=access, loopback_only=loopback, trust_source=source,
+                        result_keys=result_keys, result_keys_source=keys_source)
     return _current
 
 

@@ -23,6 +23,7 @@ from attest_service.callers.policy import AccessPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.errors import ConfigurationError
 from attest_service.nonces import NonceStore, open_store
+from attest_service.results import ResultSigner, ensure_generated_key
 from attest_service.server import master
 from attest_service.settings import Settings
 from attest_service.trust import TrustStore
@@ -66,6 +67,23 @@ def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
         pinned_fetch = PinnedCaFetcher(cache_dir=cache_dir_for_store(settings.nonce_store_url))
     return ReloadingVerifier(settings.pinned_certs, interval_seconds=settings.trust_reload_seconds, aia=fetcher,
                              last_good=last_good, pinned_fetch=pinned_fetch)
+
+
+def result_signer(settings: Settings, *, snapshot: master.Snapshot | None = None) -> ResultSigner | None:
+    """The signer of attestation results ``settings`` describe, or None when results are off.
+
+    Outside gunicorn the embedded default directory gets its one generated key here (under gunicorn the
+    master made it before forking). The master's last good keys (``snapshot``) are used when the directory
+    does not load now.
+    """
+    if settings.result_keys is None:
+        return None
+    if snapshot is None and settings.result_keys_generated:
+        ensure_generated_key(settings.result_keys)
+    last_good = snapshot.result_keys if snapshot is not None else None
+    return ResultSigner(settings.result_keys, issuer=settings.result_issuer, ttl=settings.result_ttl,
+                        reload_seconds=settings.trust_reload_seconds, last_good=last_good,
+                        events=metrics.MetricEvents())
 
 
 def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tuple[AccessPolicy, bool]:
@@ -127,8 +145,11 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     # Claims are returned exactly as signed, in their signed order.
     app.json.sort_keys = False  # type: ignore[attr-defined]
     events = metrics.MetricEvents()
+    if snapshot is None:
+        master.log_results_state(settings)
+    results = result_signer(settings, snapshot=snapshot)
     attestor = Attestor(trust, store, clock_skew=settings.clock_skew, challenge_ttl=settings.challenge_ttl,
-                        events=events, revocation=settings.revocation)
+                        events=events, revocation=settings.revocation, results=results)
     service_clock = clock if clock is not None else system_clock
     authenticator = Authenticator(
         settings=settings, access=access, api_keys=settings.api_keys, store=store, events=events,

@@ -12,7 +12,15 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -49,6 +57,16 @@ CALLER_NONCES_ACCEPTED: Final = Counter(
 HTTP_REQUESTS: Final = Counter(
     "attest_http_requests", "HTTP requests answered, by route template and status code.", ["route", "status"]
 )
+RESULTS_ISSUED: Final = Counter(
+    "attest_results_issued", "Attestation results (EAR tokens) signed, by the kid of the signing key.", ["kid"]
+)
+RESULT_KEY_RELOADS: Final = Counter(
+    "attest_result_keys_reload", "Loads of a changed result key directory, by result (success, failure).", ["result"]
+)
+RESULT_KEYS_FAILING: Final = Gauge(
+    "attest_result_keys_reload_failing",
+    "1 while the result key directory cannot be loaded and the last good keys sign.", multiprocess_mode="livemax",
+)
 
 
 class MetricEvents:
@@ -65,6 +83,15 @@ class MetricEvents:
     def challenge_issued(self) -> None:
         """Count an issued challenge."""
         CHALLENGES_ISSUED.inc()
+
+    def result_issued(self, kid: str) -> None:
+        """Count an attestation result by the ``kid`` of its key (a handful of keys at a time)."""
+        RESULTS_ISSUED.labels(kid=kid).inc()
+
+    def keys_reloaded(self, *, ok: bool) -> None:
+        """Count a load of the changed result key directory; raise the failing gauge while it fails."""
+        RESULT_KEY_RELOADS.labels(result="success" if ok else "failure").inc()
+        RESULT_KEYS_FAILING.set(0 if ok else 1)
 
 
 def record_verification(code: str | None) -> None:

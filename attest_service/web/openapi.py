@@ -11,6 +11,7 @@ from typing import Final
 
 from attest_service import __version__
 from attest_service.clouds import AUTO, CLOUDS
+from attest_service.results import ALGORITHMS, DISCOVERY_PATH, JWKS_PATH
 from attest_service.verify import MAX_NONCE_LENGTH
 from attest_service.web.errors import STATUS_BY_CODE
 
@@ -91,6 +92,9 @@ def _schemas() -> dict[str, object]:
                 "cloud": {"type": "string", "enum": list(CLOUDS)},
                 "claims": {"type": "object", "description": "the signed JSON exactly as signed"},
                 "signer": {"type": "object"},
+                "token": {"type": "string", "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+                          "description": "the attestation result: a compact JWS (EAR claims), verifiable offline "
+                                         "against /.well-known/jwks.json; present when results are on"},
                 "nonce": {
                     "type": "object",
                     "required": ["value", "checked", "challenge"],
@@ -111,7 +115,39 @@ def _schemas() -> dict[str, object]:
             },
         },
         "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+        "JwkSet": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {"keys": {"type": "array", "items": {
+                "type": "object",
+                "required": ["kty", "kid", "alg", "use"],
+                "properties": {"kty": {"enum": ["EC", "RSA", "OKP"]}, "kid": {"type": "string"},
+                               "alg": {"enum": list(ALGORITHMS)}, "use": {"const": "sig"}},
+            }}},
+        },
+        "OpenIdConfiguration": {
+            "type": "object",
+            "required": ["issuer", "jwks_uri", "id_token_signing_alg_values_supported", "subject_types_supported",
+                         "response_types_supported", "claims_supported"],
+            "properties": {
+                "issuer": {"type": "string", "format": "uri"},
+                "jwks_uri": {"type": "string", "format": "uri"},
+                "id_token_signing_alg_values_supported": {"type": "array", "items": {"enum": list(ALGORITHMS)}},
+                "subject_types_supported": {"type": "array", "items": {"type": "string"}},
+                "response_types_supported": {"type": "array", "items": {"type": "string"}},
+                "claims_supported": {"type": "array", "items": {"type": "string"}},
+            },
+        },
     }
+
+
+def _keys_route(operation: str, summary: str, schema: str, content_type: str) -> dict[str, object]:
+    return {"get": {"operationId": operation, "summary": summary, "responses": {
+        "200": {"description": "cacheable (Cache-Control: public, max-age=300)",
+                "content": {content_type: {"schema": _ref(schema)}}},
+        "404": {"description": "not_found: attestation results are off",
+                "content": {_JSON: {"schema": _ref("Error")}}},
+    }}}
 
 
 @functools.cache
@@ -166,6 +202,10 @@ def openapi_document() -> dict[str, object]:
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            JWKS_PATH: _keys_route("jwks", "The public keys of attestation results (JWK Set)", "JwkSet",
+                                   "application/jwk-set+json"),
+            DISCOVERY_PATH: _keys_route("openidConfiguration", "OpenID discovery of attestation results",
+                                        "OpenIdConfiguration", _JSON),
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "responses": {
                 "200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}}}},
         },

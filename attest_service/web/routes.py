@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, abort, jsonify, request
 
 from attest_service.callers.keys import Caller
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, StoreUnavailable
 from attest_service.nonces.failures import store_errors_reported
+from attest_service.results import DISCOVERY_PATH, JWKS_PATH, ResultSigner
 from attest_service.verify import MAX_NONCE_LENGTH, decode
 from attest_service.verify.strictjson import strict_decoder
 from attest_service.web import metrics
@@ -49,6 +50,9 @@ READYZ_UNAVAILABLE_MESSAGE: Final = "the nonce store does not answer"
 VERIFY_PATH: Final = "/v1/verify"
 #: Keys a verify request may carry.
 VERIFY_KEYS: Final = frozenset({"document", "signature", "nonce", "cloud"})
+#: How long relying parties may cache the JWK Set and the discovery document: a new key is published this
+#: long (at least) before it signs, by the rotation runbook (docs/OPERATIONS.md).
+KEYS_CACHE_CONTROL: Final = "public, max-age=300"
 
 api = Blueprint("api", __name__)
 _LOG: Final = logging.getLogger(__name__)
@@ -207,6 +211,29 @@ def prometheus_metrics() -> Response:
     """Prometheus text exposition of every metric."""
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
+
+
+def _results() -> ResultSigner:
+    signer = current_service().attestor.results
+    if signer is None:
+        abort(404, description="attestation results are off (ATTEST_RESULT_KEYS)")
+    return signer
+
+
+@api.get(JWKS_PATH)
+def jwks() -> Response:
+    """The public keys that sign attestation results, as a JWK Set."""
+    response = Response(json_bytes(_results().jwks()), content_type="application/jwk-set+json")
+    response.headers["Cache-Control"] = KEYS_CACHE_CONTROL
+    return response
+
+
+@api.get(DISCOVERY_PATH)
+def openid_configuration() -> Response:
+    """The OpenID discovery document of attestation results (issuer, jwks_uri, algorithms, claims)."""
+    response = jsonify(_results().discovery())
+    response.headers["Cache-Control"] = KEYS_CACHE_CONTROL
+    return response
 
 
 @api.get("/openapi.json")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import jwt
 import pytest
 
 from attest_service.imds.client import AttestClient, RetryPolicy
@@ -157,6 +158,15 @@ def test_vm_attests_to_the_service(tmp_path: Path, store: str) -> None:
         assert verdict["verified"] is True
         assert verdict["cloud"] == "public"
         assert verdict["claims"]["vmId"] == "00000000-0000-4000-8000-000000000002"
+        if store == "sqlite":
+            # The embedded store's generated key signs an attestation result, printed with the verdict.
+            jwks = jwt.PyJWKClient(service + "/.well-known/jwks.json", cache_jwk_set=False)
+            token = verdict["token"]
+            result = jwt.decode(token, key=jwks.get_signing_key_from_jwt(token), algorithms=["ES256"],
+                                audience="vendor")
+            assert result["sub"] == verdict["claims"]["vmId"]
+        else:
+            assert "token" not in verdict  # a shared store without ATTEST_RESULT_KEYS: results are off
 
         # 2. A wrong key is refused by the service: exit 1 with the service's verdict.
         refused = _attest("--service", service, "--imds-url", imds, "--api-key", "wrong", "--cloud", "public")
