@@ -212,7 +212,7 @@ class Attestor:
         # Step 11: the attestation result, only for a nonce that is now spent.
         token = None
         if self.results is not None:
-            signed = self.results.sign(verified, caller=policy, now=now)
+            signed = self.results.sign(verified, caller=policy, at=now)
             self._events.result_issued(signed.kid)
             token = signed.token
         return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge, token=token)

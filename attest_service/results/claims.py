@@ -60,10 +60,10 @@ def policy_id(caller: CallerPolicy) -> str:
     return f"{name}@sha256:{digest}"
 
 
-def result_claims(document: VerifiedDocument, *, caller: CallerPolicy, issuer: str, now: datetime,
+def result_claims(document: VerifiedDocument, *, caller: CallerPolicy, issuer: str, at: datetime,
                   ttl: timedelta, verifier_build: str) -> dict[str, object]:
-    """The claim set of the result for ``document``, accepted for ``caller`` at ``now``."""
-    issued = int(now.timestamp())
+    """The claim set of the result for ``document``, accepted for ``caller`` at ``at``."""
+    issued = int(at.timestamp())
     answer = document.to_dict()
     return {
         "iss": issuer,

@@ -240,12 +240,12 @@ class ResultSigner:
 
     # --- what is signed and published ------------------------------------------------------------------
 
-    def sign(self, document: VerifiedDocument, *, caller: CallerPolicy, now: datetime) -> SignedResult:
-        """The attestation result for ``document``, accepted for ``caller`` at ``now`` (timezone-aware)."""
+    def sign(self, document: VerifiedDocument, *, caller: CallerPolicy, at: datetime) -> SignedResult:
+        """The attestation result for ``document``, accepted for ``caller`` at ``at`` (timezone-aware)."""
         self.keys  # noqa: B018 - the reload check
         loaded = self._loaded
         key: SigningKey = loaded.keys.signing
-        claims = result_claims(document, caller=caller, issuer=self.issuer, now=now, ttl=self.ttl,
+        claims = result_claims(document, caller=caller, issuer=self.issuer, at=at, ttl=self.ttl,
                                verifier_build=self._build)
         payload = json.dumps(claims, separators=(",", ":")).encode()
         token = jws.serialize_compact({"alg": key.alg, "kid": key.kid, "typ": "JWT"}, payload, key.jose_key,

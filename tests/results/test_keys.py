@@ -137,6 +137,7 @@ def _keys_new(directory: Path, *algorithm: str) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_keys_new_writes_a_private_key_that_sorts_last_and_prints_its_kid(tmp_path: Path) -> None:
     directory = tmp_path / "result-keys"
     first = _keys_new(directory)
@@ -159,6 +160,7 @@ def test_keys_new_writes_a_private_key_that_sorts_last_and_prints_its_kid(tmp_pa
     assert "PRIVATE" not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
+@pytest.mark.slow
 def test_keys_new_refuses_an_unknown_algorithm_as_a_usage_error(tmp_path: Path) -> None:
     result = _keys_new(tmp_path, "--algorithm", "HS256")
     assert result.returncode == 2
@@ -170,6 +172,7 @@ def test_write_new_key_names_sort_in_the_order_written(tmp_path: Path) -> None:
     assert [key.kid for key in load_keys(tmp_path).keys] == kids
 
 
+@pytest.mark.slow
 def test_the_default_key_is_generated_once_even_by_racing_processes(tmp_path: Path) -> None:
     directory = tmp_path / "state" / "result-keys"
     code = ("import sys; from pathlib import Path; from attest_service.results import ensure_generated_key; "

@@ -92,7 +92,8 @@ def test_health_ready_openapi_metrics(client: FlaskClient, test_pki: GeneratedPk
     assert client.get("/readyz").status_code == 200
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) == {"/v1/challenges", "/v1/verify", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert set(spec["paths"]) == {"/v1/challenges", "/v1/verify", "/healthz", "/readyz", "/metrics", "/openapi.json",
+                                  "/.well-known/jwks.json", "/.well-known/openid-configuration"}
     # The counters are process-wide and earlier tests moved them: compare what this request added.
     verified = 'attest_verifications_total{code="none",result="verified"}'
     refused = 'attest_verifications_total{code="nonce_replayed",result="refused"}'
