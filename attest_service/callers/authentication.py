@@ -20,7 +20,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 from attest_service.callers.keys import Caller, authenticate
-from attest_service.callers.policy import ANONYMOUS, AccessPolicy
+from attest_service.callers.policy import ANONYMOUS
+from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.callers.sources import request_source
 from attest_service.callers.throttle import BLOCKED_MESSAGE, FAILED_AUTH_PREFIX, FailedAuthBlocks
 from attest_service.errors import RateLimited, Unauthorized
@@ -38,11 +39,12 @@ FAILURE_WINDOW_SECONDS: Final = 60
 class Authenticator:
     """Identifies the caller of a request (the steps of the module docstring); one per process."""
 
-    def __init__(self, *, settings: Settings, access: AccessPolicy, api_keys: Mapping[str, tuple[bytes, ...]],
+    def __init__(self, *, settings: Settings, policies: ReloadingPolicy, api_keys: Mapping[str, tuple[bytes, ...]],
                  store: NonceStore, blocks: FailedAuthBlocks, events: StoreErrorEvents,
                  clock: Callable[[], datetime]) -> None:
         self._settings = settings
-        self._access = access
+        #: The access policy, reloaded when its file changes: each request asks for the one in force.
+        self._policies = policies
         self._api_keys = api_keys
         self._store = store
         #: Sources blocked for failed authentication (shared by the workers of an instance under gunicorn).
@@ -68,7 +70,7 @@ class Authenticator:
         self.blocks.check(source, self._clock())
         try:
             caller = authenticate(environ.get("HTTP_AUTHORIZATION"), source, api_keys=self._api_keys,
-                                  access=self._access)
+                                  access=self._policies.current())
         except Unauthorized:
             self._count_failure(source)
             raise

@@ -1,7 +1,8 @@
 """Who may call the service and which genuine documents each caller may have accepted.
 
-The policy file (``ATTEST_POLICY_FILE``, TOML; README, "Callers and their allow-lists") is read once at
-start-up into frozen values: an :class:`AccessPolicy` of one :class:`CallerPolicy` per caller. Checks run
+The policy file (``ATTEST_POLICY_FILE``, TOML; README, "Callers and their allow-lists") is read into
+frozen values at start-up, and again whenever it changes (:mod:`attest_service.callers.reloading`): an
+:class:`AccessPolicy` of one :class:`CallerPolicy` per caller. Checks run
 after the document verified and before its nonce is claimed, so a denied document keeps its nonce.
 """
 

@@ -119,7 +119,7 @@ def child_exit(server: Any, worker: Any) -> None:  # noqa: ANN401, ARG001 - guni
 
 
 def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook signature
-    """SIGHUP to a worker reloads its pinned trust and result keys on the next request (gunicorn resets SIGHUP).
+    """SIGHUP to a worker reloads its pinned trust, policy and result keys on the next request.
 
     Everything loaded so far (modules, trust, the application) is moved out of the collector's sight with
     ``gc.freeze()``: a full collection then walks only what requests allocate, and its pause, during which
@@ -129,10 +129,11 @@ def post_worker_init(worker: Any) -> None:  # noqa: ANN401 - gunicorn's hook sig
     app = getattr(worker, "wsgi", None)
     service = getattr(app, "extensions", {}).get("attest_service")
     # The ReloadingVerifier is the attestation step's verifier (web.app.document_verifier); the result signer,
-    # when results are on, reloads its key directory the same way.
+    # when results are on, and the access policy (web.service.Service.policies) reload the same way.
     attestor = getattr(service, "attestor", None)
     reloads = [reload for reload in (getattr(getattr(attestor, "verifier", None), "request_reload", None),
-                                     getattr(getattr(attestor, "results", None), "request_reload", None))
+                                     getattr(getattr(attestor, "results", None), "request_reload", None),
+                                     getattr(getattr(service, "policies", None), "request_reload", None))
                if callable(reload)]
     if reloads:
         signal.signal(signal.SIGHUP, lambda _signum, _frame: [reload() for reload in reloads])

@@ -1,7 +1,9 @@
 """Building the Flask application: settings, access policy, trust, store, routes and error handlers.
 
 Settings, the access policy and the pinned trust are read and validated here, once per process; a bad
-value raises :class:`~attest_service.errors.ConfigurationError` before any request is served. Under
+value raises :class:`~attest_service.errors.ConfigurationError` before any request is served. The policy
+file and the pinned directory are then reloaded when they change (:mod:`attest_service.callers.reloading`,
+:mod:`attest_service.trust.reload`), at the same interval, so that every worker serves the same. Under
 gunicorn a worker has a fallback: when its policy file or pinned directory does not load, it serves with
 what the master loaded last (:mod:`attest_service.server.master`) and reports the failure, instead of failing
 to boot and halting the server.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Final
 
 from flask import Flask, Response, g, request
 
@@ -19,9 +20,8 @@ from attest_service.attestation import Attestor
 from attest_service.callers import throttle
 from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
-from attest_service.callers.policy import AccessPolicy
+from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
-from attest_service.errors import ConfigurationError
 from attest_service.nonces import NonceStore, open_store
 from attest_service.results import ResultSigner, ensure_generated_key
 from attest_service.server import master
@@ -29,7 +29,6 @@ from attest_service.settings import Settings
 from attest_service.trust import TrustStore
 from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.fetched import PinnedCaFetcher, cache_dir_for_store
-from attest_service.trust.metrics import RELOAD_FAILING, RELOADS
 from attest_service.trust.reload import ReloadingVerifier
 from attest_service.web import metrics
 from attest_service.web.body import BodyGate, announced_length
@@ -46,8 +45,6 @@ from attest_service.web.service import (
     request_id,
     system_clock,
 )
-
-LOG: Final = logging.getLogger(__name__)
 
 
 def document_verifier(settings: Settings, *, aia: AiaFetcher | None = None,
@@ -86,19 +83,16 @@ def result_signer(settings: Settings, *, snapshot: master.Snapshot | None = None
                         events=metrics.MetricEvents())
 
 
-def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> tuple[AccessPolicy, bool]:
-    """The access policy, and whether it is the master's snapshot because the policy file failed to load.
+def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> ReloadingPolicy:
+    """The access policy, reloaded when the policy file changes, as the pinned trust is.
 
-    Outside gunicorn nothing says where the application listens, so it is treated as reachable from anywhere.
+    When the file does not load now, the master's snapshot is served (and reported) until it does. Outside
+    gunicorn nothing says where the application listens, so it is treated as reachable from anywhere.
     """
-    try:
-        return master.access_policy(settings, loopback=snapshot is not None and snapshot.loopback_only), False
-    except ConfigurationError as exc:
-        if snapshot is None:
-            raise
-        failure = exc
-    LOG.error("policy file is unusable, serving the policy the master loaded last: %s", failure.message)
-    return snapshot.access, True
+    loopback = snapshot is not None and snapshot.loopback_only
+    return ReloadingPolicy(lambda: master.access_policy(settings, loopback=loopback), settings.policy_file,
+                           interval_seconds=settings.trust_reload_seconds,
+                           fallback=snapshot.access if snapshot is not None else None)
 
 
 def _assign_request_id() -> None:
@@ -126,15 +120,9 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     """
     settings = settings if settings is not None else Settings.from_env()
     snapshot = master.inherited()
-    access, stale_policy = _access_policy(settings, snapshot)
+    policies = _access_policy(settings, snapshot)
     trust = document_verifier(settings, aia=aia, last_good=snapshot.trust if snapshot is not None else None,
                               pinned_fetch=pinned_fetch)
-    if stale_policy:
-        # The trust reload metrics are the ones the alert watches; a stale policy is the same kind of
-        # failure (a mounted file broken, the last good one in use). It stays visible until the worker
-        # restarts or its pinned trust next reloads successfully.
-        RELOADS.labels(result="failure").inc()
-        RELOAD_FAILING.set(1)
     if store is None:
         store = open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds,
                            challenge_ttl_seconds=settings.challenge_ttl.total_seconds(),
@@ -152,12 +140,12 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
                         events=events, revocation=settings.revocation, results=results)
     service_clock = clock if clock is not None else system_clock
     authenticator = Authenticator(
-        settings=settings, access=access, api_keys=settings.api_keys, store=store, events=events,
+        settings=settings, policies=policies, api_keys=settings.api_keys, store=store, events=events,
         clock=service_clock,
         # Under gunicorn, the table the master made before it forked: a source blocked by one worker is
         # blocked by all. Elsewhere (tests, embedding), the application's own.
         blocks=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks())
-    service = Service(settings=settings, store=store, attestor=attestor, access=access, clock=service_clock,
+    service = Service(settings=settings, store=store, attestor=attestor, policies=policies, clock=service_clock,
                       authenticator=authenticator, rate_leases=RateLeases(store), events=events,
                       bodies=BodyGate(settings.body_timeout_seconds))
     install(app, service)

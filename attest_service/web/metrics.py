@@ -161,5 +161,6 @@ def exposition() -> tuple[bytes, str]:
 _OWN_FAMILIES: Final = ("attest_verifications", "attest_verification_duration_seconds", "attest_store_errors",
                         "attest_challenges_issued", "attest_challenges_consumed", "attest_caller_nonces_accepted",
                         "attest_http_requests", "attest_trust_reload", "attest_trust_reload_failing",
+                        "attest_policy_reload", "attest_policy_reload_failing",
                         "attest_trust_problems", "attest_verifications_by_issuer", "attest_unpinned_issuer",
                         "attest_aia_fetch", "attest_revocation_unknown")

@@ -18,7 +18,7 @@ from flask import Flask, current_app
 from attest_service.attestation import Attestor
 from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
-from attest_service.callers.policy import AccessPolicy
+from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.nonces import NonceStore
 from attest_service.nonces.failures import StoreErrorEvents
 from attest_service.settings import DEFAULT_BODY_TIMEOUT_SECONDS, Settings
@@ -55,7 +55,8 @@ class Service:
     settings: Settings
     store: NonceStore
     attestor: Attestor
-    access: AccessPolicy
+    #: The access policy, reloaded when its file changes (:class:`ReloadingPolicy`).
+    policies: ReloadingPolicy
     clock: Clock
     #: Who is calling: source, key, failed-authentication budget (:mod:`attest_service.callers.authentication`).
     authenticator: Authenticator

@@ -340,6 +340,22 @@ def test_secret_content_change_rolls_the_pods(render: Render) -> None:
             second["spec"]["template"]["metadata"]["annotations"][name]
 
 
+def test_a_policy_change_rolls_the_pods(render: Render) -> None:
+    # The policy used to be read once per worker and hashed nowhere: after an upgrade, old workers kept the
+    # wider policy while respawned ones took the new one.
+    def annotations(toml: str) -> dict[str, str]:
+        values = {"apiKeys": {"keys": ["a:" + "0" * 64]}, "policy": {"toml": toml}, **PERSISTENT}
+        found: dict[str, str] = one(render(values=values), "Deployment")["spec"]["template"]["metadata"][
+            "annotations"]
+        return found
+
+    wide = annotations('[clients.a]\nclouds = ["public", "usgov"]\n')
+    narrow = annotations('[clients.a]\nclouds = ["public"]\n')
+    assert wide["checksum/policy"] != narrow["checksum/policy"]
+    assert wide["checksum/settings"] == narrow["checksum/settings"]
+    assert annotations('[clients.a]\nclouds = ["public"]\n') == narrow
+
+
 def test_pinned_certificates_from_values_reproduce_the_bundled_layout(render: Render) -> None:
     bundled = REPO_ROOT / "pinned_certs"
     pins = pinned_certs_as_values(bundled)
