@@ -19,6 +19,7 @@ from flask import Flask, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.errors import AttestError
 from attest_service.server import master
 from attest_service.web import app as app_module
@@ -190,8 +191,8 @@ def test_the_replay_of_a_document_accepted_here_is_refused_by_flask(make_pair: C
 def test_open_access_on_loopback_asks_a_proxied_caller_for_a_challenge(
         make_pair: Callable[..., Pair], test_pki: GeneratedPki, monkeypatch: pytest.MonkeyPatch, header: str) -> None:
     # As under gunicorn listening on loopback only: anonymous callers may bring their own nonces.
-    monkeypatch.setattr(app_module, "_access_policy",
-                        lambda settings, snapshot: (master.access_policy(settings, loopback=True), False))
+    monkeypatch.setattr(app_module, "_access_policy", lambda settings, snapshot: ReloadingPolicy(
+        lambda: master.access_policy(settings, loopback=True), None, interval_seconds=10))
     pair = make_pair()
     direct_only = body_of(document=test_pki.document(nonce="nonce-0008"), nonce="nonce-0008")
     assert call(pair.direct, direct_only, {"X-Request-Id": OFFERED_ID}).status == "200 OK"
