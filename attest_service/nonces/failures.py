@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Protocol
 
 from attest_service.errors import StoreUnavailable
@@ -17,11 +16,23 @@ class StoreErrorEvents(Protocol):
         ...
 
 
-@contextlib.contextmanager
-def store_errors_reported(events: StoreErrorEvents, operation: str) -> Iterator[None]:
-    """Report a StoreUnavailable raised inside to ``events`` as a failure of ``operation``, and let it go on."""
-    try:
-        yield
-    except StoreUnavailable:
-        events.store_error(operation)
-        raise
+class store_errors_reported:  # noqa: N801 - used as a function: ``with store_errors_reported(events, "ping"):``
+    """Report a StoreUnavailable raised inside to ``events`` as a failure of ``operation``, and let it go on.
+
+    A class rather than a generator-based context manager: it wraps store calls made for every request.
+    """
+
+    __slots__ = ("_events", "_operation")
+
+    def __init__(self, events: StoreErrorEvents, operation: str) -> None:
+        self._events = events
+        self._operation = operation
+
+    def __enter__(self) -> None:
+        """Nothing to do on the way in."""
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Report a StoreUnavailable; never swallows an exception."""
+        if kind is not None and issubclass(kind, StoreUnavailable):
+            self._events.store_error(self._operation)

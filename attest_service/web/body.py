@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from attest_service.errors import AttestError, RateLimited
@@ -56,6 +55,8 @@ _DONE: Final = "attest_service.body_done"
 _MAX_LENGTH_DIGITS: Final = len(str(MAX_BODY_BYTES))
 
 _LOG: Final = logging.getLogger(__name__)
+#: What stands for the deadline where nothing can wait (outside gevent): reusable, does nothing.
+_NO_DEADLINE: Final = contextlib.nullcontext()
 
 
 class _BodyTimedOut(Exception):
@@ -229,13 +230,11 @@ class BodyGate:
         text = environ.get("CONTENT_LENGTH")
         return isinstance(text, str) and text not in ("", "0")
 
-    @contextlib.contextmanager
-    def _deadline(self) -> Iterator[None]:
+    def _deadline(self) -> contextlib.AbstractContextManager[object]:
+        # Not a generator-based context manager: this runs for every body, on the direct path too.
         if self._timeout is None:
-            yield
-            return
-        with self._timeout(self.timeout_seconds, _BodyTimedOut):  # type: ignore[call-arg]
-            yield
+            return _NO_DEADLINE
+        return self._timeout(self.timeout_seconds, _BodyTimedOut)  # type: ignore[call-arg]
 
 class _Counted:
     """The bytes one body holds, counted against its worker and its source until released."""
