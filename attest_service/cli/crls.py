@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 MAX_DOCUMENT_BYTES: Final = 256 * 1024
 #: Shortest interval of ``--every``, in seconds: CRLs are published hours apart.
 MIN_EVERY_SECONDS: Final = 60.0
+#: How often ``--parent-pid`` looks whether the parent is still there, in seconds.
+PARENT_CHECK_SECONDS: Final = 1.0
 
 
 def _say(text: str) -> None:
@@ -110,7 +113,12 @@ def run_fetch(args: argparse.Namespace) -> int:
             if args.every is None:
                 return EXIT_REFUSED if report.missing else EXIT_VERIFIED
         _say(f"{datetime.now(UTC).isoformat()}: next round in {args.every:g} s")
-        time.sleep(max(0.0, args.every - (time.monotonic() - started)))
+        while (remaining := args.every - (time.monotonic() - started)) > 0:
+            if args.parent_pid is not None and os.getppid() != args.parent_pid:
+                # The service that started this fetch is gone (even killed): an orphan must not go on fetching.
+                _say("the process that started this fetch has exited: stopping")
+                return EXIT_VERIFIED
+            time.sleep(min(PARENT_CHECK_SECONDS, remaining))
 
 
 def register(actions: Subparsers) -> None:
@@ -134,6 +142,9 @@ def register(actions: Subparsers) -> None:
                             "(its issuing CA's, which no pin names); may be repeated")
     fetch.add_argument("--every", type=float, metavar="SECONDS",
                        help=f"keep running, fetching again every SECONDS (at least {MIN_EVERY_SECONDS:g})")
+    fetch.add_argument("--parent-pid", type=int, metavar="PID",
+                       help="with --every: stop once this process is no longer the parent (serve's refresher stops "
+                            "with the service, however the service ends)")
     fetch.add_argument("--json", action="store_true", help="one JSON object per round instead of lines")
     add_pinned_certs_option(fetch)
     fetch.set_defaults(handler=run_fetch)

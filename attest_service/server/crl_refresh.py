@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 from typing import IO, Final
@@ -25,9 +26,10 @@ _process: subprocess.Popen[bytes] | None = None
 
 
 def command(settings: Settings) -> list[str]:
-    """The refresher's command line for ``settings``."""
+    """The refresher's command line for ``settings``, started by this process (which it exits without)."""
     return [sys.executable, "-m", "attest_service", "certs", "crls", "fetch", "--every",
-            f"{settings.crl_refresh_seconds:g}", "--pinned-certs", str(settings.pinned_certs)]
+            f"{settings.crl_refresh_seconds:g}", "--parent-pid", str(os.getpid()), "--pinned-certs",
+            str(settings.pinned_certs)]
 
 
 def start(settings: Settings, *, output: IO[bytes] | None = None) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
+import signal
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,3 +211,28 @@ def test_refresher_runs_the_fetch_beside_the_service_and_stops_with_it(pinned: P
     off = Settings.from_env({"ATTEST_PINNED_CERTS": str(pinned)})
     crl_refresh.start(off)
     assert crl_refresh._process is None  # nothing started when the setting is off
+
+
+@pytest.mark.slow
+def test_refresher_stops_when_its_parent_is_gone(pinned: Path, tmp_path: Path) -> None:
+    """Killed without its on_exit hook, the master leaves an orphan: it notices and stops."""
+    settings = Settings.from_env({"ATTEST_PINNED_CERTS": str(pinned), "ATTEST_CRL_REFRESH_SECONDS": "60"})
+    log = tmp_path / "refresh.log"
+    # A parent that starts the refresher in the background and exits at once.
+    argv = [shlex.quote(word) for word in crl_refresh.command(settings)]
+    argv[argv.index("--parent-pid") + 1] = "$$"  # the launching shell, which exits at once
+    background = f'{" ".join(argv)} > "{log}" 2>&1 & echo $!'
+    launcher = subprocess.run(["/bin/sh", "-c", background], capture_output=True, text=True, check=True, timeout=30)
+    pid = int(launcher.stdout.strip())
+    try:
+        deadline = time.monotonic() + 30
+        while b"has exited: stopping" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and b"State:\tZ" not in Path(f"/proc/{pid}/status").read_bytes():
+            assert time.monotonic() < deadline, "the orphaned refresher still runs"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # only when the test failed: the process is gone otherwise
