@@ -74,15 +74,15 @@ def test_claims_are_a_read_only_mapping_equal_to_the_signed_json(verifier: Verif
     assert claims != {**OK["claims"], "sku": "other"}
 
 
-def test_claims_with_arrays_compare_equal_to_json_loads() -> None:
+def test_claims_with_arrays_compare_equal_to_json_loads(tmp_path: Path) -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     root, issuing, leaf = pki.generate_pki(cloud_domain="metadata.azure.com", now=now)
     content = json.dumps({"nonce": "n1", "vmId": "v", "list": ["a", ["b"], {"c": "d"}],
                           "timeStamp": {"createdOn": pki.imds_timestamp(now),
                                         "expiresOn": pki.imds_timestamp(now + timedelta(hours=6))}}).encode()
     signature = base64.b64encode(pki.sign_attested(content, signer=leaf)).decode()
-    pki.write_pinned_dir(pins := Path(pytest.importorskip("tempfile").mkdtemp()), "public", root=root.certificate,
-                         intermediates=[issuing.certificate])
+    pins = tmp_path / "pins"
+    pki.write_pinned_dir(pins, "public", root=root.certificate, intermediates=[issuing.certificate])
     result = Verifier.from_directory(pins).verify_response(signature, at=now)
     assert result.claims == json.loads(content)
     assert result.claims["list"] == ["a", ["b"], {"c": "d"}]

@@ -30,15 +30,17 @@ def accept(store: NonceStore, nonce: str) -> Acceptance:
                         now=now, scope="vm-1")
 
 
-def test_without_the_required_replica_nothing_is_accepted(standalone_redis: RedisServer) -> None:
+def test_without_the_required_replica_nothing_is_accepted(standalone_redis: RedisServer, unique: Unique) -> None:
     # A standalone server has no replica: with one required, every acceptance fails closed, and the record
-    # it left on the primary makes a retry of the same document a replay, never an acceptance.
+    # it left on the primary makes a retry of the same document a replay, never an acceptance. The server is
+    # shared by the session: the nonce is this run's own, so the first claim meets no earlier record.
     store = open_store(standalone_redis.url, timeout_seconds=0.5, min_replicas=1)
+    nonce = unique("needs-a-replica")
     try:
         with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
-            accept(store, "needs-a-replica")
+            accept(store, nonce)
         with pytest.raises(NonceReplayed):
-            accept(store, "needs-a-replica")
+            accept(store, nonce)
     finally:
         store.close()
 
