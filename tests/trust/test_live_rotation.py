@@ -14,6 +14,7 @@ import pytest
 
 from attest_service.trust import fingerprint
 from attest_service.trust.pins import add_pins
+from attest_service.verify import common_name
 from tests.web.live import LiveService, live_service
 
 from .conftest import Pki, make_ca, make_leaf, pem, sign_document
@@ -51,26 +52,43 @@ def test_new_pin_is_taken_under_load_without_restart(pinned: Path, pki_set: Pki,
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
         stop = threading.Event()
+        loaded = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
                 status = _status(service, pki_set.leaf)
                 with lock:
                     statuses[status] += 1
+                    if sum(statuses.values()) >= LOAD_THREADS:
+                        loaded.set()
 
         threads = [threading.Thread(target=load) for _ in range(LOAD_THREADS)]
         for thread in threads:
             thread.start()
+        started = time.monotonic()
         try:
-            time.sleep(0.5)
+            workers = service.worker_pids()
+            assert len(workers) == 2
+            assert loaded.wait(PICKUP_LIMIT_SECONDS), "no load"
+            # Both workers serve the load with the old trust before the pin is added: a worker that only
+            # started serving afterwards would load the new pin at its start and prove nothing.
+            old = {"issuer": common_name(pki_set.issuing.certificate.subject)}
+            while set(service.counted_by_process("attest_verifications_by_issuer_total", old)) != set(workers):
+                assert time.monotonic() - started < PICKUP_LIMIT_SECONDS, "the load did not reach both workers"
+                time.sleep(0.05)
             add_pins(pinned, "public", pem(successor.certificate), origin="ca02.pem", now=datetime.now(UTC))
             added = time.monotonic()
-            while _status(service, new_leaf) != 200:
-                assert time.monotonic() - added < PICKUP_LIMIT_SECONDS, "new pin not taken in time"
-                time.sleep(0.1)
-            # Every worker has passed its interval by now: all of them must take the new pin.
-            time.sleep(RELOAD_SECONDS + 0.5)
+            # Until each worker has verified a document under the new pin (each counts its own verifications
+            # by issuer): a worker that kept the old trust answers 422 and never shows up here.
+            issuer = {"issuer": "Ops Live Issuing CA 02"}
+            while set(service.counted_by_process("attest_verifications_by_issuer_total", issuer)) != set(workers):
+                assert time.monotonic() - added < PICKUP_LIMIT_SECONDS, (
+                    f"not every worker took the new pin in time: "
+                    f"{service.counted_by_process('attest_verifications_by_issuer_total', issuer)} of {workers}")
+                _status(service, new_leaf)
+            # Both workers have the new pin, so every request takes it; neither was restarted for it.
             assert [_status(service, new_leaf) for _ in range(20)] == [200] * 20
+            assert service.worker_pids() == workers
         finally:
             stop.set()
             for thread in threads:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client.mmap_dict import MmapedDict
+
 from tests.support.redis_server import free_port
 
 #: Seconds the service may take until /healthz answers (workers import Flask and load the pins).
@@ -44,17 +46,36 @@ class UnixConnection(http.client.HTTPConnection):
 class LiveService:
     """The running service: its address, its master's pid and a way to send JSON requests."""
 
-    def __init__(self, port: int, log: Path, *, pid: int = 0, unix_path: Path | None = None) -> None:
+    def __init__(self, port: int, log: Path, *, pid: int = 0, unix_path: Path | None = None,
+                 metrics_dir: Path | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.log = log
         self.pid = pid
         self.unix_path = unix_path
+        self.metrics_dir = metrics_dir
 
     def worker_pids(self) -> list[int]:
         """The gunicorn master's children: its workers."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         return sorted(int(pid) for pid in children.read_text().split()) if children.exists() else []
+
+    def counted_by_process(self, sample: str, labels: dict[str, str]) -> dict[int, float]:
+        """A counter's sample (``name_total``) with ``labels``, as each process counted it, by pid.
+
+        Read from the multiprocess files the processes write (``counter_<pid>.db``), which /metrics adds up:
+        the one way to tell which worker served what without asking the workers.
+        """
+        counts: dict[int, float] = {}
+        if self.metrics_dir is None:
+            return counts
+        for path in self.metrics_dir.glob("counter_*.db"):
+            pid = int(path.stem.removeprefix("counter_"))
+            for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(str(path)):
+                _metric, name, found, _help = json.loads(key)
+                if name == sample and found == labels:
+                    counts[pid] = counts.get(pid, 0.0) + value
+        return counts
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.unix_path is not None:
@@ -99,7 +120,7 @@ def live_service(env: dict[str, str], workdir: Path, *, workers: int = 4,
     with log.open("wb") as output:
         process = subprocess.Popen(argv, env=full_env, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    service = LiveService(port, log, pid=process.pid, unix_path=unix_path)
+    service = LiveService(port, log, pid=process.pid, unix_path=unix_path, metrics_dir=metrics_dir)
     try:
         _wait_healthy(service, process)
         yield service
