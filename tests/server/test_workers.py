@@ -99,6 +99,10 @@ def wait_for_both_workers(service: ServiceProcess) -> None:
         time.sleep(0.1)
 
 
+#: Of the 24 connections, the fewest one of two workers may hold (two thirds of its even share of 12).
+FLOOR = 8
+
+
 @pytest.mark.slow
 def test_connections_opened_one_after_another_are_shared_evenly(tmp_path: Path) -> None:
     factory = DocumentFactory.around_now(tmp_path / "pinned")
@@ -124,4 +128,6 @@ def test_connections_opened_one_after_another_are_shared_evenly(tmp_path: Path) 
     workers = Counter(line["pid"] for line in lines)
     assert len(lines) == 24
     assert len(workers) == 2, workers
-    assert max(workers.values()) - min(workers.values()) <= 2, workers
+    # A floor, not an exact split: a busy machine may delay a worker's turn now and then (16/8 passes), but a
+    # worker that leaves new connections to the other, or takes them all, fails (24/0, 20/4).
+    assert min(workers.values()) >= FLOOR, workers
