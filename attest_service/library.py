@@ -85,7 +85,7 @@ class Verifier(DocumentVerifier):
             policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=DEFAULT_CLOCK_SKEW,
                                         revocation=revocation)
         der = self.decode(response)
-        return self.verify(der, policy=policy, now=instant)
+        return self.verify(der, policy=policy, at=instant)
 
 
 __all__ = ["Verifier"]

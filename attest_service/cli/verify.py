@@ -56,7 +56,7 @@ def run_verify(args: argparse.Namespace) -> int:
     policy = VerificationPolicy(cloud=args.cloud, expected_nonce=args.nonce,
                                 revocation=revocation_mode(args.revocation, origin="--revocation"))
     try:
-        result = DocumentVerifier(trust).verify(decode(data), policy=policy, now=now)
+        result = DocumentVerifier(trust).verify(decode(data), policy=policy, at=now)
     except AttestError as exc:
         _emit({"verified": False, "error": exc.to_dict()})
         return EXIT_REFUSED

@@ -322,13 +322,18 @@ class DocumentVerifier:
             self._chains[key] = (chain, described, links)
         return described, links
 
-    def verify(self, der: bytes, *, policy: VerificationPolicy, now: datetime) -> VerifiedDocument:
-        """Verify the DER document ``der`` (:mod:`attest_service.verify.document` decodes what callers hold) at ``now``.
+    def verify(self, der: bytes, *, policy: VerificationPolicy, at: datetime | None = None,
+               now: datetime | None = None) -> VerifiedDocument:
+        """Verify the DER document ``der`` (:mod:`attest_service.verify.document` decodes what callers hold) at ``at``.
 
-        Returns a :class:`VerifiedDocument`; raises a :class:`~attest_service.errors.VerificationError`
-        subclass naming the first step that failed.
+        ``at`` is the timezone-aware instant, as on every public call of the package; ``now`` is its former
+        name, still accepted. The core reads no clock, so one of them is required. Returns a
+        :class:`VerifiedDocument`; raises a :class:`~attest_service.errors.VerificationError` subclass naming
+        the first step that failed, and TypeError or ValueError for a missing, naive or non-datetime instant.
         """
-        aware_instant(now, name="now")
+        if (at is None) == (now is None):
+            raise TypeError("verify() takes the instant as at= (or its former name now=), exactly once")
+        now = aware_instant(at if at is not None else now)
         try:
             return self._verify(der, policy, now)
         except _FOREIGN_ERRORS as exc:

@@ -31,6 +31,7 @@ from attest_service import (
 )
 from attest_service.imds import pki
 from attest_service.nonces import NonceStore
+from attest_service.verify import VerificationPolicy
 from tests.verify.conftest import TESTCASES, case_input, case_instant, load_index
 
 CASES = load_index()
@@ -253,3 +254,13 @@ def test_an_issued_challenge_is_consumed_once(tmp_path: Path) -> None:
 def test_the_package_exports_what_it_documents() -> None:
     assert {"Verifier", "VerificationError", "AttestError", "Attestor", "CallerPolicy", "open_store"} <= set(
         attest_service.__all__)
+
+
+def test_the_verifier_takes_the_instant_as_at_like_every_public_call(verifier: Verifier) -> None:
+    der = verifier.decode(RESPONSE)
+    assert verifier.verify(der, policy=VerificationPolicy(), at=AT).claims == OK["claims"]
+    assert verifier.verify(der, policy=VerificationPolicy(), now=AT).claims == OK["claims"]  # the former name
+    with pytest.raises(TypeError, match="exactly once"):
+        verifier.verify(der, policy=VerificationPolicy())
+    with pytest.raises(ValueError, match="timezone-aware"):
+        verifier.verify(der, policy=VerificationPolicy(), at=datetime(2025, 6, 1))  # noqa: DTZ001
