@@ -48,7 +48,8 @@ ENV PATH=/opt/attest-service/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ATTEST_PINNED_CERTS=/etc/attest-service/pinned_certs \
-    ATTEST_NONCE_STORE=sqlite:////var/lib/attest-service/nonces.sqlite3
+    ATTEST_NONCE_STORE=sqlite:////var/lib/attest-service/nonces.sqlite3 \
+    ATTEST_LOG_FORMAT=json
 
 # Installers and build back-ends of the base image go: the service never installs code at run time.
 # A system account, UID/GID 10001 to match USER below and the chart's securityContext, with no home and

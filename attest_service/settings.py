@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Final
 
 from attest_service.errors import ConfigurationError
+from attest_service.logformat import log_format
 from attest_service.nonces import default_sqlite_url
 from attest_service.results import DEFAULT_ISSUER, check_issuer
 from attest_service.trust import pinned_dir_from_env
@@ -140,6 +141,13 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _log_format(env: Mapping[str, str]) -> str:
+    try:
+        return log_format(env)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
     raw = (env.get(name) or ("1" if default else "0")).strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no"):
@@ -173,6 +181,8 @@ class Settings:
     rate_limit_per_minute: int
     trust_reload_seconds: float
     log_level: str
+    #: ``json`` (the default) or ``text``: the one shape of every log line (attest_service.logformat).
+    log_format: str = "json"
     aia_fetch: bool = False
     #: Fetch the CAs pinned by fingerprint in the background (ATTEST_FINGERPRINT_FETCH, on unless 0).
     fingerprint_fetch: bool = True
@@ -236,6 +246,7 @@ class Settings:
             rate_limit_per_minute=int(_number(env, "ATTEST_RATE_LIMIT_PER_MINUTE", 600, 1, 1_000_000)),
             trust_reload_seconds=_number(env, "ATTEST_TRUST_RELOAD_SECONDS", 10, 1, MAX_RELOAD_SECONDS),
             log_level=level,
+            log_format=_log_format(env),
             aia_fetch=_flag(env, "ATTEST_AIA_FETCH"),
             fingerprint_fetch=_flag(env, "ATTEST_FINGERPRINT_FETCH", default=True),
             store_min_replicas=(int(_number(env, "ATTEST_STORE_MIN_REPLICAS", 0, 0, 16))

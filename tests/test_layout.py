@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attest_service.files",),
     ("attest_service.verify",),
     ("attest_service.clouds",),
-    ("attest_service.errors", "attest_service.logsafe"),
+    ("attest_service.errors", "attest_service.logsafe", "attest_service.logformat"),
 )
 
 #: What the service's runtime needs and the offline commands and the library must never load.

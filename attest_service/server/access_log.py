@@ -1,4 +1,7 @@
-"""Gunicorn's access log as JSON lines, one object per request, carrying the request id.
+"""Gunicorn's logs in the service's one format (:mod:`attest_service.logformat`).
+
+Access lines (one per request, carrying the request id), gunicorn's own error log and the application's
+lines all come out in ``ATTEST_LOG_FORMAT``.
 
 Gunicorn's own format string does not escape its atoms, so a request path with a quote would break a
 JSON line; here each line is built with :func:`json.dumps` from the atoms gunicorn computes.
@@ -10,14 +13,31 @@ import json
 import logging
 import os
 import traceback
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Final
 
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
+from attest_service.logformat import formatter, install, json_line, log_format, text_line, timestamp
+
 
 class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type information
-    """Gunicorn logger whose access lines are JSON objects."""
+    """Gunicorn logger writing every line in ``ATTEST_LOG_FORMAT`` (JSON by default), access lines included."""
+
+    def setup(self, cfg: Any) -> None:  # noqa: ANN401 - gunicorn's Config
+        """Gunicorn's setup, then the one format on its error log and on every Python logger of the process.
+
+        The master runs this before it forks, so the workers inherit the handlers.
+        """
+        super().setup(cfg)
+        # Checked by serve's start-up before gunicorn runs; the fallback only serves a bare gunicorn.
+        try:
+            self.log_format = log_format()
+        except ValueError:
+            self.log_format = "json"
+        for handler in self.error_log.handlers:
+            handler.setFormatter(formatter(self.log_format))
+        install(self.log_format, (os.environ.get("ATTEST_LOG_LEVEL") or "info"))
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any],  # noqa: ANN401, ARG002 - gunicorn's signature
                request_time: timedelta) -> None:
@@ -32,7 +52,9 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
                 request_id = value
                 break
         record = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "time": timestamp(),
+            "level": "info",
+            "logger": "gunicorn.access",
             "request_id": request_id,
             "remote": environ.get("REMOTE_ADDR", "-"),
             "method": environ.get("REQUEST_METHOD"),
@@ -45,7 +67,7 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
             "pid": os.getpid(),
         }
         try:
-            line = _LINE_ENCODER.encode(record)
+            line = json_line(record) if getattr(self, "log_format", "json") == "json" else _text(record)
             handler = self._plain_handler()
             if handler is None:
                 self.access_log.info(line)
@@ -81,8 +103,15 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
         return handler
 
 
-#: One encoder for every line: json.dumps with an option makes a new encoder for each call.
-_LINE_ENCODER: Final = json.JSONEncoder(ensure_ascii=False)
+def _text(record: dict[str, Any]) -> str:
+    """An access line in the text format: what JSON would say, in the order a person reads it."""
+    query = f"?{record['query']}" if record["query"] else ""
+    message = (f"{record['method']} {record['path']}{query} {record['status']} {record['bytes']}B "
+               f"{record['duration_ms']}ms remote={record['remote']} agent={json.dumps(record['user_agent'])}")
+    return text_line(time=str(record["time"]), level="info", logger="gunicorn.access", message=message,
+                     request_id=None if record["request_id"] == "-" else str(record["request_id"]))
+
+
 #: Handler classes whose emit() is exactly "format, write, terminator, flush".
 _PLAIN_HANDLERS: Final = (logging.StreamHandler, logging.FileHandler)
 #: The access formatter gunicorn installs.

@@ -22,6 +22,7 @@ from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
 from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
+from attest_service.logformat import REQUEST_ID
 from attest_service.nonces import NonceStore, open_store
 from attest_service.results import ResultSigner, ensure_generated_key
 from attest_service.server import master
@@ -97,8 +98,15 @@ def _access_policy(settings: Settings, snapshot: master.Snapshot | None) -> Relo
 
 def _assign_request_id() -> None:
     g.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
+    # Every line logged while this request is answered carries its id (attest_service.logformat).
+    REQUEST_ID.set(g.request_id)
     # Refuse an announced oversized (or unusable) body length before reading any of it, on every route.
     announced_length(request.environ)
+
+
+def _forget_request_id(_error: BaseException | None) -> None:
+    # Lines written between requests (on a kept-alive connection's greenlet) belong to none.
+    REQUEST_ID.set(None)
 
 
 def _finish(response: Response) -> Response:
@@ -151,6 +159,7 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     install(app, service)
     register_error_handlers(app)
     app.before_request(_assign_request_id)
+    app.teardown_request(_forget_request_id)
     app.after_request(_finish)
     app.register_blueprint(api)
     # In front of Flask, as WSGI middleware is installed (Flask's documentation of wsgi_app).

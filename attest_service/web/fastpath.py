@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from attest_service.errors import AttestError
+from attest_service.logformat import REQUEST_ID
 from attest_service.web.body import announced_length
 from attest_service.web.edges import finish_response, finishing_headers
 from attest_service.web.errors import answer_error
@@ -52,11 +53,15 @@ class VerifyFastPath:
                 or _plain_length(environ) is None):
             return self.flask_app(environ, start_response)
         identifier = request_id(environ.get("HTTP_X_REQUEST_ID"))
+        # Every line logged while this request is answered carries its id (attest_service.logformat).
+        token = REQUEST_ID.set(identifier)
         try:
             body = verification_body(self._service, environ)
         except Exception as exc:  # noqa: BLE001 - answered as Flask's error handler answers it
             response = finish_response(answer_error(exc), identifier, VERIFY_PATH, environ, self._service.bodies)
             return response(environ, start_response)
+        finally:
+            REQUEST_ID.reset(token)
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   *finishing_headers(200, identifier, VERIFY_PATH)])
         return [body]
