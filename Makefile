@@ -35,8 +35,9 @@ $(STAMP): $(RUN_STAMP)
 	@$(BIN)/python -m pip install -qq --disable-pip-version-check --constraint $(VERSIONS) -e '.[test,lint]'
 	@touch $@
 
+# Log lines as text for a person at a terminal; the service's default (and the image's) is JSON.
 run: $(RUN_STAMP)
-	$(BIN)/attest-service serve --bind 127.0.0.1:8080
+	ATTEST_LOG_FORMAT=$${ATTEST_LOG_FORMAT:-text} $(BIN)/attest-service serve --bind 127.0.0.1:8080
 
 redis-server-installed:
 	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server redis-tools; }

@@ -83,7 +83,7 @@ def access_lines(service: ServiceProcess, prefix: str) -> list[dict[str, object]
     """The access log lines of the requests whose id starts with ``prefix``."""
     return [line for line in (json.loads(text) for text in service.log_tail(characters=200_000).splitlines()
                               if text.startswith("{") and f'"{prefix}' in text)
-            if str(line.get("request_id", "")).startswith(prefix)]
+            if line.get("logger") == "gunicorn.access" and str(line.get("request_id", "")).startswith(prefix)]
 
 
 def wait_for_both_workers(service: ServiceProcess) -> None:

@@ -52,7 +52,7 @@ def make_run_command() -> str:
     """The command ``make run`` serves with, from the Makefile, with ``$(BIN)`` spelled as README's ``.venv/bin``."""
     recipe = (REPO_ROOT / "Makefile").read_text(encoding="utf-8").split("\nrun:", 1)[1]
     command = next(line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t"))
-    return command.replace("$(BIN)", ".venv/bin")
+    return command.replace("$(BIN)", ".venv/bin").replace("$$", "$")
 
 
 def _namespaces_or_skip() -> None:
