@@ -221,3 +221,10 @@ if [ -e "$src/manifest.json" ]; then
   ln -sfn "$src/manifest.json" "$dst/manifest.json"
 fi
 {{- end }}
+
+{{/*
+The Secret holding the result-signing keys: the operator's, or the one the chart generates once.
+*/}}
+{{- define "attest-service.resultKeysSecret" -}}
+{{- .Values.results.existingSecret | default (printf "%s-result-keys" (include "attest-service.fullname" .)) }}
+{{- end }}

@@ -137,12 +137,13 @@ def test_rendered_manifests_validate_against_kubernetes(render: Render, case: st
 def test_default_and_ha_render_the_expected_objects(render: Render) -> None:
     default = sorted(m["kind"] for m in render())
     assert default == sorted([
-        "ConfigMap", "Deployment", "NetworkPolicy", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount",
+        "ConfigMap", "Deployment", "NetworkPolicy", "Pod", "PodDisruptionBudget", "Secret", "Service",
+        "ServiceAccount",
     ])
     ha = sorted(m["kind"] for m in render(HA_VALUES))
     assert ha == sorted([
         "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Pod", "PodDisruptionBudget",
-        "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
+        "PrometheusRule", "Secret", "Service", "ServiceAccount", "ServiceMonitor",
     ])
 
 
@@ -205,6 +206,7 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
         "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_ALLOW_OPEN",
         "ATTEST_TRUSTED_PROXIES", "ATTEST_AUTH_FAILURES_PER_MINUTE", "ATTEST_ANONYMOUS_CHALLENGES",
         "ATTEST_BODY_TIMEOUT_SECONDS", "ATTEST_REVOCATION", "ATTEST_CRL_REFRESH_SECONDS", "ATTEST_LOG_FORMAT",
+        "ATTEST_RESULT_KEYS", "ATTEST_RESULT_ISSUER", "ATTEST_RESULT_TTL_SECONDS",
     }
     assert env_names(render()) == settings
     assert env_names(render(HA_VALUES)) == settings | {"ATTEST_API_KEYS"}
@@ -315,9 +317,14 @@ def test_the_chart_made_claim_takes_a_size_and_a_storage_class(render: Render) -
         render(values={"nonceStore": {"sqlite": {"existingClaim": "c", "persistence": {"enabled": True}}}})
 
 
+def settings_secrets(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chart's Secrets but the one of the result-signing keys (tests/system/deploy/test_chart_results.py)."""
+    return [m for m in by_kind(manifests, "Secret") if not m["metadata"]["name"].endswith("-result-keys")]
+
+
 def test_redis_url_and_api_keys_come_from_secrets(render: Render) -> None:
     manifests = render(values=EVERYTHING_ON)
-    secret = one(manifests, "Secret")
+    secret = one(settings_secrets(manifests), "Secret")
     assert set(secret["data"]) == {"ATTEST_API_KEYS", "ATTEST_NONCE_STORE"}
     env = {item["name"]: item for item in container(manifests)["env"]}
     for name in ("ATTEST_API_KEYS", "ATTEST_NONCE_STORE"):
@@ -325,7 +332,7 @@ def test_redis_url_and_api_keys_come_from_secrets(render: Render) -> None:
     assert "ATTEST_NONCE_STORE" not in by_kind(manifests, "ConfigMap")[0]["data"]
 
     ha = render(HA_VALUES)
-    assert not by_kind(ha, "Secret"), "existingSecret must not make the chart create one"
+    assert not settings_secrets(ha), "existingSecret must not make the chart create one"
     env = {item["name"]: item for item in container(ha)["env"]}
     assert env["ATTEST_NONCE_STORE"]["valueFrom"]["secretKeyRef"]["name"] == "attest-service-runtime"
     assert one(ha, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
