@@ -160,11 +160,24 @@ def _parse_content(crl: x509.CertificateRevocationList) -> _Parsed:
                    covers_end_entities=covers_end_entities, covers_cas=covers_cas, distribution_points=points)
 
 
+#: What cryptography raises for a CRL it cannot make sense of, where it decodes lazily (a version it does not
+#: know, a field of a type it does not expect; where warnings are errors, its parse warnings).
+_FOREIGN_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError, x509.InvalidVersion,
+                          x509.DuplicateExtension, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm, UserWarning)
+
+
 def accept_crl(data: bytes, trust: CloudTrust, *, source: str) -> RevocationList:
     """The CRL of ``data`` as used for ``trust``'s cloud; raises CrlRefused saying why it is not used.
 
-    ``source`` names the file in messages and in the result.
+    ``source`` names the file in messages and in the result. Nothing else escapes, whatever the bytes.
     """
+    try:
+        return _accept_crl(data, trust, source=source)
+    except _FOREIGN_ERRORS as exc:
+        raise CrlRefused(f"{source}: not a usable CRL ({type(exc).__name__}: {exc})") from exc
+
+
+def _accept_crl(data: bytes, trust: CloudTrust, *, source: str) -> RevocationList:
     crl = parse_crl(data, origin=source)
     cloud = trust.profile.name
     try:

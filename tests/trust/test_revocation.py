@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -318,3 +319,26 @@ def test_a_dropped_crl_is_picked_up_by_the_reload_and_exported(pinned: Path, pki
     moment[0] = 12.0
     holder.verify(document, policy=SOFT, now=pki_set.now)
     assert _sample("attest_crl_next_update_timestamp_seconds", labels) is None
+
+
+def test_no_crl_file_makes_the_load_fail_whatever_its_bytes(pinned: Path, pki_set: Pki) -> None:
+    """Mutated CRLs (a version cryptography does not know, cut or grown fields) are reported, never raised."""
+    genuine = crls.der(crls.make_crl(pki_set.issuing, revoked=[1, 2, 3], now=pki_set.now))
+    tbs_version = genuine.index(b"\x02\x01\x01")  # the first INTEGER: TBSCertList's version, v2
+    mutations = [genuine[:tbs_version] + b"\x02\x01\x06" + genuine[tbs_version + 3:]]
+    rng = random.Random(7)
+    for _ in range(300):
+        data = bytearray(genuine)
+        position = rng.randrange(len(data))
+        if rng.random() < 0.5:
+            data[position] = rng.randrange(256)
+        else:
+            del data[position:position + rng.randint(1, 8)]
+        mutations.append(bytes(data))
+    folder = pinned / "public" / "crls"
+    folder.mkdir(parents=True)
+    for number, data in enumerate(mutations):
+        (folder / f"mutated-{number:03}.crl").write_bytes(data)
+    trust = load_trust(pinned).for_cloud("public")
+    assert len(trust.crls) + len(trust.crl_problems) == len(mutations)
+    assert any("mutated-000.crl: not used: " in p and "version" in p for p in trust.crl_problems)
