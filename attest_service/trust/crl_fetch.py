@@ -132,6 +132,9 @@ def wanted_crls(trust: TrustStore, directory: Path, documents: Iterable[bytes] =
             cloud = cloud_for_signer(signer).name
         except AttestError as exc:
             raise ConfigurationError(f"document {number}: {exc.message}") from exc
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, x509.InvalidVersion, UserWarning) as exc:
+            # The core wraps such errors of its libraries during a verification; here no verification runs.
+            raise ConfigurationError(f"document {number}: cannot be read ({type(exc).__name__}: {exc})") from exc
         want(cloud, crl_urls(signer), f"signer of document {number}")
     for name, cloud_trust in trust.clouds.items():
         for pin in (*cloud_trust.intermediates, *cloud_trust.roots):

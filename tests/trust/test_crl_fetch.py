@@ -236,3 +236,12 @@ def test_refresher_stops_when_its_parent_is_gone(pinned: Path, tmp_path: Path) -
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # only when the test failed: the process is gone otherwise
+
+
+def test_command_refuses_unusable_documents_as_usage_errors(run_cli, pinned: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for number, data in enumerate((b"not base64!", b'{"encoding": "pkcs7", "signature": "AAAA"}', b"\x30\x03\x02\x01")):
+        path = tmp_path / f"document-{number}.json"
+        path.write_bytes(data)
+        code, out, err = run_cli("certs", "crls", "fetch", "--pinned-certs", str(pinned), "--document", str(path))
+        assert code in (1, 2), (data, out, err)
+        assert "Traceback" not in out + err
