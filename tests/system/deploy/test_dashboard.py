@@ -4,10 +4,10 @@
 - The chart ships it, unchanged, in a ConfigMap labelled for Grafana's dashboard sidecar, only when asked.
 - Every panel's query (and every template variable's) answers something when run by the real promtool over
   the series a real running service exports: the service is driven through what the panels show (verified,
-  refused, revoked and replayed documents, a CRL, an unpinned issuer, the AIA fallback, a fingerprint pin,
-  401 and 429 answers, a nonce store outage), its ``/metrics`` is scraped, and each scraped series becomes
-  synthetic input of ``promtool test rules``. A query naming a metric or a label value the service does not
-  export answers nothing, and fails.
+  refused, revoked and replayed documents, results issued, a CRL, an unpinned issuer, the AIA fallback, a
+  fingerprint pin, 401 and 429 answers, a nonce store outage), its ``/metrics`` is scraped, and each scraped
+  series becomes synthetic input of ``promtool test rules``. A query naming a metric or a label value the
+  service does not export answers nothing, and fails.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from attest_service.imds import pki
+from attest_service.results.keys import write_new_key
 from tests.support import crls, tools
 from tests.support.redis_server import redis_server
 from tests.support.service import DocumentFactory, api_keys_env, running_service
@@ -189,10 +190,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"{'ab' * 32}  -  # Ops Staged Issuing CA\n", encoding="utf-8")
     stranger = _unpinned_signer()
     keys = {"ops": "o" * 43, "flood": "f" * 43}
+    # A shared store issues no attestation results unless given keys.
+    write_new_key(workdir / "result-keys")
     with redis_server(workdir / "redis") as redis:
         env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir), "ATTEST_NONCE_STORE": redis.url,
                "ATTEST_API_KEYS": api_keys_env(keys), "ATTEST_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
-               "ATTEST_AIA_FETCH": "1", "ATTEST_FINGERPRINT_FETCH": "1"}
+               "ATTEST_AIA_FETCH": "1", "ATTEST_FINGERPRINT_FETCH": "1",
+               "ATTEST_RESULT_KEYS": str(workdir / "result-keys")}
         with running_service(env, workdir, workers=1) as service:
             challenge = service.post("/v1/challenges", key=keys["ops"])
             assert challenge.status == 201, challenge.body
