@@ -222,7 +222,9 @@ def _verified_issuer(crl: x509.CertificateRevocationList, digest: bytes,
                      named: Iterable[PinnedCertificate]) -> _Found | None:
     # Pins sharing a name may differ in key (a re-keyed CA): the one whose key verifies is the issuer.
     for pin in named:
-        if _may_sign_crls(pin.certificate) and _signed_by(crl, pin.certificate):
+        if _signed_by(crl, pin.certificate):
+            if not _may_sign_crls(pin.certificate):
+                raise CrlRefused(f"its issuer {pin.subject_cn!r} may not sign CRLs (its keyUsage lacks cRLSign)")
             key = issuer_key(pin.certificate)
             parsed = _parse_content(crl)
             with _remembered_lock:

@@ -342,3 +342,38 @@ def test_no_crl_file_makes_the_load_fail_whatever_its_bytes(pinned: Path, pki_se
     trust = load_trust(pinned).for_cloud("public")
     assert len(trust.crls) + len(trust.crl_problems) == len(mutations)
     assert any("mutated-000.crl: not used: " in p and "version" in p for p in trust.crl_problems)
+
+
+def test_a_crl_not_used_is_logged_and_counted_by_the_reload(pinned: Path, pki_set: Pki,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _write(pinned, "public", "forged.crl", crls.der(crls.make_crl(pki_set.issuing, now=pki_set.now,
+                                                                  key=pki.new_key("ec"))))
+    with caplog.at_level("WARNING", logger="attest_service"):
+        ReloadingVerifier(pinned, interval_seconds=5)
+    assert REGISTRY.get_sample_value("attest_trust_problems") == 1
+    assert any("public/crls/forged.crl: not used" in record.getMessage() for record in caplog.records)
+
+
+def test_a_ca_without_crl_sign_cannot_issue_a_crl_that_counts(tmp_path: Path, pki_set: Pki, leaf_key) -> None:  # type: ignore[no-untyped-def]
+    """keyUsage without cRLSign: the CA's key may sign certificates, and its CRLs are not used (RFC 5280 4.2.1.3)."""
+    now = pki_set.now
+    key = pki.new_key("ec")
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "No CRL Sign CA")])
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(pki_set.root.certificate.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - DAY).not_valid_after(now + 30 * DAY)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(usage, critical=True)
+                   .sign(pki_set.root.private_key, hashes.SHA256()))
+    ca = pki.CertifiedKey(certificate=certificate, private_key=key)
+    directory = tmp_path / "pins"
+    pki.write_pinned_dir(directory, "public", root=pki_set.root.certificate, intermediates=[certificate])
+    _write(directory, "public", "no-crl-sign.crl", crls.der(crls.make_crl(ca, revoked=[5], now=now)))
+    trust = load_trust(directory).for_cloud("public")
+    assert trust.crls == ()
+    [problem] = trust.crl_problems
+    assert problem.startswith("public/crls/no-crl-sign.crl: not used: ")
+    assert "cRLSign" in problem
