@@ -108,7 +108,8 @@ def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
             # The key is the file's content without the line break editors and `echo` add.
             key = args.api_key_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{origin}: cannot read the key: {exc}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise UsageError(f"{origin}: cannot read the key: {reason[:1].lower()}{reason[1:]}") from exc
     elif environ.get(API_KEY_VARIABLE):
         key, origin = environ[API_KEY_VARIABLE], API_KEY_VARIABLE
     else:

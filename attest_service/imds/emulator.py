@@ -145,6 +145,11 @@ class EmulatorSettings:
         return str(plan["name"]), str(plan["product"]), str(plan["publisher"])
 
 
+def _reason(exc: OSError) -> str:
+    """An operating-system error as a phrase ("address already in use"), without Python's ``[Errno N]``."""
+    return exc.strerror[:1].lower() + exc.strerror[1:] if exc.strerror else "an operating-system error"
+
+
 def load_instance_file(path: Path) -> dict[str, object]:
     """Read instance metadata from a JSON file; raise :class:`ConfigurationError` when unusable."""
     try:
@@ -422,11 +427,12 @@ def start_emulator(
     try:
         signing.write(pki_dir, settings.cloud)
     except OSError as exc:
-        raise ConfigurationError(f"cannot write the emulator's certificates under {pki_dir}: {exc}") from exc
+        raise ConfigurationError(f"cannot write the emulator's certificates under {pki_dir}: "
+                                 f"{_reason(exc)}") from exc
     try:
         server = RunningEmulator(create_app(settings, signing), host=host, port=port)
     except OSError as exc:
-        raise ConfigurationError(f"cannot bind {host}:{port}: {exc}") from exc
+        raise ConfigurationError(f"cannot bind {host}:{port}: {_reason(exc)}") from exc
     return server, signing
 
 

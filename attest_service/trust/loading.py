@@ -99,7 +99,8 @@ def load_certificates(data: bytes, *, origin: str) -> list[x509.Certificate]:
         else:
             certificates = [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
-        raise ConfigurationError(f"{origin}: not a certificate ({exc})") from exc
+        # cryptography's words ("Unable to load PEM file. See https://cryptography.io/...") stay the cause.
+        raise ConfigurationError(f"{origin}: not an X.509 certificate in PEM or DER") from exc
     if not certificates:
         raise ConfigurationError(f"{origin}: no certificate found")
     return certificates

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,12 @@ def test_attest_to_a_closed_port_says_the_connection_was_refused(capsys: pytest.
     assert "cannot reach the service at http://127.0.0.1:1/v1/challenges: the connection was refused" in err
     assert "urlopen" not in err
     assert "Errno" not in err
+
+
+def test_an_unreadable_key_file_is_said_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "absent.key"
+    assert main(["attest", "--service", "http://127.0.0.1:1", "--api-key-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--api-key-file {missing}: cannot read the key: no such file or directory" in err
+    assert "Errno" not in err
+
