@@ -31,6 +31,7 @@ from attest_service.imds.client import (
     check_api_key,
 )
 from attest_service.imds.faults import FAULT_KINDS
+from attest_service.logformat import install, log_format
 
 if TYPE_CHECKING:
     from attest_service.cli.common import Subparsers
@@ -53,6 +54,12 @@ def run_emulator(args: argparse.Namespace) -> int:
     # The emulator is a Flask application: its stack loads for this command only.
     from attest_service.imds.emulator import parse_bind, settings_for, start_emulator  # noqa: PLC0415
 
+    try:
+        # The emulator's request lines (werkzeug's) in the service's log format, ATTEST_LOG_FORMAT.
+        install(log_format(), "info")
+    except ValueError as exc:
+        sys.stderr.write(f"attest-service imds-emulator: {exc}\n")
+        return EXIT_USAGE
     try:
         host, port = parse_bind(args.bind)
         settings = settings_for(args.cloud, args.instance_file, args.fault)
