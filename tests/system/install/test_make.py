@@ -37,7 +37,7 @@ def _recipe(target: str) -> tuple[str, list[str]]:
 def test_run_depends_on_the_runtime_stamp_and_the_development_targets_on_the_full_one() -> None:
     prerequisites, _ = _recipe("run")
     assert prerequisites.split() == ["$(RUN_STAMP)"]
-    for target in ("lint", "test", "bench", "fuzz", "soak"):
+    for target in ("lint", "check", "test", "bench", "fuzz", "soak"):
         assert "$(STAMP)" in _recipe(target)[0].split(), target
     _, runtime = _recipe("$(RUN_STAMP)")
     assert not any("[test" in line or "lint]" in line for line in runtime), runtime
