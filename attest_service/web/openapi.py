@@ -22,11 +22,14 @@ _STATUS_TEXT: Final = {
     400: "malformed_request: body not JSON, fields missing, unknown or of the wrong type",
     401: "unauthorized: API key missing or wrong (WWW-Authenticate: Bearer)",
     403: "policy_denied: a genuine document outside the caller's allow-lists",
+    408: "request_timeout: the body did not arrive in full within ATTEST_BODY_TIMEOUT_SECONDS (then the "
+         "connection is closed)",
     409: "nonce_replayed: the nonce was already accepted",
     413: "request_too_large: body over 1 MiB",
     422: "the document was refused; the code says why",
     429: "rate_limited: too many requests (Retry-After gives the seconds to wait)",
-    503: "store_unavailable: the nonce store cannot be reached; nothing is accepted",
+    503: "store_unavailable: the nonce store cannot be reached; nothing is accepted. service_busy: the worker "
+         "already holds its limit of request bodies being read (Retry-After gives the seconds to wait)",
 }
 
 
@@ -189,7 +192,7 @@ def openapi_document() -> dict[str, object]:
                         "200": {"description": "the document is genuine and its nonce was accepted",
                                 "content": {_JSON: {"schema": _ref("Verified")}}},
                         **{str(status): _error_response(status)
-                           for status in (400, 401, 403, 409, 413, 422, 429, 503)},
+                           for status in (400, 401, 403, 408, 409, 413, 422, 429, 503)},
                     },
                 },
             },
