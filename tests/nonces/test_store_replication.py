@@ -24,22 +24,25 @@ pytestmark = [pytest.mark.slow, requires_redis]
 Unique = Callable[[str], str]
 
 
-def accept(store: NonceStore, nonce: str) -> Acceptance:
+def accept(store: NonceStore, nonce: str, *, client_id: str = "c1") -> Acceptance:
     now = utcnow()
-    return store.accept(nonce, client_id="c1", expires_at=now + timedelta(hours=6), require_challenge=False,
+    return store.accept(nonce, client_id=client_id, expires_at=now + timedelta(hours=6), require_challenge=False,
                         now=now, scope="vm-1")
 
 
 def test_without_the_required_replica_nothing_is_accepted(standalone_redis: RedisServer, unique: Unique) -> None:
-    # A standalone server has no replica: with one required, every acceptance fails closed, and the record
-    # it left on the primary makes a retry of the same document a replay, never an acceptance. The server is
-    # shared by the session: the nonce is this run's own, so the first claim meets no earlier record.
+    # A standalone server has no replica: with one required, every acceptance fails closed. The record it left
+    # on the primary makes anyone else's submission of the same document a replay; the same caller's retry is
+    # never an acceptance either while no replica confirms it. The server is shared by the session: the nonce
+    # is this run's own, so the first claim meets no earlier record.
     store = open_store(standalone_redis.url, timeout_seconds=0.5, min_replicas=1)
     nonce = unique("needs-a-replica")
     try:
         with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
             accept(store, nonce)
         with pytest.raises(NonceReplayed):
+            accept(store, nonce, client_id="someone-else")
+        with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
             accept(store, nonce)
     finally:
         store.close()

@@ -8,6 +8,11 @@ the retry presents the same token and is answered with the acceptance it had won
 
 The lost answer is real: a TCP proxy in front of a real redis-server forwards the script call, waits until the
 server has answered it, and closes both connections instead of relaying the answer.
+
+When the answer is lost for good (the resend's too, or the read times out: redis-py does not resend then), or
+when ``WAIT`` reports too few replicas, the claim ran but the service answers 503. The store then leaves a
+retry mark (accept.lua), and the same caller's retry of the same document is accepted, confirming the claim
+again; anyone else is refused as before, and so is this caller once its claim was confirmed.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
+import redis
 
 from attest_service.errors import NonceReplayed, StoreUnavailable
 from attest_service.nonces import Acceptance, NonceStore, open_store
+from attest_service.nonces.redis.keys import retry_key
 from tests.support.redis_server import LOOPBACK, RedisServer, redis_server
 
 from .conftest import TIMEOUT_SECONDS, requires_redis, utcnow
@@ -37,6 +44,8 @@ Unique = Callable[[str], str]
 SYNC_TIMEOUT_SECONDS: Final = 15.0
 #: Store timeout of the tests that wait for a replica (seconds).
 REPLICATED_TIMEOUT_SECONDS: Final = 2.0
+#: Seconds the store may take to leave a retry mark after a failed claim (it is written off the request's path).
+MARK_TIMEOUT_SECONDS: Final = 5.0
 
 
 class AnswerDroppingProxy:
@@ -44,7 +53,8 @@ class AnswerDroppingProxy:
 
     Every connection is relayed both ways. When armed, the first request containing ``EVAL`` (``EVALSHA``
     too) is forwarded; the server's answer to it is read and, unless it is an error (``NOSCRIPT``: the script
-    did not run), both connections are closed without relaying it. The proxy then disarms.
+    did not run), both connections are closed without relaying it (with ``hold``: kept open, nothing more
+    relayed on them, until the client gives up). The proxy disarms after ``times`` such answers.
     """
 
     def __init__(self, upstream: RedisServer) -> None:
@@ -53,6 +63,8 @@ class AnswerDroppingProxy:
         self._listener.settimeout(0.1)  # so that the accepting thread notices close() at once
         self.port: int = self._listener.getsockname()[1]
         self._armed = threading.Event()
+        self._times = 1
+        self._hold = False
         self.dropped = 0
         #: Called when an answer is lost, before the client can notice and send its retry.
         self.on_drop: Callable[[], None] | None = None
@@ -65,8 +77,14 @@ class AnswerDroppingProxy:
         """``redis://127.0.0.1:PORT/0`` through the proxy."""
         return f"redis://{LOOPBACK}:{self.port}/0"
 
-    def arm(self) -> None:
-        """Lose the answer to the next script call."""
+    def upstream_client(self) -> redis.Redis:
+        """A client of the server itself, past the proxy."""
+        return redis.Redis(host=self._upstream[0], port=self._upstream[1])
+
+    def arm(self, *, times: int = 1, hold: bool = False) -> None:
+        """Lose the answers to the next ``times`` script calls (closing the connection, or holding it open)."""
+        self._times = times
+        self._hold = hold
         self._armed.set()
 
     def _accept_loop(self) -> None:
@@ -105,11 +123,16 @@ class AnswerDroppingProxy:
                         continue
                     if awaiting_answer and not data.startswith(b"-"):
                         # The server ran the script and answered: the client never hears of it.
-                        self._armed.clear()
                         self.dropped += 1
+                        if self.dropped >= self._times:
+                            self._armed.clear()
                         if self.on_drop is not None:
                             self.on_drop()
-                        return
+                        if not self._hold:
+                            return
+                        selector.unregister(upstream)  # nothing more from the server reaches this client
+                        awaiting_answer = False
+                        continue
                     awaiting_answer = False
                     client.sendall(data)
 
@@ -144,10 +167,11 @@ def proxied_store(upstream: RedisServer, *, min_replicas: int = 0) -> Iterator[t
         proxy.close()
 
 
-def accept(store: NonceStore, nonce: str, *, require_challenge: bool = False) -> Acceptance:
+def accept(store: NonceStore, nonce: str, *, require_challenge: bool = False, client_id: str = "client",
+           scope: str | None = None) -> Acceptance:
     now = utcnow()
-    return store.accept(nonce, client_id="client", expires_at=now + timedelta(minutes=10),
-                        require_challenge=require_challenge, now=now)
+    return store.accept(nonce, client_id=client_id, expires_at=now + timedelta(minutes=10),
+                        require_challenge=require_challenge, now=now, scope=scope)
 
 
 def test_a_claim_whose_answer_was_lost_is_accepted_on_the_retry(server: RedisServer, unique: Unique) -> None:
@@ -240,6 +264,114 @@ def test_a_recognised_retry_still_waits_for_its_replica(
         assert retried > waited, f"the retried run added {retried} bytes to the stream, a bare WAIT {waited}"
         observer.close()
         wait_in_sync(server)
-        # Nothing was accepted, and the record left on the primary keeps the document from being accepted now.
+        # Nothing was accepted; the record left on the primary refuses everyone else, and this caller's retry of
+        # the same document confirms it (now that the replica answers) once.
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, client_id="someone-else")
+        assert accept(store, nonce) == Acceptance(challenge=False)
         with pytest.raises(NonceReplayed):
             accept(store, nonce)
+
+
+# --- the answer lost for good: 503, then the same caller's retry ------------------------------------------------
+
+#: Ways to lose the answer of a claim that ran: the read times out (redis-py sends nothing again), or the
+#: connection drops the reply both times (the claim and redis-py's one resend).
+LOST_FOR_GOOD = {"timeout": {"hold": True}, "dropped twice": {"times": 2}}
+
+
+def _lose(proxy: AnswerDroppingProxy, store: NonceStore, how: dict[str, Any], nonce: str, **claim: Any) -> None:
+    """Claim ``nonce`` with its answer lost for good (503), then wait until the store left the retry mark.
+
+    After a timeout or a broken connection the mark is written off the request's path (Redis may be hung); a
+    caller retrying after the usual backoff finds it, and so does the test once it is there.
+    """
+    proxy.arm(**how)
+    with pytest.raises(StoreUnavailable):
+        accept(store, nonce, **claim)
+    assert proxy.dropped >= 1, "no answer was lost: the test proved nothing"
+    mark = retry_key(nonce, claim.get("client_id", "client"), claim.get("scope"))
+    client = proxy.upstream_client()
+    try:
+        deadline = time.monotonic() + MARK_TIMEOUT_SECONDS
+        while not client.exists(mark):
+            assert time.monotonic() < deadline, "the retry mark was never written"
+            time.sleep(0.01)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("how", LOST_FOR_GOOD.values(), ids=LOST_FOR_GOOD.keys())
+def test_a_claim_answered_503_is_accepted_on_the_same_callers_retry_and_only_then(
+        server: RedisServer, unique: Unique, how: dict[str, Any]) -> None:
+    with proxied_store(server) as (proxy, store):
+        store.ping()
+        nonce = unique("lost-for-good")
+        _lose(proxy, store, how, nonce)
+        # The claim ran: anyone else is refused, whoever they are.
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, client_id="someone-else")
+        # The same caller resubmitting the same document is accepted: its first submission never got an answer.
+        assert accept(store, nonce) == Acceptance(challenge=False)
+        # Confirmed now: a further submission is a replay, for this caller too.
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce)
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, client_id="someone-else")
+
+
+@pytest.mark.parametrize("how", LOST_FOR_GOOD.values(), ids=LOST_FOR_GOOD.keys())
+def test_a_consumed_challenge_answered_503_is_accepted_on_the_same_callers_retry(
+        server: RedisServer, unique: Unique, how: dict[str, Any]) -> None:
+    with proxied_store(server) as (proxy, store):
+        nonce = unique("lost-challenge-for-good")
+        store.issue_challenge(nonce, client_id="client", expires_at=utcnow() + timedelta(minutes=5))
+        _lose(proxy, store, how, nonce, require_challenge=True)
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, require_challenge=True, client_id="someone-else")
+        assert accept(store, nonce, require_challenge=True) == Acceptance(challenge=True)
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, require_challenge=True)
+
+
+def test_a_vm_scoped_claim_answered_503_is_accepted_on_the_same_callers_retry(server: RedisServer,
+                                                                             unique: Unique) -> None:
+    # Caller-chosen nonces are claimed per VM: the retry must find its VM's entry in the list (and, past the
+    # list's size, its VM's own key), and leave the other VMs' claims alone.
+    with proxied_store(server) as (proxy, store):
+        nonce = unique("lost-scoped")
+        vms = [f"vm-{index}" for index in range(10)]
+        for index, vm in enumerate(vms):
+            if index not in (3, 9):
+                assert accept(store, nonce, scope=vm) == Acceptance(challenge=False)
+                continue
+            # The fourth VM's claim goes into the seen value's list, the tenth's into a key of its own.
+            _lose(proxy, store, {"hold": True}, nonce, scope=vm)
+            with pytest.raises(NonceReplayed):
+                accept(store, nonce, scope=vm, client_id="someone-else")
+            assert accept(store, nonce, scope=vm) == Acceptance(challenge=False)
+            with pytest.raises(NonceReplayed):
+                accept(store, nonce, scope=vm)
+        for vm in vms:
+            with pytest.raises(NonceReplayed):
+                accept(store, nonce, scope=vm)
+
+
+def test_a_claim_refused_for_too_few_replicas_is_accepted_on_the_same_callers_retry(
+        server: RedisServer, replica: RedisServer, unique: Unique) -> None:
+    with proxied_store(server, min_replicas=1) as (_, store):
+        nonce = unique("frozen-replica")
+        with replica.frozen():
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                accept(store, nonce)
+            with pytest.raises(NonceReplayed):
+                accept(store, nonce, client_id="someone-else")
+            # Still no replica: the retry is refused the same way, and may be retried again.
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                accept(store, nonce)
+        wait_in_sync(server)
+        assert accept(store, nonce) == Acceptance(challenge=False)
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce)
+        with pytest.raises(NonceReplayed):
+            accept(store, nonce, client_id="someone-else")

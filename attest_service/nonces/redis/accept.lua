@@ -1,4 +1,5 @@
--- KEYS: challenge key, seen key, the VM's own seen key (the seen key again when there is no scope).
+-- KEYS: challenge key, seen key, the VM's own seen key (the seen key again when there is no scope), the
+-- caller's retry mark of this claim (attest:{<digest>}:retry:<digest of client id and scope>).
 -- ARGV: client id, "1" when a challenge is required, seen lifetime (ms, relative: an absolute PXAT from the
 -- caller's clock would vanish at once on a server whose clock runs ahead), claim token, scope tag ("" for none),
 -- the most VMs a seen value lists (MAX_LISTED_SCOPES).
@@ -21,6 +22,12 @@
 -- The token is random per claim: redis-py resends the whole script when the connection breaks, and a resent
 -- claim that finds its own token was the one that won (its first answer was lost). It rewrites its record, so
 -- that a WAIT after the script, on the retry's new connection, covers the record too.
+-- A claim that ran but whose answer never reached the service (a timeout after the script ran, a WAIT that too
+-- few replicas confirmed) was answered 503; the service then leaves a retry mark holding that claim's token,
+-- under a key only the same client with the same scope names. The caller's retry of the same document finds
+-- its old token in the record and in its mark: it is accepted (and confirmed again by its WAIT), the record
+-- taking the retry's token and the mark going away. Anyone else, and this caller after a confirmed claim
+-- (no mark), is refused as before.
 -- A record that replaces or extends another keeps the longer of the two lifetimes.
 -- Returns {"replayed", <1|0 challenge>, <client id>} | {"accepted", <1|0>} (a resent claim) | {"challenge"} |
 -- {"foreign"} | {"unknown"} | {"seen"}.
@@ -33,6 +40,18 @@ local function record(value, previous)
   end
   redis.call('SET', KEYS[2], value, 'PX', ttl)
 end
+-- Whether the caller's retry mark names ``token``: a claim of this caller whose answer was lost. The mark is
+-- spent by the retry it admits.
+local function marked(token)
+  if KEYS[4] == nil then
+    return false
+  end
+  if redis.call('GET', KEYS[4]) == token then
+    redis.call('DEL', KEYS[4])
+    return true
+  end
+  return false
+end
 local seen = redis.call('GET', KEYS[2])
 local listed = 0
 if seen then
@@ -42,6 +61,10 @@ if seen then
     local challenge = kind == 'C' and '1' or '0'
     if string.sub(seen, 3, sep - 1) == ARGV[4] then
       redis.call('SET', KEYS[2], seen, 'KEEPTTL')
+      return {'accepted', challenge}
+    end
+    if marked(string.sub(seen, 3, sep - 1)) then
+      redis.call('SET', KEYS[2], kind .. '|' .. ARGV[4] .. string.sub(seen, sep), 'KEEPTTL')
       return {'accepted', challenge}
     end
     return {'replayed', challenge, string.sub(seen, sep + 1)}
@@ -56,12 +79,22 @@ if seen then
         redis.call('SET', KEYS[2], seen, 'KEEPTTL')
         return {'accepted', '0'}
       end
+      local first = at + #ARGV[5] + 1
+      local last = (string.find(seen, ',', first, true) or (#seen + 1)) - 1
+      if marked(string.sub(seen, first, last)) then
+        redis.call('SET', KEYS[2], string.sub(seen, 1, first - 1) .. ARGV[4] .. string.sub(seen, last + 1), 'KEEPTTL')
+        return {'accepted', '0'}
+      end
       return {'replayed', '0', ''}
     end
     local own = redis.call('GET', KEYS[3])
     if own then
       if own == ARGV[4] then
         redis.call('SET', KEYS[3], own, 'KEEPTTL')
+        return {'accepted', '0'}
+      end
+      if marked(own) then
+        redis.call('SET', KEYS[3], ARGV[4], 'KEEPTTL')
         return {'accepted', '0'}
       end
       return {'replayed', '0', ''}

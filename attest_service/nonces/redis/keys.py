@@ -40,6 +40,16 @@ def scoped_seen_key(nonce: str, scope: str) -> str:
     return f"{KEY_PREFIX}:{{{hash_tag(nonce)}}}:seen:{scope_tag(scope)}"
 
 
+def retry_key(nonce: str, client_id: str, scope: str | None) -> str:
+    """Key of the retry mark of ``client_id``'s claim of ``nonce`` in ``scope`` (same slot as the nonce's records).
+
+    Named by a digest of the client id and the scope, so that only the same caller's claim of the same VM's
+    document finds it (see accept.lua).
+    """
+    caller = hashlib.sha256(f"{client_id}\0{'' if scope is None else scope_tag(scope)}".encode()).hexdigest()
+    return f"{KEY_PREFIX}:{{{hash_tag(nonce)}}}:retry:{caller}"
+
+
 def rate_key(client_id: str, window_index: int) -> str:
     """Key of one fixed rate window of ``client_id`` (all windows of a client share a slot)."""
     return f"{KEY_PREFIX}:rate:{{{hash_tag(client_id)}}}:{window_index}"

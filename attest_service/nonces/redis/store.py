@@ -8,8 +8,11 @@ made lazily and remade on the next call, so the store recovers by itself when Re
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Final, TypeVar
@@ -20,7 +23,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
 from attest_service.nonces.redis.connection import DirectConnections, RedisClient
-from attest_service.nonces.redis.keys import KEY_PREFIX, challenge_key, hash_tag, rate_key
+from attest_service.nonces.redis.keys import KEY_PREFIX, challenge_key, hash_tag, rate_key, retry_key
 from attest_service.nonces.redis.scripts import ACCEPT_SCRIPT, MAX_LISTED_SCOPES, RATE_SCRIPT
 from attest_service.nonces.store import (
     DEFAULT_CHALLENGE_TTL_SECONDS,
@@ -34,14 +37,66 @@ from attest_service.nonces.store import (
     seen_ttl_ms,
 )
 
+_LOG: Final = logging.getLogger(__name__)
+
 #: Random bytes of a claim token (96 bits: a replayed document cannot present another claim's token).
 CLAIM_TOKEN_BYTES: Final = 12
+#: How long the same caller may retry a claim whose answer was lost, in seconds (at most the record's lifetime).
+RETRY_WINDOW_SECONDS: Final = 600
+#: Retry marks waiting to be written after failed claims; beyond it the oldest are dropped (their retries get 409).
+MAX_PENDING_MARKS: Final = 1024
 
 _T = TypeVar("_T")
 
 
 def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _MarkWriter:
+    """Writes retry marks off the request's path, one after the other, on a thread that lives while there are any.
+
+    After a timeout or a broken connection Redis may be hung: writing the mark before answering would make
+    that request cost a second timeout. A mark that cannot be written is dropped (its retry gets 409).
+    """
+
+    def __init__(self, write: Callable[[str, str, int], None]) -> None:
+        self._write = write
+        self._pending: deque[tuple[str, str, int]] = deque(maxlen=MAX_PENDING_MARKS)
+        self._lock = threading.Lock()
+        self._running = False
+        self._closed = False
+
+    def submit(self, mark: str, token: str, px: int) -> None:
+        """Queue a mark; starts the writing thread (a greenlet under gevent) when none runs."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending.append((mark, token, px))
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="attest-retry-marks", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._closed:
+                    self._running = False
+                    return
+                mark, token, px = self._pending.popleft()
+            try:
+                self._write(mark, token, px)
+            except StoreUnavailable:
+                pass  # Redis cannot take it either: that caller's retry is refused, as before (fail closed)
+            except Exception:  # noqa: BLE001 - a thread of its own: nothing above it would see the error
+                _LOG.exception("leaving a retry mark in the nonce store failed")
+
+    def close(self) -> None:
+        """Drop the marks not written yet; no more are taken."""
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
 
 
 class RedisNonceStore:
@@ -69,6 +124,7 @@ class RedisNonceStore:
         self._direct: DirectConnections | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._marks = _MarkWriter(self._write_mark)
 
     def __repr__(self) -> str:
         return f"RedisNonceStore({self._description!r})"
@@ -121,19 +177,30 @@ class RedisNonceStore:
         seen = f"{KEY_PREFIX}:{{{tag}}}:seen"
         scope_digest = "" if scope is None else scope_tag(scope)
         scoped = f"{seen}:{scope_digest}" if scope_digest else seen
-        keys = [f"{KEY_PREFIX}:{{{tag}}}:ch", seen, scoped]
+        mark = retry_key(nonce, client_id, scope)
+        keys = [f"{KEY_PREFIX}:{{{tag}}}:ch", seen, scoped, mark]
         # One token per call of accept(), the same in redis-py's resend of the script (see accept.lua).
         token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
         args = [client_id, "1" if require_challenge else "0", str(ttl_ms), token, scope_digest, MAX_LISTED_SCOPES]
-        if self._min_replicas:
-            reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
-        else:
-            reply, replicas = self._call(lambda client: ACCEPT_SCRIPT.run(client, keys, args, self._direct)), 0
+        try:
+            if self._min_replicas:
+                reply, replicas = self._call(lambda client: self._run_replicated(client, keys, args))
+            else:
+                reply, replicas = self._call(lambda client: ACCEPT_SCRIPT.run(client, keys, args, self._direct)), 0
+        except StoreUnavailable:
+            # The script may have run and recorded this claim, its answer lost on the way back. Redis may be
+            # hung, so the mark is written off this request's path.
+            self._marks.submit(mark, token, min(ttl_ms, RETRY_WINDOW_SECONDS * 1000))
+            raise
         outcome = [_text(item) for item in reply]
         match outcome:
             case ["challenge" | "seen"] | ["accepted", _] if replicas < self._min_replicas:
                 # The record is on the primary only: a failover now would forget it and let the document in
-                # again. Fail closed; the record stays, so a retry of this document is refused as a replay.
+                # again. Fail closed; the record stays, refusing everyone else, and the mark lets this caller's
+                # retry of the same document confirm it (accept.lua).
+                # The connection just answered WAIT: the mark goes now, before the caller can retry.
+                with contextlib.suppress(StoreUnavailable):
+                    self._write_mark(mark, token, min(ttl_ms, RETRY_WINDOW_SECONDS * 1000))
                 raise StoreUnavailable(f"nonce store {self._description}: {replicas} of {self._min_replicas} "
                                        f"replicas confirmed the record within {self._wait_timeout_ms} ms")
             case ["challenge"]:
@@ -152,6 +219,14 @@ class RedisNonceStore:
             case ["unknown"]:
                 raise NonceUnknown(f"nonce {nonce!r} is not a live challenge: never issued, expired or consumed")
         raise StoreUnavailable(f"nonce store {self._description} gave an unexpected answer: {outcome!r}")
+
+    def _write_mark(self, mark: str, token: str, px: int) -> None:
+        """Leave the retry mark of a claim answered 503 that may have been recorded (see accept.lua).
+
+        Best effort: when Redis cannot take it either, the caller's retry is refused as a replay, as before
+        (fail closed). A mark whose claim never ran names a token no record holds, and admits nothing.
+        """
+        self._call(lambda client: client.set(mark, token, px=px))
 
     def _run_replicated(self, client: RedisClient, keys: Sequence[str],
                         args: Sequence[str | int]) -> tuple[list[bytes | int], int]:
@@ -204,6 +279,7 @@ class RedisNonceStore:
 
     def close(self) -> None:
         """Close the client's connections; later calls raise :class:`StoreUnavailable`."""
+        self._marks.close()
         with self._lock:
             self._closed = True
             client, self._client = self._client, None
