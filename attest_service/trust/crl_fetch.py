@@ -2,8 +2,10 @@
 
 Which CRLs: every pinned CA's cRLDistributionPoints (the CRL of the CA above it, so of the roots and of
 intermediate CAs), every given document's signer's (the CRL of its issuing CA, which no CA certificate names),
-and every URL a CRL of the directory was fetched from before (``<cloud>/crls/sources.txt``), so that a refresh
-keeps them all current. A certificate naming several URLs for the same CRL is served by the first that works.
+every URL a CRL of the directory was fetched from before (``<cloud>/crls/sources.txt``), so that a refresh
+keeps them all current, and those of the signers the service verified without a current CRL
+(``<cloud>/crls/wanted.txt``, :mod:`attest_service.trust.crl_wanted`). A certificate naming several URLs
+for the same CRL is served by the first that works, and a URL is wanted once.
 
 How, with the AIA fetch's guards (:class:`~attest_service.trust.issuers.CertificateFetcher`): only URLs under
 the cloud's allow-list of Microsoft's and DigiCert's CRL hosts (:meth:`CrlPolicy.azure`), only public
@@ -32,11 +34,13 @@ from cryptography import x509
 
 from attest_service.errors import AttestError, ConfigurationError
 from attest_service.files import read_bounded
+from attest_service.trust.crl_wanted import read_wanted
 from attest_service.trust.crls import (
     CRL_FOLDER,
     CRL_SUFFIX,
     MAX_CRL_BYTES,
     SOURCES_LIST,
+    WANTED_LIST,
     CrlRefused,
     accept_crl,
 )
@@ -120,11 +124,14 @@ def wanted_crls(trust: TrustStore, directory: Path, documents: Iterable[bytes] =
 
     A document that cannot be parsed, or whose signer names no cloud's domain, raises ConfigurationError.
     """
-    wanted: dict[tuple[str, tuple[str, ...]], Wanted] = {}
+    wanted: list[Wanted] = []
+    seen: set[tuple[str, str]] = set()
 
     def want(cloud: str, urls: tuple[str, ...], reason: str) -> None:
-        if urls:
-            wanted.setdefault((cloud, urls), Wanted(cloud, urls, reason))
+        # Alternatives of one CRL (a certificate's URLs) are one item; a URL already wanted adds nothing.
+        if urls and not any((cloud, url) in seen for url in urls):
+            wanted.append(Wanted(cloud, urls, reason))
+            seen.update((cloud, url) for url in urls)
 
     for number, der in enumerate(documents, start=1):
         try:
@@ -141,7 +148,9 @@ def wanted_crls(trust: TrustStore, directory: Path, documents: Iterable[bytes] =
             want(name, crl_urls(pin.certificate), f"named by {pin.subject_cn}")
         for file, url in sorted(read_sources(directory / name / CRL_FOLDER).items()):
             want(name, (url,), f"fetched before into {file}")
-    return list(wanted.values())
+        for urls in read_wanted(directory / name / CRL_FOLDER):
+            want(name, urls, f"named by a signer the service verified ({WANTED_LIST})")
+    return wanted
 
 
 def crl_filename(url: str) -> str:

@@ -253,7 +253,7 @@ def load_crls(trust: CloudTrust, directory: Path, base: Path) -> CloudTrust:
         source = path.relative_to(base).as_posix()
         if path.name.startswith("."):
             continue
-        if path.name == SOURCES_LIST:
+        if path.name in (SOURCES_LIST, WANTED_LIST):
             continue
         if path.suffix != CRL_SUFFIX:
             problems.append(f"{source}: not used: only *{CRL_SUFFIX} files (DER or PEM) are CRLs")
@@ -271,6 +271,9 @@ def load_crls(trust: CloudTrust, directory: Path, base: Path) -> CloudTrust:
 #: File in ``<cloud>/crls/`` recording the URL each fetched CRL came from (``FILE  URL`` per line), so that
 #: a refresh fetches the same ones again. Written by ``certs crls fetch``; not a CRL, not reported.
 SOURCES_LIST: Final = "sources.txt"
+#: File in ``<cloud>/crls/`` listing CRL URLs the service wants fetched (``URL  # why`` per line): those of
+#: signers it verified without a current CRL (:mod:`attest_service.trust.crl_wanted`). Not a CRL, not reported.
+WANTED_LIST: Final = "wanted.txt"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 
 from attest_service.errors import CertificateRevoked, ConfigurationError, UntrustedChain
-from attest_service.trust import CloudTrust, TrustStore, load_trust, revocation_metrics
+from attest_service.trust import CloudTrust, TrustStore, crl_wanted, load_trust, revocation_metrics
 from attest_service.trust.aia import AiaFallback
 from attest_service.trust.certificates import ca_issuers_urls
 from attest_service.trust.loading import (
@@ -283,5 +283,6 @@ class ReloadingVerifier:
         except UntrustedChain as refusal:
             result = self._fallback.verify(verifier, document, policy=policy, now=now, refusal=refusal)
         revocation_metrics.count_unknown(result)
+        crl_wanted.note(document, result)
         count_verified(result)
         return result

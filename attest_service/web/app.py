@@ -27,7 +27,7 @@ from attest_service.nonces import NonceStore, open_store
 from attest_service.results import ResultSigner, ensure_generated_key
 from attest_service.server import master
 from attest_service.settings import Settings
-from attest_service.trust import TrustStore
+from attest_service.trust import TrustStore, crl_wanted
 from attest_service.trust.aia import AiaFetcher
 from attest_service.trust.fetched import PinnedCaFetcher, cache_dir_for_store
 from attest_service.trust.reload import ReloadingVerifier
@@ -131,6 +131,9 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
     policies = _access_policy(settings, snapshot)
     trust = document_verifier(settings, aia=aia, last_good=snapshot.trust if snapshot is not None else None,
                               pinned_fetch=pinned_fetch)
+    if settings.crl_refresh_seconds:
+        # The fetch beside the service learns the issuing CAs' CRL URLs from the signers verified here.
+        crl_wanted.enable(settings.pinned_certs)
     if store is None:
         store = open_store(settings.nonce_store_url, timeout_seconds=settings.store_timeout_seconds,
                            challenge_ttl_seconds=settings.challenge_ttl.total_seconds(),

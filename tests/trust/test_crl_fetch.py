@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from attest_service.errors import ConfigurationError
 from attest_service.imds import pki
 from attest_service.server import crl_refresh
 from attest_service.settings import Settings
-from attest_service.trust import load_trust
+from attest_service.trust import crl_wanted, load_trust
 from attest_service.trust.crl_fetch import CrlFetcher, CrlPolicy, crl_filename, wanted_crls
 from attest_service.trust.crls import SOURCES_LIST
 from attest_service.trust.issuers import AllowRule
+from attest_service.trust.reload import ReloadingVerifier
+from attest_service.verify import VerificationPolicy
 from tests.support import crls
 
 from .conftest import BUNDLED, DAY, CaServer, Pki, make_ca, make_root, response_json, sign_document
@@ -35,6 +38,12 @@ Published = tuple[Path, pki.CertifiedKey, pki.CertifiedKey, pki.CertifiedKey, by
 
 def _with_crl_url(certified: pki.CertifiedKey, issuer: pki.CertifiedKey | None, url: str) -> pki.CertifiedKey:
     """``certified``'s certificate again, with a cRLDistributionPoints naming ``url``, signed by ``issuer``."""
+    return _with_crl_urls(certified, issuer, [url])
+
+
+def _with_crl_urls(certified: pki.CertifiedKey, issuer: pki.CertifiedKey | None,
+                   urls: list[str]) -> pki.CertifiedKey:
+    """``certified``'s certificate again, with one distribution point naming ``urls``, signed by ``issuer``."""
     cert = certified.certificate
     builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
                .public_key(cert.public_key()).serial_number(cert.serial_number)
@@ -42,7 +51,7 @@ def _with_crl_url(certified: pki.CertifiedKey, issuer: pki.CertifiedKey | None, 
     for extension in cert.extensions:
         builder = builder.add_extension(extension.value, critical=extension.critical)
     builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-        [x509.UniformResourceIdentifier(url)], None, None, None)]), critical=False)
+        [x509.UniformResourceIdentifier(url) for url in urls], None, None, None)]), critical=False)
     signer = issuer.private_key if issuer is not None else certified.private_key
     return pki.CertifiedKey(certificate=builder.sign(signer, hashes.SHA256()), private_key=certified.private_key)
 
@@ -245,3 +254,62 @@ def test_command_refuses_unusable_documents_as_usage_errors(run_cli, pinned: Pat
         code, out, err = run_cli("certs", "crls", "fetch", "--pinned-certs", str(pinned), "--document", str(path))
         assert code in (1, 2), (data, out, err)
         assert "Traceback" not in out + err
+
+
+# --- the CRL URLs of signers the service verified without a current CRL ------------------------------------
+
+
+@pytest.fixture
+def noting(pinned: Path) -> Iterator[Path]:
+    crl_wanted.enable(pinned)
+    try:
+        yield pinned
+    finally:
+        crl_wanted.enable(None)
+
+
+def test_service_notes_the_crl_urls_of_signers_no_current_crl_covers(noting: Path, pki_set: Pki, leaf_key) -> None:  # type: ignore[no-untyped-def]
+    partition = ["http://www.microsoft.com/pkiops/crl/partition/Test_Partition00045.crl",
+                 "http://crl2.microsoft.com/pkiops/crl/partition/Test_Partition00045.crl"]
+    leaf = _with_crl_urls(pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
+                                        common_name="metadata.azure.com", key=leaf_key, issuer=pki_set.issuing,
+                                        not_before=pki_set.now - DAY, not_after=pki_set.now + 30 * DAY,
+                                        serial=x509.random_serial_number()), pki_set.issuing, partition)
+    document = sign_document(leaf, pki_set.now)
+    for _ in range(2):  # two workers of one pod
+        verifier = ReloadingVerifier(noting, interval_seconds=5)
+        for _ in range(3):
+            verifier.verify(document, policy=VerificationPolicy(), now=pki_set.now)
+        crl_wanted.enable(noting)  # a new worker remembers nothing: the file dedupes
+    wanted_file = noting / "public" / "crls" / "wanted.txt"
+    [line] = wanted_file.read_text().splitlines()
+    assert line.startswith(" ".join(partition) + "  # CRL of CN=Ops Test Issuing CA 01")
+    # The next fetch round wants it (both URLs as alternatives for one CRL); the loader passes over the file.
+    trust = load_trust(noting)
+    wanted = [item for item in wanted_crls(trust, noting) if "wanted.txt" in item.reason]
+    assert [(item.cloud, item.urls) for item in wanted] == [("public", tuple(partition))]
+    assert trust.for_cloud("public").crl_problems == ()
+
+
+def test_nothing_is_noted_when_off_or_when_a_current_crl_covers_the_path(pinned: Path, pki_set: Pki,
+                                                                         leaf_key) -> None:  # type: ignore[no-untyped-def]
+    url = "http://www.microsoft.com/pkiops/crl/Ops%20Test%20Issuing%20CA%2001.crl"
+    leaf = _with_crl_url(pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
+                                       common_name="metadata.azure.com", key=leaf_key, issuer=pki_set.issuing,
+                                       not_before=pki_set.now - DAY, not_after=pki_set.now + 30 * DAY,
+                                       serial=x509.random_serial_number()), pki_set.issuing, url)
+    document = sign_document(leaf, pki_set.now)
+    ReloadingVerifier(pinned, interval_seconds=5).verify(document, policy=VerificationPolicy(), now=pki_set.now)
+    assert not (pinned / "public" / "crls").exists()  # not enabled: the service writes nothing
+    folder = pinned / "public" / "crls"
+    folder.mkdir()
+    (folder / "issuing.crl").write_bytes(crls.der(crls.make_crl(pki_set.issuing, now=pki_set.now)))
+    (folder / "root.crl").write_bytes(crls.der(crls.make_crl(pki_set.root, now=pki_set.now)))
+    crl_wanted.enable(pinned)
+    try:
+        result = ReloadingVerifier(pinned, interval_seconds=5).verify(document, policy=VerificationPolicy(),
+                                                                      now=pki_set.now)
+    finally:
+        crl_wanted.enable(None)
+    assert result.revocation_unknown == 0
+    assert not (folder / "wanted.txt").exists()

@@ -1,0 +1,104 @@
+"""The CRL URLs of signers the service verified without a current CRL, for the background fetch to get.
+
+No pinned certificate names the CRL of an issuing CA: only the leaves it signed do (Azure's Microsoft TLS G2
+CAs even partition their CRLs, each leaf naming its partition). So when the CRLs are fetched beside the
+service (``ATTEST_CRL_REFRESH_SECONDS``), a worker that accepts a document although no current CRL covered
+its path notes the cRLDistributionPoints of its signer in ``<cloud>/crls/wanted.txt``, where the next round of
+``certs crls fetch`` (:func:`~attest_service.trust.crl_fetch.wanted_crls`) finds them.
+
+Only signers of documents that verified are noted (their signature, name and path to a pinned root checked),
+so a forger cannot make the fetch ask for anything; the fetch still takes only allow-listed URLs. Each worker
+notes a signer once (:data:`MAX_SIGNERS` remembered) and appends a line only for a URL not in the file yet, in
+one ``O_APPEND`` write per line, so workers writing at once cannot interleave. A directory that cannot be
+written (a read-only mount) is logged once and otherwise changes nothing: the verification never depends on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+
+from attest_service.errors import AttestError, ConfigurationError
+from attest_service.files import read_bounded
+from attest_service.trust.crls import CRL_FOLDER, WANTED_LIST
+from attest_service.verify import VerifiedDocument, signer_certificate
+
+LOG: Final = logging.getLogger(__name__)
+#: Largest wanted list read, in bytes.
+MAX_WANTED_BYTES: Final = 1024 * 1024
+#: Signers a worker remembers having noted; beyond it the set starts afresh (the file dedupes too).
+MAX_SIGNERS: Final = 256
+
+_directory: Path | None = None
+_noted: set[str] = set()
+_lock = threading.Lock()
+_failed = False
+
+
+def enable(directory: Path | None) -> None:
+    """Note wanted CRLs in ``directory`` from now on (None: stop); the service does when the fetch runs beside it."""
+    global _directory  # noqa: PLW0603 - one trust directory per process
+    with _lock:
+        _directory = directory
+        _noted.clear()
+
+
+def read_wanted(folder: Path) -> list[tuple[str, ...]]:
+    """The lines of ``folder/wanted.txt``: each a signer's CRL URLs (alternatives), in order; empty when unreadable."""
+    try:
+        text = read_bounded(folder / WANTED_LIST, MAX_WANTED_BYTES, what="wanted CRLs").decode("utf-8", "replace")
+    except ConfigurationError:
+        return []
+    lines = (tuple(url for url in line.split("#", 1)[0].split() if url.startswith(("http://", "https://")))
+             for line in text.splitlines())
+    return list(dict.fromkeys(urls for urls in lines if urls))
+
+
+def note(document: bytes, result: VerifiedDocument) -> None:
+    """After ``result`` was accepted without a current CRL for its path: note its signer's CRL URLs.
+
+    Does nothing unless :func:`enable` was called, when the path was covered, or for a signer noted before.
+    Never raises.
+    """
+    global _failed  # noqa: PLW0603 - logged once per process
+    directory = _directory
+    if directory is None or not result.revocation_unknown:
+        return
+    with _lock:
+        if result.signer.sha256 in _noted:
+            return
+        if len(_noted) >= MAX_SIGNERS:
+            _noted.clear()
+        _noted.add(result.signer.sha256)
+    try:
+        signer = signer_certificate(document)
+        points = signer.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        urls = [name.value for point in points for name in (point.full_name or ())
+                if isinstance(name, x509.UniformResourceIdentifier)]
+    except (AttestError, x509.ExtensionNotFound, ValueError, TypeError):
+        return  # no usable cRLDistributionPoints: nothing to fetch for it
+    urls = [url for url in urls if url.startswith(("http://", "https://")) and not any(c.isspace() for c in url)]
+    folder = directory / result.cloud / CRL_FOLDER
+    try:
+        if not urls or any(set(urls) & set(line) for line in read_wanted(folder)):
+            return
+        when = datetime.now(UTC).replace(microsecond=0).isoformat()
+        # The signer's URLs are alternatives for one CRL: one line, so that the fetch downloads it once.
+        line = f"{' '.join(urls)}  # CRL of {result.signer.issuer[:200]}, wanted {when}\n".encode()
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder / WANTED_LIST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
+    except OSError as exc:
+        if not _failed:
+            _failed = True
+            LOG.warning("cannot note the CRL URLs of verified signers in %s (%s): the background CRL fetch gets "
+                        "only the CRLs the pins name", folder, exc.strerror)
