@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from attest_service.results import load_keys
 from attest_service.results.keys import GENERATED_KEY_NAME
 from tests.results.conftest import write_key
-from tests.support.redis_server import RedisServer, redis_available
+from tests.support import tools
+from tests.support.redis_server import RedisServer
 from tests.support.service import DocumentFactory, ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -165,9 +166,8 @@ def _metrics_text(service: ServiceProcess) -> str:
         pytest.fail(f"/metrics answered {exc.code}:\n{service.log_tail()}")
 
 
+@tools.requires_redis
 def test_with_a_shared_store_and_no_key_directory_results_are_off(tmp_path: Path) -> None:
-    if not redis_available():
-        pytest.skip("redis-server is not installed")
     factory = DocumentFactory.around_now(tmp_path / "pinned")
     (tmp_path / "redis").mkdir()
     with RedisServer(tmp_path / "redis") as redis:
