@@ -4,7 +4,10 @@ Three servers run side by side on loopback:
 
 * **verify**: ``attest-service serve`` exactly as shipped (its default worker class and count), on a real
   ``redis-server`` started here on a free port, with one API-key caller whose rate budget is raised so that
-  the limit is not what is measured; access log and metrics as shipped;
+  the limit is not what is measured; access log and metrics as shipped; attestation results off (what a
+  shared store without ``ATTEST_RESULT_KEYS`` gives);
+* **verify(results)**: the same with attestation results on (``ATTEST_RESULT_KEYS``: one P-256 key), so
+  that every answer also carries a signed EAR token: the cost of results, side by side with ``verify``;
 * **echo(sync)**: a bare Flask app (``benchmarks/echo_app.py``) under gunicorn's defaults, 2 sync workers;
 * **echo(gevent)**: the same app under the service's gunicorn configuration (gevent workers, JSON access log).
 
@@ -24,7 +27,8 @@ Figures (best of ``--rounds`` interleaved rounds, each round verify, echo(sync),
    (``/proc/<pid>/stat``, ``INFO commandstats``), service CPU per verification, and how the connections were
    spread over the workers;
 5. CPU per request: user plus system time of each server's processes (gunicorn master and workers, and for
-   verify the Redis server too) per 2xx answer, over all rounds, and echo's CPU per request over verify's.
+   verify the Redis server too) per 2xx answer, over all rounds, and echo's CPU per request over verify's;
+   results on over results off, in CPU per request and in capacity (the target: at most 10 % more CPU).
 
 On a 2-core machine the load generator, the client and Redis share the cores with the servers: the ratio
 is the figure to compare, not the absolute rates. Of the two ratios, the CPU one holds best on a shared or
@@ -73,6 +77,7 @@ from openloop import Result, distribution, percentile, post_request, run_paced  
 
 from attest_service.cli import serve as serve_command  # noqa: E402
 from attest_service.imds import pki  # noqa: E402
+from attest_service.results import write_new_key  # noqa: E402
 from attest_service.server import gunicorn_conf, serve  # noqa: E402
 from attest_service.verify.pkcs7 import parse_signed_data  # noqa: E402
 from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: E402
@@ -389,20 +394,32 @@ def base_env(gunicorn_args: str) -> dict[str, str]:
     return env
 
 
+def result_keys(workdir: Path) -> Path:
+    """A result key directory with one P-256 key (made once per run)."""
+    directory = workdir / "result-keys"
+    if not directory.is_dir():
+        write_new_key(directory, "ES256")
+    return directory
+
+
 def service(workdir: Path, redis: RedisServer, workers: int | None,
-            gunicorn_args: str) -> contextlib.AbstractContextManager[Server]:
-    """``attest-service serve`` as shipped; ``workers`` None means the shipped count (no option given)."""
+            gunicorn_args: str, *, results: bool = False) -> contextlib.AbstractContextManager[Server]:
+    """``attest-service serve`` as shipped; ``workers`` None means the shipped count (no option given).
+
+    ``results``: attestation results on, signed with a P-256 key (else off, as on a shared store by default).
+    """
     port = free_port()
     metrics = workdir / f"metrics-{port}"
     metrics.mkdir()
     env = {**base_env(gunicorn_args), "PROMETHEUS_MULTIPROC_DIR": str(metrics),
            "ATTEST_PINNED_CERTS": str(workdir / "pinned"), "ATTEST_NONCE_STORE": redis.url,
            "ATTEST_API_KEYS": f"{CLIENT_ID}:{hashlib.sha256(API_KEY.encode()).hexdigest()}",
-           "ATTEST_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT_PER_MINUTE)}
+           "ATTEST_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT_PER_MINUTE),
+           "ATTEST_RESULT_KEYS": str(result_keys(workdir)) if results else "off"}
     argv = [sys.executable, "-m", "attest_service", "serve", "--bind", f"{LOOPBACK}:{port}"]
     if workers is not None:
         argv += ["--workers", str(workers)]
-    name = "verify" if workers is None else f"verify({workers} workers)"
+    name = ("verify(results)" if results else "verify") if workers is None else f"verify({workers} workers)"
     return running(name, argv, env, port, workdir / f"service-{port}.log")
 
 
@@ -591,7 +608,8 @@ def main() -> int:
     parser.add_argument("--half-duration", type=float, default=10.0, help="seconds per half-capacity run")
     parser.add_argument("--scale-duration", type=float, default=8.0, help="seconds per 1- and 4-worker run")
     parser.add_argument("--scale", default="1,4", help="worker counts to measure besides the shipped one ('' = none)")
-    parser.add_argument("--servers", default="verify,sync,gevent", help="which of verify, sync, gevent to run")
+    parser.add_argument("--servers", default="verify,results,sync,gevent",
+                        help="which of verify, results (verify with attestation results on), sync, gevent to run")
     parser.add_argument("--service-gunicorn-args", default="", help="extra gunicorn options for the service only "
                         "(GUNICORN_CMD_ARGS), to try a setting; the figures are then not the shipped ones")
     parser.add_argument("--gunicorn-args", default="", help="extra gunicorn options for every server")
@@ -619,8 +637,9 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             servers: dict[str, Server] = {}
             for kind in kinds:
-                if kind == "verify":
-                    servers[kind] = stack.enter_context(service(workdir, redis, None, service_args))
+                if kind in ("verify", "results"):
+                    servers[kind] = stack.enter_context(service(workdir, redis, None, service_args,
+                                                                results=kind == "results"))
                 else:
                     servers[kind] = stack.enter_context(echo(workdir, kind, args.gunicorn_args))
                 bench.warm_up(servers[kind])
@@ -628,7 +647,7 @@ def main() -> int:
                 print(f"round {round_number} (capacity over {args.duration:.0f} s, wrk; probe beside it):", flush=True)
                 for kind, server in servers.items():
                     run = bench.saturate(server, args.duration)
-                    print_saturation(run, kind == "verify")
+                    print_saturation(run, kind in ("verify", "results"))
                     sys.stdout.flush()
                     probes.setdefault(kind, []).extend(run.probe.latencies_ms)
                     rounds.setdefault(kind, []).append(run)
@@ -700,6 +719,15 @@ def print_cpu_figures(rounds: dict[str, list[Saturation]]) -> None:
     verify = cpu.get("verify")
     if verify is None:
         return
+    results = cpu.get("results")
+    if results is not None:
+        rates = {kind: max(run.wrk.rate for run in rounds[kind]) for kind in ("verify", "results")}
+        print(targets.RESULTS_CPU_RATIO.line(results.total / verify.total, digits=3,
+                                             note=f"({results.total * 1e6:.0f} us over {verify.total * 1e6:.0f} us "
+                                                  f"per request: signing an EAR token costs "
+                                                  f"{(results.total - verify.total) * 1e6:.0f} us)"))
+        print(f"{'capacity results on/off:':<34} {rates['results'] / rates['verify']:>10.3f}   "
+              f"({rates['results']:,.0f}/s over {rates['verify']:,.0f}/s, best rounds)")
     for kind in ("sync", "gevent"):
         if kind in cpu:
             print(f"{'CPU ratio echo(' + kind + ')/verify:':<34} {cpu[kind].total / verify.total:>10.2f}   "

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from attest_service.verify import VerifiedDocument
 
 LOG: Final = logging.getLogger(__name__)
+#: The claims' JSON: compact, ASCII (any UTF-8 would do; escapes keep the payload plain), one encoder for all.
+_PAYLOAD_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 #: The issuer when none is configured: the service's default address (``serve``'s default bind). It is a
 #: fixed value, never taken from a request's Host or forwarding headers, which a caller writes.
@@ -247,7 +249,7 @@ class ResultSigner:
         key: SigningKey = loaded.keys.signing
         claims = result_claims(document, caller=caller, issuer=self.issuer, at=at, ttl=self.ttl,
                                verifier_build=self._build)
-        payload = json.dumps(claims, separators=(",", ":")).encode()
+        payload = _PAYLOAD_ENCODER.encode(claims).encode()
         token = jws.serialize_compact({"alg": key.alg, "kid": key.kid, "typ": "JWT"}, payload, key.jose_key,
                                       registry=loaded.registries[key.alg])
         return SignedResult(token=token, kid=key.kid)

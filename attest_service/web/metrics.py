@@ -86,7 +86,12 @@ class MetricEvents:
 
     def result_issued(self, kid: str) -> None:
         """Count an attestation result by the ``kid`` of its key (a handful of keys at a time)."""
-        RESULTS_ISSUED.labels(kid=kid).inc()
+        child = _RESULT_CHILDREN.get(kid)
+        if child is None:
+            # A kid is a key of the operator's directory, never a caller's input: the labels stay few. The
+            # children are remembered as the verification counters' are (labels() per request costs more).
+            child = _RESULT_CHILDREN[kid] = RESULTS_ISSUED.labels(kid=kid)
+        child.inc()
 
     def keys_reloaded(self, *, ok: bool) -> None:
         """Count a load of the changed result key directory; raise the failing gauge while it fails."""
@@ -122,6 +127,7 @@ def record_http_request(route: str, status: int) -> None:
 
 # The labelled children, looked up once: labels() costs as much again as the increment itself, on every request.
 _VERIFICATION_CHILDREN: Final[dict[str | None, Counter]] = {}
+_RESULT_CHILDREN: Final[dict[str, Counter]] = {}
 _HTTP_CHILDREN: Final[dict[tuple[str, int], Counter]] = {}
 
 

@@ -7,6 +7,8 @@ the running service and verifies the token ``/v1/verify`` answered.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -191,3 +193,33 @@ def test_an_unusable_key_directory_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"a\.pem has mode 0644"):
         service.start()
     assert json.dumps(service.log_tail()).count("BEGIN") == 0
+
+
+def _worker_pids(service: ServiceProcess) -> list[int]:
+    master = service.pid
+    assert master is not None
+    text = Path(f"/proc/{master}/task/{master}/children").read_text()
+    return sorted(int(pid) for pid in text.split())
+
+
+def test_a_worker_respawned_while_the_key_directory_is_broken_signs_with_the_masters_last_good_keys(
+        tmp_path: Path) -> None:
+    factory = DocumentFactory.around_now(tmp_path / "pinned")
+    keys = tmp_path / "keys"
+    write_key(keys, "a.pem", ec.generate_private_key(ec.SECP256R1()))
+    kid = load_keys(keys).signing.kid
+    env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir), "ATTEST_RESULT_KEYS": str(keys),
+           "ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'n.sqlite3'}", "ATTEST_TRUST_RELOAD_SECONDS": "1"}
+    service = ServiceProcess(env, tmp_path, workers=1)
+    service._env["ATTEST_RESULT_ISSUER"] = service.url
+    with service:
+        (keys / "z.pem").write_text("not a key")
+        (keys / "z.pem").chmod(0o600)
+        # The master notices on its own timer: a worker started from now on could not load the directory.
+        _eventually(lambda: "result key directory" in service.log_tail(100_000), "the master reports the breakage")
+        (old,) = _worker_pids(service)
+        os.kill(old, signal.SIGKILL)
+        _eventually(lambda: bool(_worker_pids(service)) and old not in _worker_pids(service), "a new worker")
+        _eventually(lambda: _kids(service) == [kid], "the new worker publishes the master's last good key")
+        assert _signing_kid(service, factory) == kid
+        assert service.pid is not None  # the master did not halt on a worker that could not boot
