@@ -39,7 +39,7 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
             handler.setFormatter(formatter(self.log_format))
         install(self.log_format, (os.environ.get("ATTEST_LOG_LEVEL") or "info"))
 
-    def access(self, resp: Any, req: Any, environ: dict[str, Any],  # noqa: ANN401, ARG002 - gunicorn's signature
+    def access(self, resp: Any, req: Any, environ: dict[str, Any],  # noqa: ANN401 - gunicorn's signature
                request_time: timedelta) -> None:
         """Write one JSON line for a finished request (when access logging is enabled)."""
         if not self.access_log_enabled:
@@ -58,9 +58,10 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
             "request_id": request_id,
             "remote": environ.get("REMOTE_ADDR", "-"),
             "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
+            # gunicorn's own answers come with an environ holding no PATH_INFO; the request has the path.
+            "path": environ.get("PATH_INFO", getattr(req, "path", None)),
             "query": environ.get("QUERY_STRING"),
-            "status": resp.status_code,
+            "status": _status(resp),
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 3),
             "user_agent": environ.get("HTTP_USER_AGENT", "-"),
@@ -101,6 +102,17 @@ class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type 
                 or formatter is None or getattr(formatter, "_fmt", None) != _MESSAGE_ONLY):
             return None
         return handler
+
+
+def _status(resp: Any) -> int | None:  # noqa: ANN401 - gunicorn's Response
+    # gunicorn's own answer to a request it refuses (a Content-Length that is not a number, or both
+    # Content-Length and Transfer-Encoding) reaches access() with its ``status`` text only: failing on it
+    # would turn gunicorn's 400 into a 500 and a traceback.
+    code = getattr(resp, "status_code", None)
+    if isinstance(code, int):
+        return code
+    first = str(getattr(resp, "status", "") or "").split(" ", 1)[0]
+    return int(first) if first.isdigit() else None
 
 
 def _text(record: dict[str, Any]) -> str:

@@ -221,6 +221,36 @@ def test_a_connection_reset_mid_body_is_closed_quietly(service: LiveService, chu
     assert service.request("GET", "/healthz")[0] == 200
 
 
+#: Framing headers gunicorn refuses itself, before the application sees the request.
+UNUSABLE_FRAMING = {
+    "negative length": ["Content-Length: -1"],
+    "signed length": ["Content-Length: +2"],
+    "two lengths": ["Content-Length: 2", "Content-Length: 3"],
+    "length and chunked": ["Content-Length: 2", "Transfer-Encoding: chunked"],
+    "identity coding": ["Transfer-Encoding: identity"],
+}
+
+
+def gunicorns_own_refusals(service: LiveService) -> int:
+    """Access lines of answers gunicorn wrote itself (they carry no request id)."""
+    return len([line for line in log_lines(service)
+                if line.get("status") == 400 and line.get("path") == "/v1/verify" and line.get("request_id") == "-"])
+
+
+@pytest.mark.parametrize("headers", UNUSABLE_FRAMING.values(), ids=UNUSABLE_FRAMING.keys())
+def test_framing_that_gunicorn_refuses_is_its_400_and_logged(service: LiveService, headers: list[str]) -> None:
+    before = gunicorns_own_refusals(service)
+    head = request_head("/v1/verify", "198.51.100.33", key=KEYS["license-server"])
+    raw = head.replace(b"\r\n\r\n", ("".join(f"\r\n{line}" for line in headers) + "\r\n\r\n").encode())
+    status, _, _ = exchange(service, raw + b"2\r\n{}\r\n0\r\n\r\n")
+    # Not a 500 from a failing access line: the traceback check closes the module.
+    assert status == 400
+    deadline = time.monotonic() + 5
+    while gunicorns_own_refusals(service) == before:
+        assert time.monotonic() < deadline, "no access line for gunicorn's answer"
+        time.sleep(0.05)
+
+
 def test_no_edge_of_a_request_was_an_internal_error(service: LiveService) -> None:
     # Last in the module: every request above has been answered or dropped by now.
     time.sleep(0.5)
