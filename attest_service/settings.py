@@ -219,9 +219,10 @@ class Settings:
         env = os.environ if env is None else env
         pinned = pinned_dir_from_env(env)
         store = env.get("ATTEST_NONCE_STORE") or default_sqlite_url()
-        if not store.startswith(("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "sqlite:///")):
+        if not store.startswith(("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
+                                 "redis+cluster://", "rediss+cluster://", "sqlite:///")):
             raise ConfigurationError("ATTEST_NONCE_STORE: expected redis://, rediss://, redis+sentinel://, "
-                                     "redis+cluster:// or sqlite:/// URL")
+                                     "rediss+sentinel://, redis+cluster://, rediss+cluster:// or sqlite:/// URL")
         policy = env.get("ATTEST_POLICY_FILE")
         level = (env.get("ATTEST_LOG_LEVEL") or "info").lower()
         if level not in _LOG_LEVELS:

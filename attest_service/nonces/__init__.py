@@ -2,7 +2,8 @@
 
 :func:`open_store` turns an ``ATTEST_NONCE_STORE`` URL into a :class:`NonceStore`:
 
-* ``redis://``, ``rediss://``, ``redis+sentinel://``, ``redis+cluster://`` -- Redis, shared by every replica
+* ``redis://``, ``rediss://``, ``redis+sentinel://``, ``redis+cluster://`` (and over TLS ``rediss+sentinel://``,
+  ``rediss+cluster://``) -- Redis, shared by every replica
   (:mod:`attest_service.nonces.redis`);
 * ``sqlite:///relative/path``, ``sqlite:////absolute/path`` -- a SQLite file shared by the worker processes
   of one machine (:mod:`attest_service.nonces.sqlite_store`); :func:`default_sqlite_url` names the default.

@@ -212,7 +212,7 @@ class RateWindow:
 
 #: URL schemes of the Redis backend (:mod:`attest_service.nonces.redis`), known here so that a URL can be
 #: dispatched without importing redis.
-REDIS_SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+REDIS_SCHEMES: Final = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
 
 def redact(url: str) -> str:

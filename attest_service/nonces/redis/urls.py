@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -28,7 +28,13 @@ SCHEMES: Final = REDIS_SCHEMES
 #: over to a replica, which has only what reached it: a record on the primary alone would be forgotten and its
 #: document accepted again. A single server (redis://, rediss://) has no failover to survive; if it does have
 #: replicas that an operator promotes by hand, configure the number explicitly.
-DEFAULT_MIN_REPLICAS: Final = MappingProxyType({"redis": 0, "rediss": 0, "redis+sentinel": 1, "redis+cluster": 1})
+DEFAULT_MIN_REPLICAS: Final = MappingProxyType({"redis": 0, "rediss": 0, "redis+sentinel": 1, "rediss+sentinel": 1,
+                                                "redis+cluster": 1, "rediss+cluster": 1})
+#: TLS options of ``rediss+sentinel://`` and ``rediss+cluster://`` URLs, as query parameters: redis-py's names,
+#: which ``rediss://`` URLs take too (CA bundle, client certificate and key, verification, host name check).
+TLS_OPTIONS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_CERT_REQS: Final = ("none", "optional", "required")
+_BOOLEANS: Final = MappingProxyType({"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False})
 
 _LOG: Final = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ class MultiHostURL:
     password: str | None
     hosts: tuple[tuple[str, int], ...]
     path: str
+    #: The query string (without "?"): the TLS options of the rediss+ forms.
+    query: str = ""
 
     @classmethod
     def parse(cls, url: str, *, default_port: int) -> MultiHostURL:
@@ -59,8 +67,6 @@ class MultiHostURL:
         if not separator:
             raise ValueError("expected scheme://host:port")
         rest, _, query = rest.partition("?")
-        if query:
-            raise ValueError(f"query parameters are not supported in {scheme}:// URLs")
         authority, _, path = rest.partition("/")
         username = password = None
         if "@" in authority:
@@ -71,7 +77,38 @@ class MultiHostURL:
         if not authority:
             raise ValueError("no host given")
         hosts = tuple(_host_port(entry.strip(), default_port) for entry in authority.split(","))
-        return cls(scheme=scheme.lower(), username=username, password=password, hosts=hosts, path=path)
+        return cls(scheme=scheme.lower(), username=username, password=password, hosts=hosts, path=path, query=query)
+
+    def tls_options(self) -> dict[str, object]:
+        """redis-py's connection options for TLS (``ssl=True`` and :data:`TLS_OPTIONS` given), or ``{}``.
+
+        Only the ``rediss+`` schemes use TLS and take query parameters; raises :class:`ValueError` for a query
+        on another scheme, an unknown or repeated parameter, or a value of the wrong kind.
+        """
+        if not self.scheme.startswith("rediss+"):
+            if self.query:
+                raise ValueError(f"query parameters are not supported in {self.scheme}:// URLs (TLS options need "
+                                 f"rediss+{self.scheme.partition('+')[2]}://)")
+            return {}
+        options: dict[str, object] = {"ssl": True}
+        for name, values in parse_qs(self.query, keep_blank_values=True, strict_parsing=bool(self.query)).items():
+            if name not in TLS_OPTIONS:
+                raise ValueError(f"unknown option {name!r} in a {self.scheme}:// URL; expected one of "
+                                 f"{', '.join(TLS_OPTIONS)}")
+            if len(values) != 1 or not values[0]:
+                raise ValueError(f"option {name!r} must be given once, with a value")
+            value = values[0]
+            if name == "ssl_cert_reqs":
+                if value not in _CERT_REQS:
+                    raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, got {value!r}")
+                options[name] = value
+            elif name == "ssl_check_hostname":
+                if value.lower() not in _BOOLEANS:
+                    raise ValueError(f"ssl_check_hostname must be true or false, got {value!r}")
+                options[name] = _BOOLEANS[value.lower()]
+            else:
+                options[name] = value
+        return options
 
 
 def _host_port(entry: str, default_port: int) -> tuple[str, int]:
@@ -107,7 +144,9 @@ def redis_store(
     * ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]``: the master of
       ``service_name`` as the sentinels report it (the password is the master's; the sentinels are not
       authenticated);
-    * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes.
+    * ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster found from these nodes;
+    * ``rediss+sentinel://...`` and ``rediss+cluster://...``: the same over TLS, to the sentinels and to every
+      data node, with the options of :data:`TLS_OPTIONS` as query parameters (``?ssl_ca_certs=/path/ca.pem``).
 
     Socket connect and read timeouts are ``timeout_seconds``. With ``min_replicas`` > 0, an acceptance counts
     only once that many replicas confirmed the record (``WAIT``, within half the timeout); ``None`` takes
@@ -125,9 +164,9 @@ def redis_store(
             retry=_no_retry_on_timeout(),
         )
         connect = lambda: client  # noqa: E731 - from_url does not connect, so one client serves for good
-    elif scheme == "redis+sentinel":
+    elif scheme in ("redis+sentinel", "rediss+sentinel"):
         connect = _sentinel_connector(url, timeout_seconds)
-    elif scheme == "redis+cluster":
+    elif scheme in ("redis+cluster", "rediss+cluster"):
         connect = _cluster_connector(url, timeout_seconds)
     else:
         raise ValueError(f"unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
@@ -153,16 +192,20 @@ def _sentinel_connector(url: str, timeout_seconds: float) -> Callable[[], RedisC
     if not db_text.isdigit() and db_text:
         raise ValueError(f"database {db_text!r} is not a number")
     db = int(db_text or "0")
+    # The same TLS options for the sentinels and for the master and replicas they name.
+    tls = parsed.tls_options()
     sentinel = Sentinel(
         list(parsed.hosts),
         sentinel_kwargs={
             "socket_timeout": timeout_seconds,
             "socket_connect_timeout": timeout_seconds,
             "retry": _no_retry_on_timeout(),
+            **tls,
         },
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=_no_retry_on_timeout(),
+        **tls,
     )
     # master_for does not connect either: each new connection asks the sentinels where the master is, so a
     # failover is followed without restarting the service.
@@ -177,6 +220,7 @@ def _cluster_connector(url: str, timeout_seconds: float) -> Callable[[], RedisCl
     if parsed.path.strip("/"):
         raise ValueError("a cluster has no databases: redis+cluster://host:port[,host:port...]")
     nodes = [ClusterNode(host, port) for host, port in parsed.hosts]
+    tls = parsed.tls_options()
 
     def connect() -> RedisClient:
         # The cluster client reads the slot map when it is made, so it is made on first use; no retries at the
@@ -188,6 +232,7 @@ def _cluster_connector(url: str, timeout_seconds: float) -> Callable[[], RedisCl
             retry=Retry(NoBackoff(), 0),
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
+            **tls,  # type: ignore[arg-type]
         )
 
     return connect
