@@ -106,10 +106,16 @@ def _make_run() -> Configuration:
     recipe = re.search(r"^run:.*\n\t(.+)$", makefile, re.MULTILINE)
     assert recipe is not None, "Makefile has no run target"
     words = shlex.split(recipe.group(1))
+    env: dict[str, str] = {}
+    # Leading NAME=value words are the recipe's environment; make's ``$${NAME:-default}`` is the default.
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        default = re.fullmatch(r"\$\$\{" + name + r":-(.*)\}", value)
+        env[name] = default.group(1) if default else value
     assert words[0].endswith("/attest-service"), recipe.group(1)
     assert words[1] == "serve", recipe.group(1)
     assert "--workers" not in words  # the command's default below
-    return Configuration("make run", {}, DEFAULT_WORKERS)
+    return Configuration("make run", env, DEFAULT_WORKERS)
 
 
 def _image() -> Configuration:
