@@ -32,7 +32,9 @@ LOG_FORMATS: Final = ("json", "text")
 #: The id of the request being answered in this context, for every line written meanwhile.
 REQUEST_ID: Final[ContextVar[str | None]] = ContextVar("attest_request_id", default=None)
 
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False)
+# ASCII only: JSON itself escapes only the C0 controls, so a C1 control (U+009B is a terminal's CSI), a line
+# separator (U+2028) or a bidirectional override in a request path would otherwise reach the line as it came.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True)
 
 
 def log_format(env: Mapping[str, str] | None = None) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Final
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
 from attest_service.logformat import formatter, install, json_line, log_format, text_line, timestamp
+from attest_service.logsafe import loggable
 
 
 class JsonAccessLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type information
@@ -117,13 +118,17 @@ def _status(resp: Any) -> int | None:  # noqa: ANN401 - gunicorn's Response
 
 def _text(record: dict[str, Any]) -> str:
     """An access line in the text format: what JSON would say, in the order a person reads it."""
-    query = f"?{record['query']}" if record["query"] else ""
-    message = (f"{record['method']} {record['path']}{query} {record['status']} {record['bytes']}B "
+    # The path arrives percent-decoded: "%1b[2J" in a request would be a terminal control sequence here.
+    path = loggable(record["path"], _REQUEST_LINE_CHARS)
+    query = f"?{loggable(record['query'], _REQUEST_LINE_CHARS)}" if record["query"] else ""
+    message = (f"{record['method']} {path}{query} {record['status']} {record['bytes']}B "
                f"{record['duration_ms']}ms remote={record['remote']} agent={json.dumps(record['user_agent'])}")
     return text_line(time=str(record["time"]), level="info", logger="gunicorn.access", message=message,
                      request_id=None if record["request_id"] == "-" else str(record["request_id"]))
 
 
+#: Characters of a path or query kept in a text access line: gunicorn's limit of a whole request line.
+_REQUEST_LINE_CHARS: Final = 4096
 #: Handler classes whose emit() is exactly "format, write, terminator, flush".
 _PLAIN_HANDLERS: Final = (logging.StreamHandler, logging.FileHandler)
 #: The access formatter gunicorn installs.

@@ -99,3 +99,25 @@ def test_any_other_setup_goes_through_logging(tmp_path: Path, change: str) -> No
         assert text.startswith("access {")
     else:
         assert json.loads(text)["request_id"] == "other-id"
+
+
+#: A request path as gunicorn hands it over, percent-decoded: a terminal's CSI in its 7-bit and 8-bit forms,
+#: a line separator and a right-to-left override, which a path in a request can carry as %1b, %c2%9b, ...
+HOSTILE_PATH = "/x\x1b[2J\x9b31m\u2028\u202eok\n"
+
+
+@pytest.mark.parametrize("kind", ["json", "text"])
+def test_a_hostile_path_reaches_the_line_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    monkeypatch.setenv("ATTEST_LOG_FORMAT", kind)
+    log = logger(tmp_path / "access.log")
+    response = SimpleNamespace(headers=[("X-Request-Id", "hostile-id")], status_code=404, sent=9)
+    log.access(response, None, {**ENVIRON, "PATH_INFO": HOSTILE_PATH, "QUERY_STRING": "q=\x1b"},
+               timedelta(milliseconds=1))
+    text = (tmp_path / "access.log").read_text(encoding="utf-8")
+    [line] = text.splitlines()  # str.splitlines() breaks at U+2028 too
+    assert line.isascii()
+    assert line.isprintable()
+    if kind == "json":
+        assert json.loads(line)["path"] == HOSTILE_PATH
+    else:
+        assert "/x\\x1b[2J\\x9b31m\\u2028\\u202eok\\n" in line
