@@ -347,6 +347,24 @@ def test_secret_content_change_rolls_the_pods(render: Render) -> None:
             second["spec"]["template"]["metadata"]["annotations"][name]
 
 
+def test_the_redis_tls_secret_is_mounted_where_the_url_names_its_files(render: Render) -> None:
+    # rediss+sentinel://...?ssl_ca_certs=/etc/attest-service/redis-tls/ca.crt needs the CA in the pod.
+    values = {"nonceStore": {"redisUrl": "rediss+sentinel://s-0.redis:26379/mymaster/0?ssl_ca_certs="
+                                         "/etc/attest-service/redis-tls/ca.crt", "tlsSecret": "redis-tls"}}
+    manifests = render(values=values)
+    pod = deployment_pod(manifests)
+    assert {"name": "redis-tls", "secret": {"secretName": "redis-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "redis-tls", "mountPath": "/etc/attest-service/redis-tls", "readOnly": True} in \
+        container(manifests)["volumeMounts"]
+    # The shipped HA values speak TLS to Sentinel with the CA of their own Secret.
+    ha = deployment_pod(render(HA_VALUES))
+    assert {"name": "redis-tls", "secret": {"secretName": "attest-service-redis-tls", "defaultMode": 0o440}} in \
+        ha["volumes"]
+    # Without Redis there is nothing to mount.
+    assert all(volume["name"] != "redis-tls" for volume in deployment_pod(render(
+        values={"nonceStore": {"tlsSecret": "redis-tls"}}))["volumes"])
+
+
 def test_a_policy_change_rolls_the_pods(render: Render) -> None:
     # The policy used to be read once per worker and hashed nowhere: after an upgrade, old workers kept the
     # wider policy while respawned ones took the new one.
