@@ -10,8 +10,9 @@ JOSE library: joserfc. It builds on the ``cryptography`` package the service alr
 signature check (no second crypto stack), ships as a pure-Python wheel with no other dependency, is typed
 (``py.typed``, so ``mypy --strict`` checks our calls), implements RFC 7638 thumbprints (our ``kid``) and
 keeps an explicit allow-list of algorithms per registry, which is how ``alg`` stays fixed by the key.
-PyJWT has no thumbprints and jwcrypto pulls in more; the tests verify results with PyJWT, a library
-independent of the one that signs.
+PyJWT computes no RFC 7638 thumbprints; jwcrypto would do, but joserfc's typed API and its per-registry
+allow-list of algorithms fit ``mypy --strict`` and a key-fixed ``alg`` best. The tests verify results with
+PyJWT, a library independent of the one that signs.
 
 Nothing here imports the web stack: a Python license server signs results in-process with
 ``Attestor(verifier, store, results=ResultSigner.from_directory(path))``.

@@ -177,9 +177,12 @@ class ResultSigner:
     @property
     def keys(self) -> KeySet:
         """The key set in use, after reloading if the interval passed and the directory changed."""
+        return self._current().keys
+
+    def _current(self) -> _Loaded:
         if self._reload_requested or self._clock() >= self._next_check:
             self._maybe_reload()
-        return self._loaded.keys
+        return self._loaded
 
     @property
     def signing_kid(self) -> str:
@@ -244,8 +247,7 @@ class ResultSigner:
 
     def sign(self, document: VerifiedDocument, *, caller: CallerPolicy, at: datetime) -> SignedResult:
         """The attestation result for ``document``, accepted for ``caller`` at ``at`` (timezone-aware)."""
-        self.keys  # noqa: B018 - the reload check
-        loaded = self._loaded
+        loaded = self._current()
         key: SigningKey = loaded.keys.signing
         claims = result_claims(document, caller=caller, issuer=self.issuer, at=at, ttl=self.ttl,
                                verifier_build=self._build)
