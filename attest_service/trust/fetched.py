@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives import serialization
 
 from attest_service.errors import ConfigurationError
 from attest_service.files import read_bounded
+from attest_service.logsafe import loggable
 from attest_service.trust.issuers import (
     MAX_FETCH_BYTES,
     AiaPolicy,
@@ -181,7 +182,8 @@ class PinnedCaFetcher:
             try:
                 accept_issuing_ca(found.certificate, replace(trust, intermediates=base), policy=self.policy, now=now)
             except FetchRefused as exc:
-                LOG.warning("fetched CA of fingerprint pin %s (%s) is not used: %s", pin.name, pin.cloud, exc.message)
+                LOG.warning("fetched CA of fingerprint pin %s (%s) is not used: %s", pin.name, pin.cloud,
+                            loggable(exc.message, 400))
                 continue
             yield PinnedCertificate(cloud=pin.cloud, role="intermediate", certificate=found.certificate,
                                     source=f"{FETCHED_SOURCE}{found.url}")
@@ -315,13 +317,15 @@ class PinnedCaFetcher:
         try:
             pin, certificate = self._matching(url, waiting, trust)
         except FetchRefused as exc:
+            # The URL is a refused document's, and the message may quote it: both are the sender's text.
             LOG.warning("fingerprint pins (%s): %s offered by a refused document: not used: %s: %s",
-                        trust.profile.name, url[:200], exc.result, exc.message)
+                        trust.profile.name, loggable(url), exc.result, loggable(exc.message, 400))
             return False
         with self._lock:
             self._held[_key(pin)] = _Held(certificate, url)
         LOG.info("fingerprint pin %s (%s): fetched %s (sha256 %s) from %s, named by a refused document",
-                 pin.name, pin.cloud, certificate.subject.rfc4514_string(), fingerprint(certificate), url[:200])
+                 pin.name, pin.cloud, loggable(certificate.subject.rfc4514_string()), fingerprint(certificate),
+                 loggable(url))
         self._write_cache(pin, certificate)
         return True
 
@@ -331,14 +335,14 @@ class PinnedCaFetcher:
         except FetchRefused as exc:
             with self._lock:
                 self._failed[_key(pin)] = (self._clock() + self._retry, f"{exc.result}: {exc.message}")
-            LOG.warning("fingerprint pin %s (%s): not fetched from %s: %s: %s", pin.name, pin.cloud, url[:200],
-                        exc.result, exc.message)
+            LOG.warning("fingerprint pin %s (%s): not fetched from %s: %s: %s", pin.name, pin.cloud, loggable(url),
+                        exc.result, loggable(exc.message, 400))
             return False
         with self._lock:
             self._held[_key(pin)] = _Held(certificate, url)
             self._failed.pop(_key(pin), None)
         LOG.info("fingerprint pin %s (%s): fetched %s (sha256 %s) from %s", pin.name, pin.cloud,
-                 certificate.subject.rfc4514_string(), fingerprint(certificate), url[:200])
+                 loggable(certificate.subject.rfc4514_string()), fingerprint(certificate), loggable(url))
         self._write_cache(pin, certificate)
         return True
 

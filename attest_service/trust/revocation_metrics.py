@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from attest_service.errors import CertificateRevoked
+from attest_service.logsafe import loggable
 from attest_service.verify import TrustStore, VerifiedDocument
 
 LOG: Final = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def log_revoked(error: CertificateRevoked) -> None:
         if len(_logged) >= MAX_LOGGED:
             _logged.clear()
         _logged[error.message] = moment + REVOKED_LOG_SECONDS
-    LOG.warning("refused a document signed under a revoked certificate (certificate_revoked): %s", error.message)
+    LOG.warning("refused a document signed under a revoked certificate (certificate_revoked): %s",
+                loggable(error.message, 400))
 
 
 class CrlCollector(Collector):

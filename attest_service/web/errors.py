@@ -118,12 +118,12 @@ def error_response(error: AttestError) -> Response:
     status = error.http_status
     if status == 500:
         # A configuration error (or the base class) at request time is a bug; say nothing more to the caller.
-        _LOG.error("unmapped error reached the API: %s: %s", error.code, error.message)
+        _LOG.error("unmapped error reached the API: %s: %s", error.code, loggable(error.message, 500))
         response = json_response(error_body("internal_error", "internal error"), status)
     elif isinstance(error, StoreUnavailable):
         # The detail names the store's address (and whatever the operator put in its URL): it is for the
         # operator's log, not for callers.
-        _LOG.warning("nonce store unavailable: %s", error.message)
+        _LOG.warning("nonce store unavailable: %s", loggable(error.message, 500))
         response = json_response(error_body(error.code, "the nonce store is unavailable; nothing was accepted"),
                                  status)
     else:
@@ -149,7 +149,7 @@ def http_error_response(exc: HTTPException) -> Response:
         return error_response(MalformedRequest(exc.description or "bad request"))
     code = _HTTP_CODES.get(status)
     if code is None:
-        _LOG.error("unexpected HTTP exception %s", exc)
+        _LOG.error("unexpected HTTP exception %s", loggable(exc, 500))
         return json_response(error_body("internal_error", "internal error"), 500)
     response = json_response(error_body(code, exc.description or code.replace("_", " ")), status)
     if status == 405:

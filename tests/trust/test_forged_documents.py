@@ -256,3 +256,11 @@ def test_unproven_issuers_are_logged_once_per_name_and_interval_with_a_floor_bet
     clock.now += UNPINNED_LOG_SECONDS
     send("Ops Forged CA 0")
     assert len(logged()) == 3
+
+
+@pytest.mark.parametrize("suffix", ["\n2026-12-05 forged", "\r", "\t", "\x1b[2J", " x", "\u2028"])
+def test_a_caissuers_url_with_a_control_character_or_space_is_on_no_allow_list(suffix: str) -> None:
+    # urlsplit drops tabs and newlines, so such a URL would otherwise match a rule and reach the fetchers' logs.
+    policy = AiaPolicy.azure()
+    assert policy.allowed("public", f"{MICROSOFT}ca.crt")
+    assert not policy.allowed("public", f"{MICROSOFT}ca.crt{suffix}")
