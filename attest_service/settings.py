@@ -20,6 +20,7 @@ from attest_service.errors import ConfigurationError
 from attest_service.logformat import log_format
 from attest_service.nonces import default_sqlite_url
 from attest_service.results import DEFAULT_ISSUER, check_issuer
+from attest_service.results.claims import ANONYMOUS_AUDIENCE
 from attest_service.trust import pinned_dir_from_env
 from attest_service.verify import DEFAULT_REVOCATION, RevocationMode, revocation_mode
 
@@ -45,6 +46,9 @@ MAX_BODY_TIMEOUT_SECONDS: Final = 120.0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Client ids no key may have: ``anonymous`` is the ``aud`` of the results of callers without a key, so a
+#: client of that name would have its relying parties accept results its own allow-lists refused.
+RESERVED_CLIENT_IDS: Final = frozenset({ANONYMOUS_AUDIENCE})
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 #: The folder of the embedded default result key, beside the SQLite store's file.
@@ -86,6 +90,8 @@ def parse_api_keys(value: str) -> Mapping[str, tuple[bytes, ...]]:
         digest = digest.strip().lower()
         if not sep or not _CLIENT_ID.fullmatch(client_id):
             raise ConfigurationError(f"ATTEST_API_KEYS: {client_id[:40]!r} is not a client id (letters, digits, ._-)")
+        if client_id.lower() in RESERVED_CLIENT_IDS:
+            raise ConfigurationError(f"ATTEST_API_KEYS: {_reserved(client_id)}")
         if not _SHA256_HEX.fullmatch(digest):
             raise ConfigurationError(f"ATTEST_API_KEYS: the key of {client_id!r} is not a hex SHA-256 digest "
                                      "(attest-service api-key new CLIENT_ID prints an entry)")
@@ -98,6 +104,11 @@ def parse_api_keys(value: str) -> Mapping[str, tuple[bytes, ...]]:
     return MappingProxyType({client_id: tuple(digests) for client_id, digests in keys.items()})
 
 
+def _reserved(client_id: str) -> str:
+    return (f"the client id {client_id!r} is reserved: the attestation results of callers without a key name "
+            f"{ANONYMOUS_AUDIENCE!r} as their audience")
+
+
 def api_key_entry(client_id: str, key: str) -> str:
     """The ``ATTEST_API_KEYS`` entry of ``key`` for ``client_id``: ``client_id:sha256hex``.
 
@@ -106,6 +117,8 @@ def api_key_entry(client_id: str, key: str) -> str:
     if not _CLIENT_ID.fullmatch(client_id):
         raise ValueError(f"{client_id[:40]!r} is not a client id: 1 to 64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
+    if client_id.lower() in RESERVED_CLIENT_IDS:
+        raise ValueError(_reserved(client_id))
     return f"{client_id}:{hashlib.sha256(key.encode('utf-8')).hexdigest()}"
 
 

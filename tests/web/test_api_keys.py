@@ -74,3 +74,16 @@ def test_one_key_twice_or_for_two_clients_is_refused() -> None:
         parse_api_keys(f"vendor-a:{digest},vendor-a:{digest.upper()}")
     with pytest.raises(ConfigurationError, match="for both 'vendor-a' and 'vendor-b'"):
         parse_api_keys(f"vendor-a:{digest},vendor-b:{digest}")
+
+
+@pytest.mark.parametrize("client_id", ["anonymous", "Anonymous"])
+def test_the_audience_of_keyless_callers_is_no_clients_id(client_id: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A relying party of a client named "anonymous" checks aud == "anonymous", which every result of a caller
+    # without a key carries: it would accept results that the client's own allow-lists refused.
+    digest = hashlib.sha256(b"k").hexdigest()
+    with pytest.raises(ConfigurationError, match="is reserved"):
+        parse_api_keys(f"vendor-a:{hashlib.sha256(b'a').hexdigest()},{client_id}:{digest}")
+    assert main(["api-key", "new", client_id]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "is reserved" in captured.err
