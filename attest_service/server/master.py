@@ -143,6 +143,24 @@ def _pinned_source(settings: Settings) -> tuple[str, Fingerprint] | None:
         return None  # the load that follows reports it
 
 
+def default_key_ready(settings: Settings) -> bool:
+    """Make the embedded default's one key if its directory has none; False (logged) when that fails.
+
+    The default key lives beside the SQLite store, so a state directory that cannot be written fails the
+    store too, and the service reports that through ``/readyz``, as before results existed: it starts, with
+    results off, rather than not at all.
+    """
+    assert settings.result_keys is not None  # noqa: S101 - the caller checked; narrows the type
+    try:
+        ensure_generated_key(settings.result_keys)
+    except ConfigurationError as exc:
+        failure = exc
+    else:
+        return True
+    LOG.error("attestation results are off: %s", failure.message)
+    return False
+
+
 def log_results_state(settings: Settings) -> None:
     """Say once, at start, when attestation results are off and why."""
     if settings.result_keys is not None:
@@ -162,9 +180,13 @@ def _result_keys(settings: Settings, previous: Snapshot | None) -> tuple[KeySet 
     directory = settings.result_keys
     if directory is None:
         return None, None
-    if previous is None and settings.result_keys_generated:
-        # At the first start, in the master, before any worker exists: one key, generated once and kept.
-        ensure_generated_key(directory)
+    if settings.result_keys_generated:
+        # At the first start, in the master, before any worker exists: one key, generated once and kept. When
+        # it cannot be made, results stay off for the master's life, and its workers see that in the snapshot.
+        if previous is None and not default_key_ready(settings):
+            return None, None
+        if previous is not None and previous.result_keys is None:
+            return None, None
     try:
         source: KeySource | None = (str(directory), key_fingerprint(directory))
     except ConfigurationError:

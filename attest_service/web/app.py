@@ -24,7 +24,7 @@ from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.logformat import REQUEST_ID
 from attest_service.nonces import NonceStore, open_store
-from attest_service.results import ResultSigner, ensure_generated_key
+from attest_service.results import ResultSigner
 from attest_service.server import master
 from attest_service.settings import Settings
 from attest_service.trust import TrustStore, crl_wanted
@@ -71,13 +71,15 @@ def result_signer(settings: Settings, *, snapshot: master.Snapshot | None = None
     """The signer of attestation results ``settings`` describe, or None when results are off.
 
     Outside gunicorn the embedded default directory gets its one generated key here (under gunicorn the
-    master made it before forking). The master's last good keys (``snapshot``) are used when the directory
-    does not load now.
+    master made it before forking, and its snapshot says whether it could). The master's last good keys
+    (``snapshot``) are used when the directory does not load now.
     """
     if settings.result_keys is None:
         return None
-    if snapshot is None and settings.result_keys_generated:
-        ensure_generated_key(settings.result_keys)
+    if settings.result_keys_generated:
+        made = master.default_key_ready(settings) if snapshot is None else snapshot.result_keys is not None
+        if not made:
+            return None
     last_good = snapshot.result_keys if snapshot is not None else None
     return ResultSigner(settings.result_keys, issuer=settings.result_issuer, ttl=settings.result_ttl,
                         reload_seconds=settings.trust_reload_seconds, last_good=last_good,

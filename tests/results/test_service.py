@@ -223,3 +223,16 @@ def test_a_worker_respawned_while_the_key_directory_is_broken_signs_with_the_mas
         _eventually(lambda: _kids(service) == [kid], "the new worker publishes the master's last good key")
         assert _signing_kid(service, factory) == kid
         assert service.pid is not None  # the master did not halt on a worker that could not boot
+
+
+def test_a_default_key_that_cannot_be_made_leaves_the_served_results_off(tmp_path: Path) -> None:
+    factory = DocumentFactory.around_now(tmp_path / "pinned")
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be")
+    env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir), "ATTEST_NONCE_STORE": f"sqlite:///{blocker / 'n.sqlite3'}"}
+    with _service(env, tmp_path) as service:
+        for _ in range(4):  # every worker
+            assert service.get("/.well-known/jwks.json").status == 404
+        assert service.get("/readyz").status == 503
+        log = service.log_tail(100_000)
+    assert log.count("attestation results are off: ATTEST_RESULT_KEYS: cannot create the default key") == 1, log
