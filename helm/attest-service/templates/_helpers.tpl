@@ -189,6 +189,32 @@ emptyDir, which the fetch can write.
 {{- end }}
 
 {{/*
+True (non-empty) when a fingerprint pin is in use: always with the image's bundled pins (Azure China's issuing
+CAs are pinned so), else when a cloud's intermediates/fingerprints.txt in pinnedCerts holds an entry (a line
+that is more than a comment).
+*/}}
+{{- define "attest-service.fingerprintPins" -}}
+{{- if not (include "attest-service.pinsFromValues" .) }}true{{- end }}
+{{- range $cloud, $roles := .Values.pinnedCerts }}
+{{- if and (kindIs "map" $roles) (kindIs "map" $roles.intermediates) }}
+{{- range splitList "\n" (toString (get $roles.intermediates "fingerprints.txt")) }}
+{{- if trim (regexReplaceAll "#.*" . "") }}true{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+True (non-empty) when a fetch of the service needs HTTP(S) egress (networkPolicy.fetchTo): the fingerprint-pinned
+CAs (settings.fingerprintFetch with such pins in use), the AIA fallback, or the CRLs fetched beside the service.
+*/}}
+{{- define "attest-service.fetchEgress" -}}
+{{- if and .Values.settings.fingerprintFetch (include "attest-service.fingerprintPins" .) }}true{{- end }}
+{{- if .Values.settings.aiaFetch }}true{{- end }}
+{{- include "attest-service.crlRefresh" . }}
+{{- end }}
+
+{{/*
 The trust directory the service reads [ATTEST_PINNED_CERTS]: the pins as mounted (or bundled in the image), or
 the assembled one when the CRLs are fetched beside the service.
 */}}

@@ -203,7 +203,8 @@ def test_settings_reach_the_container_under_the_contract_names(render: Render) -
     settings = {
         "ATTEST_CHALLENGE_TTL_SECONDS", "ATTEST_CLOCK_SKEW_SECONDS", "ATTEST_STORE_TIMEOUT_SECONDS",
         "ATTEST_RATE_LIMIT_PER_MINUTE", "ATTEST_TRUST_RELOAD_SECONDS", "ATTEST_LOG_LEVEL", "ATTEST_PINNED_CERTS",
-        "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_ALLOW_OPEN",
+        "ATTEST_NONCE_STORE", "ATTEST_STORE_MIN_REPLICAS", "ATTEST_AIA_FETCH", "ATTEST_FINGERPRINT_FETCH",
+        "ATTEST_ALLOW_OPEN",
         "ATTEST_TRUSTED_PROXIES", "ATTEST_AUTH_FAILURES_PER_MINUTE", "ATTEST_ANONYMOUS_CHALLENGES",
         "ATTEST_BODY_TIMEOUT_SECONDS", "ATTEST_REVOCATION", "ATTEST_CRL_REFRESH_SECONDS", "ATTEST_LOG_FORMAT",
         "ATTEST_RESULT_KEYS", "ATTEST_RESULT_ISSUER", "ATTEST_RESULT_TTL_SECONDS",
@@ -445,8 +446,11 @@ def test_network_policy_limits_ingress_and_egress(render: Render) -> None:
     default = one(render(), "NetworkPolicy")["spec"]
     assert default["policyTypes"] == ["Ingress", "Egress"]
     assert default["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
-    # Without Redis the pods need nothing but name resolution.
-    assert default["egress"] == [{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    # Without Redis the pods need name resolution, and HTTP(S) for the bundled China pins' background fetch
+    # (test_chart_fetch_egress.py).
+    assert default["egress"][0] == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert [rule["ports"] for rule in default["egress"][1:]] == [[{"port": 80, "protocol": "TCP"},
+                                                                  {"port": 443, "protocol": "TCP"}]]
 
     manifests = render(HA_VALUES)
     policy = one(manifests, "NetworkPolicy")["spec"]
