@@ -30,7 +30,8 @@ RULES_FILE = CHART_DIR / "files" / "alerts.yaml"
 UNIT_TESTS = Path(__file__).with_name("alerts_test.yaml")
 #: The alerts the chart ships, in the order of the rules file.
 ALERTS = ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestPinExpiringSoon", "AttestTrustReloadFailing",
-          "AttestStoreUnavailable", "AttestVerificationFailureRatio", "AttestCrlStale", "AttestRevokedDocuments")
+          "AttestStoreUnavailable", "AttestVerificationFailureRatio", "AttestCrlStale", "AttestRevokedDocuments",
+          "AttestResultKeysReloadFailing")
 #: promtool checks and unit-tests these rules in well under a second; this only stops a hung process.
 PROMTOOL_TIMEOUT_SECONDS = 60
 FULLNAME = f"{RELEASE}-attest-service"
@@ -128,7 +129,8 @@ def test_unit_tests_fail_when_the_thresholds_change(promtool: Callable[..., subp
     assert "alertname: AttestPinExpiringSoon" in output
     assert "alertname: AttestVerificationFailureRatio" in output
     for untouched in ("AttestUnpinnedIssuer", "AttestUnprovenIssuer", "AttestTrustReloadFailing",
-                      "AttestStoreUnavailable", "AttestCrlStale", "AttestRevokedDocuments"):
+                      "AttestStoreUnavailable", "AttestCrlStale", "AttestRevokedDocuments",
+                      "AttestResultKeysReloadFailing"):
         assert f"alertname: {untouched}" not in output
 
 
