@@ -13,8 +13,12 @@ The service runs on the system clock, so :class:`DocumentFactory` generates its 
 and signs documents created a few seconds ago.
 
 By default the child runs the source tree's package (``python -m attest_service`` with the repository on
-``PYTHONPATH``). ``command=[".../bin/attest-service"]`` runs an installed console script instead, in
-``workdir``, with neither ``PYTHONPATH`` nor the caller's ``ATTEST_*`` variables: only what ``env`` sets.
+``PYTHONPATH``). ``gunicorn_config=PATH`` runs ``python -m gunicorn --config PATH`` instead of ``serve``: a test's
+own configuration file that takes the service's hooks and names its own application factory (for what no
+setting may give the service, such as a CA server on loopback).
+
+``command=[".../bin/attest-service"]`` runs an installed console script instead, in ``workdir``, with neither
+``PYTHONPATH`` nor the caller's ``ATTEST_*`` variables: only what ``env`` sets.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class ServiceProcess:
     """``attest-service serve --bind 127.0.0.1:PORT --workers N`` in its own process group."""
 
     def __init__(self, env: Mapping[str, str], workdir: Path, *, workers: int = 2,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None, gunicorn_config: Path | None = None) -> None:
         self.host = LOOPBACK
         self.port = free_port()
         self.workers = workers
@@ -117,6 +121,7 @@ class ServiceProcess:
         self._metrics_dir = workdir / f"metrics-{self.port}"
         self._env = dict(env)
         self._command = list(command) if command is not None else None
+        self._gunicorn_config = gunicorn_config
         self._workdir = workdir
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -146,6 +151,9 @@ class ServiceProcess:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
         env.update(self._env)
         argv = [*program, "serve", "--bind", f"{self.host}:{self.port}", "--workers", str(self.workers)]
+        if self._gunicorn_config is not None:
+            argv = [sys.executable, "-m", "gunicorn", "--config", str(self._gunicorn_config),
+                    "--bind", f"{self.host}:{self.port}", "--workers", str(self.workers)]
         with self.log.open("ab") as output:
             # A session of its own: on a stuck shutdown the master and its workers are killed as one group.
             self._process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
