@@ -58,6 +58,14 @@ def test_the_default_install_fetches_chinas_pinned_cas_and_may_reach_public_addr
     assert rule["ports"] == FETCH_PORTS
     blocks = [peer["ipBlock"] for peer in rule["to"]]
     assert [block["cidr"] for block in blocks] == ["0.0.0.0/0", "::/0"]
+    # What the API server's validation of an ipBlock demands: each except entry strictly inside its cidr.
+    for block in blocks:
+        whole = ipaddress.ip_network(block["cidr"])
+        for cidr in block["except"]:
+            part = ipaddress.ip_network(cidr)
+            assert part.version == whole.version, cidr
+            assert part.subnet_of(whole), cidr  # type: ignore[arg-type]
+            assert part != whole, cidr
     excluded = [ipaddress.ip_network(cidr) for block in blocks for cidr in block["except"]]
     # No private range, loopback, IMDS's link-local address or shared (CGNAT) space is reachable through it.
     for address in ("10.1.2.3", "172.20.0.1", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1",
