@@ -9,12 +9,16 @@ its path notes the cRLDistributionPoints of its signer in ``<cloud>/crls/wanted.
 Only signers of documents that verified are noted (their signature, name and path to a pinned root checked),
 so a forger cannot make the fetch ask for anything; the fetch still takes only allow-listed URLs. Each worker
 notes a signer once (:data:`MAX_SIGNERS` remembered) and appends a line only for a URL not in the file yet, in
-one ``O_APPEND`` write per line, so workers writing at once cannot interleave. A directory that cannot be
-written (a read-only mount) is logged once and otherwise changes nothing: the verification never depends on it.
+one ``O_APPEND`` write per line under an exclusive ``flock``, so workers writing at once neither interleave nor
+both pass the checks. The file never grows past :data:`MAX_WANTED_BYTES`, the most that is read back: a line
+that would take it further is not written (logged once per process), since a file too large to read would
+be neither deduplicated against nor fetched from. A directory that cannot be written (a read-only mount) is
+logged once and otherwise changes nothing: the verification never depends on it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -30,7 +34,7 @@ from attest_service.trust.crls import CRL_FOLDER, WANTED_LIST
 from attest_service.verify import VerifiedDocument, signer_certificate
 
 LOG: Final = logging.getLogger(__name__)
-#: Largest wanted list read, in bytes.
+#: Largest wanted list read, in bytes; the service never writes it past this.
 MAX_WANTED_BYTES: Final = 1024 * 1024
 #: Signers a worker remembers having noted; beyond it the set starts afresh (the file dedupes too).
 MAX_SIGNERS: Final = 256
@@ -39,14 +43,16 @@ _directory: Path | None = None
 _noted: set[str] = set()
 _lock = threading.Lock()
 _failed = False
+_full_logged = False
 
 
 def enable(directory: Path | None) -> None:
     """Note wanted CRLs in ``directory`` from now on (None: stop); the service does when the fetch runs beside it."""
-    global _directory  # noqa: PLW0603 - one trust directory per process
+    global _directory, _full_logged  # noqa: PLW0603 - one trust directory per process
     with _lock:
         _directory = directory
         _noted.clear()
+        _full_logged = False
 
 
 def read_wanted(folder: Path) -> list[tuple[str, ...]]:
@@ -85,20 +91,41 @@ def note(document: bytes, result: VerifiedDocument) -> None:
         return  # no usable cRLDistributionPoints: nothing to fetch for it
     urls = [url for url in urls if url.startswith(("http://", "https://")) and not any(c.isspace() for c in url)]
     folder = directory / result.cloud / CRL_FOLDER
+    if not urls:
+        return
+    when = datetime.now(UTC).replace(microsecond=0).isoformat()
+    # The signer's URLs are alternatives for one CRL: one line, so that the fetch downloads it once.
+    line = f"{' '.join(urls)}  # CRL of {result.signer.issuer[:200]}, wanted {when}\n".encode()
     try:
-        if not urls or any(set(urls) & set(line) for line in read_wanted(folder)):
-            return
-        when = datetime.now(UTC).replace(microsecond=0).isoformat()
-        # The signer's URLs are alternatives for one CRL: one line, so that the fetch downloads it once.
-        line = f"{' '.join(urls)}  # CRL of {result.signer.issuer[:200]}, wanted {when}\n".encode()
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder / WANTED_LIST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: a FIFO under the list's name must not hold the worker (it changes nothing for a file).
+        descriptor = os.open(folder / WANTED_LIST,
+                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         try:
+            # Another worker's check-then-append must not run between ours: the dedupe and the cap hold.
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if any(set(urls) & set(noted) for noted in read_wanted(folder)):
+                return
+            size = os.fstat(descriptor).st_size
+            if size + len(line) > MAX_WANTED_BYTES:
+                _log_full(folder, size)
+                return
             os.write(descriptor, line)
         finally:
-            os.close(descriptor)
+            os.close(descriptor)  # releases the lock
     except OSError as exc:
         if not _failed:
             _failed = True
             LOG.warning("cannot note the CRL URLs of verified signers in %s (%s): the background CRL fetch gets "
                         "only the CRLs the pins name", folder, exc.strerror)
+
+
+def _log_full(folder: Path, size: int) -> None:
+    """Say once per process that the wanted list is full, and what to do about it."""
+    global _full_logged  # noqa: PLW0603 - logged once per process
+    if not _full_logged:
+        _full_logged = True
+        LOG.warning("%s is full (%d bytes, at most %d): the CRL URLs of further signers are not noted, so the "
+                    "background fetch does not get their CRLs; trim or remove the file (a restarted "
+                    "worker notes the signers it sees again) or fetch their CRLs with --document",
+                    folder / WANTED_LIST, size, MAX_WANTED_BYTES)

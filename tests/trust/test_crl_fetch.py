@@ -313,3 +313,31 @@ def test_nothing_is_noted_when_off_or_when_a_current_crl_covers_the_path(pinned:
         crl_wanted.enable(None)
     assert result.revocation_unknown == 0
     assert not (folder / "wanted.txt").exists()
+
+
+def test_the_wanted_list_never_grows_past_what_is_read_back(noting: Path, pki_set: Pki, leaf_key,
+                                                            caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    folder = noting / "public" / "crls"
+    folder.mkdir()
+    wanted_file = folder / "wanted.txt"
+    filler = "http://www.microsoft.com/pkiops/crl/partition/Filler{:06d}.crl  # CRL of CN=Filler\n"
+    lines = [filler.format(number) for number in range(crl_wanted.MAX_WANTED_BYTES // len(filler))]
+    wanted_file.write_text("".join(lines))
+    assert crl_wanted.MAX_WANTED_BYTES - 200 < wanted_file.stat().st_size <= crl_wanted.MAX_WANTED_BYTES
+    documents = []
+    for number in range(2):  # two signers, each new to the list
+        url = f"http://www.microsoft.com/pkiops/crl/partition/Test_Partition{number:05d}.crl"
+        leaf = _with_crl_url(pki.make_leaf(dns_names=["eastus.metadata.azure.com", "metadata.azure.com"],
+                                           common_name="metadata.azure.com", key=leaf_key, issuer=pki_set.issuing,
+                                           not_before=pki_set.now - DAY, not_after=pki_set.now + 30 * DAY,
+                                           serial=x509.random_serial_number()), pki_set.issuing, url)
+        documents.append(sign_document(leaf, pki_set.now))
+    verifier = ReloadingVerifier(noting, interval_seconds=5)
+    with caplog.at_level("WARNING", logger="attest_service.trust.crl_wanted"):
+        for document in documents:
+            assert verifier.verify(document, policy=VerificationPolicy(), now=pki_set.now).revocation_unknown
+    # Nothing appended past the cap: the list still reads back whole, so it still dedupes and is fetched from.
+    assert wanted_file.read_text() == "".join(lines)
+    assert len(crl_wanted.read_wanted(folder)) == len(lines)
+    full = [record for record in caplog.records if "is full" in record.getMessage()]
+    assert len(full) == 1, caplog.text  # once per process, not once per signer
