@@ -223,11 +223,11 @@ class Attestor:
         try:
             return self.verifier.verify(der, policy=policy, now=now)
         except NonceMismatch as exc:
-            # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce can be read to
-            # tell a VM that IMDS handed back a cached document fetched for one of our earlier challenges.
-            unchecked = VerificationPolicy(cloud=cloud, clock_skew=self.clock_skew, revocation=self.revocation)
-            signed = self.verifier.verify(der, policy=unchecked, now=now).claims.nonce
-            if CHALLENGE_PATTERN.fullmatch(signed):
+            # Step 9 is the core's last: the document is otherwise genuine, so its signed nonce (the core's, not
+            # a second verification, which would count the refused document as verified) can tell a VM that
+            # IMDS handed back a cached document fetched for one of our earlier challenges.
+            signed = exc.signed_nonce
+            if signed is not None and CHALLENGE_PATTERN.fullmatch(signed):
                 raise NonceMismatch(f"the signed nonce {signed!r} is not the expected one {nonce!r}: "
                                     f"it is an earlier challenge; {CACHED_DOCUMENT_HINT}") from exc
             raise

@@ -170,11 +170,20 @@ class SubjectMismatch(VerificationError):
 
 
 class NonceMismatch(VerificationError):
-    """The signed nonce differs from the expected one."""
+    """The signed nonce differs from the expected one.
+
+    ``signed_nonce`` is the nonce the document carries, set by the verification core only: step 9 is its
+    last, so the document was otherwise genuine and its nonce can be told to the caller without verifying it
+    again (a second pass would count the refused document as a verified one).
+    """
 
     code = "nonce_mismatch"
     http_status = 422
     step = "9 nonce"
+
+    def __init__(self, message: str, *, signed_nonce: str | None = None) -> None:
+        super().__init__(message)
+        self.signed_nonce = signed_nonce
 
 
 class DocumentExpired(VerificationError):

@@ -375,7 +375,8 @@ class DocumentVerifier:
         _check_claims_window(claims, policy, now)
         # Step 9: the nonce the caller expects.
         if policy.expected_nonce is not None and claims.nonce != policy.expected_nonce:
-            raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one")
+            raise NonceMismatch(f"the signed nonce {claims.nonce[:64]!r} is not the expected one",
+                                signed_nonce=claims.nonce)
         return VerifiedDocument(cloud=cloud.name, claims=claims, signer=described, digest=digest,
                                 revocation_unknown=unknown)
 

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 
 from attest_service.imds import pki
 from attest_service.nonces import CACHED_DOCUMENT_HINT
@@ -234,6 +235,29 @@ def test_nonce_mismatch_on_an_earlier_challenge_hints_at_cached_document(client:
     response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce=old), "nonce": new})
     assert error_of(response, 422) == "nonce_mismatch"
     assert CACHED_DOCUMENT_HINT in response.get_json()["error"]["message"]
+
+
+def _total(metric: str) -> float:
+    """The sum of ``metric``'s samples over every label (this process's registry)."""
+    return sum(sample.value for family in REGISTRY.collect() for sample in family.samples
+               if sample.name == metric)
+
+
+def test_a_nonce_mismatch_counts_once_as_a_refusal_never_as_a_verified_document(client: FlaskClient,
+                                                                                test_pki: GeneratedPki) -> None:
+    # The registry is the process's: other tests count too, so this one compares its own before and after.
+    counters = ("attest_verifications_by_issuer_total", "attest_revocation_unknown_total")
+    before = {name: _total(name) for name in counters}
+    refused = _total("attest_verifications_total")
+    old, new = challenge(client), challenge(client)
+    for signed, expected in ((old, new), ("signed", "other")):  # the earlier-challenge hint, and a plain mismatch
+        response = client.post("/v1/verify", json={"signature": test_pki.signature(nonce=signed), "nonce": expected})
+        assert error_of(response, 422) == "nonce_mismatch"
+    assert {name: _total(name) for name in counters} == before
+    assert _total("attest_verifications_total") == refused + 2
+    # A document with the expected nonce is counted, once, in each: the counters above do count this client.
+    assert client.post("/v1/verify", json={"signature": test_pki.signature(nonce=new), "nonce": new}).status_code == 200
+    assert {name: _total(name) for name in counters} == {name: value + 1 for name, value in before.items()}
 
 
 def test_nonce_unknown(make_client: AppFactory, test_pki: GeneratedPki) -> None:
