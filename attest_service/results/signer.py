@@ -214,6 +214,15 @@ class ResultSigner:
             seen = key_fingerprint(self.directory)  # taken before the load: a change during it shows next time
         except ConfigurationError as exc:
             self._fail(exc, None)
+            self._warn_no_key(exc.message)
+            return
+        if not seen:
+            # No key file at all: perhaps an unmounted volume or an emptied Secret by mistake, so the last good
+            # keys stay; but perhaps an operator withdrawing a compromised key, who must learn on every look
+            # (not once) that it still signs.
+            if not (self._failing and seen == self._failed):
+                self._fail(ConfigurationError(f"ATTEST_RESULT_KEYS: {self.directory} holds no key"), seen)
+            self._warn_no_key("it holds no key")
             return
         if not forced and seen == self._loaded.fingerprint:
             if self._failing:  # back to the content in use
@@ -242,6 +251,15 @@ class ResultSigner:
         self._failing = True
         self._failed = seen
         self._events.keys_reloaded(ok=False)
+
+    def _warn_no_key(self, why: str) -> None:
+        """Log, at every look, that a directory without keys leaves the last good keys signing and published."""
+        keys = self._loaded.keys
+        LOG.error("result key directory %s has no usable key (%s): results are still signed with kid %s and the "
+                  "JWK Set still publishes %s. To withdraw a compromised key, add a new key first "
+                  "(attest-service keys new %s), then remove the compromised one; to stop issuing results, set "
+                  "ATTEST_RESULT_KEYS=off and restart", self.directory, why, keys.signing.kid,
+                  ", ".join(key.kid for key in keys.keys), self.directory)
 
     # --- what is signed and published ------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -236,3 +238,32 @@ def test_a_default_key_that_cannot_be_made_leaves_the_served_results_off(tmp_pat
         assert service.get("/readyz").status == 503
         log = service.log_tail(100_000)
     assert log.count("attestation results are off: ATTEST_RESULT_KEYS: cannot create the default key") == 1, log
+
+
+def test_the_emergency_withdrawal_of_a_compromised_key_on_a_running_service(tmp_path: Path) -> None:
+    factory = DocumentFactory.around_now(tmp_path / "pinned")
+    keys = tmp_path / "keys"
+    write_key(keys, GENERATED_KEY_NAME, ec.generate_private_key(ec.SECP256R1()))
+    compromised = load_keys(keys).signing.kid
+    env = {"ATTEST_PINNED_CERTS": str(factory.pinned_dir), "ATTEST_RESULT_KEYS": str(keys),
+           "ATTEST_NONCE_STORE": f"sqlite:///{tmp_path / 'n.sqlite3'}", "ATTEST_TRUST_RELOAD_SECONDS": "1"}
+    with _service(env, tmp_path) as service:
+        assert _signing_kid(service, factory) == compromised
+        # docs/OPERATIONS.md's emergency procedure: a new key first (it sorts last: it signs), then the removal.
+        made = subprocess.run([sys.executable, "-m", "attest_service", "keys", "new", str(keys)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        replacement = made.stdout.strip()
+        (keys / GENERATED_KEY_NAME).unlink()
+        _eventually(lambda: all(_kids(service) == [replacement] for _ in range(4)),
+                    "the compromised key is withdrawn from the JWK Set, on every worker")
+        _eventually(lambda: all(_signing_kid(service, factory) == replacement for _ in range(6)),
+                    "the new key signs, on every worker")
+        token = str(_verify(service, factory, "after-withdrawal")["token"])
+        assert _relying_party(service, token)["eat_nonce"] == "after-withdrawal"
+        # Emptying the directory instead withdraws nothing: the last good keys stay, and the log says so loudly.
+        for path in keys.iterdir():
+            path.unlink()
+        # A worker looks when it serves a result or the JWK Set and the interval has passed.
+        _eventually(lambda: _kids(service) == [replacement] and service.log_tail(1_000_000).count(
+            "has no usable key") >= 4, "an error at every look at the emptied directory")
+        assert _signing_kid(service, factory) == replacement

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from attest_service import Attestor, CallerPolicy, NonceReplayed, ResultSigner, StoreUnavailable, Verifier, open_store
 from attest_service.callers.policy import ANONYMOUS
 from attest_service.nonces import NonceStore
-from attest_service.results import EAR_PROFILE, load_keys
+from attest_service.results import EAR_PROFILE, load_keys, write_new_key
 from tests.results.conftest import write_key
 from tests.support.redis_server import free_port
 from tests.verify.conftest import case_input, case_instant, load_index
@@ -256,3 +256,61 @@ def test_a_signer_whose_directory_is_broken_at_start_uses_the_last_good_keys(key
     assert signer.signing_kid == good.signing.kid
     with pytest.raises(Exception, match="ATTEST_RESULT_KEYS"):
         ResultSigner(tmp_path / "missing", issuer=ISSUER)
+
+
+def test_the_emergency_withdrawal_of_a_compromised_key_takes_effect_within_the_reload_interval(
+        verifier: Verifier, key_dir: Path) -> None:
+    ticks = Ticks()
+    signer = ResultSigner(key_dir, issuer=ISSUER, reload_seconds=5, clock=ticks)
+    compromised = signer.signing_kid
+    # The runbook's procedure: a new key (keys new names it to sort last, so it signs), then the removal.
+    replacement = write_new_key(key_dir).kid
+    (key_dir / "a.pem").unlink()
+    ticks.now += 5
+    token = _fresh_token(signer, verifier, issued=datetime.now(UTC))
+    assert jwt.get_unverified_header(token)["kid"] == replacement
+    assert [jwk["kid"] for jwk in signer.jwks()["keys"]] == [replacement]  # type: ignore[index, union-attr]
+    assert decode(token, signer, audience="app")["eat_nonce"]
+    assert compromised != replacement
+    assert not signer.failing
+
+
+def test_an_emptied_key_directory_keeps_the_last_good_keys_and_says_so_at_every_look(
+        key_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ticks = Ticks()
+    failures: list[bool] = []
+
+    class Events:
+        def keys_reloaded(self, *, ok: bool) -> None:
+            failures.append(ok)
+
+    signer = ResultSigner(key_dir, issuer=ISSUER, reload_seconds=5, clock=ticks, events=Events())
+    kid = signer.signing_kid
+    (key_dir / "a.pem").unlink()
+    with caplog.at_level("ERROR", logger="attest_service.results.signer"):
+        for _ in range(3):
+            ticks.now += 5
+            # Kept: an empty directory is as likely an unmounted volume or a mistake as a withdrawal.
+            assert signer.keys.signing.kid == kid
+    assert signer.failing
+    loud = [record for record in caplog.records if "has no usable key" in record.getMessage()]
+    assert len(loud) == 3, caplog.text
+    assert {record.levelname for record in loud} == {"ERROR"}
+    assert kid in loud[0].getMessage()
+    assert "keys new" in loud[0].getMessage()
+    assert failures == [False]  # one failed reload counted: the directory did not change again
+    caplog.clear()
+    key_dir.rmdir()  # no directory at all: the same, at every look
+    with caplog.at_level("ERROR", logger="attest_service.results.signer"):
+        for _ in range(2):
+            ticks.now += 5
+            assert signer.keys.signing.kid == kid
+    assert len([r for r in caplog.records if "has no usable key" in r.getMessage()]) == 2, caplog.text
+    key_dir.mkdir(mode=0o700)
+    new = write_new_key(key_dir).kid
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="attest_service.results.signer"):
+        ticks.now += 5
+        assert signer.keys.signing.kid == new
+    assert not signer.failing
+    assert not caplog.records
