@@ -145,6 +145,9 @@ validate "then" as "if" was valid"), a fail as written. The schema keeps the rul
 {{- if and (not (include "attest-service.redisEnabled" .)) .Values.autoscaling.enabled }}
 {{- fail "autoscaling.enabled: autoscaling runs more than one replica, which needs nonceStore.redisUrl (or nonceStore.existingSecret): each replica would keep its own SQLite store, and a document accepted by one could be accepted again by another" }}
 {{- end }}
+{{- if and .Values.results.enabled (not .Values.results.existingSecret) (not .Values.results.generateKey) }}
+{{- fail "results: set results.existingSecret (a Secret holding the PEM keys; make one with attest-service keys new DIR and kubectl create secret generic NAME --from-file=DIR), or results.generateKey true (the chart generates a key at the first helm install and keeps it; not with helm template or Argo CD, which render without a cluster), or results.enabled false" }}
+{{- end }}
 {{- $sqlite := .Values.nonceStore.sqlite }}
 {{- if and $sqlite.existingClaim $sqlite.persistence.enabled }}
 {{- fail "nonceStore.sqlite: set either existingClaim or persistence.enabled, not both (existingClaim names a PersistentVolumeClaim you made; persistence.enabled has the chart make one)" }}

@@ -52,6 +52,10 @@ CASES: Final[dict[str, tuple[dict[str, Any], str]]] = {
         {"nonceStore": {"sqlite": {"existingClaim": "nonces", "persistence": {"enabled": True}}}},
         ("nonceStore.sqlite: " + EITHER.format("existingClaim", "persistence.enabled")
          + " (existingClaim names a PersistentVolumeClaim you made; persistence.enabled has the chart make one)")),
+    "results without a key source": (
+        {"results": {"generateKey": False}},
+        ("results: set results.existingSecret (a Secret holding the PEM keys; make one with attest-service keys new "
+         "DIR and kubectl create secret generic NAME --from-file=DIR), or results.generateKey true")),
 }
 
 

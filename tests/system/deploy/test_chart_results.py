@@ -10,7 +10,7 @@ from typing import Any
 from attest_service.results import load_keys
 from attest_service.settings import Settings
 
-from .common import HA_VALUES, by_kind, one
+from .common import CHART_DIR, HA_VALUES, NAMESPACE, RELEASE, by_kind, one
 
 Render = Callable[..., list[dict[str, Any]]]
 KEYS_MOUNT = "/etc/attest-service/result-keys"
@@ -68,9 +68,22 @@ def test_each_render_without_a_cluster_generates_afresh_so_the_template_must_loo
     assert first != second
 
 
+def test_a_render_without_a_cluster_that_generates_a_key_says_so_in_the_manifest(helm: Callable[..., str]) -> None:
+    # GitOps renderers (Argo CD, pipelines) run helm template: the manifest they apply is the only output
+    # an operator sees, so the warning is a comment in it, and the render still succeeds.
+    rendered = helm("template", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE)
+    secret_source = next(part for part in rendered.split("\n---\n") if "secret-result-keys.yaml" in part)
+    assert "# WARNING: results.generateKey generated a NEW result-signing key in this render" in secret_source
+    assert "results.existingSecret" in secret_source
+    quiet = helm("template", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE,
+                 "--set", "results.generateKey=false", "--set", "results.existingSecret=vendor-result-keys")
+    assert "secret-result-keys.yaml" not in quiet
+    assert "WARNING" not in quiet
+
+
 def test_an_existing_secret_is_mounted_and_none_is_generated(render: Render) -> None:
     manifests = render(values={"results": {"existingSecret": "vendor-result-keys", "issuer": "https://attest.example.com",
-                                           "ttlSeconds": 120}})
+                                           "ttlSeconds": 120, "generateKey": False}})
     assert not [m for m in by_kind(manifests, "Secret") if m["metadata"]["name"].endswith("-result-keys")]
     volume = _keys_volume(manifests)
     assert volume is not None

@@ -45,9 +45,13 @@ def test_the_generated_key_is_kept_across_upgrades(helm: Callable[..., str], clu
     api, config = cluster
     command = ("upgrade", "--install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--kubeconfig",
                str(config), "--disable-openapi-validation")
-    helm(*command)
+    notes = helm(*command)
     installed = _generated_key(api)
-    helm(*command, "--set", "settings.logLevel=debug")
+    assert "NOTE: results are signed with a key generated now" in notes
+    upgraded = helm(*command, "--set", "settings.logLevel=debug")
+    # Found and kept: nothing to warn about.
+    assert "generated now" not in upgraded
+    assert "NEW signing key" not in upgraded
     helm(*command, "--set", "results.ttlSeconds=300")
     assert _generated_key(api) == installed
     assert api.get(NAMESPACE, "secrets", f"sh.helm.release.v1.{RELEASE}.v3") is not None  # three revisions
@@ -60,3 +64,18 @@ def test_the_generated_key_is_kept_across_upgrades(helm: Callable[..., str], clu
     settings = api.get(NAMESPACE, "configmaps", f"{RELEASE}-attest-service-settings")
     assert settings is not None
     assert settings["data"]["ATTEST_RESULT_TTL_SECONDS"] == "300"
+
+
+def test_an_upgrade_that_finds_no_key_secret_says_a_new_key_was_made(helm: Callable[..., str],
+                                                                    cluster: tuple[KubeApi, Path]) -> None:
+    api, config = cluster
+    command = ("upgrade", "--install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--kubeconfig",
+               str(config), "--disable-openapi-validation")
+    helm(*command)
+    installed = _generated_key(api)
+    with api.lock:
+        del api.objects[(f"/api/v1/namespaces/{NAMESPACE}/secrets", SECRET)]
+    notes = helm(*command)
+    assert "WARNING: the result-key Secret" in notes
+    assert "generated a NEW signing key" in notes
+    assert _generated_key(api) != installed
