@@ -66,12 +66,14 @@ test: $(STAMP) redis-server-installed promtool-installed lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The four figures of throughput and latency beside their targets (about 5 minutes on 2 cores): the core on
-# one CPU first, then the service beside the bare echo on a real Redis.
+# one CPU first, then the service beside the bare echo on a real Redis; last, CPU per verification with
+# attestation results on over off, in alternating runs (bench_cpu.py also compares trees and settings).
 bench: $(STAMP) redis-server-installed wrk-installed
 	$(BIN)/python benchmarks/bench_verify.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_refusals.py
 	$(BIN)/python benchmarks/bench_internals.py
+	$(BIN)/python benchmarks/bench_cpu.py --compare results
 
 # Coverage-guided fuzzing of the document path for FUZZ_SECONDS (default 300); crashes are written to fuzz-artifacts/.
 fuzz: $(STAMP)
