@@ -45,6 +45,7 @@ REVOCATION_UNKNOWN: Final = Counter(
     ["cloud"])
 
 _published: TrustStore | None = None
+_UNKNOWN_BY_CLOUD: Final[dict[str, Counter]] = {}
 _logged: dict[str, float] = {}
 _logged_lock = threading.Lock()
 
@@ -58,7 +59,12 @@ def publish(trust: TrustStore) -> None:
 def count_unknown(result: VerifiedDocument) -> None:
     """Count ``result`` when it was accepted without a known revocation status."""
     if result.revocation_unknown:
-        REVOCATION_UNKNOWN.labels(cloud=result.cloud).inc()
+        child = _UNKNOWN_BY_CLOUD.get(result.cloud)
+        if child is None:
+            # Looked up once per cloud (a handful): labels() costs as much again as the increment itself, and
+            # in soft mode without CRLs every accepted document is counted here.
+            child = _UNKNOWN_BY_CLOUD[result.cloud] = REVOCATION_UNKNOWN.labels(cloud=result.cloud)
+        child.inc()
 
 
 def log_revoked(error: CertificateRevoked) -> None:
