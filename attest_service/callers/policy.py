@@ -8,6 +8,7 @@ after the document verified and before its nonce is claimed, so a denied documen
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,7 +121,14 @@ class AccessPolicy:
 
     def for_client(self, client_id: str) -> CallerPolicy:
         """The policy of an authenticated client; unrestricted when the file has no section for it."""
-        return self.clients.get(client_id) or CallerPolicy.unrestricted(client_id)
+        return self.clients.get(client_id) or _unrestricted(client_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unrestricted(client_id: str) -> CallerPolicy:
+    # Asked for on every request of a client the policy file does not name (every client, without a file);
+    # the policy is immutable, so one object per client id serves them all.
+    return CallerPolicy.unrestricted(client_id)
 
 
 def _string_list(section: Mapping[str, object], key: str, where: str) -> frozenset[str] | None:
