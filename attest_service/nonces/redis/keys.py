@@ -46,8 +46,13 @@ def retry_key(nonce: str, client_id: str, scope: str | None) -> str:
     Named by a digest of the client id and the scope, so that only the same caller's claim of the same VM's
     document finds it (see accept.lua).
     """
-    caller = hashlib.sha256(f"{client_id}\0{'' if scope is None else scope_tag(scope)}".encode()).hexdigest()
-    return f"{KEY_PREFIX}:{{{hash_tag(nonce)}}}:retry:{caller}"
+    return tagged_retry_key(hash_tag(nonce), client_id, "" if scope is None else scope_tag(scope))
+
+
+def tagged_retry_key(tag: str, client_id: str, scope_digest: str) -> str:
+    """:func:`retry_key` from the nonce's hash tag and the scope's digest ("" for none), already computed."""
+    caller = hashlib.sha256(f"{client_id}\0{scope_digest}".encode()).hexdigest()
+    return f"{KEY_PREFIX}:{{{tag}}}:retry:{caller}"
 
 
 def rate_key(client_id: str, window_index: int) -> str:

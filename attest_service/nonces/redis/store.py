@@ -23,7 +23,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from attest_service.errors import NonceReplayed, NonceUnknown, StoreUnavailable
 from attest_service.nonces.redis.connection import DirectConnections, RedisClient
-from attest_service.nonces.redis.keys import KEY_PREFIX, challenge_key, hash_tag, rate_key, retry_key
+from attest_service.nonces.redis.keys import KEY_PREFIX, challenge_key, hash_tag, rate_key, tagged_retry_key
 from attest_service.nonces.redis.scripts import ACCEPT_SCRIPT, MAX_LISTED_SCOPES, RATE_SCRIPT
 from attest_service.nonces.store import (
     DEFAULT_CHALLENGE_TTL_SECONDS,
@@ -177,7 +177,7 @@ class RedisNonceStore:
         seen = f"{KEY_PREFIX}:{{{tag}}}:seen"
         scope_digest = "" if scope is None else scope_tag(scope)
         scoped = f"{seen}:{scope_digest}" if scope_digest else seen
-        mark = retry_key(nonce, client_id, scope)
+        mark = tagged_retry_key(tag, client_id, scope_digest)
         keys = [f"{KEY_PREFIX}:{{{tag}}}:ch", seen, scoped, mark]
         # One token per call of accept(), the same in redis-py's resend of the script (see accept.lua).
         token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES)
