@@ -4,7 +4,7 @@ Throughput on a shared machine moves with the host; CPU time per request moves m
 (another tenant's cache and memory traffic, the cores' clock) drifts slowly. So each configuration runs in a
 process of its own, in turns (A B, B A, A B, ... for ``--rounds`` rounds), and each round gives the ratio of
 two runs made side by side in time: the drift cancels in that ratio, and the median over the rounds is the
-figure. A configuration is a source tree (the application is imported from it: each run prints the
+figure. A configuration is a source tree (the application is imported from it: its first run prints the
 ``attest_service`` it loaded) and ``ATTEST_*`` settings.
 
 Each run builds the application as gunicorn's worker does (``attest_service.web:create_app()`` after gevent's
