@@ -31,6 +31,7 @@ from attest_service.clouds import AUTO
 from attest_service.errors import NonceMismatch, NonceReplayed
 from attest_service.nonces.failures import StoreErrorEvents, store_errors_reported
 from attest_service.nonces.store import CACHED_DOCUMENT_HINT, DEFAULT_CHALLENGE_TTL_SECONDS, NonceStore
+from attest_service.results.claims import JSON_ENCODER, DocumentJSON
 from attest_service.verify import (
     DEFAULT_CLOCK_SKEW,
     DEFAULT_REVOCATION,
@@ -126,15 +127,32 @@ class Attested:
     challenge: bool
     #: The attestation result (compact JWS), when the attestor has a :class:`~attest_service.results.ResultSigner`.
     token: str | None = None
+    #: The document's answer and its encoded claims and signer, when already built (the result shares them).
+    shared: DocumentJSON | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The REST service's success body: the verdict, what was accepted of the nonce, and the ``token``."""
-        payload = self.document.to_dict()
+        payload = dict(self.shared.answer) if self.shared is not None else self.document.to_dict()
         payload["nonce"] = {"value": self.document.claims.nonce, "checked": self.nonce_checked,
                             "challenge": self.challenge}
         if self.token is not None:
             payload["token"] = self.token
         return payload
+
+    def to_json(self) -> bytes:
+        """:meth:`to_dict` as the API writes it: compact ASCII JSON and a newline, the same bytes as encoding it.
+
+        The claims and signer are the text encoded once per request (:class:`DocumentJSON`). The token goes in
+        as it is: a compact JWS is base64url segments joined by dots, which JSON never escapes.
+        """
+        shared = self.shared if self.shared is not None else DocumentJSON.of(self.document)
+        encode = JSON_ENCODER.encode
+        token = "" if self.token is None else f',"token":"{self.token}"'
+        text = (f'{{"verified":true,"cloud":{encode(self.document.cloud)},"claims":{shared.claims},'
+                f'"signer":{shared.signer},"nonce":{{"value":{encode(self.document.claims.nonce)},'
+                f'"checked":{"true" if self.nonce_checked else "false"},'
+                f'"challenge":{"true" if self.challenge else "false"}}}{token}}}\n')
+        return text.encode("ascii")
 
 
 class Attestor:
@@ -211,11 +229,14 @@ class Attestor:
         challenge = self._claim(verified, policy, now)
         # Step 11: the attestation result, only for a nonce that is now spent.
         token = None
+        # The document's answer and its encoded claims and signer, built once for the result and the answer.
+        shared = DocumentJSON.of(verified)
         if self.results is not None:
-            signed = self.results.sign(verified, caller=policy, at=now)
+            signed = self.results.sign(verified, caller=policy, at=now, shared=shared)
             self._events.result_issued(signed.kid)
             token = signed.token
-        return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge, token=token)
+        return Attested(document=verified, nonce_checked=nonce is not None, challenge=challenge, token=token,
+                        shared=shared)
 
     def _verify(self, der: bytes, *, nonce: str | None, cloud: str, now: datetime) -> VerifiedDocument:
         policy = VerificationPolicy(cloud=cloud, expected_nonce=nonce, clock_skew=self.clock_skew,

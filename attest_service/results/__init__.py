@@ -20,7 +20,7 @@ Nothing here imports the web stack: a Python license server signs results in-pro
 
 from __future__ import annotations
 
-from attest_service.results.claims import EAR_PROFILE, result_claims
+from attest_service.results.claims import EAR_PROFILE, DocumentJSON, result_claims, result_payload
 from attest_service.results.keys import (
     ALGORITHMS,
     KeyFingerprint,
@@ -47,6 +47,7 @@ __all__ = [
     "DISCOVERY_PATH",
     "EAR_PROFILE",
     "JWKS_PATH",
+    "DocumentJSON",
     "KeyEvents",
     "KeyFingerprint",
     "KeySet",
@@ -58,5 +59,6 @@ __all__ = [
     "key_fingerprint",
     "load_keys",
     "result_claims",
+    "result_payload",
     "write_new_key",
 ]

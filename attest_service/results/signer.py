@@ -13,7 +13,6 @@ forces a load on the next call.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ from joserfc.errors import UnsupportedAlgorithmError
 from joserfc.jws import JWSRegistry
 
 from attest_service.errors import ConfigurationError
-from attest_service.results.claims import CLAIMS, result_claims
+from attest_service.results.claims import CLAIMS, DocumentJSON, result_payload
 from attest_service.results.keys import KeyFingerprint, KeySet, SigningKey, key_fingerprint, load_keys
 
 if TYPE_CHECKING:
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
     from attest_service.verify import VerifiedDocument
 
 LOG: Final = logging.getLogger(__name__)
-#: The claims' JSON: compact, ASCII (any UTF-8 would do; escapes keep the payload plain), one encoder for all.
-_PAYLOAD_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 #: The issuer when none is configured: the service's default address (``serve``'s default bind). It is a
 #: fixed value, never taken from a request's Host or forwarding headers, which a caller writes.
@@ -144,6 +141,7 @@ class ResultSigner:
         self.directory = directory
         self.issuer = check_issuer(issuer)
         self.ttl = ttl
+        self._ttl_seconds = int(ttl.total_seconds())
         self._interval = reload_seconds
         self._clock = clock
         self._events: KeyEvents = events if events is not None else _NoKeyEvents()
@@ -263,13 +261,19 @@ class ResultSigner:
 
     # --- what is signed and published ------------------------------------------------------------------
 
-    def sign(self, document: VerifiedDocument, *, caller: CallerPolicy, at: datetime) -> SignedResult:
-        """The attestation result for ``document``, accepted for ``caller`` at ``at`` (timezone-aware)."""
+    def sign(self, document: VerifiedDocument, *, caller: CallerPolicy, at: datetime,
+             shared: DocumentJSON | None = None) -> SignedResult:
+        """The attestation result for ``document``, accepted for ``caller`` at ``at`` (timezone-aware).
+
+        ``shared`` is the document's :class:`~attest_service.results.claims.DocumentJSON` when the verify
+        answer built it already; its encoded claims and signer go into the result as they are.
+        """
         loaded = self._current()
         key: SigningKey = loaded.keys.signing
-        claims = result_claims(document, caller=caller, issuer=self.issuer, at=at, ttl=self.ttl,
-                               verifier_build=self._build)
-        payload = _PAYLOAD_ENCODER.encode(claims).encode()
+        payload = result_payload(document, caller=caller, issuer=self.issuer, at=at, ttl_seconds=self._ttl_seconds,
+                                 verifier_build=self._build, shared=shared)
+        # joserfc encodes the protected header and the payload, signs and serialises; the header is a new dict
+        # per call because joserfc may write a kid into it.
         token = jws.serialize_compact({"alg": key.alg, "kid": key.kid, "typ": "JWT"}, payload, key.jose_key,
                                       registry=loaded.registries[key.alg])
         return SignedResult(token=token, kid=key.kid)

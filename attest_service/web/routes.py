@@ -152,7 +152,7 @@ def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
         attested = service.attestor.attest_der(parsed.document, at=service.clock(), nonce=parsed.nonce,
                                                cloud=parsed.cloud, caller=caller.policy)
         # Serialise the verdict.
-        body = json_bytes(attested.to_dict())
+        body = attested.to_json()
     except AttestError as exc:
         code = exc.code
         raise

@@ -4,6 +4,7 @@ one that signs (joserfc), against the published JWK Set."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,9 +15,20 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from attest_service import Attestor, CallerPolicy, NonceReplayed, ResultSigner, StoreUnavailable, Verifier, open_store
-from attest_service.callers.policy import ANONYMOUS
+from attest_service.attestation import Attested
+from attest_service.callers.policy import ANONYMOUS, Plan
 from attest_service.nonces import NonceStore
-from attest_service.results import EAR_PROFILE, load_keys, write_new_key
+from attest_service.results import (
+    EAR_PROFILE,
+    DocumentJSON,
+    load_keys,
+    result_claims,
+    result_payload,
+    write_new_key,
+)
+from attest_service.verify import VerifiedDocument
+from attest_service.verify.claims import parse_claims, thaw
+from attest_service.web.errors import json_bytes
 from tests.results.conftest import write_key
 from tests.support.redis_server import free_port
 from tests.verify.conftest import case_input, case_instant, load_index
@@ -314,3 +326,51 @@ def test_an_emptied_key_directory_keeps_the_last_good_keys_and_says_so_at_every_
         assert signer.keys.signing.kid == new
     assert not signer.failing
     assert not caplog.records
+
+
+def _with_content(document: VerifiedDocument, **changes: object) -> VerifiedDocument:
+    """``document`` with its signed content changed (for the encoding only; nothing is verified again)."""
+    fields = dict(thaw(document.claims.fields))  # type: ignore[arg-type]
+    fields.update(changes)
+    return dataclasses.replace(document, claims=parse_claims(json.dumps(fields).encode()))
+
+
+@pytest.mark.parametrize("caller", [
+    CallerPolicy(client_id="license-server", clouds=frozenset({"public"}), skus=frozenset({"2022-datacenter"}),
+                 plans=frozenset({Plan(name="p", product="q", publisher="r")})),
+    CallerPolicy(client_id=ANONYMOUS),
+    CallerPolicy(client_id="d\u00e9p\u00f4t-\"q\"\\\u2028"),
+], ids=["lists", "anonymous", "escaped-id"])
+def test_the_signed_payload_is_the_claim_set_encoded_as_the_api_encodes(verifier: Verifier,
+                                                                       caller: CallerPolicy) -> None:
+    # The payload is assembled from parts encoded separately (the document's once per request, the caller's once
+    # per caller): it must be exactly the claim set, every string escaped as the one encoder escapes it.
+    plain = verifier.verify_response(RESPONSE, at=AT)
+    odd = _with_content(plain, vmId="vm-\u00e9\u2028\"</script>", nonce="n\u00f6nce\\\"", sku="\u6f22\ud83d\ude00")
+    for document in (plain, odd):
+        arguments = {"caller": caller, "issuer": ISSUER, "at": AT, "verifier_build": "attest-service 9", "jti": "j-1"}
+        payload = result_payload(document, ttl_seconds=600, **arguments)  # type: ignore[arg-type]
+        claims = result_claims(document, ttl=timedelta(seconds=600), **arguments)  # type: ignore[arg-type]
+        assert json.loads(payload) == claims
+        assert payload.isascii()
+        shared = DocumentJSON.of(document)
+        assert result_payload(document, ttl_seconds=600, shared=shared, **arguments) == payload  # type: ignore[arg-type]
+
+
+def test_the_answer_is_the_bytes_of_its_dict_with_and_without_a_token(verifier: Verifier, store: NonceStore,
+                                                                      key_dir: Path) -> None:
+    # The verify answer is assembled from the document's claims and signer encoded once and the token as it is:
+    # it must be byte for byte what encoding the answer's dict gives.
+    signer = ResultSigner.from_directory(key_dir, issuer=ISSUER)
+    document = _with_content(verifier.verify_response(RESPONSE, at=AT), vmId="vm-\u00e9\u2028\"", sku="\u6f22")
+    token = signer.sign(document, caller=CallerPolicy(client_id="app"), at=AT).token
+    for attested in (Attested(document=document, nonce_checked=True, challenge=False, token=token),
+                     Attested(document=document, nonce_checked=False, challenge=True),
+                     Attested(document=document, nonce_checked=False, challenge=False, token=token,
+                              shared=DocumentJSON.of(document))):
+        assert attested.to_json() == json_bytes(attested.to_dict())
+    attested = Attestor(verifier, store, results=signer).attest(RESPONSE, at=AT)
+    body = json.loads(attested.to_json())
+    assert body == attested.to_dict()
+    assert decode(body["token"], signer, audience="default", now_checks=False)["azure"] == {
+        "cloud": body["cloud"], "claims": body["claims"], "signer": body["signer"]}
