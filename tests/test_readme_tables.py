@@ -2,8 +2,9 @@
 
 A reader looks a setting, a command or a route up in README's tables; when a change adds one and forgets the
 table, or renames one and leaves the old row, the reader is misled. These tests read the tables and compare
-them with the code: the ``ATTEST_*`` names the package reads, the command line's parser, the Flask
-application's routes and the OpenAPI document it serves.
+them with the code: the ``ATTEST_*`` names the package reads and the defaults the settings take (which the
+chart's ``settings`` must ship too), the command line's parser, the Flask application's routes and the
+OpenAPI document it serves, the package's modules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+import yaml
 
 from attest_service.cli import build_parser
 from attest_service.settings import Settings
@@ -210,3 +212,43 @@ def test_a_route_row_removed_is_missed(app_routes: tuple[set[tuple[str, str]], s
     routes, _documented = app_routes
     text = _without_row("| `GET /.well-known/jwks.json` |")
     assert ("GET", "/.well-known/jwks.json") in routes - route_rows(text)
+
+
+def chart_settings() -> dict[str, object]:
+    """The chart's ``settings`` defaults by the variable each sets (``values.yaml`` names it in brackets)."""
+    values = REPO_ROOT / "helm" / "attest-service" / "values.yaml"
+    settings = yaml.safe_load(values.read_text(encoding="utf-8"))["settings"]
+    by_variable: dict[str, object] = {}
+    comment = ""
+    lines = values.read_text(encoding="utf-8").split("\nsettings:\n", 1)[1].splitlines()
+    for line in lines:
+        if line and not line.startswith(" "):
+            break
+        if line.strip().startswith("#"):
+            comment += line
+        elif re.match(r"  [A-Za-z]+:", line):
+            key = line.split(":", 1)[0].strip()
+            named = re.findall(r"\[(ATTEST_[A-Z0-9_]+)\]", comment)
+            assert len(named) == 1, f"values.yaml settings.{key} names no variable in brackets"
+            by_variable[named[0]] = settings[key]
+            comment = ""
+    return by_variable
+
+
+def _as_env(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def test_the_charts_settings_are_the_services_defaults() -> None:
+    # The chart passes each settings value as its variable; as shipped, each must configure what the service
+    # does with the variable unset, so that README's defaults hold for the chart too.
+    by_variable = chart_settings()
+    assert len(by_variable) >= 15, by_variable
+    unset = Settings.from_env({})
+    differing = {name: value for name, value in by_variable.items()
+                 if value is not None and Settings.from_env({name: _as_env(value)}) != unset}
+    assert differing == {}, "the chart's default differs from the service's"
