@@ -142,10 +142,13 @@ class Attested:
     def to_json(self) -> bytes:
         """:meth:`to_dict` as the API writes it: compact ASCII JSON and a newline, the same bytes as encoding it.
 
-        The claims and signer are the text encoded once per request (:class:`DocumentJSON`). The token goes in
-        as it is: a compact JWS is base64url segments joined by dots, which JSON never escapes.
+        With a :class:`DocumentJSON` (results on), the claims and signer are the text encoded once for the
+        result and the answer. The token goes in as it is: a compact JWS is base64url segments joined by dots,
+        which JSON never escapes.
         """
-        shared = self.shared if self.shared is not None else DocumentJSON.of(self.document)
+        shared = self.shared
+        if shared is None:  # nothing to share: one encoding of the whole answer costs least
+            return (JSON_ENCODER.encode(self.to_dict()) + "\n").encode("ascii")
         encode = JSON_ENCODER.encode
         token = "" if self.token is None else f',"token":"{self.token}"'
         text = (f'{{"verified":true,"cloud":{encode(self.document.cloud)},"claims":{shared.claims},'
@@ -229,9 +232,10 @@ class Attestor:
         challenge = self._claim(verified, policy, now)
         # Step 11: the attestation result, only for a nonce that is now spent.
         token = None
-        # The document's answer and its encoded claims and signer, built once for the result and the answer.
-        shared = DocumentJSON.of(verified)
+        shared = None
         if self.results is not None:
+            # The document's answer and its encoded claims and signer, built once for the result and the answer.
+            shared = DocumentJSON.of(verified)
             signed = self.results.sign(verified, caller=policy, at=now, shared=shared)
             self._events.result_issued(signed.kid)
             token = signed.token

@@ -367,7 +367,8 @@ def test_the_answer_is_the_bytes_of_its_dict_with_and_without_a_token(verifier: 
     for attested in (Attested(document=document, nonce_checked=True, challenge=False, token=token),
                      Attested(document=document, nonce_checked=False, challenge=True),
                      Attested(document=document, nonce_checked=False, challenge=False, token=token,
-                              shared=DocumentJSON.of(document))):
+                              shared=DocumentJSON.of(document)),
+                     Attested(document=document, nonce_checked=True, challenge=True, shared=DocumentJSON.of(document))):
         assert attested.to_json() == json_bytes(attested.to_dict())
     attested = Attestor(verifier, store, results=signer).attest(RESPONSE, at=AT)
     body = json.loads(attested.to_json())
