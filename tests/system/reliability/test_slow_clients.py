@@ -151,7 +151,9 @@ STALLED_SOURCES = 50
 #: What a worker may hold beyond the bodies' bytes at its peak: each body once more while it is joined,
 #: and the allocator's own keeping, in KiB.
 PER_WORKER_SLACK_KIB = 48 * 1024
-#: Growth of the second equal flood's peak over the first's, in KiB: memory given back, not leaked.
+#: Growth of the third equal flood's peak over the higher of the first two, in KiB: memory given back, not
+#: leaked. The first two set the allocator's high-water mark (how many bodies a flood holds at once varies with
+#: scheduling, so one flood alone may stay below it); a leak grows every flood's peak, the third's too.
 REPEAT_GROWTH_BOUND_KIB = 16 * 1024
 
 
@@ -159,6 +161,7 @@ REPEAT_GROWTH_BOUND_KIB = 16 * 1024
 class Floods:
     first: StalledReport
     second: StalledReport
+    third: StalledReport
     workers: list[int]
     master: int
 
@@ -176,15 +179,16 @@ def floods(tmp_path_factory: pytest.TempPathFactory) -> Floods:
             seconds = FLOOD_BODY_TIMEOUT_SECONDS * 4
             first = stalled_flood(service.port, pids, count=STALLED_COUNT, sources=STALLED_SOURCES, seconds=seconds)
             second = stalled_flood(service.port, pids, count=STALLED_COUNT, sources=STALLED_SOURCES, seconds=seconds)
+            third = stalled_flood(service.port, pids, count=STALLED_COUNT, sources=STALLED_SOURCES, seconds=seconds)
             workers = service.worker_pids()
-    for name, report in (("first", first), ("second", second)):
+    for name, report in (("first", first), ("second", second), ("third", third)):
         print(f"\nstalled flood ({name}): answers {dict(report.answers)}, {report.sent_bytes / 2**20:.0f} MiB sent;"
               f" RSS KiB before {report.rss_before}, peak {report.rss_peak}, peak total {report.peak_total_kib}")
-    return Floods(first=first, second=second, workers=workers, master=service.master_pid)
+    return Floods(first=first, second=second, third=third, workers=workers, master=service.master_pid)
 
 
 def test_stalled_bodies_are_answered_within_the_body_timeout(floods: Floods) -> None:
-    for report in (floods.first, floods.second):
+    for report in (floods.first, floods.second, floods.third):
         # 408 once the timeout passed, or refused at once: 503 when the worker holds its limit of body bytes,
         # 429 when the source has its limit of bodies in flight. Nothing is left waiting.
         assert set(report.answers) <= {"408", "429", "503"}, report.answers
@@ -202,9 +206,12 @@ def test_stalled_bodies_hold_at_most_the_gates_budget_per_worker(floods: Floods)
 def test_stalled_bodies_keep_the_service_inside_the_charts_memory_limit(floods: Floods) -> None:
     # The shipped configuration: two workers of 1000 connections each, as in the chart.
     assert len(floods.workers) == 2
-    assert max(floods.first.peak_total_kib, floods.second.peak_total_kib) < CHART_MEMORY_LIMIT_KIB
+    assert max(report.peak_total_kib for report in (floods.first, floods.second, floods.third)) \
+        < CHART_MEMORY_LIMIT_KIB
 
 
-def test_an_equal_second_flood_does_not_grow_memory_further(floods: Floods) -> None:
+def test_an_equal_later_flood_does_not_grow_memory_further(floods: Floods) -> None:
     for pid in floods.workers:
-        assert floods.second.rss_peak[pid] - floods.first.rss_peak[pid] <= REPEAT_GROWTH_BOUND_KIB, pid
+        mark = max(floods.first.rss_peak[pid], floods.second.rss_peak[pid])
+        assert floods.third.rss_peak[pid] - mark <= REPEAT_GROWTH_BOUND_KIB, \
+            (pid, floods.first.rss_peak[pid], floods.second.rss_peak[pid], floods.third.rss_peak[pid])
