@@ -67,9 +67,11 @@ def test_the_default_install_fetches_chinas_pinned_cas_and_may_reach_public_addr
             assert part.subnet_of(whole), cidr  # type: ignore[arg-type]
             assert part != whole, cidr
     excluded = [ipaddress.ip_network(cidr) for block in blocks for cidr in block["except"]]
-    # No private range, loopback, IMDS's link-local address or shared (CGNAT) space is reachable through it.
+    # No private range, loopback, IMDS's link-local address or shared (CGNAT) space is reachable through it; nor
+    # Azure's host endpoint (WireServer and the host agent plugin, a public address on port 80, which hands a VM
+    # its provisioning and extension configuration: a pod that can open it can read what only the node should).
     for address in ("10.1.2.3", "172.20.0.1", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1",
-                    "fd00::1", "fe80::1", "::1"):
+                    "168.63.129.16", "fd00::1", "fe80::1", "::1"):
         assert any(ipaddress.ip_address(address) in network for network in excluded), address
     # DigiCert's China repository (a public address) stays reachable.
     assert not any(ipaddress.ip_address("203.0.113.7") in network for network in excluded)
