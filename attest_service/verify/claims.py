@@ -166,6 +166,14 @@ def parse_claims(content: bytes) -> Claims:
         raise MalformedDocument("signed content is not UTF-8 JSON") from exc
     if not isinstance(raw, MappingProxyType):
         raise MalformedDocument("signed content is not a JSON object")
+    if "\\u" in text:
+        # A \uD800-\uDFFF escape without its pair decodes to a lone surrogate: no text IMDS writes, and no string
+        # that can be encoded again (the nonce store digests the vmId and the nonce as UTF-8), so it is refused here
+        # rather than failing later. Content without escapes comes from valid UTF-8, which has no surrogates.
+        try:
+            json.dumps(thaw(raw), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MalformedDocument("signed content holds an unpaired UTF-16 surrogate escape") from exc
     fields: Mapping[str, JsonValue] = raw
     stamp = fields.get("timeStamp")
     # Every object of the content is a MappingProxyType (_no_duplicates); the concrete check is the cheap one.

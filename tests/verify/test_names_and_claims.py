@@ -50,3 +50,25 @@ def test_an_empty_or_overlong_signed_nonce_is_malformed(nonce: str) -> None:
                                                         "expiresOn": "01/01/26 06:00:00 -0000"}, "vmId": "v"}).encode()
     with pytest.raises(MalformedDocument, match="nonce"):
         parse_claims(content)
+
+
+
+def _content_with(vm_id: str, *, extra: str = "") -> bytes:
+    """Signed content with ``vm_id`` (and ``extra`` members) written as raw JSON text, escapes as given."""
+    return ('{"nonce":"n-1","timeStamp":{"createdOn":"01/01/26 00:00:00 -0000","expiresOn":"01/01/26 06:00:00 -0000"},'
+            f'"vmId":"{vm_id}"{extra}}}').encode()
+
+
+@pytest.mark.parametrize(("vm_id", "extra"), [
+    ("\\ud800", ""), ("vm-\\udfff", ""), ("v", ',"sku":"\\ude00\\ud83d"'), ("v", ',"\\udc00":"x"'),
+], ids=["high", "low", "reversed-pair", "in-a-key"])
+def test_an_unpaired_surrogate_escape_in_the_signed_content_is_malformed(vm_id: str, extra: str) -> None:
+    # json decodes such an escape to a lone surrogate, which no UTF-8 encoding (the nonce store's digest of the
+    # vmId) can take: refused as the malformed content it is, never a 500 after the signature verified.
+    with pytest.raises(MalformedDocument, match="surrogate"):
+        parse_claims(_content_with(vm_id, extra=extra))
+
+
+def test_escaped_characters_and_a_paired_surrogate_escape_are_their_characters() -> None:
+    claims = parse_claims(_content_with("\\ud83d\\ude00-\\u00e9-\\\\u0041"))
+    assert claims.vm_id == "\U0001f600-\u00e9-\\u0041"

@@ -190,6 +190,19 @@ def test_malformed_document(client: FlaskClient) -> None:
     assert error_of(response, 422) == "malformed_document"
 
 
+def test_a_genuine_signature_over_an_unpaired_surrogate_is_malformed_not_a_500(client: FlaskClient,
+                                                                              test_pki: GeneratedPki) -> None:
+    # The signature verifies, but the content's vmId (or nonce) escapes half a surrogate pair: no UTF-8 can hold
+    # it, and the nonce store digests both as UTF-8. Refused with our code; nothing is recorded.
+    for field in ("vm_id", "nonce"):
+        content = test_pki.content(**{field: "HALF-A-PAIR"}).replace(b"HALF-A-PAIR", b"\\ud800")
+        signature = base64.b64encode(pki.sign_attested(content, signer=test_pki.leaf)).decode()
+        response = client.post("/v1/verify", json={"signature": signature})
+        assert error_of(response, 422) == "malformed_document", field
+    after = client.post("/v1/verify", json={"signature": test_pki.signature(nonce="after-half-a-pair")})
+    assert after.status_code == 200
+
+
 def test_unsupported_document(client: FlaskClient, test_pki: GeneratedPki) -> None:
     document = {"encoding": "jws", "signature": test_pki.signature()}
     assert error_of(client.post("/v1/verify", json={"document": document}), 422) == "unsupported_document"
