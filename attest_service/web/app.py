@@ -20,6 +20,7 @@ from attest_service.attestation import Attestor
 from attest_service.callers import throttle
 from attest_service.callers.authentication import Authenticator
 from attest_service.callers.leases import RateLeases
+from attest_service.callers.ratelimit import Admission
 from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.callers.throttle import FailedAuthBlocks
 from attest_service.logformat import REQUEST_ID
@@ -159,7 +160,9 @@ def create_app(settings: Settings | None = None, *, store: NonceStore | None = N
         # blocked by all. Elsewhere (tests, embedding), the application's own.
         blocks=throttle.SHARED_BLOCKS if snapshot is not None else FailedAuthBlocks())
     service = Service(settings=settings, store=store, attestor=attestor, policies=policies, clock=service_clock,
-                      authenticator=authenticator, rate_leases=RateLeases(store), events=events,
+                      admission=Admission(settings=settings, authenticator=authenticator, store=store,
+                                          leases=RateLeases(store), events=events, clock=service_clock),
+                      events=events,
                       bodies=BodyGate(settings.body_timeout_seconds))
     install(app, service)
     register_error_handlers(app)

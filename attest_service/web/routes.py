@@ -4,14 +4,8 @@
 The nonce is claimed only after the document verified and passed the caller's policy, so neither junk nor a
 denied document can burn a nonce. Requests are checked in this order: size, key, rate, body.
 
-Rate limit: ``/v1/challenges`` and ``/v1/verify`` share one budget per caller (per client id; per source
-for anonymous callers: the client's address, through trusted proxies, IPv6 by /64, see
-:mod:`attest_service.callers.sources`) of ``ATTEST_RATE_LIMIT_PER_MINUTE`` requests, counted in the nonce store
-so that it holds across workers and replicas (a busy caller's in leases, :mod:`attest_service.callers.leases`).
-One attestation costs two requests (challenge, verify).
-Who is calling is decided in one place (:mod:`attest_service.callers.authentication`), failed
-authentication included, which has a budget of its own per source; an anonymous source may hold at most
-``ATTEST_ANONYMOUS_CHALLENGES`` challenges per challenge lifetime.
+Who is calling and how often (authentication, rate budgets, failed-authentication blocks) is decided in
+:mod:`attest_service.callers.ratelimit`, shared with the direct WSGI path: the routes parse, call and serialise.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ from typing import TYPE_CHECKING, Final
 
 from flask import Blueprint, Response, abort, jsonify, request
 
-from attest_service.callers.keys import Caller
 from attest_service.clouds import AUTO, CLOUDS
 from attest_service.errors import AttestError, StoreUnavailable
 from attest_service.nonces.failures import store_errors_reported
@@ -40,10 +33,6 @@ from attest_service.web.service import Service, current_service
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-#: The rate-limit window, in seconds; the limit is per minute.
-RATE_WINDOW_SECONDS: Final = 60
-#: The store key of an anonymous source's challenge budget.
-ANONYMOUS_CHALLENGES_PREFIX: Final = "-challenges@"
 #: What ``/readyz`` says when the store does not answer (the detail is logged, never answered).
 READYZ_UNAVAILABLE_MESSAGE: Final = "the nonce store does not answer"
 #: The verification route.
@@ -118,20 +107,6 @@ def parse_verify_request(body: dict[str, object],
     return VerifyRequest(document=der, nonce=nonce, cloud=cloud)
 
 
-def _hit(service: Service, key: str, *, limit: int, window_seconds: int) -> None:
-    with store_errors_reported(service.events, "hit_rate"):
-        service.store.hit_rate(key, limit=limit, window_seconds=window_seconds, now=service.clock())
-
-
-def _caller(service: Service, environ: WSGIEnvironment) -> Caller:
-    # Who is calling (source, key, failed-authentication budget: callers/authentication.py), then its rate.
-    caller = service.authenticator.authenticate(environ)
-    with store_errors_reported(service.events, "hit_rate"):
-        service.rate_leases.take(caller.rate_key, limit=service.settings.rate_limit_per_minute,
-                                 window_seconds=RATE_WINDOW_SECONDS, now=service.clock())
-    return caller
-
-
 def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
     """Answer one ``POST /v1/verify``: the success body as JSON bytes; raises AttestError for every refusal.
 
@@ -143,7 +118,7 @@ def verification_body(service: Service, environ: WSGIEnvironment) -> bytes:
     started = time.perf_counter()
     code: str | None = "internal_error"
     try:
-        caller = _caller(service, environ)
+        caller = service.admission.caller(environ)
         # Parse the request.
         parsed = parse_verify_request(json_object(service.bodies.read(environ, caller.source)),
                                       service.attestor.verifier.decode)
@@ -174,12 +149,8 @@ def verify() -> Response:
 def issue_challenge() -> tuple[Response, int]:
     """Issue a single-use nonce for the caller to have IMDS sign."""
     service = current_service()
-    caller = _caller(service, request.environ)
-    if caller.anonymous:
-        # Each challenge is a record the store keeps for its lifetime; an anonymous source is not accountable
-        # for them, so their number is bounded per source.
-        _hit(service, ANONYMOUS_CHALLENGES_PREFIX + caller.source, limit=service.settings.anonymous_challenges,
-             window_seconds=max(1, int(service.settings.challenge_ttl.total_seconds())))
+    caller = service.admission.caller(request.environ)
+    service.admission.challenge(caller)
     challenge = service.attestor.issue_challenge(client_id=caller.client_id, at=service.clock())
     return jsonify({"nonce": challenge.nonce, "expiresAt": _iso(challenge.expires_at)}), 201
 

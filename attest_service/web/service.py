@@ -16,8 +16,7 @@ from typing import Final
 from flask import Flask, current_app
 
 from attest_service.attestation import Attestor
-from attest_service.callers.authentication import Authenticator
-from attest_service.callers.leases import RateLeases
+from attest_service.callers.ratelimit import Admission
 from attest_service.callers.reloading import ReloadingPolicy
 from attest_service.nonces import NonceStore
 from attest_service.nonces.failures import StoreErrorEvents
@@ -58,10 +57,8 @@ class Service:
     #: The access policy, reloaded when its file changes (:class:`ReloadingPolicy`).
     policies: ReloadingPolicy
     clock: Clock
-    #: Who is calling: source, key, failed-authentication budget (:mod:`attest_service.callers.authentication`).
-    authenticator: Authenticator
-    #: Each caller's rate budget, counted in the store in leases (:mod:`attest_service.callers.leases`).
-    rate_leases: RateLeases
+    #: Who is calling and how often: key, source, rate budgets (:mod:`attest_service.callers.ratelimit`).
+    admission: Admission
     #: Where failed store operations are counted (the metrics).
     events: StoreErrorEvents
     #: The gate every request body passes (:mod:`attest_service.web.body`).
