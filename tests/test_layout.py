@@ -121,6 +121,15 @@ def test_imports_point_down_the_layers() -> None:
     assert upward == []
 
 
+def test_the_http_application_counts_no_budget_itself() -> None:
+    # Who may call and how often is the callers' concern: the web layer wires it up and reports store errors
+    # through the events it injects, but never counts a rate, a challenge or a failed key in the store itself.
+    for path in sorted((PACKAGE / "web").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in {"hit_rate", "take", "authenticate"}, f"{path.name} counts a budget itself"
+
+
 def test_the_core_imports_only_itself_the_errors_and_the_cloud_profiles() -> None:
     outside = sorted(
         f"{module} -> {target}"
