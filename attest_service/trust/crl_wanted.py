@@ -99,8 +99,9 @@ def note(document: bytes, result: VerifiedDocument) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # O_NONBLOCK: a FIFO under the list's name must not hold the worker (it changes nothing for a file).
-        descriptor = os.open(folder / WANTED_LIST,
-                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        # O_NOFOLLOW: a symbolic link there must not have the service append to the file it names.
+        descriptor = os.open(folder / WANTED_LIST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                             | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         try:
             # Another worker's check-then-append must not run between ours: the dedupe and the cap hold.
             fcntl.flock(descriptor, fcntl.LOCK_EX)

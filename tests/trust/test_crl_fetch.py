@@ -341,3 +341,27 @@ def test_the_wanted_list_never_grows_past_what_is_read_back(noting: Path, pki_se
     assert len(crl_wanted.read_wanted(folder)) == len(lines)
     full = [record for record in caplog.records if "is full" in record.getMessage()]
     assert len(full) == 1, caplog.text  # once per process, not once per signer
+
+
+def test_a_link_or_a_fifo_under_the_wanted_list_name_is_never_written_through(noting: Path, pki_set: Pki, leaf_key,
+                                                                             tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The service appends to the list it finds: a symbolic link there must not make it append to whatever file
+    # the link names (the nonce database, a key), and a FIFO must not hold the verification.
+    folder = noting / "public" / "crls"
+    folder.mkdir()
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("not the service's to append to\n")
+    (folder / "wanted.txt").symlink_to(outside)
+    verifier = ReloadingVerifier(noting, interval_seconds=5)
+    for number, setup in enumerate((None, "fifo")):
+        if setup == "fifo":
+            (folder / "wanted.txt").unlink()
+            os.mkfifo(folder / "wanted.txt")
+        url = f"http://www.microsoft.com/pkiops/crl/partition/Link_Partition{number:05d}.crl"
+        leaf = _with_crl_url(pki.make_leaf(dns_names=["metadata.azure.com"], common_name="metadata.azure.com",
+                                           key=leaf_key, issuer=pki_set.issuing, not_before=pki_set.now - DAY,
+                                           not_after=pki_set.now + 30 * DAY, serial=x509.random_serial_number()),
+                             pki_set.issuing, url)
+        assert verifier.verify(sign_document(leaf, pki_set.now), policy=VerificationPolicy(),
+                               now=pki_set.now).revocation_unknown
+    assert outside.read_text() == "not the service's to append to\n"
