@@ -81,7 +81,10 @@ def policy_id(caller: CallerPolicy) -> str:
     lists = {
         "clouds": caller.clouds, "subscriptions": caller.subscriptions, "skus": caller.skus,
         "license_types": caller.license_types, "require_challenge": caller.require_challenge,
-        "plans": None if caller.plans is None else sorted(plan.describe() for plan in caller.plans),
+        # Each plan as its three fields, not describe()'s "a/b/c": a "/" inside a field must not make two
+        # different allow-lists one id.
+        "plans": None if caller.plans is None else sorted([plan.publisher, plan.product, plan.name]
+                                                          for plan in caller.plans),
     }
     canonical = json.dumps({key: sorted(value) if isinstance(value, frozenset) else value
                             for key, value in lists.items()}, sort_keys=True, separators=(",", ":"))

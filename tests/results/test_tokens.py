@@ -26,6 +26,7 @@ from attest_service.results import (
     result_payload,
     write_new_key,
 )
+from attest_service.results.claims import policy_id
 from attest_service.verify import VerifiedDocument
 from attest_service.verify.claims import parse_claims, thaw
 from attest_service.web.errors import json_bytes
@@ -375,3 +376,13 @@ def test_the_answer_is_the_bytes_of_its_dict_with_and_without_a_token(verifier: 
     assert body == attested.to_dict()
     assert decode(body["token"], signer, audience="default", now_checks=False)["azure"] == {
         "cloud": body["cloud"], "claims": body["claims"], "signer": body["signer"]}
+
+
+def test_different_plan_allow_lists_have_different_policy_ids() -> None:
+    # A relying party tells policies apart by the id: a "/" inside a plan's field must not make two allow-lists
+    # that admit different plans one id ("p/x" + "q" and "p" + "x/q" read alike as publisher/product/name).
+    first = CallerPolicy(client_id="c", plans=frozenset({Plan(publisher="p/x", product="q", name="n")}))
+    second = CallerPolicy(client_id="c", plans=frozenset({Plan(publisher="p", product="x/q", name="n")}))
+    assert policy_id(first) != policy_id(second)
+    assert policy_id(first) == policy_id(CallerPolicy(client_id="c", plans=frozenset({
+        Plan(publisher="p/x", product="q", name="n")})))
