@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from flask import Flask, Response, request
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import LISTEN_QUEUE, BaseWSGIServer, get_sockaddr, make_server, select_address_family
 
 from attest_service.clouds import CloudProfile, cloud_by_name
 from attest_service.errors import ConfigurationError
@@ -363,9 +364,15 @@ class RunningEmulator:
     Binding to port 0 picks a free port; :attr:`url` says which.
     """
 
-    def __init__(self, app: Flask, *, host: str, port: int) -> None:
-        """Bind immediately (raising :class:`OSError` when the address is taken); serve on :meth:`start`."""
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+    def __init__(self, app: Flask, *, host: str, port: int, listener: socket.socket | None = None) -> None:
+        """Serve on ``listener`` (by default one bound by :func:`listen`, raising OSError) on :meth:`start`."""
+        if listener is None:
+            listener = listen(host, port)
+        try:
+            # werkzeug serves a duplicate of the descriptor, so the listener given here is closed either way.
+            self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, fd=listener.fileno())
+        finally:
+            listener.close()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
@@ -410,6 +417,24 @@ class RunningEmulator:
         self.stop()
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``; raises :class:`OSError` when the address is taken or unusable.
+
+    Bound here rather than by werkzeug, which answers a failed bind by printing its own message and exiting.
+    """
+    family = select_address_family(host, port)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As werkzeug's own servers do: a restarted emulator need not wait for its old connections to time out.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(get_sockaddr(host, port, family))
+        listener.listen(LISTEN_QUEUE)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def parse_bind(text: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``:PORT`` binds loopback); raise ConfigurationError."""
     host, sep, port_text = text.rpartition(":")
@@ -422,18 +447,27 @@ def parse_bind(text: str) -> tuple[str, int]:
 def start_emulator(
     settings: EmulatorSettings, *, pki_dir: Path, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[RunningEmulator, EmulatorPki]:
-    """Generate the PKI, pin it under ``pki_dir``, bind, and return the (not yet started) server."""
-    signing = EmulatorPki.generate(settings, datetime.now(UTC))
+    """Bind, generate the PKI, pin it under ``pki_dir``, and return the (not yet started) server.
+
+    Bound first: an emulator that cannot listen must not replace the pins of one that already does.
+    """
     try:
-        signing.write(pki_dir, settings.cloud)
+        listener = listen(host, port)
     except OSError as exc:
-        raise ConfigurationError(f"cannot write the emulator's certificates under {pki_dir}: "
-                                 f"{_reason(exc)}") from exc
+        shown = f"[{host}]" if ":" in host else host
+        raise ConfigurationError(f"cannot listen on {shown}:{port}: {_reason(exc)}") from exc
     try:
-        server = RunningEmulator(create_app(settings, signing), host=host, port=port)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot bind {host}:{port}: {_reason(exc)}") from exc
-    return server, signing
+        signing = EmulatorPki.generate(settings, datetime.now(UTC))
+        try:
+            signing.write(pki_dir, settings.cloud)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write the emulator's certificates under {pki_dir}: "
+                                     f"{_reason(exc)}") from exc
+        app = create_app(settings, signing)
+    except BaseException:
+        listener.close()
+        raise
+    return RunningEmulator(app, host=host, port=port, listener=listener), signing
 
 
 def settings_for(cloud: str, instance_file: Path | None, faults: Sequence[str]) -> EmulatorSettings:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -355,6 +356,33 @@ def test_command_usage_errors(tmp_path: Path, arguments: list[str]) -> None:
     )
     assert result.returncode == 2
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("127.0.0.1", "address already in use"),  # the port is held by the test's own listener
+        ("192.0.2.1", "cannot assign requested address"),  # documentation range: no interface of this machine
+    ],
+)
+def test_a_bind_that_fails_is_a_usage_error_of_ours(tmp_path: Path, host: str, reason: str) -> None:
+    pki_dir = tmp_path / "pki"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "attest_service", "imds-emulator", "--bind", f"{host}:{port}",
+             "--pki-dir", str(pki_dir)],
+            capture_output=True, env=_command_env(), timeout=30, check=False, text=True,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    # One sentence of ours naming the address and the reason; not werkzeug's advice, no traceback.
+    assert result.stderr == f"attest-service imds-emulator: cannot listen on {host}:{port}: {reason}\n"
+    assert result.stdout == ""
+    # Bound before the PKI is written: a second emulator must not replace the pins of one already serving.
+    assert not pki_dir.exists()
 
 
 def test_generated_pki_is_new_each_start() -> None:
