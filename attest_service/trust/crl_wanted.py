@@ -10,7 +10,8 @@ Only signers of documents that verified are noted (their signature, name and pat
 so a forger cannot make the fetch ask for anything; the fetch still takes only allow-listed URLs. Each worker
 notes a signer once (:data:`MAX_SIGNERS` remembered) and appends a line only for a URL not in the file yet, in
 one ``O_APPEND`` write per line under an exclusive ``flock``, so workers writing at once neither interleave nor
-both pass the checks. The file never grows past :data:`MAX_WANTED_BYTES`, the most that is read back: a line
+both pass the checks (a lock held by anyone for longer than :data:`LOCK_WAIT_SECONDS` skips the note rather
+than stall the worker). The file never grows past :data:`MAX_WANTED_BYTES`, the most that is read back: a line
 that would take it further is not written (logged once per process), since a file too large to read would
 be neither deduplicated against nor fetched from. A directory that cannot be written (a read-only mount) is
 logged once and otherwise changes nothing: the verification never depends on it.
@@ -22,6 +23,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -38,6 +40,10 @@ LOG: Final = logging.getLogger(__name__)
 MAX_WANTED_BYTES: Final = 1024 * 1024
 #: Signers a worker remembers having noted; beyond it the set starts afresh (the file dedupes too).
 MAX_SIGNERS: Final = 256
+#: Longest wait for the list's lock (workers hold it only to check and append a line); past it, no note.
+LOCK_WAIT_SECONDS: Final = 0.5
+#: Pause between two tries of the lock.
+LOCK_POLL_SECONDS: Final = 0.01
 
 _directory: Path | None = None
 _noted: set[str] = set()
@@ -104,7 +110,7 @@ def note(document: bytes, result: VerifiedDocument) -> None:
                              | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         try:
             # Another worker's check-then-append must not run between ours: the dedupe and the cap hold.
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            _lock_briefly(descriptor)
             if any(set(urls) & set(noted) for noted in read_wanted(folder)):
                 return
             size = os.fstat(descriptor).st_size
@@ -119,6 +125,26 @@ def note(document: bytes, result: VerifiedDocument) -> None:
             _failed = True
             LOG.warning("cannot note the CRL URLs of verified signers in %s (%s): the background CRL fetch gets "
                         "only the CRLs the pins name", folder, exc.strerror)
+
+
+def _lock_briefly(descriptor: int) -> None:
+    """Take the list's exclusive lock, waiting at most :data:`LOCK_WAIT_SECONDS`; raise OSError if it stays held.
+
+    Workers hold it only to check and append one line. The list is world-readable, and any descriptor of it
+    can hold the lock: a blocking wait would let whoever holds it stall every worker that notes a signer (the
+    whole gevent worker, flock being a blocking call), so the note is skipped instead. The sleep yields under
+    gevent.
+    """
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(LOCK_POLL_SECONDS)
+        else:
+            return
 
 
 def _log_full(folder: Path, size: int) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -365,3 +367,35 @@ def test_a_link_or_a_fifo_under_the_wanted_list_name_is_never_written_through(no
         assert verifier.verify(sign_document(leaf, pki_set.now), policy=VerificationPolicy(),
                                now=pki_set.now).revocation_unknown
     assert outside.read_text() == "not the service's to append to\n"
+
+
+@pytest.mark.slow  # waits out the lock
+def test_a_lock_held_on_the_wanted_list_does_not_hold_a_verification(noting: Path, pki_set: Pki, leaf_key) -> None:  # type: ignore[no-untyped-def]
+    # The list is world-readable, and a read-only descriptor can take flock's exclusive lock: whoever holds it
+    # must not stall every worker that notes a signer. The note is skipped; the verification goes on.
+    folder = noting / "public" / "crls"
+    folder.mkdir()
+    wanted_file = folder / "wanted.txt"
+    wanted_file.write_text("")
+    leaf = _with_crl_url(pki.make_leaf(dns_names=["metadata.azure.com"], common_name="metadata.azure.com",
+                                       key=leaf_key, issuer=pki_set.issuing, not_before=pki_set.now - DAY,
+                                       not_after=pki_set.now + 30 * DAY, serial=x509.random_serial_number()),
+                         pki_set.issuing, "http://www.microsoft.com/pkiops/crl/partition/Held_Partition00001.crl")
+    document = sign_document(leaf, pki_set.now)
+    verifier = ReloadingVerifier(noting, interval_seconds=5)
+    done = threading.Event()
+
+    def verify() -> None:
+        assert verifier.verify(document, policy=VerificationPolicy(), now=pki_set.now).revocation_unknown
+        done.set()
+
+    holder = os.open(wanted_file, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        thread = threading.Thread(target=verify, daemon=True)
+        thread.start()
+        assert done.wait(timeout=5), "the verification waited on another process's lock of the wanted list"
+    finally:
+        os.close(holder)  # releases the lock (and a stalled verification, on the old code)
+    thread.join(timeout=10)
+    assert wanted_file.read_text() == ""
