@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attest_service.results",),
     ("attest_service.callers.policy", "attest_service.nonces"),
     ("attest_service.trust",),
-    ("attest_service.files",),
+    ("attest_service.files", "attest_service.reloading"),
     ("attest_service.verify",),
     ("attest_service.clouds",),
     ("attest_service.errors", "attest_service.logsafe", "attest_service.logformat"),

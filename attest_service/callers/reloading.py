@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import stat
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from attest_service.callers.policy import AccessPolicy
 from attest_service.errors import ConfigurationError
+from attest_service.reloading import LastGood
 
 LOG: Final = logging.getLogger(__name__)
 
@@ -72,91 +72,54 @@ class ReloadingPolicy:
                  fallback: AccessPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if interval_seconds <= 0:
             raise ConfigurationError("the policy reload interval must be positive")
-        self._load = load
         self._path = path
-        self._interval = interval_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._reload_requested = False
-        self._next_check = clock() + interval_seconds
-        self._failing = False
-        self._failed: PolicyFingerprint | None = None
         seen = policy_fingerprint(path) if path is not None else None
         for result in ("success", "failure"):
             # Both series exist from the start, so that rate() and increase() see a zero, not nothing.
             POLICY_RELOADS.labels(result=result)
         POLICY_RELOAD_FAILING.set(0)
+        boot_failure: ConfigurationError | None = None
         try:
-            self._policy = load()
+            policy, fingerprint = load(), seen
         except ConfigurationError as exc:
             if fallback is None:
                 raise
-            self._policy = fallback
-            self._seen = None
-            self._fail(exc, seen)
-        else:
-            self._seen = seen
+            policy, fingerprint = fallback, None
+            boot_failure = exc
+        # Without a file the fingerprint is never taken: current() does not check.
+        self._state: LastGood[PolicyFingerprint, AccessPolicy] = LastGood(
+            policy, fingerprint, interval_seconds=interval_seconds, clock=clock,
+            fingerprint_of=lambda: policy_fingerprint(path) if path is not None else ("", 0, 0, 0, 0, 0, 0),
+            load=load, loaded=self._reloaded, recovered=self._succeeded, failed=self._fail)
+        if boot_failure is not None:
+            self._state.fail(boot_failure, seen)
 
     @property
     def failing(self) -> bool:
         """True while the policy file's current content cannot be loaded."""
-        return self._failing
+        return self._state.failing
 
     def request_reload(self) -> None:
         """Check the file on the next request whatever the interval (SIGHUP); only sets a flag."""
-        self._reload_requested = True
+        self._state.request_reload()
 
     def current(self) -> AccessPolicy:
         """The policy in force, after reloading the file if the interval passed and it changed."""
-        if self._path is not None and (self._reload_requested or self._clock() >= self._next_check):
-            self._maybe_reload(self._path)
-        return self._policy
+        if self._path is None:
+            return self._state.value
+        return self._state.current()
 
-    def _maybe_reload(self, path: Path) -> None:
-        # One thread checks; the others go on with the policy in force instead of queueing behind a load.
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            forced = self._reload_requested
-            if not forced and self._clock() < self._next_check:
-                return
-            self._reload_requested = False
-            self._reload(path, forced=forced)
-            self._next_check = self._clock() + self._interval
-        finally:
-            self._lock.release()
+    def _reloaded(self, _policy: AccessPolicy, _seen: PolicyFingerprint) -> None:
+        self._succeeded()
+        LOG.info("policy file %s reloaded", self._path)
 
-    def _reload(self, path: Path, *, forced: bool) -> None:
-        # Taken before the load: a change made during the load shows at the next check.
-        seen = policy_fingerprint(path)
-        if seen == self._seen and not forced:
-            if self._failing:
-                # The file is back to the content in force (a broken edit was undone): nothing to load.
-                self._succeeded(seen)
-            return
-        if self._failing and seen == self._failed and not forced:
-            return
-        try:
-            policy = self._load()
-        except ConfigurationError as exc:
-            self._fail(exc, seen)
-            return
-        self._policy = policy  # the one assignment that swaps the policy
-        self._succeeded(seen)
-        LOG.info("policy file %s reloaded", path)
-
-    def _succeeded(self, seen: PolicyFingerprint) -> None:
-        self._seen = seen
-        self._failing = False
-        self._failed = None
+    def _succeeded(self) -> None:
         POLICY_RELOADS.labels(result="success").inc()
         POLICY_RELOAD_FAILING.set(0)
 
-    def _fail(self, exc: ConfigurationError, seen: PolicyFingerprint | None) -> None:
+    def _fail(self, exc: ConfigurationError, _seen: PolicyFingerprint | None, first_time: bool) -> None:
         # Logged once per broken content, not once per interval; counted on every attempt.
-        if not self._failing or seen != self._failed:
+        if first_time:
             LOG.error("policy file is unusable, keeping the last good policy in force: %s", exc.message)
-        self._failing = True
-        self._failed = seen
         POLICY_RELOADS.labels(result="failure").inc()
         POLICY_RELOAD_FAILING.set(1)

@@ -14,7 +14,6 @@ forces a load on the next call.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from joserfc.errors import UnsupportedAlgorithmError
 from joserfc.jws import JWSRegistry
 
 from attest_service.errors import ConfigurationError
+from attest_service.reloading import LastGood
 from attest_service.results.claims import CLAIMS, DocumentJSON, result_payload
 from attest_service.results.keys import KeyFingerprint, KeySet, SigningKey, key_fingerprint, load_keys
 
@@ -106,12 +106,11 @@ class _KeyAlgorithm(JWSRegistry):
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     keys: KeySet
-    fingerprint: KeyFingerprint | None
     registries: dict[str, _KeyAlgorithm]
 
 
-def _loaded(keys: KeySet, fingerprint: KeyFingerprint | None) -> _Loaded:
-    return _Loaded(keys, fingerprint, {key.alg: _KeyAlgorithm(key.alg) for key in keys.keys})
+def _loaded(keys: KeySet) -> _Loaded:
+    return _Loaded(keys, {key.alg: _KeyAlgorithm(key.alg) for key in keys.keys})
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,24 +141,26 @@ class ResultSigner:
         self.issuer = check_issuer(issuer)
         self.ttl = ttl
         self._ttl_seconds = int(ttl.total_seconds())
-        self._interval = reload_seconds
-        self._clock = clock
         self._events: KeyEvents = events if events is not None else _NoKeyEvents()
         self._build = _build()
-        self._check_lock = threading.Lock()
-        self._reload_requested = False
-        self._failed: KeyFingerprint | None = None
-        self._failing = False
+        boot_failure: ConfigurationError | None = None
+        fingerprint: KeyFingerprint | None
         try:
             fingerprint = key_fingerprint(directory)
-            self._loaded = _loaded(load_keys(directory), fingerprint)
+            loaded = _loaded(load_keys(directory))
         except ConfigurationError as exc:
             if last_good is None:
                 raise
             # No fingerprint: whatever good content the directory shows next is loaded.
-            self._loaded = _loaded(last_good, None)
-            self._fail(exc, None)
-        self._next_check = clock() + reload_seconds
+            loaded, fingerprint = _loaded(last_good), None
+            boot_failure = exc
+        self._state: LastGood[KeyFingerprint, _Loaded] = LastGood(
+            loaded, fingerprint, interval_seconds=reload_seconds, clock=clock,
+            fingerprint_of=lambda: key_fingerprint(directory), load=lambda: _loaded(load_keys(directory)),
+            loaded=self._reloaded, recovered=lambda: self._events.keys_reloaded(ok=True), failed=self._fail,
+            screen=self._has_keys, unreadable=lambda exc: self._warn_no_key(exc.message))
+        if boot_failure is not None:
+            self._state.fail(boot_failure, None)
 
     @classmethod
     def from_directory(cls, path: str | Path, *, issuer: str = DEFAULT_ISSUER, ttl: timedelta = DEFAULT_TTL,
@@ -178,81 +179,47 @@ class ResultSigner:
         return self._current().keys
 
     def _current(self) -> _Loaded:
-        if self._reload_requested or self._clock() >= self._next_check:
-            self._maybe_reload()
-        return self._loaded
+        return self._state.current()
 
     @property
     def signing_kid(self) -> str:
         """The ``kid`` of the key that signs now."""
-        return self._loaded.keys.signing.kid
+        return self._state.value.keys.signing.kid
 
     @property
     def failing(self) -> bool:
         """True while the directory's current content cannot be loaded (the last good keys are in use)."""
-        return self._failing
+        return self._state.failing
 
     def request_reload(self) -> None:
         """Load the directory again on the next call, changed or not (SIGHUP); safe in a signal handler."""
-        self._reload_requested = True
+        self._state.request_reload()
 
-    def _maybe_reload(self) -> None:
-        # One thread looks; the others sign with the current keys rather than queue behind a load.
-        if not self._check_lock.acquire(blocking=False):
-            return
-        try:
-            forced, self._reload_requested = self._reload_requested, False
-            self._reload(forced=forced)
-            self._next_check = self._clock() + self._interval
-        finally:
-            self._check_lock.release()
+    def _has_keys(self, seen: KeyFingerprint) -> bool:
+        if seen:
+            return True
+        # No key file at all: perhaps an unmounted volume or an emptied Secret by mistake, so the last good
+        # keys stay; but perhaps an operator withdrawing a compromised key, who must learn on every look
+        # (not once) that it still signs.
+        if not (self._state.failing and seen == self._state.failed_fingerprint):
+            self._state.fail(ConfigurationError(f"ATTEST_RESULT_KEYS: {self.directory} holds no key"), seen)
+        self._warn_no_key("it holds no key")
+        return False
 
-    def _reload(self, *, forced: bool) -> None:
-        try:
-            seen = key_fingerprint(self.directory)  # taken before the load: a change during it shows next time
-        except ConfigurationError as exc:
-            self._fail(exc, None)
-            self._warn_no_key(exc.message)
-            return
-        if not seen:
-            # No key file at all: perhaps an unmounted volume or an emptied Secret by mistake, so the last good
-            # keys stay; but perhaps an operator withdrawing a compromised key, who must learn on every look
-            # (not once) that it still signs.
-            if not (self._failing and seen == self._failed):
-                self._fail(ConfigurationError(f"ATTEST_RESULT_KEYS: {self.directory} holds no key"), seen)
-            self._warn_no_key("it holds no key")
-            return
-        if not forced and seen == self._loaded.fingerprint:
-            if self._failing:  # back to the content in use
-                self._failing = False
-                self._failed = None
-                self._events.keys_reloaded(ok=True)
-            return
-        if not forced and self._failing and seen == self._failed:
-            return
-        try:
-            keys = load_keys(self.directory)
-        except ConfigurationError as exc:
-            self._fail(exc, seen)
-            return
-        self._loaded = _loaded(keys, seen)  # the one assignment that swaps the keys
-        self._failing = False
-        self._failed = None
+    def _reloaded(self, loaded: _Loaded, _seen: KeyFingerprint) -> None:
         self._events.keys_reloaded(ok=True)
-        LOG.info("result keys reloaded from %s: %d key(s), signing with kid %s", self.directory, len(keys.keys),
-                 keys.signing.kid)
+        LOG.info("result keys reloaded from %s: %d key(s), signing with kid %s", self.directory,
+                 len(loaded.keys.keys), loaded.keys.signing.kid)
 
-    def _fail(self, exc: ConfigurationError, seen: KeyFingerprint | None) -> None:
-        if not self._failing or seen != self._failed:
+    def _fail(self, exc: ConfigurationError, _seen: KeyFingerprint | None, first_time: bool) -> None:
+        if first_time:
             LOG.error("result key directory %s is unusable, keeping the last good keys: %s", self.directory,
                       exc.message)
-        self._failing = True
-        self._failed = seen
         self._events.keys_reloaded(ok=False)
 
     def _warn_no_key(self, why: str) -> None:
         """Log, at every look, that a directory without keys leaves the last good keys signing and published."""
-        keys = self._loaded.keys
+        keys = self._state.value.keys
         LOG.error("result key directory %s has no usable key (%s): results are still signed with kid %s and the "
                   "JWK Set still publishes %s. To withdraw a compromised key, add a new key first "
                   "(attest-service keys new %s), then remove the compromised one; to stop issuing results, set "

@@ -8,10 +8,8 @@ a refusal at an unpinned issuer goes through :class:`~attest_service.trust.aia.A
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 
 from attest_service.errors import CertificateRevoked, ConfigurationError, UntrustedChain
+from attest_service.reloading import LastGood
 from attest_service.trust import CloudTrust, TrustStore, crl_wanted, load_trust, revocation_metrics
 from attest_service.trust.aia import AiaFallback
 from attest_service.trust.certificates import ca_issuers_urls
@@ -47,12 +46,6 @@ if TYPE_CHECKING:
     from attest_service.trust.fetched import PinFetch, PinnedCaFetcher
 
 LOG: Final = logging.getLogger(__name__)
-
-@dataclass(frozen=True, slots=True)
-class _Loaded:
-    verifier: DocumentVerifier
-    fingerprint: Fingerprint
-
 
 def _load(directory: Path) -> TrustStore:
     trust = load_trust(directory)
@@ -94,27 +87,25 @@ class ReloadingVerifier:
         if interval_seconds <= 0:
             raise ConfigurationError("the trust reload interval must be positive")
         self.directory = directory
-        self._interval = interval_seconds
         self._pinned_fetch = pinned_fetch
-        self._clock = clock
+        self._counts = (0, 0)
         seen: Fingerprint | None = None
         boot_failure: ConfigurationError | None = None
         try:
             seen = directory_fingerprint(directory)
-            self._loaded = _Loaded(self._verifier_for(_load(directory)), seen)
+            verifier, fingerprint = self._verifier_for(_load(directory)), seen
         except ConfigurationError as exc:
             if last_good is None:
                 raise
             # A worker respawned while the directory is broken serves the last good trust rather than not
             # booting (gunicorn halts when a worker cannot boot). No directory's fingerprint is empty
             # (there is an entry per cloud and folder), so the first good content found later is loaded.
-            self._loaded = _Loaded(self._verifier_for(last_good), ())
+            verifier, fingerprint = self._verifier_for(last_good), ()
             boot_failure = exc
-        self._failing = False
-        self._failed: Fingerprint | None = None
-        self._next_check = clock() + interval_seconds
-        self._reload_requested = False
-        self._check_lock = threading.Lock()
+        self._state: LastGood[Fingerprint, DocumentVerifier] = LastGood(
+            verifier, fingerprint, interval_seconds=interval_seconds, clock=clock,
+            fingerprint_of=lambda: directory_fingerprint(directory), load=self._load_verifier,
+            loaded=self._reloaded, recovered=self._succeeded, failed=self._fail)
         self._fallback = AiaFallback(aia, UnpinnedIssuers(clock), offer_issuer_url=self._offer_issuer_url)
         RELOAD_FAILING.set(0)
         for result in ("success", "failure"):
@@ -122,7 +113,7 @@ class ReloadingVerifier:
             RELOADS.labels(result=result)
         publish(self)
         if boot_failure is not None:
-            self._fail(boot_failure, seen)
+            self._state.fail(boot_failure, seen)
         self._fetch_pinned()
 
     # --- reload ---------------------------------------------------------------------------------
@@ -138,62 +129,32 @@ class ReloadingVerifier:
 
         Sending SIGHUP to the gunicorn *master* instead restarts the workers gracefully, which also reloads.
         """
-        self._reload_requested = True
+        self._state.request_reload()
 
     @property
     def trust(self) -> TrustStore:
         """The trust currently in use."""
-        return self._loaded.verifier.trust
+        return self._state.value.trust
 
     @property
     def failing(self) -> bool:
         """True while the directory's current content cannot be loaded."""
-        return self._failing
+        return self._state.failing
 
     def verifier(self) -> DocumentVerifier:
         """The current DocumentVerifier, after reloading if the interval passed and the directory changed."""
-        if self._reload_requested or self._clock() >= self._next_check:
-            self._maybe_reload()
-        return self._loaded.verifier
+        return self._state.current()
 
-    def _maybe_reload(self) -> None:
-        # Only one thread checks; the others go on with the current trust instead of queueing behind a load.
-        if not self._check_lock.acquire(blocking=False):
-            return
-        try:
-            forced = self._reload_requested
-            if not forced and self._clock() < self._next_check:
-                return
-            self._reload_requested = False
-            self._reload(forced=forced)
-            self._next_check = self._clock() + self._interval
-        finally:
-            self._check_lock.release()
+    def _load_verifier(self) -> DocumentVerifier:
+        trust = _load(self.directory)
+        # Counted here: the verifier's trust also holds the fingerprint-pinned CAs fetched so far.
+        self._counts = sum(1 for _ in trust.all_pins()), sum(len(cloud.crls) for cloud in trust.clouds.values())
+        return self._verifier_for(trust)
 
-    def _reload(self, *, forced: bool) -> None:
-        try:
-            # The fingerprint is taken before the load: a change made during the load shows at the next check.
-            seen = directory_fingerprint(self.directory)
-        except ConfigurationError as exc:
-            self._fail(exc, None)
-            return
-        if not forced and seen == self._loaded.fingerprint:
-            if self.failing:
-                # The directory is back to the content in use (a broken edit was undone): nothing to load.
-                self._succeeded()
-            return
-        if not forced and self.failing and seen == self._failed:
-            return
-        try:
-            trust = _load(self.directory)
-        except ConfigurationError as exc:
-            self._fail(exc, seen)
-            return
-        self._loaded = _Loaded(self._verifier_for(trust), seen)  # the one assignment that swaps the trust
+    def _reloaded(self, _verifier: DocumentVerifier, _seen: Fingerprint) -> None:
         self._succeeded()
         self._fetch_pinned()
-        LOG.info("pinned trust reloaded from %s: %d certificates, %d CRLs", self.directory,
-                 sum(1 for _ in trust.all_pins()), sum(len(cloud.crls) for cloud in trust.clouds.values()))
+        LOG.info("pinned trust reloaded from %s: %d certificates, %d CRLs", self.directory, *self._counts)
 
     # --- CAs pinned by fingerprint, fetched in the background ------------------------------------
 
@@ -204,14 +165,13 @@ class ReloadingVerifier:
     def _fetch_pinned(self) -> None:
         """Fetch, off the request path, the fingerprint-pinned CAs of the trust in use not held yet."""
         if self._pinned_fetch is not None:
-            self._pinned_fetch.refresh(self._loaded.verifier.trust, self._pinned_fetched)
+            self._pinned_fetch.refresh(self._state.value.trust, self._pinned_fetched)
 
     def _pinned_fetched(self) -> None:
         # Called from the fetching thread. The lock of the reload check makes this swap and a reload's swap
         # one after the other, so neither undoes the other.
-        with self._check_lock:
-            current = self._loaded
-            self._loaded = _Loaded(self._verifier_for(current.verifier.trust), current.fingerprint)
+        with self._state.lock:
+            self._state.replace(self._verifier_for(self._state.value.trust), self._state.fingerprint)
         publish(self)
         LOG.info("pinned trust of %s: fingerprint-pinned CAs fetched and in use", self.directory)
 
@@ -224,21 +184,17 @@ class ReloadingVerifier:
         """Each fingerprint pin of the trust in use with whether its certificate is fetched (metrics)."""
         if self._pinned_fetch is None:
             return []
-        return self._pinned_fetch.states(self._loaded.verifier.trust)
+        return self._pinned_fetch.states(self._state.value.trust)
 
     def _succeeded(self) -> None:
-        self._failing = False
-        self._failed = None
         RELOADS.labels(result="success").inc()
         RELOAD_FAILING.set(0)
         publish(self)
 
-    def _fail(self, exc: ConfigurationError, seen: Fingerprint | None) -> None:
+    def _fail(self, exc: ConfigurationError, _seen: Fingerprint | None, first_time: bool) -> None:
         # Logged once per broken content, not once per interval; counted on every attempt.
-        if not self.failing or seen != self._failed:
+        if first_time:
             LOG.error("pinned directory %s is unusable, keeping the last good trust: %s", self.directory, exc.message)
-        self._failing = True
-        self._failed = seen
         RELOADS.labels(result="failure").inc()
         RELOAD_FAILING.set(1)
         self._apply_removals()
@@ -250,13 +206,13 @@ class ReloadingVerifier:
         the rest of the directory to be fixed: it only narrows the trust. Removals are never undone here;
         the next load of good content decides.
         """
-        current = self._loaded.verifier.trust
+        current = self._state.value.trust
         narrowed = without_removed(current, read_removed(self.directory))
         if narrowed is current:
             return
         # The empty fingerprint matches no directory: whatever good content comes next is loaded in full,
         # even the very content the last good trust came from.
-        self._loaded = _Loaded(DocumentVerifier(narrowed), ())
+        self._state.replace(DocumentVerifier(narrowed), ())
         dropped = [f"{pin.cloud}: {pin.subject_cn} (sha256 {pin.sha256})" for cloud in narrowed.clouds.values()
                    for pin in cloud.excluded if pin not in current.for_cloud(pin.cloud).excluded]
         LOG.error("pinned directory %s: applied its removed.txt to the last good trust; no longer trusted: %s",
